@@ -1,0 +1,3 @@
+"""flame: pretraining linear-attention and hybrid language models."""
+
+__version__ = "0.1.0"
