@@ -1,0 +1,134 @@
+"""Input validation and variable-length helpers shared by the chunked kernel families.
+
+Every bad input is a ValueError naming the argument. The varlen helpers turn `cu_seqlens`
+into per-chunk indices with tensor ops on the same device, so no host synchronisation is
+needed: grids are sized by an upper bound on the number of chunks, and programs past the
+real count see a sequence index equal to the number of sequences and return early.
+"""
+
+import torch
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
+
+
+def require_rank(x: torch.Tensor, name: str, ndim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
+
+
+def require_shape(x: torch.Tensor, name: str, shape: tuple, layout: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def require_floating(x: torch.Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def check_head_dim(dim: int, name: str) -> None:
+    if not MIN_HEAD_DIM <= dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{name} has head dim {dim}; supported head dims are {MIN_HEAD_DIM}..{MAX_HEAD_DIM}"
+        )
+
+
+def check_heads(num_heads: int, name: str, base_heads: int) -> None:
+    """Grouped heads: `name` may have a multiple of the query/key heads."""
+    if num_heads % base_heads != 0:
+        raise ValueError(
+            f"{name} has {num_heads} heads, which is not a multiple of the {base_heads} heads of q/k"
+        )
+
+
+def check_cu_seqlens(
+    cu_seqlens: torch.Tensor | None,
+    batch_size: int,
+    total_len: int,
+    check_values: bool | None = None,
+) -> None:
+    """Checks `cu_seqlens` (offsets of packed sequences in the flattened batch).
+
+    Shape and dtype are always checked. Values (starts at 0, non-decreasing, ends at the
+    packed length) need a read of the tensor, so by default they are checked only for CPU
+    tensors, where that read costs no device synchronisation.
+    """
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries [0, ..., total_len], got shape "
+            f"{tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.dtype not in CU_SEQLENS_DTYPES:
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if batch_size != 1:
+        raise ValueError(
+            f"with cu_seqlens the batch size must be 1 (flatten [B, T] to [1, B*T]), got B={batch_size}"
+        )
+    if check_values is None:
+        check_values = cu_seqlens.device.type == "cpu" and not _is_fake(cu_seqlens)
+    if not check_values:
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b < a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {values}")
+    if values[-1] != total_len:
+        raise ValueError(f"cu_seqlens must end at the packed length {total_len}, got {values[-1]}")
+
+
+def _is_fake(x: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(x, FakeTensor) or x.device.type == "meta"
+
+
+def check_initial_state(
+    initial_state: torch.Tensor | None, num_seqs: int, num_heads: int, k_dim: int, v_dim: int
+) -> None:
+    if initial_state is None:
+        return
+    require_rank(initial_state, "initial_state", 4, "[N, H, K, V]")
+    require_shape(initial_state, "initial_state", (num_seqs, num_heads, k_dim, v_dim), "[N, H, K, V]")
+
+
+def default_cu_seqlens(batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """Offsets that treat a [B, T] batch as B packed sequences of length T."""
+    return torch.arange(0, (batch_size + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+
+
+def max_num_chunks(total_len: int, num_seqs: int, chunk_size: int) -> int:
+    """Upper bound on sum_i ceil(len_i / chunk_size) that needs no look at the lengths."""
+    return (total_len + chunk_size - 1) // chunk_size + num_seqs
+
+
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_slots: int):
+    """Per-chunk (sequence, chunk-in-sequence) pairs and per-sequence first chunk slots.
+
+    Returns `chunk_indices` int32 [num_chunk_slots, 2] and `chunk_offsets` int32 [N + 1]
+    (chunk_offsets[n] is the slot of sequence n's first chunk). Slots past the real number
+    of chunks get sequence index N. All on cu_seqlens' device; nothing is read back.
+    """
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    chunks = (lengths + chunk_size - 1) // chunk_size
+    chunk_offsets = torch.cat([chunks.new_zeros(1), torch.cumsum(chunks, 0)])
+    slots = torch.arange(num_chunk_slots, device=cu.device, dtype=torch.int64)
+    seq = torch.searchsorted(chunk_offsets[1:], slots, right=True)
+    num_seqs = lengths.numel()
+    first = chunk_offsets[torch.clamp(seq, max=num_seqs - 1)]
+    chunk = torch.where(seq < num_seqs, slots - first, torch.zeros_like(slots))
+    chunk_indices = torch.stack([seq, chunk], dim=1).to(torch.int32).contiguous()
+    return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
+
+
+def contiguous(*tensors):
+    return tuple(t.contiguous() if t is not None else None for t in tensors)
