@@ -1,0 +1,163 @@
+"""LanguageModel: embeddings -> blocks -> final norm -> fused linear cross-entropy.
+
+Every block is the same pre-norm residual block; only its token mixer differs:
+
+    x = x + mixer(mixer_norm(x))
+    x = x + mlp(mlp_norm(x))
+
+The loss is computed from the final hidden states by FusedLinearCrossEntropyLoss, so training
+never materialises the [tokens, vocab] logits.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from flame import modules
+from flame.models.config import ModelConfig
+from flame.models.mlp import build_mlp
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: nn.Module):
+        super().__init__()
+        self.mixer_norm = modules.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = modules.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = build_mlp(cfg)
+
+    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
+        h, new_state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens,
+                                  position_ids=position_ids, state=state, use_cache=use_cache)
+        x = x + h
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, new_state
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixers: list[nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, m) for m in mixers)
+        self.norm = modules.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [vocab, dim] matrix that maps final hidden states to logits."""
+        return self.embeddings.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, input_ids, labels=None, cu_seqlens=None, position_ids=None,
+                loss_reduction: str = "mean"):
+        """The loss (labels given; "mean" over labels != -100, or "sum") or logits [B, T, V]."""
+        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        if labels is None:
+            return self.logits(hidden)
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction = {loss_reduction!r}: use 'mean' or 'sum'")
+        loss_fn = modules.FusedLinearCrossEntropyLoss(reduction=loss_reduction)
+        return loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.output_weight, labels.reshape(-1))
+
+    def hidden_states(self, input_ids, cu_seqlens=None, position_ids=None, states=None,
+                      use_cache: bool = False):
+        """Final normalised hidden states [B, T, D] and, with use_cache, the per-layer decoding
+        states (a list, one entry per layer, in each mixer's documented format)."""
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            # the mixers see one flattened sequence whose documents cu_seqlens delimits
+            B, T = input_ids.shape
+            x = self.embeddings(input_ids.reshape(1, B * T))
+            if position_ids is not None:
+                position_ids = position_ids.reshape(1, B * T)
+        else:
+            B = None
+            x = self.embeddings(input_ids)
+        new_states = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                         state=None if states is None else states[i], use_cache=use_cache)
+            if use_cache:
+                new_states.append(s)
+        x = self.norm(x)
+        if B is not None:
+            x = x.reshape(input_ids.shape[0], input_ids.shape[1], -1)
+        return x, new_states
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.output_weight.t()
+
+    # ---- initialisation, parameters, FLOPs -----------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer, e.g. after `to_empty()` from meta."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.embeddings.weight, std=std)
+        for norm in self._norms():
+            _reset_norm(norm)
+        for layer in self.layers:
+            layer.mixer.init_weights(std, out_std)
+            nn.init.normal_(layer.mlp.gate_proj.weight, std=std)
+            nn.init.normal_(layer.mlp.up_proj.weight, std=std)
+            nn.init.normal_(layer.mlp.down_proj.weight, std=out_std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def _norms(self):
+        norm_types = tuple(getattr(modules, n) for n in ("RMSNorm", "GatedRMSNorm") if hasattr(modules, n))
+        return [m for m in self.modules() if isinstance(m, norm_types)]
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.embeddings.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on weight matrices (projections, MLPs, conv filters); none on
+        embeddings, norms, biases and per-head constants (A_log, dt_bias, decays, D)."""
+        no_decay_ids = {id(self.embeddings.weight)}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if id(p) in no_decay_ids or p.ndim < 2 or getattr(p, "_no_weight_decay", False):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length seq_len.
+
+        = 6 x (weights used in matmuls: every projection, MLP and short-conv weight, plus the
+          output head, counted also when tied to the embeddings; not the embedding lookup)
+        + the sequence-mixing FLOPs of each layer's mixer (`mixer.flops_per_token`): for softmax
+          attention 3 x 4 x heads x head_dim x (mean causal keys per query); for the chunked
+          linear mixers the matmuls their chunked kernels execute (see each mixer).
+        Norms, activations and gates are elementwise and not counted.
+        """
+        matmul = 0
+        for name, p in self.named_parameters():
+            if p.ndim >= 2 and p is not self.embeddings.weight:
+                matmul += p.numel()
+        if self.cfg.tie_embeddings:
+            matmul += self.embeddings.weight.numel()
+        mixing = sum(layer.mixer.flops_per_token(seq_len) for layer in self.layers)
+        return 6 * matmul + mixing
+
+
+@torch.no_grad()
+def _reset_norm(norm: nn.Module) -> None:
+    if hasattr(norm, "reset_parameters"):
+        norm.reset_parameters()
+    else:
+        nn.init.ones_(norm.weight)

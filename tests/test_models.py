@@ -1,0 +1,150 @@
+"""ModelConfig validation, LanguageModel construction, loss, init, parameter groups, FLOPs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flame.models import MIXERS, ModelConfig, build_model
+from test_model_fallbacks import install_missing
+
+
+@pytest.fixture(autouse=True)
+def stand_ins(monkeypatch):
+    install_missing(monkeypatch)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(mixer="attention", vocab_size=97, dim=64, n_layers=2, n_heads=4, head_dim=16,
+                n_kv_heads=2, mlp_hidden_dim=96, conv_size=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# ---- config errors ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(dim=100, n_heads=3, head_dim=None), ["n_heads", "divide", "dim"]),
+    (dict(mixer="attention", n_heads=3, head_dim=None, dim=64), ["attn_n_heads", "divide"]),
+    (dict(mixer="mamba"), ["unknown mixer 'mamba'", "gated_deltanet", "retnet"]),
+    (dict(mixer=["attention", "lstm"]), ["unknown mixer 'lstm'"]),
+    (dict(mixer=["attention"]), ["mixer lists 1", "n_layers"]),
+    (dict(mixer="gla", head_dim=24), ["head_dim", "multiples of 16"]),
+    (dict(mixer="gla", head_dim=512), ["head_dim", "256"]),
+    (dict(mixer="gated_deltanet", expand_v=1.5, head_dim=16), ["value head size", "24"]),
+    (dict(mixer="attention", attn_head_dim=300), ["attn_head_dim", "256"]),
+    (dict(n_kv_heads=3), ["n_kv_heads", "divide"]),
+    (dict(attn_layers=[5]), ["attn_layers", "0..1"]),
+    (dict(dim=0), ["model.dim"]),
+])
+def test_bad_config_is_a_clear_value_error(kw, words):
+    with pytest.raises(ValueError) as e:
+        tiny(**kw).validate()
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_unknown_key_names_valid_keys():
+    with pytest.raises(ValueError, match="unknown key.*n_head"):
+        ModelConfig.from_dict({"n_head": 4})
+
+
+def test_layer_mixers_of_a_hybrid():
+    cfg = tiny(mixer="gated_deltanet", n_layers=8, attn_layers=[3, 7])
+    assert cfg.layer_mixers() == ["gated_deltanet"] * 3 + ["attention"] + ["gated_deltanet"] * 3 + ["attention"]
+    assert set(MIXERS) >= set(cfg.layer_mixers())
+
+
+# ---- the model --------------------------------------------------------------------------
+
+def test_meta_build_then_init_weights():
+    cfg = tiny(n_layers=4)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    std = model.layers[0].mixer.q_proj.weight.std().item()
+    out_std = model.layers[0].mlp.down_proj.weight.std().item()
+    assert abs(std - cfg.init_std) < 0.1 * cfg.init_std
+    assert abs(out_std - cfg.init_std / math.sqrt(2 * cfg.n_layers)) < 0.15 * out_std
+    assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+def test_loss_equals_cross_entropy_of_logits_and_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = build_model(tiny()).double()
+    ids = torch.randint(0, 97, (2, 12))
+    labels = torch.randint(0, 97, (2, 12))
+    labels[0, :3] = -100
+    logits = model(ids)
+    assert logits.shape == (2, 12, 97)
+    ref = F.cross_entropy(logits.reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
+    loss = model(ids, labels=labels)
+    # the fused loss may accumulate in fp32
+    assert abs(loss.item() - ref.item()) < 1e-5 * ref.item()
+    total = model(ids, labels=labels, loss_reduction="sum")
+    n = (labels != -100).sum().item()
+    assert abs(total.item() - ref.item() * n) < 1e-5 * ref.item() * n
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_tied_embeddings_share_the_output_matrix():
+    model = build_model(tiny(tie_embeddings=True))
+    assert not hasattr(model, "lm_head")
+    assert model.output_weight is model.embeddings.weight
+    untied = build_model(tiny())
+    assert untied.num_params() - model.num_params() == 97 * 64
+    assert model.num_params(include_embeddings=False) == untied.num_params(include_embeddings=False)
+
+
+def test_packed_documents_equal_separate_documents():
+    torch.manual_seed(1)
+    model = build_model(tiny(sliding_window=5)).double()
+    lengths = [7, 3, 10, 4]
+    ids = torch.randint(0, 97, (1, sum(lengths)))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = model(ids, cu_seqlens=cu)
+    alone = torch.cat([model(ids[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert (packed - alone).norm() / alone.norm() < 1e-12
+
+
+def test_batch_with_cu_seqlens_is_flattened():
+    """A [B, T] batch with cu_seqlens over its flattened tokens (rows are boundaries too)."""
+    torch.manual_seed(2)
+    model = build_model(tiny()).double()
+    ids = torch.randint(0, 97, (2, 8))
+    cu = torch.tensor([0, 5, 8, 11, 16], dtype=torch.int32)
+    out = model(ids, cu_seqlens=cu)
+    flat = ids.reshape(1, 16)
+    ref = torch.cat([model(flat[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert out.shape == (2, 8, 97)
+    assert (out.reshape(1, 16, 97) - ref).norm() / ref.norm() < 1e-12
+
+
+def test_param_groups_exclude_norms_embeddings_and_head_constants():
+    model = build_model(tiny())
+    groups = model.param_groups(0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    for pid, n in names.items():
+        no_decay = ("norm" in n or "embeddings" in n or n.endswith(("A_log", "dt_bias", ".bias")))
+        assert (pid not in decay) == no_decay, n
+
+
+def test_flops_per_token_counts_matmuls_and_causal_attention():
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg)
+    d, hd, h, kv, ffn, V = 64, 16, 4, 2, 96, 97
+    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * ffn
+    matmul = cfg.n_layers * per_layer + V * d
+    T = 128
+    attn = cfg.n_layers * 12 * h * hd * (T + 1) / 2
+    assert model.flops_per_token(T) == pytest.approx(6 * matmul + attn)
