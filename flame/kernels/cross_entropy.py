@@ -1,6 +1,328 @@
-# Placeholder until this kernel family lands.
+"""Fused linear cross-entropy: the loss of x @ weight.T (+ bias) without the N x V logits.
 
-def fused_linear_cross_entropy(*args, **kwargs):
-    raise NotImplementedError("fused_linear_cross_entropy is not implemented yet")
+The tokens are processed in chunks whose logits stay within ~256 MiB. For each chunk:
+    logits = x_c @ weight.T          (cuBLAS; bf16 out, fp32 accumulation, for bf16 inputs)
+    per row: logsumexp, target logit, sum of logits          (one read of the chunk)
+    logits <- d loss / d logits, in place                     (one read and one write)
+    dx_c = dlogits @ weight;  dweight += dlogits.T @ x_c;  dbias += dlogits.sum(0)
+With reduction "mean" or "sum" the output gradient is a scalar, so the gradients are computed in
+the forward pass (three matmuls in all, no recomputation) and only scaled in backward. With
+"none" the forward keeps the per-token logsumexp and backward recomputes the logits with the
+per-token output gradients folded in.
+
+The mean divides by the number of non-ignored tokens counted on the device (clamped at 1, so a
+batch with every token ignored has loss 0), so nothing waits on the host.
+
+Vocab-parallel: with process_group, weight (and bias) are this rank's contiguous slice of the
+vocabulary (equal slices, rank r holding rows r*V_local:(r+1)*V_local); targets are global ids.
+The per-row logsumexp, target logit and logit sum are combined with all-reduces, every rank gets
+the same loss, and the gradient of x is all-reduced (x is replicated over the group).
+
+Target range: on CPU an out-of-range target (other than ignore_index) raises ValueError. On CUDA
+the same check runs on the device with torch._assert_async (no host sync), so a bad target
+surfaces as a device-side assertion at the next synchronisation.
+"""
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from flame.kernels.cross_entropy_ref import REDUCTIONS, logit_grad_ref_, logit_stats_ref
+from flame.kernels.dispatch import use_triton
+
+CHUNK_BYTES = 256 * 2**20
 
 
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _softcap(raw, cap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        # cap * tanh(raw / cap), written with exp so that it saturates cleanly at +-cap
+        return cap * (1.0 - 2.0 / (tl.exp(2.0 * raw / cap) + 1.0))
+    else:
+        return raw
+
+
+@triton.jit
+def _logit_stats_kernel(
+    logits_ptr, stride, target_ptr, lse_ptr, zt_ptr, zsum_ptr, n_cols, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    target = tl.load(target_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    # online logsumexp kept per lane, folded at the end
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
+    zt = tl.zeros([BLOCK], tl.float32)
+    zsum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        idx = start + cols
+        mask = idx < n_cols
+        z = _softcap(tl.load(base + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        zsum += tl.where(mask, z, 0.0)
+        zt += tl.where(idx == target, z, 0.0)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    m_all = tl.max(m, axis=0)
+    s_all = tl.sum(s * tl.exp(m - m_all), axis=0)
+    tl.store(lse_ptr + row, m_all + tl.log(s_all))
+    tl.store(zt_ptr + row, tl.sum(zt, axis=0))
+    tl.store(zsum_ptr + row, tl.sum(zsum, axis=0))
+
+
+@triton.jit
+def _logit_grad_kernel(
+    logits_ptr, stride, target_ptr, lse_ptr, scale_ptr, n_cols,
+    smooth_per_logit, one_minus_smooth, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    target = tl.load(target_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    p_scale = 1.0 + 2.0 * z_loss * lse
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        idx = start + cols
+        mask = idx < n_cols
+        raw = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32)
+        z = _softcap(raw, softcap, HAS_SOFTCAP)
+        g = tl.exp(z - lse) * p_scale - smooth_per_logit - tl.where(idx == target, one_minus_smooth, 0.0)
+        if HAS_SOFTCAP:
+            t = z / softcap
+            g = g * (1.0 - t * t)
+        tl.store(base + idx, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK_V = 4096
+
+
+def _logit_stats_triton(logits, target_local, softcap):
+    n, v = logits.shape
+    lse = torch.empty(n, device=logits.device, dtype=torch.float32)
+    zt, zsum = torch.empty_like(lse), torch.empty_like(lse)
+    _logit_stats_kernel[(n,)](
+        logits, logits.stride(0), target_local, lse, zt, zsum, v, softcap or 1.0,
+        HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+    )
+    return lse, zt, zsum
+
+
+def _logit_grad_triton_(logits, target_local, lse, row_scale, label_smoothing, z_loss, softcap, vocab_size):
+    n, v = logits.shape
+    _logit_grad_kernel[(n,)](
+        logits, logits.stride(0), target_local, lse, row_scale.float().contiguous(), v,
+        label_smoothing / vocab_size, 1.0 - label_smoothing, z_loss, softcap or 1.0,
+        HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+    )
+    return logits
+
+
+# ----------------------------------------------------------------------------- the chunked algorithm
+
+
+class _Options:
+    def __init__(self, ignore_index, reduction, label_smoothing, z_loss, softcap, process_group,
+                 chunk_size, triton_rows, vocab_start, vocab_size):
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.group = process_group
+        self.chunk_size = chunk_size
+        self.triton_rows = triton_rows
+        self.vocab_start = vocab_start
+        self.vocab_size = vocab_size  # over all shards
+
+
+def _all_reduce(t, op, group):
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _chunk_logits(x_c, weight, bias):
+    if bias is None:
+        return x_c @ weight.T
+    return torch.addmm(bias, x_c, weight.T)
+
+
+def _row_stats(logits, target_local, opt):
+    """Global (over vocab shards) logsumexp, target logit and logit sum of each row."""
+    stats = _logit_stats_triton if opt.triton_rows else logit_stats_ref
+    lse, zt, zsum = stats(logits, target_local, opt.softcap)
+    if opt.group is not None:
+        top = _all_reduce(lse.clone(), dist.ReduceOp.MAX, opt.group)
+        total = _all_reduce(torch.exp(lse - top), dist.ReduceOp.SUM, opt.group)
+        lse = top + torch.log(total)
+        _all_reduce(zt, dist.ReduceOp.SUM, opt.group)
+        _all_reduce(zsum, dist.ReduceOp.SUM, opt.group)
+    return lse, zt, zsum
+
+
+def _row_grads_(logits, target_local, lse, row_scale, opt):
+    grad = _logit_grad_triton_ if opt.triton_rows else logit_grad_ref_
+    return grad(logits, target_local, lse, row_scale, opt.label_smoothing, opt.z_loss, opt.softcap,
+                opt.vocab_size)
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _run_chunks(x, weight, bias, target_local, opt, row_scale, grads, lse_known=None):
+    """One pass over the token chunks. Returns (per-token loss or None, per-token lse, dx, dweight,
+    dbias); the gradients are computed only where `grads` = (x?, weight?, bias?) asks, each row
+    of d loss / d logits multiplied by row_scale."""
+    n = x.shape[0]
+    acc = _acc_dtype(x)
+    want_dx, want_dw, want_db = grads
+    dx = torch.empty_like(x) if want_dx else None
+    dw = torch.zeros_like(weight) if want_dw else None
+    db = torch.zeros_like(bias, dtype=acc) if want_db else None
+    loss = None if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
+    lse_all = lse_known if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
+    eps = opt.label_smoothing
+    for start in range(0, n, opt.chunk_size):
+        end = min(start + opt.chunk_size, n)
+        x_c, t_c = x[start:end], target_local[start:end]
+        logits = _chunk_logits(x_c, weight, bias)
+        if lse_known is None:
+            lse, zt, zsum = _row_stats(logits, t_c, opt)
+            loss[start:end] = lse - (1 - eps) * zt - (eps / opt.vocab_size) * zsum + opt.z_loss * lse * lse
+            lse_all[start:end] = lse
+        else:
+            lse = lse_known[start:end]
+        if not any(grads):
+            continue
+        dlogits = _row_grads_(logits, t_c, lse, row_scale[start:end], opt)
+        if want_dx:
+            torch.matmul(dlogits, weight, out=dx[start:end])
+        if want_dw:
+            dw.addmm_(dlogits.T, x_c)
+        if want_db:
+            db += dlogits.to(acc).sum(0)
+    if want_dx and opt.group is not None:
+        _all_reduce(dx, dist.ReduceOp.SUM, opt.group)
+    return loss, lse_all, dx, dw, db
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, opt, grads):
+        valid = target != opt.ignore_index
+        target_local = torch.where(valid, target - opt.vocab_start, -1)
+        n_valid = valid.sum().clamp(min=1)
+        ctx.opt, ctx.grads = opt, grads
+        if opt.reduction == "none":
+            row_scale = valid.to(_acc_dtype(x))
+            loss, lse, _, _, _ = _run_chunks(x, weight, bias, target_local, opt, row_scale, (False,) * 3)
+            ctx.save_for_backward(x, weight, bias, target_local, lse, valid)
+            return loss * valid
+        row_scale = valid.to(_acc_dtype(x))
+        if opt.reduction == "mean":
+            row_scale = row_scale / n_valid
+        loss, _, dx, dw, db = _run_chunks(x, weight, bias, target_local, opt, row_scale, grads)
+        ctx.save_for_backward(dx, dw, db)
+        ctx.used = False
+        total = (loss * valid).sum()
+        return total / n_valid if opt.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        opt = ctx.opt
+        if opt.reduction == "none":
+            x, weight, bias, target_local, lse, valid = ctx.saved_tensors
+            row_scale = grad_out.to(_acc_dtype(x)) * valid
+            _, _, dx, dw, db = _run_chunks(x, weight, bias, target_local, opt, row_scale, ctx.grads, lse_known=lse)
+        else:
+            if ctx.used:
+                raise RuntimeError("fused_linear_cross_entropy: backward through the same graph twice is not supported")
+            ctx.used = True
+            dx, dw, db = ctx.saved_tensors
+            # gradients were computed in forward for a unit output gradient; scale in place
+            for g in (dx, dw, db):
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        return dx, dw, db, None, None, None
+
+
+# ----------------------------------------------------------------------------- public function
+
+
+def _check_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, logit_softcap):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+    if z_loss < 0:
+        raise ValueError(f"z_loss={z_loss} must be >= 0")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap={logit_softcap} must be positive or None")
+    if x.dim() != 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; it must be [N, D] (flatten batch and time)")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; it must be [V, D] with D = {x.shape[1]} like x")
+    if target.shape != (x.shape[0],):
+        raise ValueError(f"target has shape {tuple(target.shape)}; it must be [N] = [{x.shape[0]}] like x's rows")
+    if target.is_floating_point() or target.dtype == torch.bool:
+        raise ValueError(f"target has dtype {target.dtype}; it must hold integer class ids")
+    if not x.is_floating_point():
+        raise ValueError(f"x has dtype {x.dtype}; it must be floating point")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight has dtype {weight.dtype} but x has {x.dtype}; cast one so that they match")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; it must be [V] = [{weight.shape[0]}]")
+        if bias.dtype != x.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but x has {x.dtype}; cast one so that they match")
+
+
+def _check_target_range(target, ignore_index, vocab_size):
+    ok = ((target >= 0) & (target < vocab_size)) | (target == ignore_index)
+    if target.is_cuda:
+        torch._assert_async(ok.all(), f"fused_linear_cross_entropy: target outside [0, {vocab_size}) "
+                                      f"and not ignore_index={ignore_index}")
+    elif not bool(ok.all()):
+        bad = target[~ok][:5].tolist()
+        raise ValueError(
+            f"target holds ids outside [0, {vocab_size}) that are not ignore_index={ignore_index}: {bad}"
+        )
+
+
+def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, z_loss=0.0, logit_softcap=None, process_group=None,
+                               chunk_size=None):
+    """Cross-entropy of the logits x @ weight.T (+ bias) against target, never storing them whole.
+
+    x [N, D], weight [V, D] (this rank's vocabulary slice when process_group is given), target
+    [N] of global ids, bias [V] or None. Returns a scalar for "mean" (over non-ignored tokens) and
+    "sum", or [N] per-token losses (0 at ignored tokens) for "none". chunk_size: tokens per chunk
+    (default: as many as keep one logits chunk near 256 MiB).
+    """
+    _check_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
+    v_local = weight.shape[0]
+    world = dist.get_world_size(process_group) if process_group is not None else 1
+    rank = dist.get_rank(process_group) if process_group is not None else 0
+    _check_target_range(target, ignore_index, v_local * world)
+    if chunk_size is None:
+        rows = CHUNK_BYTES // (v_local * x.element_size())
+        chunk_size = max(128, rows // 128 * 128) if rows >= 128 else max(1, rows)
+    elif chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    opt = _Options(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                   None if logit_softcap is None else float(logit_softcap), process_group, chunk_size,
+                   use_triton(x, weight), rank * v_local, v_local * world)
+    grad_on = torch.is_grad_enabled()
+    grads = (grad_on and x.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    return _FusedLinearCrossEntropy.apply(x, weight, bias, target, opt, grads)

@@ -1,0 +1,332 @@
+"""Short causal depthwise convolution over [B, T, C] with packed documents, and its decode step.
+
+    y[t, c] = act(bias[c] + sum_k weight[c, k] * x[t - (K-1) + k, c]),   act = silu or none
+
+A tap that reaches before the start of its document reads the document's initial state (the
+last K-1 inputs of what came before, `cache[n, c, K-1-i]` holding the input i steps back) or
+zero, so packed documents never see each other. The final state holds the last K-1 inputs of
+each document (oldest first). With cu_seqlens, x is [1, L, C] and documents are
+cu_seqlens[n]:cu_seqlens[n+1]; without it, each of the B rows is a document.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from flame.kernels.dispatch import use_triton
+
+ACTIVATIONS = ("silu", None)
+
+
+def _documents(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    """Flattened x [L, C], cu_seqlens [N+1] (int64), and per token its document and start."""
+    b, t, c = x.shape
+    if cu_seqlens is None:
+        cu = torch.arange(0, (b + 1) * t, t, device=x.device, dtype=torch.int64)
+    else:
+        cu = cu_seqlens.to(torch.int64)
+    positions = torch.arange(b * t, device=x.device)
+    doc = torch.searchsorted(cu[1:], positions, right=True)
+    return x.reshape(b * t, c), cu, doc, cu[doc]
+
+
+def _input_at(xf, cache, doc, start, src, k):
+    """Input at flattened position src (a tensor of the same shape as doc), for each token's
+    document: x itself inside the document, the initial state before it, zero beyond that."""
+    inside = src >= start
+    val = xf[src.clamp(min=0).clamp(max=xf.shape[0] - 1)] * inside[:, None]
+    if cache is not None:
+        back = start - src  # 1 .. K-1 steps before the start reads the initial state
+        from_cache = (~inside) & (back <= k - 1)
+        idx = (k - 1 - back).clamp(min=0, max=k - 2)
+        val = val + cache[doc, :, idx] * from_cache[:, None]
+    return val
+
+
+def causal_conv1d_ref(x, weight, bias=None, activation="silu", cu_seqlens=None, initial_state=None,
+                      output_final_state=False):
+    """x [B, T, C], weight [C, K] -> (y [B, T, C], final_state [N, C, K-1] or None)."""
+    k = weight.shape[-1]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf, cu, doc, start = _documents(x.to(ct), cu_seqlens)
+    cache = initial_state.to(ct) if initial_state is not None else None
+    positions = torch.arange(xf.shape[0], device=x.device)
+    y = torch.zeros_like(xf) if bias is None else bias.to(ct).expand_as(xf).clone()
+    for i in range(k):
+        y = y + _input_at(xf, cache, doc, start, positions - (k - 1 - i), k) * weight[:, i].to(ct)
+    if activation == "silu":
+        y = torch.nn.functional.silu(y)
+    final = None
+    if output_final_state:
+        n = cu.shape[0] - 1
+        ends = cu[1:]
+        starts = cu[:-1]
+        docs = torch.arange(n, device=x.device)
+        cols = [
+            _input_at(xf, cache, docs, starts, ends - (k - 1 - i), k) for i in range(k - 1)
+        ]
+        final = torch.stack(cols, dim=-1).to(x.dtype) if cols else xf.new_zeros(n, xf.shape[1], 0)
+    return y.to(x.dtype).view_as(x), final
+
+
+def causal_conv1d_step_ref(x, cache, weight, bias=None, activation="silu"):
+    """One decoding step: x [N, C], cache [N, C, K-1] -> (y [N, C], new cache)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    window = torch.cat([cache.to(ct), x.to(ct)[:, :, None]], dim=-1)  # [N, C, K]
+    y = (window * weight.to(ct)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(ct)
+    if activation == "silu":
+        y = torch.nn.functional.silu(y)
+    return y.to(x.dtype), window[:, :, 1:].to(cache.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _conv_tap(x_ptr, cache_ptr, src, start, doc, cols, cmask, n_cols, tmask,
+              K: tl.constexpr, HAS_CACHE: tl.constexpr):
+    inside = src >= start
+    m = tmask & inside
+    val = tl.load(x_ptr + src.to(tl.int64)[:, None] * n_cols + cols[None, :],
+                  mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if HAS_CACHE:
+        back = start - src
+        from_cache = tmask & (~inside) & (back <= K - 1)
+        idx = K - 1 - back
+        c_off = doc.to(tl.int64)[:, None] * (n_cols * (K - 1)) + cols[None, :] * (K - 1) + idx[:, None]
+        val += tl.load(cache_ptr + c_off, mask=from_cache[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return val
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dy_ptr, out_ptr,
+    n_rows, n_cols,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
+    GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # GRAD=False: out = y. GRAD=True: out = dy * act'(pre-activation), the gradient of the
+    # pre-activation, recomputed rather than stored.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask = rows < n_rows
+    cmask = cols < n_cols
+    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
+    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for i in tl.static_range(K):
+        w = tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
+        acc += w[None, :] * _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask,
+                                      n_cols, tmask, K, HAS_CACHE)
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    mask = tmask[:, None] & cmask[None, :]
+    if IS_SILU:
+        s = 1.0 / (1.0 + tl.exp(-acc))
+        if GRAD:
+            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            out = dy * s * (1.0 + acc * (1.0 - s))
+        else:
+            out = acc * s
+    else:
+        if GRAD:
+            out = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        else:
+            out = acc
+    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, dpre_ptr, w_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
+    n_rows, n_cols,
+    K: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # dx[t] = sum_i w[i] dpre[t + K-1-i] over taps inside t's document;
+    # dw[i] = sum_t dpre[t] x[t - (K-1-i)] (per-block partials, summed on the host side in torch)
+    pid_t = tl.program_id(0)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask = rows < n_rows
+    cmask = cols < n_cols
+    mask = tmask[:, None] & cmask[None, :]
+    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
+    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
+    end = tl.load(cu_ptr + doc + 1, mask=tmask, other=0)
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    dpre = tl.load(dpre_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for i in tl.static_range(K):
+        w = tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
+        dst = rows + (K - 1 - i)
+        m = tmask & (dst < end)
+        d = tl.load(dpre_ptr + dst.to(tl.int64)[:, None] * n_cols + cols[None, :],
+                    mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        dx += w[None, :] * d
+        xs = _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask, n_cols, tmask,
+                       K, HAS_CACHE)
+        tl.store(dw_ptr + pid_t * n_cols * K + cols * K + i, tl.sum(dpre * xs, axis=0), mask=cmask)
+    tl.store(db_ptr + pid_t * n_cols + cols, tl.sum(dpre, axis=0), mask=cmask)
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK_T, _BLOCK_C = 64, 64
+
+
+def _grid(n_rows, n_cols):
+    return (triton.cdiv(n_rows, _BLOCK_T), triton.cdiv(n_cols, _BLOCK_C))
+
+
+def _conv_pre_grad_or_out(xf, weight, bias, cache, doc, cu, dy, activation, grad):
+    n_rows, n_cols = xf.shape
+    out = torch.empty_like(xf) if not grad else torch.empty_like(xf, dtype=torch.float32)
+    _conv_fwd_kernel[_grid(n_rows, n_cols)](
+        xf, weight, bias if bias is not None else weight, cache if cache is not None else xf, doc, cu,
+        dy if dy is not None else xf, out, n_rows, n_cols,
+        K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+        IS_SILU=activation == "silu", GRAD=grad, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+    )
+    return out
+
+
+def _doc_index(n_rows: int, cu: torch.Tensor) -> torch.Tensor:
+    return torch.searchsorted(cu[1:], torch.arange(n_rows, device=cu.device), right=True).to(torch.int32)
+
+
+@torch.library.custom_op("flame::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor,
+              initial_state: torch.Tensor | None, activation: str) -> torch.Tensor:
+    xf = x.reshape(-1, x.shape[-1]).contiguous()
+    doc = _doc_index(xf.shape[0], cu)
+    cache = initial_state.contiguous() if initial_state is not None else None
+    return _conv_pre_grad_or_out(xf, weight.contiguous(), bias, cache, doc, cu, None, activation, False).view_as(x)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, cu, initial_state, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              cu: torch.Tensor, initial_state: torch.Tensor | None, activation: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    n_cols = x.shape[-1]
+    k = weight.shape[-1]
+    xf = x.reshape(-1, n_cols).contiguous()
+    n_rows = xf.shape[0]
+    doc = _doc_index(n_rows, cu)
+    w = weight.contiguous()
+    cache = initial_state.contiguous() if initial_state is not None else None
+    dpre = _conv_pre_grad_or_out(xf, w, bias, cache, doc, cu, dy.reshape(-1, n_cols).contiguous(),
+                                 activation, True)
+    grid = _grid(n_rows, n_cols)
+    dx = torch.empty_like(xf)
+    dw = torch.empty(grid[0], n_cols, k, device=x.device, dtype=torch.float32)
+    db = torch.empty(grid[0], n_cols, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[grid](
+        xf, dpre, w, cache if cache is not None else xf, doc, cu, dx, dw, db, n_rows, n_cols,
+        K=k, HAS_CACHE=cache is not None, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+    )
+    d_state = _initial_state_grad(dpre, w, cu, k) if initial_state is not None else dpre.new_empty(0)
+    return dx.view_as(x), dw.sum(0).to(weight.dtype), db.sum(0), d_state
+
+
+@_conv_bwd.register_fake
+def _(dy, x, weight, bias, cu, initial_state, activation):
+    k = weight.shape[-1]
+    d_state = (torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None
+               else x.new_empty(0))
+    return (torch.empty_like(x), torch.empty_like(weight),
+            x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
+
+
+def _initial_state_grad(dpre, weight, cu, k):
+    """Tap i of token start+j reads K-1-i-j steps before the start, which is cache slot i+j, so
+    d cache[n, c, m] = sum over i + j = m of w[c, i] * dpre[start_n + j]."""
+    starts, ends = cu[:-1], cu[1:]
+    n = starts.shape[0]
+    grad = dpre.new_zeros(n, dpre.shape[1], k - 1)
+    for m in range(k - 1):
+        for i in range(m + 1):
+            j = m - i  # token offset from the start; tap i of token start+j reads slot m
+            pos = starts + j
+            valid = (pos < ends)[:, None]
+            grad[:, :, m] += dpre[pos.clamp(max=dpre.shape[0] - 1)] * valid * weight[:, i].float()
+    return grad
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, cu, initial_state, activation = inputs
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias, cu, initial_state)
+
+
+def _conv_backward(ctx, dy):
+    x, weight, bias, cu, initial_state = ctx.saved_tensors
+    dx, dw, db, d_state = _conv_bwd(dy, x, weight, bias, cu, initial_state, ctx.activation)
+    return (dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None,
+            d_state.to(initial_state.dtype) if initial_state is not None else None, None)
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_conv_inputs(x, weight, bias, activation, cu_seqlens, initial_state):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
+    if x.dim() != 3:
+        raise ValueError(f"x has shape {tuple(x.shape)}; the convolution needs [B, T, C]")
+    if weight.dim() != 2 or weight.shape[0] != x.shape[-1] or weight.shape[1] < 2:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}; it must be [C={x.shape[-1]}, kernel_size >= 2]"
+        )
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; it must be [C={x.shape[-1]}]")
+    if cu_seqlens is not None and x.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, x must be [1, L, C] (got batch {x.shape[0]}); flatten the batch")
+    n = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    want = (n, x.shape[-1], weight.shape[1] - 1)
+    if initial_state is not None and tuple(initial_state.shape) != want:
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; it must be {want}")
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, initial_state=None,
+                  output_final_state=False):
+    """x [B, T, C], weight [C, K] -> (y [B, T, C], final_state [N, C, K-1] or None)."""
+    _check_conv_inputs(x, weight, bias, activation, cu_seqlens, initial_state)
+    if not use_triton(x, weight):
+        return causal_conv1d_ref(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
+    b, t, c = x.shape
+    if cu_seqlens is None:
+        cu = torch.arange(0, (b + 1) * t, t, device=x.device, dtype=torch.int32)
+    else:
+        cu = cu_seqlens.to(torch.int32)
+    y = _conv_fwd(x, weight, bias, cu, initial_state, activation or "none")
+    final = None
+    if output_final_state:
+        k = weight.shape[-1]
+        xf, cu64, _, _ = _documents(x, cu)
+        starts, ends = cu64[:-1], cu64[1:]
+        docs = torch.arange(starts.shape[0], device=x.device)
+        final = torch.stack(
+            [_input_at(xf, initial_state, docs, starts, ends - (k - 1 - i), k) for i in range(k - 1)], dim=-1
+        )
+    return y, final
+
+
+def causal_conv1d_step(x, cache, weight, bias=None, activation="silu"):
+    """One decoding step: x [N, C], cache [N, C, K-1] -> (y [N, C], new cache). Small; plain torch."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
+    want = (x.shape[0], x.shape[1], weight.shape[-1] - 1)
+    if x.dim() != 2 or tuple(cache.shape) != want:
+        raise ValueError(f"x must be [N, C] and cache {want}; got x {tuple(x.shape)}, cache {tuple(cache.shape)}")
+    return causal_conv1d_step_ref(x, cache, weight, bias, activation)
