@@ -55,9 +55,9 @@ def _logit_stats_kernel(
     base = logits_ptr + row * stride
     target = tl.load(target_ptr + row)
     cols = tl.arange(0, BLOCK)
-    # online logsumexp kept per lane, folded at the end
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK], tl.float32)
+    # running logsumexp over blocks; the finite start keeps exp(m - m_new) free of inf - inf
+    m = tl.full([], -1e30, tl.float32)
+    s = tl.zeros([], tl.float32)
     zt = tl.zeros([BLOCK], tl.float32)
     zsum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
@@ -67,12 +67,10 @@ def _logit_stats_kernel(
         zsum += tl.where(mask, z, 0.0)
         zt += tl.where(idx == target, z, 0.0)
         z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, z)
-        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
-    m_all = tl.max(m, axis=0)
-    s_all = tl.sum(s * tl.exp(m - m_all), axis=0)
-    tl.store(lse_ptr + row, m_all + tl.log(s_all))
+    tl.store(lse_ptr + row, m + tl.log(s))
     tl.store(zt_ptr + row, tl.sum(zt, axis=0))
     tl.store(zsum_ptr + row, tl.sum(zsum, axis=0))
 
