@@ -1,10 +1,321 @@
-# Placeholder until this kernel family lands.
+"""Chunked gated linear attention: `chunk_simple_gla` (one log decay per head, g [B, T, H]:
+RetNet, Mamba2-SSD, lightning attention) and `chunk_gla` (one per key dim, g [B, T, H, K]).
 
-def chunk_simple_gla(*args, **kwargs):
-    raise NotImplementedError("chunk_simple_gla is not implemented yet")
+Both run on one pair of `torch.library` custom ops (forward, backward) so that
+`torch.compile(fullgraph=True)` traces them; inside, the Triton kernels of
+`linear_attention_triton.py` or the torch reference of `linear_attention_ref.py` run,
+as `dispatch.use_triton` decides. The backward recomputes the chunk states instead of
+keeping them, so a layer's saved activations are only its inputs.
+"""
+
+import torch
+import triton
+
+from flame.kernels import linear_attention_triton as kern
+from flame.kernels.dispatch import use_triton
+from flame.kernels.linear_attention_ref import linear_attention_reference
+from flame.kernels.utils import (
+    check_cu_seqlens,
+    check_head_dim,
+    check_initial_state,
+    default_cu_seqlens,
+    max_num_chunks,
+    prepare_chunk_indices,
+    require_floating,
+    require_rank,
+    require_shape,
+)
+
+STATE_BLOCK = 64  # K and V tile of the state kernels
+SUB_BLOCK_K = 32  # K tile of the sub-chunk kernels (bounds the [16, 16, BK] exact-decay tile)
+SUB_BLOCK_V = 64
+NUM_WARPS = 4
 
 
-def chunk_gla(*args, **kwargs):
-    raise NotImplementedError("chunk_gla is not implemented yet")
+# ---------------------------------------------------------------------------------------------
+# Triton launches. Tensors are flattened to [T_total, H, D] (contiguous), cu_seqlens given.
 
 
+class _Chunks:
+    """Chunk bookkeeping for one call, built on the device without reading it back."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, total_len: int):
+        self.cu_seqlens = cu_seqlens
+        self.num_seqs = cu_seqlens.numel() - 1
+        self.slots = max_num_chunks(total_len, self.num_seqs, kern.BT)
+        self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.BT, self.slots)
+
+
+def _cumsum(g, scalar_gate, H, K, chunks):
+    b = torch.empty(g.shape[0], H, K, dtype=torch.float32, device=g.device)
+    grid = (chunks.slots, H, triton.cdiv(K, STATE_BLOCK))
+    kern.chunk_cumsum_kernel[grid](
+        g, b, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return b
+
+
+def _local_states(x, y, b, scale, from_end, chunks):
+    _, H, K = x.shape
+    V = y.shape[-1]
+    s = torch.empty(chunks.slots, H, K, V, dtype=torch.float32, device=x.device)
+    grid = (chunks.slots, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
+    kern.chunk_local_state_kernel[grid](
+        x, y, b, s, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, FROM_END=from_end, BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return s
+
+
+def _scan(s, b, start, reverse, store_final, chunks):
+    _, H, K, V = s.shape
+    end = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=s.device) if store_final else s
+    grid = (chunks.num_seqs, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
+    kern.chunk_state_scan_kernel[grid](
+        s, b, start if start is not None else s, end, chunks.cu_seqlens, chunks.offsets,
+        H=H, K=K, V=V, REVERSE=reverse, HAS_H0=start is not None, STORE_FINAL=store_final,
+        BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return end if store_final else None
+
+
+def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    b = _cumsum(g, g.dim() == 2, H, K, chunks)
+    h = _local_states(k, v, b, 1.0, True, chunks)
+    ht = _scan(h, b, h0, False, output_final_state, chunks)
+    o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
+    grid = (chunks.slots, kern.BT // kern.BC, H)
+    kern.chunk_output_kernel[grid](
+        q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+    )
+    return o, ht
+
+
+def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    scalar_gate = g.dim() == 2
+    b = _cumsum(g, scalar_gate, H, K, chunks)
+    h = _local_states(k, v, b, 1.0, True, chunks)
+    _scan(h, b, h0, False, False, chunks)
+    dh = _local_states(q, do, b, scale, False, chunks)
+    dh0 = _scan(dh, b, dht, True, h0 is not None, chunks)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(v)
+    db = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
+    dbl = torch.empty(chunks.slots, kern.BT // kern.BC, H, K, dtype=torch.float32, device=q.device)
+    grid = (chunks.slots, kern.BT // kern.BC, H)
+    kern.chunk_backward_kernel[grid](
+        q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
+        chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+    )
+    dg = torch.empty_like(g)
+    kern.chunk_gate_grad_kernel[(chunks.slots, H, 1)](
+        db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, SCALAR_GATE=scalar_gate, BK=triton.next_power_of_2(K), num_warps=8,
+    )
+    return dq, dk, dv, dg, dh0
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. Shapes here are the public ones ([B, T, H, D]); inputs are validated and
+# contiguous. Absent optional outputs are returned as empty tensors.
+
+
+def _flat(x):
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _chunks_for(q, cu_seqlens):
+    B, T = q.shape[:2]
+    cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
+    return _Chunks(cu, B * T)
+
+
+@torch.library.custom_op("flame::gated_linear_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    output_final_state: bool,
+    triton_backend: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not triton_backend:
+        o, ht = linear_attention_reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+    B, T = q.shape[:2]
+    chunks = _chunks_for(q, cu_seqlens)
+    o, ht = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, output_final_state, chunks)
+    return o.view(B, T, *o.shape[1:]), ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = q.new_empty(B, T, H, v.shape[-1])
+    ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    return o, ht
+
+
+@torch.library.custom_op("flame::gated_linear_attention_bwd", mutates_args=())
+def _bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    triton_backend: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not triton_backend:
+        return _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht)
+    B, T = q.shape[:2]
+    chunks = _chunks_for(q, cu_seqlens)
+    dq, dk, dv, dg, dh0 = _triton_backward(
+        _flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, _flat(do), dht, chunks
+    )
+    if dh0 is None:
+        dh0 = q.new_empty(0, dtype=torch.float32)
+    else:
+        dh0 = dh0.to(initial_state.dtype)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dh0
+
+
+def _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
+    # Inside a custom op autograd is off below the dispatcher; torch.func does not need it.
+    def forward(q, k, v, g, *h0):
+        return linear_attention_reference(q, k, v, g, scale, h0[0] if h0 else None, True, cu_seqlens)
+
+    primals = (q, k, v, g) + ((initial_state,) if initial_state is not None else ())
+    (_, ht), vjp = torch.func.vjp(forward, *primals)
+    grads = vjp((do, torch.zeros_like(ht) if dht is None else dht.to(ht.dtype)))
+    dh0 = grads[4] if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    return grads[0], grads[1], grads[2], grads[3], dh0
+
+
+@_bwd_op.register_fake
+def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, triton_backend):
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
+    ctx.scale = scale
+    ctx.triton_backend = triton_backend
+    ctx.output_final_state = output_final_state
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
+    if not ctx.output_final_state:
+        dht = None
+    dq, dk, dv, dg, dh0 = _bwd_op(
+        q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
+        None if dht is None else dht.contiguous(), ctx.triton_backend,
+    )
+    return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate):
+    require_rank(q, "q", 4, "[B, T, H, K]")
+    B, T, H, K = q.shape
+    require_rank(k, "k", 4, "[B, T, H, K]")
+    require_shape(k, "k", (B, T, H, K), "[B, T, H, K] like q")
+    require_rank(v, "v", 4, "[B, T, H, V]")
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must have shape [B, T, H, V] with B, T, H = {(B, T, H)} like q, got {tuple(v.shape)}")
+    if scalar_gate:
+        require_rank(g, "g", 3, "[B, T, H]")
+        require_shape(g, "g", (B, T, H), "[B, T, H]")
+    else:
+        require_rank(g, "g", 4, "[B, T, H, K]")
+        require_shape(g, "g", (B, T, H, K), "[B, T, H, K]")
+    for arg, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        require_floating(x, arg)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_head_dim(K, "q/k")
+    check_head_dim(v.shape[-1], "v")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a float or None, got {type(scale).__name__}")
+    check_cu_seqlens(cu_seqlens, B, B * T)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    check_initial_state(initial_state, N, H, K, v.shape[-1])
+    if initial_state is not None:
+        require_floating(initial_state, "initial_state")
+
+
+def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, scalar_gate):
+    _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
+    o, ht = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
+    return o, (ht if output_final_state else None)
+
+
+def chunk_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Linear attention with one log decay per head and token, g [B, T, H] (None: no decay).
+
+    q, k [B, T, H, K], v [B, T, H, V]; returns (o [B, T, H, V], final state fp32 [N, H, K, V]
+    or None). With cu_seqlens (B = 1) each packed sequence starts from its own state.
+    """
+    if g is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        g = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    return _chunk_linear_attention(
+        "chunk_simple_gla", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, True
+    )
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+):
+    """Gated linear attention with one log decay per key dimension, g [B, T, H, K].
+
+    Same arguments and returns as `chunk_simple_gla`.
+    """
+    return _chunk_linear_attention(
+        "chunk_gla", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, False
+    )
