@@ -1,0 +1,266 @@
+"""Fused layers against plain PyTorch in float64: RMSNorm (+ residual), gated RMSNorm, rotary
+embedding with packed position ids, short causal convolution with cu_seqlens and its decode
+step, SwiGLU. The torch path runs in float64; the Triton kernels run in the interpreter in fp32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flame.kernels.conv import causal_conv1d
+from flame.kernels.norm import gated_rms_norm, rms_norm
+from flame.kernels.rotary import apply_rotary
+from flame.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
+from flame.modules.swiglu import swiglu
+
+BACKENDS = [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)]
+BACKEND_IDS = ["torch-fp64", "triton-interpreted-fp32"]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randn(*shape, seed, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+
+
+def check(fn_ours, fn_ref, inputs, dtype, tol, device="cpu"):
+    """Values and gradients of every output and input of fn_ours (inputs cast to dtype) against
+    fn_ref on float64 copies."""
+    mine = [i.detach().to(device, dtype).requires_grad_(i.requires_grad) for i in inputs]
+    ref = [i.detach().double().cpu().requires_grad_(i.requires_grad) for i in inputs]
+    out, want = fn_ours(*mine), fn_ref(*ref)
+    out = out if isinstance(out, tuple) else (out,)
+    want = want if isinstance(want, tuple) else (want,)
+    g = torch.Generator().manual_seed(99)
+    cot = [torch.randn(w.shape, generator=g, dtype=torch.float64) for w in want]
+    for o, w in zip(out, want):
+        assert rel(o.cpu(), w) < tol
+    grads = torch.autograd.grad(out, [m for m in mine if m.requires_grad], [c.to(device, dtype) for c in cot])
+    grads_ref = torch.autograd.grad(want, [r for r in ref if r.requires_grad], cot)
+    for a, b in zip(grads, grads_ref):
+        assert rel(a.cpu(), b) < tol
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_rms_norm(monkeypatch, backend, dtype, tol):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, w = randn(3, 5, 48, seed=0), randn(48, seed=1)
+    check(lambda x, w: rms_norm(x, w, eps=1e-5)[0], lambda x, w: F.rms_norm(x, (48,), w, eps=1e-5), [x, w], dtype, tol)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_rms_norm_with_residual(monkeypatch, backend, dtype, tol):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, r, w = randn(7, 40, seed=0), randn(7, 40, seed=1), randn(40, seed=2)
+
+    def ref(x, r, w):
+        return F.rms_norm(x + r, (40,), w, eps=1e-6), x + r
+
+    check(lambda x, r, w: rms_norm(x, w, r), ref, [x, r, w], dtype, tol)
+
+
+@pytest.mark.parametrize("activation", ["silu", "sigmoid"])
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_gated_rms_norm(monkeypatch, backend, dtype, tol, activation):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, gate, w = randn(2, 6, 32, seed=0), randn(2, 6, 32, seed=1), randn(32, seed=2)
+    act = F.silu if activation == "silu" else torch.sigmoid
+
+    def ref(x, gate, w):
+        return F.rms_norm(x, (32,), w, eps=1e-6) * act(gate)
+
+    check(lambda x, g, w: gated_rms_norm(x, g, w, activation=activation), ref, [x, gate, w], dtype, tol)
+
+
+def test_norm_modules_interface():
+    x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    norm = RMSNorm(16)
+    assert norm(x).shape == x.shape
+    y, summed = norm(x, r)
+    assert torch.equal(summed, x + r) and rel(y, norm(x + r)) < 1e-6
+    assert GatedRMSNorm(16, activation="sigmoid")(x, r).shape == x.shape
+    with pytest.raises(ValueError, match="activation"):
+        GatedRMSNorm(16, activation="relu")
+    with pytest.raises(ValueError, match="weight"):
+        norm(torch.randn(2, 3, 15))
+    with pytest.raises(ValueError, match="residual"):
+        norm(x, r[:, :2])
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rotary_complex(x, position_ids, theta):
+    """Independent formulation: pairs (x_j, x_{j+D/2}) as complex numbers times e^{i angle}."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = position_ids.double()[..., None, None] * inv_freq
+    z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_rotary_with_packed_positions(monkeypatch, backend, dtype, tol):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    q, k = randn(2, 9, 3, 16, seed=0), randn(2, 9, 2, 16, seed=1)
+    # two packed documents in row 0 (positions restart), one long offset row
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(100, 109))])
+    rope = RotaryEmbedding(16, theta=500.0)
+    # angles are formed in fp32 (as in Hugging Face models), so compare at fp32 accuracy
+    check(lambda q, k: rope(q, k, position_ids), lambda q, k: (rotary_complex(q, position_ids, 500.0),
+          rotary_complex(k, position_ids, 500.0)), [q, k], dtype, max(tol, 1e-5))
+
+
+def test_rotary_bad_input():
+    rope = RotaryEmbedding(8)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="position_ids"):
+        rope(q, q, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="head"):
+        rope(torch.randn(1, 4, 2, 6), q, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(7)
+
+
+# ----------------------------------------------------------------------------- short convolution
+
+C, K = 12, 4
+CU = torch.tensor([0, 2, 9, 10, 25])  # documents of length 2, 7, 1, 15
+
+
+def conv_per_document(x, w, b, initial_state, cu):
+    """Independent formulation: F.conv1d on each document, left-padded with its initial state."""
+    c, k = w.shape
+    ys, finals = [], []
+    for n in range(len(cu) - 1):
+        seg = x[0, cu[n] : cu[n + 1]].T  # [C, len]
+        pad = initial_state[n] if initial_state is not None else torch.zeros(c, k - 1, dtype=x.dtype)
+        full = torch.cat([pad, seg], dim=-1)
+        ys.append(F.silu(F.conv1d(full[None], w[:, None, :], b, groups=c))[0].T)
+        finals.append(full[:, -(k - 1) :])
+    return torch.cat(ys)[None], torch.stack(finals)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_short_conv_packed_documents(monkeypatch, backend, dtype, tol, with_state):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, w, b = randn(1, 25, C, seed=0), randn(C, K, seed=1), randn(C, seed=2)
+    inputs = [x, w, b] + ([randn(4, C, K - 1, seed=3)] if with_state else [])
+
+    def ours(x, w, b, s=None):
+        return causal_conv1d(x, w, b, "silu", CU, s, output_final_state=True)
+
+    def ref(x, w, b, s=None):
+        return conv_per_document(x, w, b, s, CU)
+
+    check(ours, ref, inputs, dtype, tol)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_short_conv_batch_rows_are_documents(monkeypatch, backend, dtype, tol):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, w = randn(3, 11, C, seed=0), randn(C, K, seed=1)
+    cu = torch.arange(0, 34, 11)
+
+    def ours(x, w):
+        return causal_conv1d(x, w, None, "silu", None, None, output_final_state=True)
+
+    def ref(x, w):
+        y, final = conv_per_document(x.reshape(1, 33, C), w, None, None, cu)
+        return y.reshape(3, 11, C), final
+
+    check(ours, ref, [x, w], dtype, tol)
+
+
+def test_short_conv_decode_steps_continue_the_prefill():
+    conv = ShortConvolution(C, K, bias=True).double()
+    x = torch.randn(2, 10, C, dtype=torch.float64)
+    y_full, _ = conv(x)
+    y_pre, cache = conv(x[:, :6], output_final_state=True)
+    steps = []
+    for t in range(6, 10):
+        y_t, cache = conv.step(x[:, t], cache)
+        steps.append(y_t)
+    assert rel(torch.cat([y_pre, torch.stack(steps, 1)], 1), y_full) < 1e-12
+    # decoding from an empty cache is the same as a full forward of the first tokens
+    y0, _ = conv.step(x[:, 0], None)
+    assert rel(y0, y_full[:, 0]) < 1e-12
+
+
+def test_short_conv_bad_input():
+    conv = ShortConvolution(C, K)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        conv(torch.randn(2, 5, C), cu_seqlens=torch.tensor([0, 5, 10]))
+    with pytest.raises(ValueError, match="initial_state"):
+        conv(torch.randn(1, 5, C), cache=torch.zeros(1, C, K))
+    with pytest.raises(ValueError, match="weight"):
+        conv(torch.randn(1, 5, C + 1))
+    with pytest.raises(ValueError, match="activation"):
+        ShortConvolution(C, activation="relu")
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_swiglu(monkeypatch, backend, dtype, tol):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    check(swiglu, lambda a, b: F.silu(a) * b, [randn(5, 33, seed=0), randn(5, 33, seed=1)], dtype, tol)
+
+
+def test_swiglu_module():
+    mlp = SwiGLU(8, 24).double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert rel(mlp(x), want) < 1e-12
+    assert mlp.gate_proj.bias is None and mlp.down_proj.weight.shape == (8, 24)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_custom_ops_trace_whole_graph(monkeypatch):
+    """The Triton paths are torch.library custom ops: dynamo traces them without graph breaks."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    norm, gnorm, rope, conv, mlp = RMSNorm(16), GatedRMSNorm(16), RotaryEmbedding(8), ShortConvolution(16), SwiGLU(16, 32)
+
+    def block(x, pos):
+        h, res = norm(x, x)
+        h = gnorm(h, res)
+        h, _ = conv(h)
+        q, k = rope(h.view(1, 6, 2, 8), h.view(1, 6, 2, 8), pos)
+        return mlp(q.reshape(1, 6, 16) + k.reshape(1, 6, 16))
+
+    x = torch.randn(1, 6, 16, requires_grad=True)
+    pos = torch.arange(6)[None]
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x, pos)
+    out.sum().backward()
+    assert rel(out, block(x, pos)) < 1e-6 and x.grad is not None
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+
+
+@pytest.mark.gpu
+def test_gpu_layers_bf16_against_float64():
+    tol = 2e-2
+    x, r, gate, w = randn(64, 2048, seed=0), randn(64, 2048, seed=1), randn(64, 2048, seed=2), randn(2048, seed=3)
+    check(lambda x, r, w: rms_norm(x, w, r), lambda x, r, w: (F.rms_norm(x + r, (2048,), w, eps=1e-6), x + r),
+          [x, r, w], torch.bfloat16, tol, "cuda")
+    check(lambda x, g, w: gated_rms_norm(x, g, w), lambda x, g, w: F.rms_norm(x, (2048,), w, eps=1e-6) * F.silu(g),
+          [x, gate, w], torch.bfloat16, tol, "cuda")
+    q = randn(2, 64, 4, 128, seed=4)
+    pos = torch.cat([torch.arange(40), torch.arange(24), torch.arange(1000, 1064)]).view(2, 64)
+    check(lambda q: apply_rotary(q, pos.cuda()), lambda q: rotary_complex(q, pos, 10000.0), [q], torch.bfloat16, tol, "cuda")
+    cu = torch.tensor([0, 3, 100, 101, 300])
+    xc, wc, bc, sc = randn(1, 300, 256, seed=5), randn(256, 4, seed=6), randn(256, seed=7), randn(4, 256, 3, seed=8)
+    check(lambda x, w, b, s: causal_conv1d(x, w, b, "silu", cu.cuda(), s, output_final_state=True),
+          lambda x, w, b, s: conv_per_document(x, w, b, s, cu), [xc, wc, bc, sc], torch.bfloat16, tol, "cuda")
+    check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
