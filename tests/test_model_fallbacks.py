@@ -124,20 +124,21 @@ def _recurrence(q, k, v, g=None, gk=None, beta=None, scale=None, initial_state=N
     else:
         c = cu_seqlens.tolist()
         segs = [(0, s, e) for s, e in zip(c[:-1], c[1:])]
+    dt = torch.promote_types(q.dtype, torch.float32)  # states are kept in at least fp32
     rows = [[None] * T for _ in range(B)]
     finals = []
     for n, (b, s, e) in enumerate(segs):
-        S = initial_state[n].float() if initial_state is not None else q.new_zeros(H, K, v.shape[-1]).float()
+        S = initial_state[n].to(dt) if initial_state is not None else q.new_zeros(H, K, v.shape[-1], dtype=dt)
         for t in range(s, e):
             if g is not None:
-                S = S * g[b, t].float().exp()[:, None, None]
+                S = S * g[b, t].to(dt).exp()[:, None, None]
             if gk is not None:
-                S = S * gk[b, t].float().exp()[:, :, None]
-            kt, vt = k[b, t].float(), v[b, t].float()
+                S = S * gk[b, t].to(dt).exp()[:, :, None]
+            kt, vt = k[b, t].to(dt), v[b, t].to(dt)
             if beta is not None:
-                vt = beta[b, t].float()[:, None] * (vt - torch.einsum("hk,hkv->hv", kt, S))
+                vt = beta[b, t].to(dt)[:, None] * (vt - torch.einsum("hk,hkv->hv", kt, S))
             S = S + kt[:, :, None] * vt[:, None, :]
-            rows[b][t] = torch.einsum("hk,hkv->hv", q[b, t].float() * scale, S)
+            rows[b][t] = torch.einsum("hk,hkv->hv", q[b, t].to(dt) * scale, S)
         finals.append(S)
     o = torch.stack([torch.stack(r) for r in rows]).to(v.dtype)
     return o, (torch.stack(finals) if output_final_state else None)

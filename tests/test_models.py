@@ -128,14 +128,14 @@ def test_batch_with_cu_seqlens_is_flattened():
 
 
 def test_param_groups_exclude_norms_embeddings_and_head_constants():
-    model = build_model(tiny())
+    model = build_model(tiny(mixer="mamba2", attn_layers=[1]))
     groups = model.param_groups(0.1)
     decay = {id(p) for p in groups[0]["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     for pid, n in names.items():
-        no_decay = ("norm" in n or "embeddings" in n or n.endswith(("A_log", "dt_bias", ".bias")))
+        no_decay = ("norm" in n or "embeddings" in n or n.endswith(("A_log", "dt_bias", ".D", ".bias")))
         assert (pid not in decay) == no_decay, n
 
 

@@ -6,11 +6,21 @@
     flops_per_token(seq_len)          # sequence-mixing training FLOPs per token
 
 With cu_seqlens, B = 1 and the documents of the flattened batch stay independent. Each module
-documents its decoding state.
+documents its decoding state (a dict of tensors).
 """
 
 from flame.models.mixers.attention import Attention
+from flame.models.mixers.deltanet import DeltaNet
+from flame.models.mixers.gated_deltanet import GatedDeltaNet
+from flame.models.mixers.gla import GatedLinearAttention
+from flame.models.mixers.mamba2 import Mamba2
+from flame.models.mixers.retnet import MultiScaleRetention
 
 MIXER_CLASSES = {
     "attention": Attention,
+    "gated_deltanet": GatedDeltaNet,
+    "gla": GatedLinearAttention,
+    "deltanet": DeltaNet,
+    "retnet": MultiScaleRetention,
+    "mamba2": Mamba2,
 }

@@ -25,6 +25,7 @@ from torch import nn
 
 from flame import modules
 from flame.models.config import ModelConfig
+from flame.models.mixers.common import token_positions
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -32,13 +33,6 @@ try:  # torch >= 2.10
     _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
 except ImportError:  # pragma: no cover - older torch
     _varlen_attn, _VARLEN_PARAMS = None, set()
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Position of every token inside its document, for a flattened packed batch: [1, total]."""
-    idx = torch.arange(total, device=cu_seqlens.device)
-    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
-    return (idx - cu_seqlens.long()[doc]).unsqueeze(0)
 
 
 def document_mask(cu_seqlens: torch.Tensor | None, total: int, window: int | None, device) -> torch.Tensor:
@@ -103,14 +97,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, d)
 
-        past = 0 if state is None else state["pos"]
-        if position_ids is None:
-            if cu_seqlens is not None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, B * T).view(B, T)
-            else:
-                position_ids = torch.arange(T, device=x.device).unsqueeze(0).expand(B, T)
-                if state is not None:
-                    position_ids = position_ids + state["pos"].view(B, 1)
+        position_ids = token_positions(B, T, x.device, cu_seqlens, position_ids, state)
         q, k = self.rotary(q, k, position_ids)
 
         if state is not None:
@@ -127,7 +114,7 @@ class Attention(nn.Module):
             if self.window is not None:
                 k, v = k[:, -(self.window - 1):] if self.window > 1 else k[:, :0], \
                     v[:, -(self.window - 1):] if self.window > 1 else v[:, :0]
-            pos = past + T if state is not None else torch.full((B,), T, dtype=torch.long, device=x.device)
+            pos = state["pos"] + T if state is not None else torch.full((B,), T, dtype=torch.long, device=x.device)
             new_state = {"k": k, "v": v, "pos": pos}
         return self.o_proj(y.reshape(B, T, self.n_heads * d)), new_state
 

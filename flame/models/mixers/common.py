@@ -1,0 +1,78 @@
+"""Pieces the linear-attention mixers share: FLOP counts of the chunked kernels, the short
+convolutions with their decoding caches, positions for rotary, and gate initialisation."""
+
+import math
+
+import torch
+from torch import nn
+
+# Chunk length of the chunked kernels (the C in the FLOP counts below).
+CHUNK_SIZE = 64
+# Up to this many new tokens, a call that continues from a decoding state runs the
+# token-by-token kernels; longer inputs (prefill, training) run the chunked ones.
+RECURRENT_MAX_TOKENS = 64
+
+
+def linear_attention_flops(K: int, V: int, C: int = CHUNK_SIZE) -> float:
+    """Training FLOPs per token and head of chunked (gated) linear attention, as executed.
+
+    Forward: intra-chunk scores q k^T (2CK), scores x v (2CV), inter-chunk q S (2KV), state
+    update k^T v (2KV). Backward: recomputed scores (2CK) and states (2KV), dS (2KV), dq
+    (2KV + 2CK), dk (2KV + 2CK), dv (2KV + 2CV), d(scores) (2CV).
+    Total 14KV + 8CK + 6CV. Used for GLA, RetNet and Mamba2 (K = state size, V = head size).
+    """
+    return 14 * K * V + 8 * C * K + 6 * C * V
+
+
+def delta_rule_flops(K: int, V: int, C: int = CHUNK_SIZE) -> float:
+    """Training FLOPs per token and head of the chunked (gated) delta rule, as executed
+    (WY representation; the count in shared/baselines/h100.md):
+    forward 6KV + 5.25CK + 4CV, backward 16KV + 18CK + 10CV + 4C^2."""
+    return 22 * K * V + 23.25 * C * K + 14 * C * V + 4 * C * C
+
+
+def use_recurrent_kernel(state, T: int) -> bool:
+    return state is not None and T <= RECURRENT_MAX_TOKENS
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every token inside its document, for a flattened packed batch: [1, total]."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    return (idx - cu_seqlens.long()[doc]).unsqueeze(0)
+
+
+def token_positions(B: int, T: int, device, cu_seqlens=None, position_ids=None, state=None):
+    """Positions for rotary embeddings: given, from document boundaries, or continuing from the
+    number of tokens a decoding state has consumed (state["pos"], [B])."""
+    if position_ids is not None:
+        return position_ids
+    if cu_seqlens is not None:
+        return positions_from_cu_seqlens(cu_seqlens, B * T).view(B, T)
+    pos = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
+    if state is not None:
+        pos = pos + state["pos"].view(B, 1)
+    return pos
+
+
+def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
+    """Run a ShortConvolution, continuing from and updating its cache under state[key]."""
+    cache = None if state is None else state[key]
+    y, cache = conv(x, cu_seqlens=cu_seqlens, cache=cache, output_final_state=new_state is not None)
+    if new_state is not None:
+        new_state[key] = cache
+    return y
+
+
+@torch.no_grad()
+def init_dt_bias(dt_bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4):
+    """Mamba's time-step bias: softplus(dt_bias) is log-uniform in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand_like(dt_bias, dtype=torch.float32) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=floor)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+
+@torch.no_grad()
+def init_conv(conv: nn.Module) -> None:
+    if hasattr(conv, "reset_parameters"):
+        conv.reset_parameters()

@@ -1,0 +1,90 @@
+"""RetNet multi-scale retention (Sun et al. 2023): linear attention with a fixed decay per head.
+
+    q, k    = rotary(W_q x, W_k x);  v = W_v x   (optional SiLU short convolutions, off in the paper)
+    gamma_h = 1 - 2^(-5 - h)                      head h = 0..H-1, fixed, not learned
+    S_t     = gamma_h S_{t-1} + k_t v_t^T
+    o_t     = S_t^T q_t / sqrt(K)
+    y       = W_o GatedRMSNorm(o_t, W_g x)        (per-head norm, SiLU output gate)
+
+Training runs `chunk_simple_gla` with g = log(gamma); decoding a few tokens from a state runs
+`fused_recurrent_simple_gla`.
+
+Decoding state (`use_cache=True`): {"recurrent": [N, H, K, V] float32, "pos": [B] tokens consumed
+(rotary positions continue from it)} plus "conv_q", "conv_k", "conv_v" when short convolutions are on.
+"""
+
+import torch
+from torch import nn
+
+from flame import kernels, modules
+from flame.models.config import ModelConfig
+from flame.models.mixers.common import (apply_conv, init_conv, linear_attention_flops, token_positions,
+                                        use_recurrent_kernel)
+
+
+def retention_log_decay(n_heads: int, device=None) -> torch.Tensor:
+    """log(1 - 2^(-5 - h)) for h = 0..H-1 (float32)."""
+    h = torch.arange(n_heads, dtype=torch.float32, device=device)
+    return torch.log1p(-torch.pow(2.0, -5.0 - h))
+
+
+class MultiScaleRetention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        H, K, V = cfg.n_heads, cfg.linear_head_dim, cfg.linear_v_head_dim
+        self.n_heads, self.head_k, self.head_v = H, K, V
+        self.q_proj = nn.Linear(cfg.dim, H * K, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, H * K, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, H * V, bias=False)
+        self.g_proj = nn.Linear(cfg.dim, H * V, bias=False)
+        self.o_proj = nn.Linear(H * V, cfg.dim, bias=False)
+        self.use_short_conv = cfg.use_short_conv
+        if cfg.use_short_conv:
+            self.q_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
+            self.k_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
+            self.v_conv = modules.ShortConvolution(H * V, cfg.conv_size, activation="silu")
+        self.rotary = modules.RotaryEmbedding(K, theta=cfg.rope_theta)
+        self.rope_theta = cfg.rope_theta
+        self.o_norm = modules.GatedRMSNorm(V, eps=cfg.norm_eps, activation="silu")
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float, out_std: float) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.normal_(proj.weight, std=init_std)
+        nn.init.normal_(self.o_proj.weight, std=out_std)
+        if self.use_short_conv:
+            for conv in (self.q_conv, self.k_conv, self.v_conv):
+                init_conv(conv)
+        if hasattr(self.rotary, "reset_parameters"):
+            self.rotary.reset_parameters()
+        elif isinstance(getattr(self.rotary, "inv_freq", None), torch.Tensor):
+            d, buf = self.head_k, self.rotary.inv_freq
+            buf.copy_(1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=buf.device) / d)))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.n_heads * linear_attention_flops(self.head_k, self.head_v)
+
+    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
+        B, T, _ = x.shape
+        H, K, V = self.n_heads, self.head_k, self.head_v
+        new_state = {} if use_cache else None
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q = apply_conv(self.q_conv, q, cu_seqlens, state, new_state, "conv_q")
+            k = apply_conv(self.k_conv, k, cu_seqlens, state, new_state, "conv_k")
+            v = apply_conv(self.v_conv, v, cu_seqlens, state, new_state, "conv_v")
+        positions = token_positions(B, T, x.device, cu_seqlens, position_ids, state)
+        q, k = self.rotary(q.view(B, T, H, K), k.view(B, T, H, K), positions)
+        g = retention_log_decay(H, x.device).to(torch.promote_types(x.dtype, torch.float32)).expand(B, T, H)
+
+        rule = kernels.fused_recurrent_simple_gla if use_recurrent_kernel(state, T) else kernels.chunk_simple_gla
+        o, final = rule(q, k, v.view(B, T, H, V), g, scale=K ** -0.5,
+                        initial_state=None if state is None else state["recurrent"],
+                        output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        if use_cache:
+            new_state["recurrent"] = final
+            new_state["pos"] = (state["pos"] if state is not None else
+                                torch.zeros(B, dtype=torch.long, device=x.device)) + T
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V)), new_state
