@@ -144,8 +144,13 @@ class FlameDataLoader(StatefulDataLoader):
         self._rank_key = f"dp_rank_{dp_rank}"
         super().__init__(dataset, **kwargs)
 
+    def _source_names(self) -> list[str]:
+        return [f"{s.cfg.kind}:{s.cfg.path}:{s.cfg.name}:{s.cfg.split}" for s in self.dataset.sources]
+
     def state_dict(self) -> dict:
-        return {self._rank_key: pickle.dumps(super().state_dict()), "world_size": self.dp_world_size,
+        # Pickled, as torchtitan's loader does: DCP stores the bytes whatever the nesting inside.
+        payload = {"loader": super().state_dict(), "sources": self._source_names()}
+        return {self._rank_key: pickle.dumps(payload), "world_size": self.dp_world_size,
                 "num_workers": self.num_workers}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -163,7 +168,12 @@ class FlameDataLoader(StatefulDataLoader):
                              f"this run has {self.num_workers}; resume with the same data.num_workers")
         if self._rank_key not in state_dict:
             raise ValueError(f"data loader state has no entry {self._rank_key!r} (keys: {sorted(state_dict)})")
-        super().load_state_dict(pickle.loads(state_dict[self._rank_key]))
+        payload = pickle.loads(state_dict[self._rank_key])
+        if payload["sources"] != self._source_names():
+            raise ValueError(f"data loader state was saved for data.sources {payload['sources']}, this run has "
+                             f"{self._source_names()}; resume with the same sources, or drop the dataloader state "
+                             "from the checkpoint to restart the data")
+        super().load_state_dict(payload["loader"])
 
 
 def build_dataloader(data_cfg: DataConfig, tokenizer, *, seq_len: int, local_batch_size: int, dp_rank: int,

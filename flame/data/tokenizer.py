@@ -63,12 +63,18 @@ def _hub_offline() -> bool:
 
 def build_tokenizer(data_cfg: DataConfig):
     """Returns a `transformers.PreTrainedTokenizerFast` with the separator token the packer needs."""
+    data_cfg.validate()
+    tok = load_tokenizer(data_cfg.tokenizer, data_cfg.default_vocab_size)
+    check_separator(tok, data_cfg.separator, data_cfg.tokenizer)
+    return tok
+
+
+def load_tokenizer(name: str, default_vocab_size: int = 4096):
+    """"default" (flame's BPE), a hub id or a local directory -> PreTrainedTokenizerFast."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    data_cfg.validate()
-    name = data_cfg.tokenizer
     if name == "default":
-        tok = PreTrainedTokenizerFast.from_pretrained(str(default_tokenizer_path(data_cfg.default_vocab_size)))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(default_tokenizer_path(default_vocab_size)))
     else:
         local = os.path.isdir(name)
         if not local and os.path.exists(name):
@@ -85,7 +91,6 @@ def build_tokenizer(data_cfg: DataConfig):
         if not isinstance(tok, PreTrainedTokenizerFast):
             raise ValueError(f"data.tokenizer = {name!r} has no fast (Rust) tokenizer; "
                              "flame needs one (tokenizer.json) for throughput")
-    check_separator(tok, data_cfg.separator, name)
     return tok
 
 
