@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flame.data import DataConfig, SourceConfig, build_dataloader, build_tokenizer
-from tests.data_helpers import MARKERS, doc_ids, make_docs, make_tokenizer, write_jsonl
+from tests.test_data_helpers import MARKERS, doc_ids, make_docs, make_tokenizer, write_jsonl
 
 EOS, BOS = 0, 1
 
