@@ -43,6 +43,8 @@ def _data_files(path: str, where: str) -> tuple[str, list[str]]:
     if unknown:
         raise ValueError(f"{where}.path = {path!r} matches files of unsupported type {sorted(unknown)}; "
                          f"supported: {sorted(_FILE_BUILDERS)}")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise ValueError(f"{where}.path = {path!r}: the dataset is empty (every matched file has 0 bytes)")
     builders = {_FILE_BUILDERS[e] for e in exts}
     if len(builders) > 1:
         raise ValueError(f"{where}.path = {path!r} mixes file types {sorted(exts)}; "
@@ -94,7 +96,7 @@ def _load(cfg: SourceConfig, where: str):
             hint = (" The hub looks unreachable (HF_HUB_OFFLINE is set or the connection failed): run where the "
                     "hub is reachable, or download the data and point a \"files\" or \"disk\" source at it.")
         raise ValueError(f"{where}: hub dataset {cfg.path!r} (name={cfg.name or None!r}, split={cfg.split!r}) "
-                         f"could not be loaded: {type(e).__name__}: {e}.{hint}") from e
+                         f"could not be loaded: {type(e).__name__}: {str(e).rstrip('.')}.{hint}") from e
 
 
 def open_source(cfg: SourceConfig, where: str) -> Source:

@@ -87,7 +87,7 @@ def load_tokenizer(name: str, default_vocab_size: int = 4096):
                     "beforehand or point data.tokenizer at a local directory."
                     if not local and _hub_offline() else "")
             raise ValueError(f"data.tokenizer = {name!r} could not be loaded from {where}: "
-                             f"{type(e).__name__}: {e}.{hint}") from e
+                             f"{type(e).__name__}: {str(e).rstrip('.')}.{hint}") from e
         if not isinstance(tok, PreTrainedTokenizerFast):
             raise ValueError(f"data.tokenizer = {name!r} has no fast (Rust) tokenizer; "
                              "flame needs one (tokenizer.json) for throughput")
