@@ -1,10 +1,340 @@
-# Placeholder until this kernel family lands.
+"""Chunked delta rule, gated (Gated DeltaNet) or not (DeltaNet), in Triton.
 
-def chunk_delta_rule(*args, **kwargs):
-    raise NotImplementedError("chunk_delta_rule is not implemented yet")
+Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for the maths):
+  1. `_prepare_kernel`, parallel over (chunk, value head): the in-chunk gate cumsum, the
+     triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and w = A beta Gamma k,
+     u = A beta v, written per token.
+  2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
+     corrected values v' = u - w S, the output o, and the state update.
+Backward recomputes the forward through the chunked torch reference (delta_rule_ref.py) and
+differentiates it; every gradient (q, k, v, g, beta, initial_state) is exact, though not yet fast.
+
+Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
+from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
+from flame.kernels.dispatch import use_triton
+
+CHUNK = 64
 
 
-def chunk_gated_delta_rule(*args, **kwargs):
-    raise NotImplementedError("chunk_gated_delta_rule is not implemented yet")
+@triton.jit
+def _prepare_kernel(
+    k, v, g, beta, w, u, gcum, cu_seqlens, chunk_seq, chunk_pos,
+    T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    if IS_VARLEN:
+        n = tl.load(chunk_seq + j)
+        i = tl.load(chunk_pos + j)
+        # Grids are sized for the most chunks any packing can have; spare programs stop here.
+        valid = n >= 0
+        n = tl.maximum(n, 0)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        eos = tl.where(valid, eos, bos)
+    else:
+        i = j
+        bos = b * T
+        eos = bos + T
+    r = tl.arange(0, BT)
+    rows = bos + i * BT + r
+    rmask = rows < eos
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    kmask = rmask[:, None] & (ck[None, :] < K)
+    vmask = rmask[:, None] & (cv[None, :] < V)
+    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    lower = r[:, None] > r[None, :]
+    A = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None]
+    kb = b_k.to(tl.float32) * b_beta[:, None]
+    if USE_G:
+        b_gc = tl.cumsum(tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32), 0)
+        tl.store(gcum + rows * HV + hv, b_gc, mask=rmask)
+        A = A * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0))
+        kb = kb * tl.exp(b_gc)[:, None]
+    A = tl.where(lower, A, 0.0)
+    # Forward substitution, one row at a time: row i of (I + A)^-1 is e_i - A[i, :] (I + A)^-1,
+    # and only rows above i are needed, all already final.
+    Ti = (r[:, None] == r[None, :]).to(tl.float32)
+    for ii in range(1, BT):
+        a_row = tl.sum(tl.where(r[:, None] == ii, A, 0.0), 0)
+        step = tl.sum(a_row[:, None] * Ti, 0)
+        Ti = tl.where(r[:, None] == ii, Ti - step[None, :], Ti)
+    dt = b_k.dtype
+    b_w = tl.dot(Ti.to(dt), kb.to(dt))
+    b_u = tl.dot(Ti.to(dt), (b_v.to(tl.float32) * b_beta[:, None]).to(dt))
+    tl.store(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=kmask)
+    tl.store(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=vmask)
 
 
+@triton.jit
+def _state_output_kernel(
+    q, k, w, u, gcum, o, h0, ht, cu_seqlens, scale,
+    T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // HV
+    hv = nh % HV
+    h = hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+    else:
+        bos = n * T
+        eos = bos + T
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    smask = (ck[:, None] < K) & (cv[None, :] < V)
+    state_off = nh * K * V + ck[:, None] * V + cv[None, :]
+    if USE_H0:
+        S = tl.load(h0 + state_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    causal = r[:, None] >= r[None, :]
+    for i in range(0, tl.cdiv(eos - bos, BT)):
+        rows = bos + i * BT + r
+        rmask = rows < eos
+        kmask = rmask[:, None] & (ck[None, :] < K)
+        vmask = rmask[:, None] & (cv[None, :] < V)
+        b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+        b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+        dt = b_q.dtype
+        v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        qk = tl.dot(b_q, tl.trans(b_k))
+        if USE_G:
+            b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+            last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv)
+            qk = qk * tl.exp(tl.where(causal, b_gc[:, None] - b_gc[None, :], 0.0))
+            b_qs = (b_q.to(tl.float32) * tl.exp(b_gc)[:, None]).to(dt)
+            b_kd = (b_k.to(tl.float32) * tl.exp(last - b_gc)[:, None]).to(dt)
+        else:
+            b_qs = b_q
+            b_kd = b_k
+        qk = tl.where(causal, qk, 0.0)
+        b_vn = v_new.to(dt)
+        b_o = (tl.dot(b_qs, S.to(dt)) + tl.dot(qk.to(dt), b_vn)) * scale
+        tl.store(o + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_o.to(o.dtype.element_ty), mask=vmask)
+        if USE_G:
+            S = S * tl.exp(last)
+        S = S + tl.dot(tl.trans(b_kd), b_vn)
+    tl.store(ht + state_off, S, mask=smask)
+
+
+def varlen_chunks(cu_seqlens: torch.Tensor, T: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, chunk-within-sequence) for every program of a grid over all chunks of a packing.
+
+    The grid has cdiv(T, chunk) + N entries, the most chunks any packing of T tokens into N
+    sequences can have, so its size never depends on the data (no host sync); spare entries get
+    sequence -1.
+    """
+    N = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    counts = (lengths + chunk - 1) // chunk
+    ends = counts.cumsum(0)
+    slots = torch.arange(triton.cdiv(T, chunk) + N, device=cu_seqlens.device)
+    seq = torch.searchsorted(ends, slots, right=True)
+    starts = ends - counts
+    pos = slots - starts[seq.clamp(max=N - 1)]
+    seq = torch.where(seq < N, seq, -1)
+    return seq.to(torch.int32), pos.to(torch.int32)
+
+
+def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    BK = max(16, triton.next_power_of_2(K))
+    BVF = max(16, triton.next_power_of_2(V))
+    w = torch.empty(B, T, HV, K, dtype=q.dtype, device=q.device)
+    u = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    gcum = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
+    if cu_seqlens is not None:
+        chunk_seq, chunk_pos = varlen_chunks(cu_seqlens, T, CHUNK)
+        grid = (chunk_seq.shape[0], HV)
+    else:
+        chunk_seq = chunk_pos = None
+        grid = (triton.cdiv(T, CHUNK), B * HV)
+    _prepare_kernel[grid](
+        k, v, g, beta, w, u, gcum, cu_seqlens, chunk_seq, chunk_pos,
+        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVF,
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=4 if max(BK, BVF) <= 128 else 8,
+    )
+    o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
+    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device)
+    # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory.
+    wide = q.element_size() > 2
+    BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
+    _state_output_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, w, u, gcum, o, initial_state, ht, cu_seqlens, scale,
+        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
+        USE_G=g is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=4, num_stages=1 if wide else 2,
+    )
+    return o, ht
+
+
+def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    dtype = compute_dtype(q)
+    o, ht = chunk_delta_rule_ref(
+        q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype),
+        g=g.to(dtype) if g is not None else None, scale=scale,
+        initial_state=initial_state.to(dtype) if initial_state is not None else None,
+        output_final_state=True, cu_seqlens=cu_seqlens,
+    )
+    return o, ht
+
+
+@torch.library.custom_op("flame::chunk_delta_rule_fwd", mutates_args=())
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
+    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(q, k, v, g, beta, initial_state):
+        return _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale)
+    o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
+    return o.to(v.dtype), ht.to(_state_dtype(q))
+
+
+def _state_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@_forward_op.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return v.new_empty(B, T, HV, V), q.new_empty(N, HV, K, V, dtype=_state_dtype(q))
+
+
+@torch.library.custom_op("flame::chunk_delta_rule_bwd", mutates_args=())
+def _backward_op(
+    do: torch.Tensor, dht: torch.Tensor | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
+    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = compute_dtype(q)
+    inputs = [x.to(dtype) for x in (q, k, v, beta)]
+    if g is not None:
+        inputs.append(g.to(dtype))
+    if initial_state is not None:
+        inputs.append(initial_state.to(dtype))
+
+    def forward(*args):
+        qf, kf, vf, bf = args[:4]
+        gf = args[4] if g is not None else None
+        h0f = args[-1] if initial_state is not None else None
+        return chunk_delta_rule_ref(qf, kf, vf, bf, g=gf, scale=scale, initial_state=h0f,
+                                    output_final_state=True, cu_seqlens=cu_seqlens)
+
+    # Custom-op bodies run below the autograd dispatch key, so the recomputation is differentiated
+    # with torch.func rather than with tensor autograd.
+    (o, ht), vjp = torch.func.vjp(forward, *inputs)
+    result = vjp((do.to(dtype), dht.to(dtype) if dht is not None else torch.zeros_like(ht)))
+    dq, dk, dv, dbeta = result[:4]
+    dg = result[4].to(g.dtype) if g is not None else q.new_empty(0)
+    dh0 = result[-1].to(initial_state.dtype) if initial_state is not None else q.new_empty(0)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta.to(beta.dtype), dh0
+
+
+@_backward_op.register_fake
+def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    dg = torch.empty_like(g) if g is not None else q.new_empty(0)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(beta), dh0
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dbeta, dh0 = _backward_op(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale)
+    return (dq, dk, dv, dg if g is not None else None, dbeta,
+            dh0 if initial_state is not None else None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
+    check_inputs(q, k, v, {"g": g, "beta": beta}, {}, {}, initial_state, cu_seqlens, grouped_heads=True)
+    if use_triton(q, k, v) and q.dtype == torch.float64:
+        raise ValueError("the Triton kernels take bf16, fp16 or fp32 inputs, got float64 q")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g = g.contiguous() if g is not None else None
+    initial_state = initial_state.contiguous() if initial_state is not None else None
+    o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale))
+    return o, (ht if output_final_state else None)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated DeltaNet: S_t = exp(g_t) S_{t-1}; S_t += beta_t k_t (v_t - S_t^T k_t)^T; o_t = scale S_t^T q_t.
+
+    q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay), beta [B, T, HV]; HV a multiple of H
+    (value head h reads q/k head h // (HV // H)). initial_state [N, HV, K, V] fp32, N = B or the
+    number of sequences in cu_seqlens (int [N + 1], B = 1). Returns (o [B, T, HV, V],
+    final state [N, HV, K, V] fp32 if output_final_state else None).
+    """
+    if g is None:
+        raise ValueError("g must be a tensor [B, T, HV] of log decays; use chunk_delta_rule for no gate")
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DeltaNet: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T; o_t = scale S_t^T q_t.
+
+    Shapes and returns as chunk_gated_delta_rule, without g.
+    """
+    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
