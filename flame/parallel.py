@@ -1,0 +1,102 @@
+"""Applying parallelism to a LanguageModel, in torchtitan's order: TP -> AC -> compile -> FSDP2.
+
+Each step works block by block (`model.layers`), so one block is the unit of sharding,
+recomputation and compilation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from flame.titan import ParallelDims, data_parallel_mesh
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device) -> nn.Module:
+    """Apply tensor parallelism, activation checkpointing, per-block compile and FSDP2 in place."""
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, dims.get_mesh("tp"))
+    if cfg.activation_checkpoint.mode != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode,
+                                       int(cfg.activation_checkpoint.selective_ac_option))
+    if cfg.compile.enable and "model" in cfg.compile.components:
+        apply_compile(model, cfg.compile.backend)
+    apply_fsdp(model, dims, device, param_dtype=cfg.training.mixed_precision_param,
+               reduce_dtype=cfg.training.mixed_precision_reduce,
+               reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor parallelism
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Tensor-parallel plans, one per token mixer and one for the MLP, go here (column-wise
+    q/k/v and gate projections, row-wise output projections, per-head parameters sharded by
+    head). The [parallelism] section rejects tensor_parallel_degree > 1 until they exist."""
+    raise NotImplementedError("tensor parallelism is not available yet")
+
+
+# ------------------------------------------------------------------------------------------
+# Activation checkpointing
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> None:
+    """full: recompute every block's activations in backward; selective: every `every`-th
+    block, trading a fraction of the recomputation for memory."""
+    if mode not in ("full", "selective"):
+        raise ValueError(f"activation_checkpoint.mode = {mode!r}: use 'none', 'full' or 'selective'")
+    for i, block in enumerate(model.layers):
+        if mode == "full" or i % every == 0:
+            # preserve_rng_state keeps any dropout-like randomness identical in recomputation
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Compile
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """Compile each block on its own: identical blocks share one compiled graph, and compile
+    time stays that of one block however deep the model."""
+    for block in model.layers:
+        block.compile(backend=backend, fullgraph=True)
+
+
+# ------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, param_dtype: str,
+               reduce_dtype: str, reshard_after_forward: str = "default") -> None:
+    """fully_shard every block, then the root (embeddings, final norm, output head).
+
+    Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
+    and fp32 gradient reduction. On CPU everything stays fp32."""
+    mesh = data_parallel_mesh(dims)
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    else:
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    # "default": free the gathered block after forward (re-gather in backward) except for the
+    # last block, whose backward comes right after; with pure replication there is nothing to
+    # free since every rank holds the whole parameter anyway.
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        if reshard_after_forward == "default":
+            reshard = i < n - 1
+        else:
+            reshard = reshard_after_forward == "always"
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root's parameters are used last in forward and first in backward: keep them.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Gradient accumulation: skip the reduce-scatter on all but the last micro-batch."""
+    model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,448 @@
+"""The training loop: class Trainer, device-agnostic (CUDA + NCCL or CPU + gloo).
+
+    TOML -> Config -> Trainer: processes and device mesh -> tokenizer -> data loader ->
+    model (meta on CUDA) -> parallelize (TP -> AC -> compile -> FSDP2) -> init weights ->
+    optimizer, LR schedule -> resume from the latest checkpoint -> loop { micro-batches:
+    forward + fused linear CE + backward -> clip -> skip a non-finite step -> step -> log ->
+    checkpoint }.
+
+Everything that can reject the run (config, batch arithmetic, vocabulary, checkpoint
+compatibility) is checked before anything is written, so a bad launch never touches the
+files of an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from flame import titan
+from flame.config import Config
+from flame.parallel import parallelize, set_gradient_sync
+from flame.titan import logger
+
+CONFIG_FILE = "config.toml"
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpointed state besides model, optimizer and LR schedule
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step = int(sd["step"])
+        self.tokens_seen = int(sd["tokens_seen"])
+        self.skipped_steps = int(sd["skipped_steps"])
+
+
+def saved_dp_world_size(checkpoint_dir: str) -> int | None:
+    """The data-parallel degree a checkpoint's data-loader state was saved with (None if the
+    checkpoint holds no data-loader state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    ranks = [k for k in keys if k.startswith("dataloader.dp_rank_")]
+    return len(ranks) or None
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics: console line, metrics.jsonl, TensorBoard, W&B
+
+
+class MetricsWriter:
+    def __init__(self, cfg: Config, rank: int):
+        self.enabled = rank == 0
+        self.path = os.path.join(cfg.job.dump_folder, "metrics.jsonl")
+        self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        m = cfg.metrics
+        if m.enable_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("metrics.enable_tensorboard = true needs the tensorboard package: "
+                                 "pip install 'flame[tensorboard]'") from None
+            self.tb = SummaryWriter(os.path.join(cfg.job.dump_folder, m.save_tb_folder))
+        if m.enable_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("metrics.enable_wandb = true needs the wandb package: "
+                                 "pip install 'flame[wandb]'") from None
+            self.wandb = wandb.init(project=m.wandb_project, dir=cfg.job.dump_folder,
+                                    mode=m.wandb_mode, config=cfg.to_dict(),
+                                    name=cfg.job.description or None)
+
+    def log(self, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(values) + "\n")
+        step = values["step"]
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 1024 ** 3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------
+# Profiling
+
+
+class Profiler:
+    """One traced step every profiling.profile_freq steps (torch.profiler), and a CUDA memory
+    snapshot after step profile_freq when enabled."""
+
+    def __init__(self, cfg: Config, rank: int, device: torch.device):
+        p = cfg.profiling
+        self.prof = None
+        self.snapshot_step = None
+        folder = os.path.join(cfg.job.dump_folder, p.save_traces_folder)
+        if p.enable_profiling:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+
+            def save(prof):
+                out = os.path.join(folder, f"iteration_{self.step}")
+                os.makedirs(out, exist_ok=True)
+                prof.export_chrome_trace(os.path.join(out, f"rank{rank}_trace.json"))
+
+            self.prof = torch.profiler.profile(
+                activities=activities, on_trace_ready=save,
+                schedule=torch.profiler.schedule(wait=p.profile_freq - 2, warmup=1, active=1))
+            self.prof.start()
+        if p.enable_memory_snapshot and device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=100000)
+            self.snapshot_step = p.profile_freq
+            self.snapshot_path = os.path.join(cfg.job.dump_folder, p.save_memory_snapshot_folder,
+                                              f"rank{rank}_memory_snapshot.pickle")
+        self.step = 0
+
+    def after_step(self, step: int) -> None:
+        self.step = step
+        if self.prof is not None:
+            self.prof.step()
+        if self.snapshot_step is not None and step == self.snapshot_step:
+            os.makedirs(os.path.dirname(self.snapshot_path), exist_ok=True)
+            torch.cuda.memory._dump_snapshot(self.snapshot_path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.snapshot_step = None
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        t = cfg.training
+
+        # Processes, devices, mesh
+        self.rt = titan.init_distributed()
+        self.device = self.rt.device
+        self.dims = titan.build_parallel_dims(cfg.parallelism, self.rt.world_size)
+        self.dp_rank, self.dp_size = titan.data_parallel_rank_and_size(self.dims)
+        self.grad_accum = self._gradient_accumulation_steps()
+        self._seed_and_determinism()
+
+        # Data: tokenizer first, so the model's vocabulary can be checked against it
+        from flame.data import build_dataloader, build_tokenizer
+
+        self.tokenizer = build_tokenizer(cfg.data)
+        if len(self.tokenizer) > cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{len(self.tokenizer)} tokens (data.tokenizer = {cfg.data.tokenizer!r}); set "
+                f"model.vocab_size >= {len(self.tokenizer)}")
+        self.dataloader = build_dataloader(
+            cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
+            dp_rank=self.dp_rank, dp_world_size=self.dp_size, seed=t.seed)
+
+        # Model -> parallelize -> weights
+        self.model = self._build_model()
+        self.flops_per_token = self.model.flops_per_token(t.seq_len)
+        self.n_params = self.model.num_params(include_embeddings=True)
+
+        # Optimizer, LR schedule, state, checkpoints
+        self.optimizers = titan.build_optimizers(self.model, cfg.optimizer, self.device)
+        self.lr_schedulers = titan.build_lr_schedulers(self.optimizers, cfg.lr_scheduler, t.steps)
+        self.state = TrainState()
+        self.checkpointer = titan.build_checkpointer(
+            cfg.checkpoint, cfg.job.dump_folder, dataloader=self.dataloader,
+            model=self.model, optimizers=self.optimizers, lr_schedulers=self.lr_schedulers,
+            train_state=self.state)
+        self._check_resume_compatible()
+
+        # Only now, with every check passed, is anything written.
+        self.checkpointer.load(step=cfg.checkpoint.load_step)
+        if self.rt.rank == 0:
+            os.makedirs(cfg.job.dump_folder, exist_ok=True)
+            with open(os.path.join(cfg.job.dump_folder, CONFIG_FILE), "w") as f:
+                f.write(cfg.to_toml())
+        self.metrics = MetricsWriter(cfg, self.rt.rank)
+        self.peak_flops = titan.peak_flops(self.device)
+        self.gc = titan.GarbageCollection(gc_freq=t.gc_freq)
+
+    # ---- setup helpers ----------------------------------------------------------------------
+
+    def _gradient_accumulation_steps(self) -> int:
+        t = self.cfg.training
+        per_step = t.local_batch_size * self.dp_size
+        if t.global_batch_size == -1:
+            return 1
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size = {t.global_batch_size} is not divisible by "
+                f"training.local_batch_size ({t.local_batch_size}) x data-parallel degree "
+                f"({self.dp_size}) = {per_step}; make it a multiple of {per_step}")
+        return t.global_batch_size // per_step
+
+    def _seed_and_determinism(self) -> None:
+        if self.cfg.training.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        # The same seed on every rank: the weights are initialised identically everywhere.
+        torch.manual_seed(self.cfg.training.seed)
+
+    def _build_model(self) -> torch.nn.Module:
+        from flame.models import build_model
+
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            # Build on meta, shard, then materialise only this rank's shards. DTensor's
+            # offset-based RNG draws each shard as a slice of the same full random tensor, so
+            # the initial weights do not depend on the number of GPUs.
+            with torch.device("meta"):
+                model = build_model(cfg.model)
+            parallelize(model, cfg, self.dims, self.device)
+            model.to_empty(device=self.device)
+            if self.rt.world_size > 1:
+                torch.distributed.tensor._random.manual_seed(cfg.training.seed, self.dims.world_mesh)
+            with torch.no_grad():
+                model.init_weights()
+        else:
+            # DTensor's RNG does not cover CPU meshes: initialise the full model (small on CPU)
+            # the same way on every rank, then shard it.
+            model = build_model(cfg.model)
+            parallelize(model, cfg, self.dims, self.device)
+        model.train()
+        return model
+
+    def _check_resume_compatible(self) -> None:
+        """Refuse, before anything is loaded or written, a resume the data state cannot follow."""
+        ck = self.cfg.checkpoint
+        if not ck.enable or "dataloader" in ck.exclude_from_loading:
+            return
+        folder = os.path.join(self.cfg.job.dump_folder, ck.folder)
+        step = ck.load_step if ck.load_step != -1 else titan.latest_complete_step(folder)
+        if step <= 0:
+            return
+        path = os.path.join(folder, f"step-{step}")
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise ValueError(f"checkpoint.load_step = {step}: no complete checkpoint at {path}")
+        saved = saved_dp_world_size(path)
+        if saved is not None and saved != self.dp_size:
+            raise ValueError(
+                f"cannot resume {path}: its data-loader state was saved by {saved} data-parallel "
+                f"ranks and this run has {self.dp_size}; the data stream of one rank cannot be "
+                "split or merged. Resume with the same data-parallel degree, or set "
+                "checkpoint.exclude_from_loading = [\"dataloader\"] to keep the weights and "
+                "optimizer and restart the data stream")
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        for _ in range(self.grad_accum):
+            try:
+                batch = next(self.data_iter)
+            except StopIteration:
+                raise RuntimeError("the data loader ran out of batches") from None
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+        return batches
+
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm,
+        tokens in this step on this rank). The loss is the mean over every label token of the
+        global batch, whatever the split into ranks and micro-batches."""
+        batches = self._next_batches()
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        (global_tokens,) = titan.all_reduce_scalars([local_tokens], self.device)
+        global_tokens = max(global_tokens, 1.0)
+        # FSDP averages gradients over the dp ranks; scale by dp_size so that the result is the
+        # gradient of (sum of token losses) / (global label tokens).
+        scale = self.dp_size / global_tokens
+
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, b in enumerate(batches):
+            set_gradient_sync(self.model, i == len(batches) - 1)
+            loss = self.model(b["input_ids"], labels=b["labels"], cu_seqlens=b.get("cu_seqlens"),
+                              position_ids=b.get("position_ids"), loss_reduction="sum")
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+
+        grad_norm = titan.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(loss_sum)
+        loss_value = loss_sum.item() / global_tokens
+        norm_value = float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizers.step()
+            self.consecutive_skips = 0
+        else:
+            self.state.skipped_steps += 1
+            self.consecutive_skips += 1
+            logger.warning(f"step {self.state.step + 1}: loss {loss_value} / grad norm "
+                           f"{norm_value} is not finite: update skipped "
+                           f"({self.state.skipped_steps} skipped so far)")
+            if self.consecutive_skips >= self.cfg.training.max_consecutive_skipped_steps:
+                raise RuntimeError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                    "norm; stopping (lower optimizer.lr, or raise "
+                    "training.max_consecutive_skipped_steps)")
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad()
+        return loss_value, norm_value, sum(b["input_ids"].numel() for b in batches)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        self.data_iter = iter(self.dataloader)
+        self.consecutive_skips = 0
+        profiler = Profiler(cfg, self.rt.rank, self.device)
+        if self.rt.rank == 0:
+            logger.info(
+                f"training {self.n_params / 1e6:.2f}M parameters on {self.rt.world_size} x "
+                f"{self.device.type}; global batch {t.local_batch_size * self.dp_size * self.grad_accum}"
+                f" x {t.seq_len} tokens ({self.grad_accum} micro-batches); from step {self.state.step}")
+        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+        run_start, run_start_step = window_start, self.state.step
+        while self.state.step < t.steps:
+            self.gc.run(self.state.step + 1)
+            loss, grad_norm, tokens = self.train_step()
+            self.state.step += 1
+            self.state.tokens_seen += tokens * self.dp_size
+            window_tokens += tokens
+            window_steps += 1
+            profiler.after_step(self.state.step)
+
+            step = self.state.step
+            if step % cfg.metrics.log_freq == 0 or step == t.steps or step == run_start_step + 1:
+                now = time.perf_counter()
+                tps = window_tokens / (now - window_start)
+                mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
+                eta = (now - run_start) / (step - run_start_step) * (t.steps - step)
+                values = {
+                    "step": step, "loss": loss, "grad_norm": grad_norm,
+                    "lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+                    "tokens_per_second": tps, "mfu": mfu,
+                    "memory_gib": _memory_gib(self.device),
+                    "tokens_seen": self.state.tokens_seen,
+                    "skipped_steps": self.state.skipped_steps, "eta_seconds": eta,
+                }
+                self.metrics.log(values)
+                if self.rt.rank == 0:
+                    mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "n/a"
+                    logger.info(
+                        f"step {step:>{len(str(t.steps))}}/{t.steps}  loss {loss:.4f}  "
+                        f"grad_norm {grad_norm:.3f}  lr {values['lr']:.2e}  "
+                        f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
+                        f"eta {_duration(eta)}"
+                        + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else ""))
+                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
+
+            self.checkpointer.save(step, last_step=(step == t.steps))
+            if step % cfg.checkpoint.interval == 0 or step == t.steps:
+                self._save_config_beside_checkpoint(step)
+        profiler.close()
+
+    def _save_config_beside_checkpoint(self, step: int) -> None:
+        """The resolved config goes into each checkpoint folder, so a checkpoint is readable
+        (e.g. converted to Hugging Face format) without the file that launched the run."""
+        if self.rt.rank != 0 or not self.cfg.checkpoint.enable:
+            return
+        path = os.path.join(self.cfg.job.dump_folder, self.cfg.checkpoint.folder, f"step-{step}")
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            f.write(self.cfg.to_toml())
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of train.py: returns the process exit code."""
+    import sys
+
+    from flame.config import dry_run_report, parse_args
+
+    is_rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        cfg, print_config, dry_run = parse_args(argv)
+        if print_config:
+            if is_rank0:
+                print(cfg.to_toml())
+            return 0
+        if dry_run:
+            if is_rank0:
+                print(dry_run_report(cfg))
+            return 0
+        titan.init_logger()
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    except ValueError as e:
+        if is_rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        titan.destroy_distributed()
+    return 0
