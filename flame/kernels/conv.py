@@ -182,7 +182,7 @@ def _grid(n_rows, n_cols):
 
 def _conv_pre_grad_or_out(xf, weight, bias, cache, doc, cu, dy, activation, grad):
     n_rows, n_cols = xf.shape
-    out = torch.empty_like(xf) if not grad else torch.empty_like(xf, dtype=torch.float32)
+    out = torch.empty_like(xf)
     _conv_fwd_kernel[_grid(n_rows, n_cols)](
         xf, weight, bias if bias is not None else weight, cache if cache is not None else xf, doc, cu,
         dy if dy is not None else xf, out, n_rows, n_cols,
@@ -238,8 +238,7 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
 @_conv_bwd.register_fake
 def _(dy, x, weight, bias, cu, initial_state, activation):
     k = weight.shape[-1]
-    d_state = (torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None
-               else x.new_empty(0))
+    d_state = torch.empty_like(initial_state, dtype=x.dtype) if initial_state is not None else x.new_empty(0)
     return (torch.empty_like(x), torch.empty_like(weight),
             x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
 
@@ -249,14 +248,14 @@ def _initial_state_grad(dpre, weight, cu, k):
     d cache[n, c, m] = sum over i + j = m of w[c, i] * dpre[start_n + j]."""
     starts, ends = cu[:-1], cu[1:]
     n = starts.shape[0]
-    grad = dpre.new_zeros(n, dpre.shape[1], k - 1)
+    grad = dpre.new_zeros(n, dpre.shape[1], k - 1, dtype=torch.float32)
     for m in range(k - 1):
         for i in range(m + 1):
             j = m - i  # token offset from the start; tap i of token start+j reads slot m
             pos = starts + j
             valid = (pos < ends)[:, None]
-            grad[:, :, m] += dpre[pos.clamp(max=dpre.shape[0] - 1)] * valid * weight[:, i].float()
-    return grad
+            grad[:, :, m] += dpre[pos.clamp(max=dpre.shape[0] - 1)].float() * valid * weight[:, i].float()
+    return grad.to(dpre.dtype)
 
 
 def _conv_setup(ctx, inputs, output):
