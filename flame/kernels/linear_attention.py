@@ -42,8 +42,8 @@ class _Chunks:
     def __init__(self, cu_seqlens: torch.Tensor, total_len: int):
         self.cu_seqlens = cu_seqlens
         self.num_seqs = cu_seqlens.numel() - 1
-        self.slots = max_num_chunks(total_len, self.num_seqs, kern.BT)
-        self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.BT, self.slots)
+        self.slots = max_num_chunks(total_len, self.num_seqs, kern.CHUNK_SIZE)
+        self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.CHUNK_SIZE, self.slots)
 
 
 def _cumsum(g, scalar_gate, H, K, chunks):
@@ -87,7 +87,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     h = _local_states(k, v, b, 1.0, True, chunks)
     ht = _scan(h, b, h0, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    grid = (chunks.slots, kern.BT // kern.BC, H)
+    grid = (chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H)
     kern.chunk_output_kernel[grid](
         q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
@@ -107,8 +107,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
     db = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    dbl = torch.empty(chunks.slots, kern.BT // kern.BC, H, K, dtype=torch.float32, device=q.device)
-    grid = (chunks.slots, kern.BT // kern.BC, H)
+    dbl = torch.empty(chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H, K, dtype=torch.float32, device=q.device)
+    grid = (chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H)
     kern.chunk_backward_kernel[grid](
         q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,

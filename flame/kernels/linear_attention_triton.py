@@ -20,8 +20,10 @@ programs whose chunk slot lies past the real chunks return at once.
 import triton
 import triton.language as tl
 
-BT = 64  # chunk length
-BC = 16  # sub-chunk length (secondary chunking)
+CHUNK_SIZE = 64
+SUB_CHUNK_SIZE = 16
+BT = tl.constexpr(CHUNK_SIZE)
+BC = tl.constexpr(SUB_CHUNK_SIZE)
 
 
 @triton.jit
@@ -363,10 +365,9 @@ def chunk_gate_grad_kernel(
     mask = (rows[:, None] < L) & (ck[None, :] < K)
     db = tl.load(db_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mask, other=0.0)
     dbl = tl.zeros([BK], dtype=tl.float32)
-    for i in range(0, NC):
-        # Sub-chunks without rows wrote nothing; their slots are garbage.
-        part = tl.load(dbl_ptr + ((i_c * NC + i) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-        dbl += tl.where(i * BC < L, part, 0.0)
+    # Only sub-chunks with rows wrote their part.
+    for i in range(0, (L + BC - 1) // BC):
+        dbl += tl.load(dbl_ptr + ((i_c * NC + i) * H + i_h) * K + ck, mask=ck < K, other=0.0)
     total = tl.sum(db, axis=0)
     dg = total[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     if SCALAR_GATE:

@@ -1,0 +1,253 @@
+"""Chunked gated linear attention (chunk_simple_gla, chunk_gla) against float64 references.
+
+CPU: the Triton kernels run in the interpreter in fp32 on tiny shapes. GPU (`gpu` marker):
+bf16 at larger shapes with the tolerances of the kernel goals; relative error norms are
+printed and, when FLAME_TEST_RESULTS names a folder, written there as JSON.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flame.kernels import chunk_gla, chunk_simple_gla
+from flame.kernels.linear_attention_ref import linear_attention_recurrent, linear_attention_reference
+
+KERNELS = {"simple_gla": (chunk_simple_gla, True), "gla": (chunk_gla, False)}
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_inputs(B, T, H, K, V, scalar_gate, num_states, dtype, device, decay_scale=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g_shape = (B, T, H) if scalar_gate else (B, T, H, K)
+    g = F.logsigmoid(torch.randn(g_shape, generator=gen) + 2.0) * decay_scale
+    h0 = torch.randn(num_states, H, K, V, generator=gen) if num_states else None
+    q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
+    g = g.to(device=device, dtype=torch.float32)
+    h0 = None if h0 is None else h0.to(device)
+    return q, k, v, g, h0
+
+
+def forward_backward(fn, q, k, v, g, h0, cu_seqlens, do, dht, dtype=None):
+    """Runs fn with fresh leaves (cast to dtype if given); returns outputs and all gradients."""
+    leaves = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in (q, k, v, g)]
+    h0_leaf = None if h0 is None else h0.detach().clone().to(dtype or h0.dtype).requires_grad_()
+    o, ht = fn(*leaves, initial_state=h0_leaf, output_final_state=True, cu_seqlens=cu_seqlens)
+    loss = (o * do.to(o.dtype)).sum() + (ht * dht.to(ht.dtype)).sum()
+    loss.backward()
+    grads = [x.grad for x in leaves] + ([h0_leaf.grad] if h0 is not None else [])
+    return o, ht, grads
+
+
+def compare(name, fn, scalar_gate, B, T, H, K, V, cu_seqlens, with_h0, dtype, device, decay_scale=1.0):
+    num_seqs = B if cu_seqlens is None else len(cu_seqlens) - 1
+    q, k, v, g, h0 = make_inputs(B, T, H, K, V, scalar_gate, num_seqs if with_h0 else 0, dtype, device, decay_scale)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(B, T, H, V, generator=gen).to(device)
+    dht = torch.randn(num_seqs, H, K, V, generator=gen).to(device)
+    o, ht, grads = forward_backward(fn, q, k, v, g, h0, cu, do, dht)
+    ro, rht, rgrads = forward_backward(linear_attention_reference, q, k, v, g, h0, cu, do, dht, torch.float64)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dh0"]
+    errors = dict(zip(names, [rel_err(o, ro), rel_err(ht, rht)] + [rel_err(a, b) for a, b in zip(grads, rgrads)]))
+    assert torch.isfinite(o).all() and all(torch.isfinite(x).all() for x in grads)
+    print(name, {key: f"{val:.2e}" for key, val in errors.items()})
+    return errors
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference itself.
+
+
+@pytest.mark.parametrize("scalar_gate", [True, False])
+def test_reference_matches_token_recurrence(scalar_gate):
+    q, k, v, g, h0 = make_inputs(1, 45, 2, 16, 24, scalar_gate, 3, torch.float64, "cpu")
+    cu = torch.tensor([0, 7, 30, 45])
+    o, ht = linear_attention_reference(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    ro, rht = linear_attention_recurrent(q, k, v, g, initial_state=h0, cu_seqlens=cu)
+    assert rel_err(o, ro) < 1e-12
+    assert rel_err(ht, rht) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels in the interpreter, fp32.
+
+CPU_CASES = [
+    # kernel, B, T, H, K, V, cu_seqlens, initial state
+    ("simple_gla", 2, 70, 1, 16, 32, None, True),
+    ("gla", 1, 70, 1, 32, 16, None, True),
+    ("simple_gla", 1, 100, 1, 16, 24, [0, 5, 75, 100], True),
+    ("gla", 1, 100, 1, 16, 32, [0, 30, 35, 100], True),
+    ("gla", 1, 64, 1, 16, 16, None, False),
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_triton_matches_reference_cpu(case, triton_backend):
+    kernel, B, T, H, K, V, cu, with_h0 = case
+    fn, scalar_gate = KERNELS[kernel]
+    errors = compare(kernel, fn, scalar_gate, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
+def test_strong_decay_stays_finite_and_exact(kernel, triton_backend):
+    # Decays of e^-30 per step: any intra-chunk factorisation with a positive exponent overflows.
+    fn, scalar_gate = KERNELS[kernel]
+    errors = compare(kernel, fn, scalar_gate, 1, 40, 1, 16, 16, None, True, torch.float32, "cpu", decay_scale=30.0)
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def test_torch_backend_matches_reference(monkeypatch):
+    monkeypatch.setenv("FLAME_BACKEND", "torch")
+    errors = compare("gla", chunk_gla, False, 1, 50, 2, 16, 24, [0, 20, 50], True, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def test_defaults_scale_and_no_gate(triton_backend):
+    q, k, v, _, _ = make_inputs(1, 20, 1, 16, 16, True, 0, torch.float32, "cpu")
+    o, ht = chunk_simple_gla(q, k, v)
+    assert ht is None
+    ro, _ = linear_attention_reference(q, k, v, torch.zeros(1, 20, 1), scale=16**-0.5)
+    assert rel_err(o, ro) < 1e-5
+    o2, _ = chunk_simple_gla(q, k, v, torch.zeros(1, 20, 1), scale=0.5)
+    assert rel_err(o2, ro * (0.5 / 16**-0.5)) < 1e-5
+
+
+def test_noncontiguous_inputs(triton_backend):
+    q, k, v, g, _ = make_inputs(1, 30, 2, 16, 16, False, 0, torch.float32, "cpu")
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert not qt.is_contiguous()
+    o, _ = chunk_gla(qt, k, v, g)
+    ro, _ = linear_attention_reference(q, k, v, g)
+    assert rel_err(o, ro) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(monkeypatch, backend):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    q, k, v, g, h0 = make_inputs(1, 40, 1, 16, 16, False, 2, torch.float32, "cpu")
+    cu = torch.tensor([0, 15, 40], dtype=torch.int32)
+
+    def step(q, k, v, g, h0):
+        o, ht = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return o.square().sum() + ht.sum()
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    ref_loss = step(*ref_leaves)
+    ref_loss.backward()
+    assert rel_err(loss.detach(), ref_loss.detach()) < 1e-6
+    for a, b in zip(leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def _bad_input_cases():
+    q = torch.randn(1, 8, 2, 16)
+    v = torch.randn(1, 8, 2, 16)
+    gs = torch.randn(1, 8, 2)
+    gk = torch.randn(1, 8, 2, 16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return [
+        ("q", chunk_gla, dict(q=q[0], k=q, v=v, g=gk)),
+        ("k", chunk_gla, dict(q=q, k=q[:, :4], v=v, g=gk)),
+        ("v", chunk_gla, dict(q=q, k=q, v=torch.randn(1, 8, 3, 16), g=gk)),
+        ("g", chunk_gla, dict(q=q, k=q, v=v, g=gs)),
+        ("g", chunk_simple_gla, dict(q=q, k=q, v=v, g=gk)),
+        ("head dim", chunk_gla, dict(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8), v=v, g=torch.randn(1, 8, 2, 8))),
+        ("head dim", chunk_simple_gla, dict(q=q, k=q, v=torch.randn(1, 8, 2, 512), g=gs)),
+        ("cu_seqlens must start at 0", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=torch.tensor([1, 3, 8]))),
+        ("non-decreasing", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=torch.tensor([0, 5, 3, 8]))),
+        ("cu_seqlens must end", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=torch.tensor([0, 3, 7]))),
+        ("cu_seqlens must be int32 or int64", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=cu.float())),
+        ("batch size must be 1", chunk_simple_gla,
+         dict(q=q.expand(2, -1, -1, -1), k=q.expand(2, -1, -1, -1), v=v.expand(2, -1, -1, -1), g=gs.expand(2, -1, -1), cu_seqlens=cu)),
+        ("initial_state", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=cu, initial_state=torch.randn(1, 2, 16, 16))),
+        ("dtype", chunk_gla, dict(q=q, k=q.double(), v=v, g=gk)),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_input_cases(), ids=lambda c: f"{c[1].__name__}-{c[0]}")
+def test_bad_input_raises_value_error(case, triton_backend):
+    words, fn, kwargs = case
+    with pytest.raises(ValueError, match=words):
+        fn(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, bf16.
+
+GPU_CASES = [
+    ("simple_gla", 2, 1000, 4, 128, 128, None, True),
+    ("gla", 2, 1000, 4, 128, 128, None, True),
+    ("simple_gla", 1, 1500, 4, 64, 256, [0, 37, 600, 1100, 1500], True),
+    ("gla", 1, 1500, 4, 256, 64, [0, 37, 600, 1100, 1500], True),
+    ("gla", 1, 700, 2, 48, 80, [0, 300, 301, 700], False),
+]
+
+
+def _record(name, errors):
+    folder = os.environ.get("FLAME_TEST_RESULTS")
+    if not folder:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "linear_attention_errors.json")
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    data[name] = errors
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_triton_matches_reference_gpu_bf16(case, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    kernel, B, T, H, K, V, cu, with_h0 = case
+    fn, scalar_gate = KERNELS[kernel]
+    name = f"{kernel}-B{B}-T{T}-H{H}-K{K}-V{V}-{'varlen' if cu else 'fixed'}"
+    errors = compare(name, fn, scalar_gate, B, T, H, K, V, cu, with_h0, torch.bfloat16, "cuda")
+    _record(name, errors)
+    assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
+    for key in ("dq", "dk", "dv", "dg", "dh0"):
+        if key in errors:
+            assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gpu(monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    q, k, v, g, h0 = make_inputs(1, 300, 2, 64, 64, True, 2, torch.bfloat16, "cuda")
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+
+    def step(q, k, v, g, h0):
+        o, ht = chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return o.float().square().sum() + ht.sum()
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    torch.compile(step, fullgraph=True)(*leaves).backward()
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    step(*ref_leaves).backward()
+    for a, b in zip(leaves, ref_leaves):
+        assert rel_err(a.grad, b.grad) < 1e-3
