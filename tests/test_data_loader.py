@@ -243,3 +243,19 @@ def test_resume_with_other_layout_is_refused(corpus):
     with pytest.raises(ValueError, match="data.sources"):
         _loader(corpus, [SourceConfig(kind="files", path=other)], rank=0, world=2).load_state_dict(state)
         _take(iter(_loader), 1)
+
+
+def test_state_round_trips_through_distributed_checkpoint(corpus, tmp_path):
+    """The trainer's checkpoints go through torch.distributed.checkpoint (DCP)."""
+    import torch.distributed.checkpoint as dcp
+
+    srcs = [SourceConfig(kind="files", path=corpus["four_files"], streaming=True)]
+    kw = dict(seq_len=12, batch=2, workers=2, seed=3)
+    loader = _loader(corpus, srcs, **kw)
+    it = iter(loader)
+    _take(it, 5)
+    dcp.save({"dataloader": loader}, checkpoint_id=str(tmp_path / "step-5"), no_dist=True)
+    expected = _take(it, 6)
+    resumed = _loader(corpus, srcs, **kw)
+    dcp.load({"dataloader": resumed}, checkpoint_id=str(tmp_path / "step-5"), no_dist=True)
+    _assert_same(_take(iter(resumed), 6), expected)
