@@ -89,7 +89,7 @@ CPU_CASES = [
     # kernel, B, T, H, K, V, cu_seqlens, initial state
     ("simple_gla", 2, 70, 1, 16, 32, None, True),
     ("gla", 1, 70, 1, 32, 16, None, True),
-    ("simple_gla", 1, 100, 1, 16, 24, [0, 5, 75, 100], True),
+    ("simple_gla", 1, 100, 1, 16, 24, [0, 5, 5, 75, 100], True),
     ("gla", 1, 100, 1, 16, 32, [0, 30, 35, 100], True),
     ("gla", 1, 64, 1, 16, 16, None, False),
 ]

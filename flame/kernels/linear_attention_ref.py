@@ -43,6 +43,8 @@ def _chunked(q, k, v, g, scale, h0, chunk_size):
         outputs.append(o * scale)
         k_to_end = kc * (b_last[:, None] - b).exp()
         state = b_last.exp()[..., None] * state + torch.einsum("bshk,bshv->bhkv", k_to_end, vc)
+    if not outputs:  # an empty sequence passes its state through
+        return v.new_zeros(B, 0, H, V), state
     return torch.cat(outputs, dim=1)[:, :T], state
 
 
