@@ -101,76 +101,90 @@ def _conv_tap(x_ptr, cache_ptr, src, start, doc, cols, cmask, n_cols, tmask,
 
 
 @triton.jit
-def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dy_ptr, out_ptr,
-    n_rows, n_cols,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    GRAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # GRAD=False: out = y. GRAD=True: out = dy * act'(pre-activation), the gradient of the
-    # pre-activation, recomputed rather than stored.
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tmask = rows < n_rows
-    cmask = cols < n_cols
-    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
-    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+def _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+              K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """Pre-activation at rows (all in the document that starts at start), fp32."""
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for i in tl.static_range(K):
         w = tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
         acc += w[None, :] * _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask,
                                       n_cols, tmask, K, HAS_CACHE)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    mask = tmask[:, None] & cmask[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, y_ptr,
+    n_rows, n_cols,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tmask = rows < n_rows
+    cmask = cols < n_cols
+    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
+    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
+    y = _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+                  K, HAS_BIAS, HAS_CACHE)
     if IS_SILU:
-        s = 1.0 / (1.0 + tl.exp(-acc))
-        if GRAD:
-            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            out = dy * s * (1.0 + acc * (1.0 - s))
-        else:
-            out = acc * s
-    else:
-        if GRAD:
-            out = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-        else:
-            out = acc
-    tl.store(out_ptr + off, out.to(out_ptr.dtype.element_ty), mask=mask)
+        y = y / (1.0 + tl.exp(-y))
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+               K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr):
+    """Gradient of the pre-activation at rows (zero where tmask is off); the pre-activation is
+    recomputed, never stored."""
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    dy = tl.load(dy_ptr + off, mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    if IS_SILU:
+        pre = _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+                        K, HAS_BIAS, HAS_CACHE)
+        s = 1.0 / (1.0 + tl.exp(-pre))
+        dy = dy * s * (1.0 + pre * (1.0 - s))
+    return dy
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, dpre_ptr, w_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
+    x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
     n_rows, n_cols,
-    K: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # dx[t] = sum_i w[i] dpre[t + K-1-i] over taps inside t's document;
-    # dw[i] = sum_t dpre[t] x[t - (K-1-i)] (per-block partials, summed on the host side in torch)
+    # dx[t] = sum_s w[K-1-s] dpre[t + s] over t + s inside t's document, with dpre recomputed at
+    # the K shifted rows (the extra reads hit the cache); dw[i] = sum_t dpre[t] x[t - (K-1-i)] and
+    # db = sum_t dpre[t] as per-block partials.
     pid_t = tl.program_id(0)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tmask = rows < n_rows
     cmask = cols < n_cols
-    mask = tmask[:, None] & cmask[None, :]
     doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
     start = tl.load(cu_ptr + doc, mask=tmask, other=0)
     end = tl.load(cu_ptr + doc + 1, mask=tmask, other=0)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    dpre = tl.load(dpre_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for i in tl.static_range(K):
-        w = tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
-        dst = rows + (K - 1 - i)
-        m = tmask & (dst < end)
-        d = tl.load(dpre_ptr + dst.to(tl.int64)[:, None] * n_cols + cols[None, :],
-                    mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    dpre = _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+                      K, HAS_BIAS, HAS_CACHE, IS_SILU)
+    w_last = tl.load(w_ptr + cols * K + (K - 1), mask=cmask, other=0.0).to(tl.float32)
+    dx = w_last[None, :] * dpre
+    for s in tl.static_range(1, K):
+        shifted = rows + s
+        d = _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, shifted, start, doc, cols, cmask, n_cols,
+                       tmask & (shifted < end), K, HAS_BIAS, HAS_CACHE, IS_SILU)
+        w = tl.load(w_ptr + cols * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
         dx += w[None, :] * d
+    for i in tl.static_range(K):
         xs = _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask, n_cols, tmask,
                        K, HAS_CACHE)
         tl.store(dw_ptr + pid_t * n_cols * K + cols * K + i, tl.sum(dpre * xs, axis=0), mask=cmask)
     tl.store(db_ptr + pid_t * n_cols + cols, tl.sum(dpre, axis=0), mask=cmask)
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
 _BLOCK_T, _BLOCK_C = 64, 64
@@ -178,18 +192,6 @@ _BLOCK_T, _BLOCK_C = 64, 64
 
 def _grid(n_rows, n_cols):
     return (triton.cdiv(n_rows, _BLOCK_T), triton.cdiv(n_cols, _BLOCK_C))
-
-
-def _conv_pre_grad_or_out(xf, weight, bias, cache, doc, cu, dy, activation, grad):
-    n_rows, n_cols = xf.shape
-    out = torch.empty_like(xf)
-    _conv_fwd_kernel[_grid(n_rows, n_cols)](
-        xf, weight, bias if bias is not None else weight, cache if cache is not None else xf, doc, cu,
-        dy if dy is not None else xf, out, n_rows, n_cols,
-        K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-        IS_SILU=activation == "silu", GRAD=grad, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
-    )
-    return out
 
 
 def _doc_index(n_rows: int, cu: torch.Tensor) -> torch.Tensor:
@@ -200,9 +202,16 @@ def _doc_index(n_rows: int, cu: torch.Tensor) -> torch.Tensor:
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor,
               initial_state: torch.Tensor | None, activation: str) -> torch.Tensor:
     xf = x.reshape(-1, x.shape[-1]).contiguous()
-    doc = _doc_index(xf.shape[0], cu)
+    n_rows, n_cols = xf.shape
+    y = torch.empty_like(xf)
     cache = initial_state.contiguous() if initial_state is not None else None
-    return _conv_pre_grad_or_out(xf, weight.contiguous(), bias, cache, doc, cu, None, activation, False).view_as(x)
+    _conv_fwd_kernel[_grid(n_rows, n_cols)](
+        xf, weight.contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
+        _doc_index(n_rows, cu), cu, y, n_rows, n_cols,
+        K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+        IS_SILU=activation == "silu", BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+    )
+    return y.view_as(x)
 
 
 @_conv_fwd.register_fake
@@ -217,45 +226,57 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
     n_cols = x.shape[-1]
     k = weight.shape[-1]
     xf = x.reshape(-1, n_cols).contiguous()
+    dyf = dy.reshape(-1, n_cols).contiguous()
     n_rows = xf.shape[0]
-    doc = _doc_index(n_rows, cu)
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
-    dpre = _conv_pre_grad_or_out(xf, w, bias, cache, doc, cu, dy.reshape(-1, n_cols).contiguous(),
-                                 activation, True)
     grid = _grid(n_rows, n_cols)
     dx = torch.empty_like(xf)
     dw = torch.empty(grid[0], n_cols, k, device=x.device, dtype=torch.float32)
     db = torch.empty(grid[0], n_cols, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[grid](
-        xf, dpre, w, cache if cache is not None else xf, doc, cu, dx, dw, db, n_rows, n_cols,
-        K=k, HAS_CACHE=cache is not None, BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+        xf, dyf, w, bias if bias is not None else xf, cache if cache is not None else xf,
+        _doc_index(n_rows, cu), cu, dx, dw, db, n_rows, n_cols,
+        K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, IS_SILU=activation == "silu",
+        BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
     )
-    d_state = _initial_state_grad(dpre, w, cu, k) if initial_state is not None else dpre.new_empty(0)
+    if initial_state is not None:
+        d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
+    else:
+        d_state = x.new_empty(0)
     return dx.view_as(x), dw.sum(0).to(weight.dtype), db.sum(0), d_state
 
 
 @_conv_bwd.register_fake
 def _(dy, x, weight, bias, cu, initial_state, activation):
-    k = weight.shape[-1]
     d_state = torch.empty_like(initial_state, dtype=x.dtype) if initial_state is not None else x.new_empty(0)
     return (torch.empty_like(x), torch.empty_like(weight),
             x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
 
 
-def _initial_state_grad(dpre, weight, cu, k):
+def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
     """Tap i of token start+j reads K-1-i-j steps before the start, which is cache slot i+j, so
-    d cache[n, c, m] = sum over i + j = m of w[c, i] * dpre[start_n + j]."""
-    starts, ends = cu[:-1], cu[1:]
-    n = starts.shape[0]
-    grad = dpre.new_zeros(n, dpre.shape[1], k - 1, dtype=torch.float32)
-    for m in range(k - 1):
-        for i in range(m + 1):
-            j = m - i  # token offset from the start; tap i of token start+j reads slot m
-            pos = starts + j
-            valid = (pos < ends)[:, None]
-            grad[:, :, m] += dpre[pos.clamp(max=dpre.shape[0] - 1)].float() * valid * weight[:, i].float()
-    return grad.to(dpre.dtype)
+    d cache[n, c, m] = sum over i + j = m of w[c, i] * dpre[start_n + j]; the few dpre needed
+    (the first K-1 tokens of each document) are recomputed here in torch."""
+    k = weight.shape[-1]
+    starts, ends = cu[:-1].long(), cu[1:].long()
+    docs = torch.arange(starts.shape[0], device=xf.device)
+    w = weight.float()
+    xs, cs = xf.float(), cache.float()
+    grad = xs.new_zeros(starts.shape[0], xs.shape[1], k - 1)
+    for j in range(k - 1):
+        pos = starts + j
+        valid = (pos < ends)[:, None]
+        pre = sum(_input_at(xs, cs, docs, starts, pos - (k - 1 - i), k) * w[:, i] for i in range(k))
+        if bias is not None:
+            pre = pre + bias.float()
+        dpre = dyf[pos.clamp(max=xs.shape[0] - 1)].float() * valid
+        if activation == "silu":
+            sig = torch.sigmoid(pre)
+            dpre = dpre * sig * (1 + pre * (1 - sig))
+        for i in range(k - 1 - j):
+            grad[:, :, i + j] += dpre * w[:, i]
+    return grad.to(xf.dtype)
 
 
 def _conv_setup(ctx, inputs, output):

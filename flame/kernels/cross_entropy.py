@@ -297,6 +297,7 @@ def _check_target_range(target, ignore_index, vocab_size):
         )
 
 
+@torch.compiler.disable  # a loop over chunks with collectives: run eagerly inside compiled models
 def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, z_loss=0.0, logit_softcap=None, process_group=None,
                                chunk_size=None):

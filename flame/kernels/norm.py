@@ -153,7 +153,7 @@ def _num_programs(x: torch.Tensor, n_rows: int) -> int:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         sms = 4
-    return max(1, min(n_rows, 4 * sms))
+    return max(1, min(n_rows, 8 * sms))
 
 
 @torch.library.custom_op("flame::rms_norm_fwd", mutates_args=())
