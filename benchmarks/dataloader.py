@@ -7,7 +7,8 @@
 For each worker count, the loader runs in this process (as in training: one loader per GPU
 process) and batches are consumed as fast as they come, after a warm-up that covers the workers'
 start. The baseline timed in the same run is the tokenizer alone on one core (encode_batch of
-the same documents in this process): the ceiling one worker can reach. Writes
+the same documents in this process): the ceiling one worker can reach (none for a pre-tokenized
+source, read with --source-kind disk --source-path <python -m flame.data.tokenize output>). Writes
 benchmarks/results/dataloader-<host>.json.
 """
 
@@ -46,6 +47,8 @@ def tokenizer_alone(tok, cfg, seconds: float) -> float:
 
     os.environ["RAYON_NUM_THREADS"] = "1"
     src = open_source(cfg.sources[0], "data.sources[0]")
+    if src.pretokenized:
+        return None, None
     if src.streaming:
         texts = [r[src.column] for r in src.dataset.take(512)]
     else:
@@ -135,7 +138,8 @@ def main() -> None:
               f"({r['batches']} batches, startup {r['startup_s']:.1f} s)", flush=True)
         results.append(r)
     base, base_cpu = tokenizer_alone(tok, cfg, min(a.seconds, 5.0))
-    print(f"baseline, tokenizer alone on one thread: {base:,.0f} tokens/s, {base_cpu:,.0f} tokens per CPU-second")
+    if base is not None:
+        print(f"baseline, tokenizer alone on one thread: {base:,.0f} tokens/s, {base_cpu:,.0f} tokens per CPU-second")
     out = {
         "benchmark": "dataloader",
         "host": platform.node(), "cpu": _cpu_name(), "cpus_available": cpus,

@@ -27,6 +27,11 @@ def _encoder(backend):
     return encode_texts
 
 
+def _source_names(sources: list[Source]) -> list[str]:
+    """What a saved state must match: the sources it was read from, in order."""
+    return [f"{s.cfg.kind}:{s.cfg.path}:{s.cfg.name}:{s.cfg.split}" for s in sources]
+
+
 class PackedDataset(IterableDataset):
     """Rows of seq_len + 1 tokens drawn from weighted sources; each loader process reads its own
     share of every source. The state is taken in the process that iterates (a loader worker),
@@ -113,12 +118,9 @@ class _PackedStream:
             self.rows_done += 1
             yield out
 
-    def _names(self) -> list[str]:
-        return [f"{s.cfg.kind}:{s.cfg.path}:{s.cfg.name}:{s.cfg.split}" for s in self.ds.sources]
-
     def state_dict(self) -> dict:
         return {"version": _STATE_VERSION, "reader": self.reader, "readers": self.readers,
-                "rows": self.rows_done, "source_names": self._names(),
+                "rows": self.rows_done, "source_names": _source_names(self.ds.sources),
                 "sources": [p.state_dict() for p in self.packers]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -126,9 +128,9 @@ class _PackedStream:
             raise ValueError(f"data loader state belongs to reader {state.get('reader')} of {state.get('readers')}, "
                              f"but this process is reader {self.reader} of {self.readers} (dp ranks x "
                              "data.num_workers changed); resume with the same layout")
-        if state.get("source_names") != self._names():
+        if state.get("source_names") != _source_names(self.ds.sources):
             raise ValueError(f"data loader state was saved for data.sources {state.get('source_names')}, "
-                             f"this run has {self._names()}; resume with the same sources or start the data anew")
+                             f"this run has {_source_names(self.ds.sources)}; resume with the same sources or start the data anew")
         self.rows_done = state["rows"]
         for packer, st in zip(self.packers, state["sources"]):
             packer.load_state_dict(st)
@@ -144,12 +146,9 @@ class FlameDataLoader(StatefulDataLoader):
         self._rank_key = f"dp_rank_{dp_rank}"
         super().__init__(dataset, **kwargs)
 
-    def _source_names(self) -> list[str]:
-        return [f"{s.cfg.kind}:{s.cfg.path}:{s.cfg.name}:{s.cfg.split}" for s in self.dataset.sources]
-
     def state_dict(self) -> dict:
         # Pickled, as torchtitan's loader does: DCP stores the bytes whatever the nesting inside.
-        payload = {"loader": super().state_dict(), "sources": self._source_names()}
+        payload = {"loader": super().state_dict(), "sources": _source_names(self.dataset.sources)}
         return {self._rank_key: pickle.dumps(payload), "world_size": self.dp_world_size,
                 "num_workers": self.num_workers}
 
@@ -169,9 +168,9 @@ class FlameDataLoader(StatefulDataLoader):
         if self._rank_key not in state_dict:
             raise ValueError(f"data loader state has no entry {self._rank_key!r} (keys: {sorted(state_dict)})")
         payload = pickle.loads(state_dict[self._rank_key])
-        if payload["sources"] != self._source_names():
+        if payload["sources"] != _source_names(self.dataset.sources):
             raise ValueError(f"data loader state was saved for data.sources {payload['sources']}, this run has "
-                             f"{self._source_names()}; resume with the same sources, or drop the dataloader state "
+                             f"{_source_names(self.dataset.sources)}; resume with the same sources, or drop the dataloader state "
                              "from the checkpoint to restart the data")
         super().load_state_dict(payload["loader"])
 
