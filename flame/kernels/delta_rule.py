@@ -19,14 +19,15 @@ import triton.language as tl
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
+from flame.kernels.utils import max_num_chunks, prepare_chunk_indices
 
 CHUNK = 64
 
 
 @triton.jit
 def _prepare_kernel(
-    k, v, g, beta, w, u, gcum, cu_seqlens, chunk_seq, chunk_pos,
-    T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
+    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -36,11 +37,11 @@ def _prepare_kernel(
     hv = bh % HV
     h = hv // (HV // H)
     if IS_VARLEN:
-        n = tl.load(chunk_seq + j)
-        i = tl.load(chunk_pos + j)
-        # Grids are sized for the most chunks any packing can have; spare programs stop here.
-        valid = n >= 0
-        n = tl.maximum(n, 0)
+        n = tl.load(chunk_indices + 2 * j)
+        i = tl.load(chunk_indices + 2 * j + 1)
+        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
+        valid = n < N
+        n = tl.minimum(n, N - 1)
         bos = tl.load(cu_seqlens + n).to(tl.int32)
         eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
         eos = tl.where(valid, eos, bos)
@@ -140,25 +141,6 @@ def _state_output_kernel(
     tl.store(ht + state_off, S, mask=smask)
 
 
-def varlen_chunks(cu_seqlens: torch.Tensor, T: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence, chunk-within-sequence) for every program of a grid over all chunks of a packing.
-
-    The grid has cdiv(T, chunk) + N entries, the most chunks any packing of T tokens into N
-    sequences can have, so its size never depends on the data (no host sync); spare entries get
-    sequence -1.
-    """
-    N = cu_seqlens.shape[0] - 1
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    counts = (lengths + chunk - 1) // chunk
-    ends = counts.cumsum(0)
-    slots = torch.arange(triton.cdiv(T, chunk) + N, device=cu_seqlens.device)
-    seq = torch.searchsorted(ends, slots, right=True)
-    starts = ends - counts
-    pos = slots - starts[seq.clamp(max=N - 1)]
-    seq = torch.where(seq < N, seq, -1)
-    return seq.to(torch.int32), pos.to(torch.int32)
-
-
 def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -169,14 +151,14 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     u = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
     if cu_seqlens is not None:
-        chunk_seq, chunk_pos = varlen_chunks(cu_seqlens, T, CHUNK)
-        grid = (chunk_seq.shape[0], HV)
+        chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
+        grid = (chunk_indices.shape[0], HV)
     else:
-        chunk_seq = chunk_pos = None
+        chunk_indices = None
         grid = (triton.cdiv(T, CHUNK), B * HV)
     _prepare_kernel[grid](
-        k, v, g, beta, w, u, gcum, cu_seqlens, chunk_seq, chunk_pos,
-        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVF,
+        k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
+        T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVF,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
         num_warps=4 if max(BK, BVF) <= 128 else 8,
     )
@@ -210,7 +192,10 @@ def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q, k, v, g, beta, initial_state):
+    # fp32 tiles of K > 128 exceed the H100's shared memory in the state kernel; the reference
+    # handles that rare case (bf16/fp16 inputs, the training path, always take the kernels).
+    fits = q.element_size() <= 2 or q.shape[-1] <= 128
+    if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
         return _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale)
     o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
     return o.to(v.dtype), ht.to(_state_dtype(q))
