@@ -77,6 +77,15 @@ def test_gated_rms_norm(monkeypatch, backend, dtype, tol, activation):
     check(lambda x, g, w: gated_rms_norm(x, g, w, activation=activation), ref, [x, gate, w], dtype, tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rms_norm_residual_sum_alone_gets_gradient(monkeypatch, backend):
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    x, r, w = randn(3, 16, seed=0, dtype=torch.float32), randn(3, 16, seed=1, dtype=torch.float32), randn(16, seed=2)
+    _, summed = rms_norm(x, w.float(), r)
+    dx, dr = torch.autograd.grad(summed.sum(), (x, r))
+    assert torch.equal(dx, torch.ones_like(x)) and torch.equal(dr, torch.ones_like(r))
+
+
 def test_norm_modules_interface():
     x, r = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     norm = RMSNorm(16)

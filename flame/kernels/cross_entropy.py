@@ -324,4 +324,4 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     grad_on = torch.is_grad_enabled()
     grads = (grad_on and x.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    return _FusedLinearCrossEntropy.apply(x, weight, bias, target, opt, grads)
+    return _FusedLinearCrossEntropy.apply(x.contiguous(), weight.contiguous(), bias, target.contiguous(), opt, grads)

@@ -231,6 +231,8 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy, dsummed, drstd):
     x, gate, weight, rstd = ctx.saved_tensors
+    if dy is None:  # only the residual sum was used
+        dy = torch.zeros_like(x)
     dresidual = dsummed if ctx.has_residual and dsummed is not None and dsummed.numel() else None
     dx, dgate, dw = _rms_norm_bwd(dy, dresidual, x, gate, weight, rstd, ctx.activation)
     return dx, (dx if ctx.has_residual else None), (dgate if gate is not None else None), dw, None, None
