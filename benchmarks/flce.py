@@ -63,7 +63,9 @@ def torch_eager(x, w, t):
 def implementations():
     impls = {"torch_eager_fp32_logits": torch_eager,
              "torch_compile": torch.compile(torch_eager),
-             "flame": lambda x, w, t: fused_linear_cross_entropy(x, w, t)}
+             "flame": lambda x, w, t: fused_linear_cross_entropy(x, w, t),
+             # larger chunks: fewer, larger matmuls for about twice the logits memory
+             "flame_chunk_2048": lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk_size=2048)}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
