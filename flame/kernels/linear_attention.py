@@ -47,8 +47,9 @@ class _Chunks:
 
 
 def _cumsum(g, scalar_gate, H, K, chunks):
-    b = torch.empty(g.shape[0], H, K, dtype=torch.float32, device=g.device)
-    grid = (chunks.slots, H, triton.cdiv(K, STATE_BLOCK))
+    # A scalar gate keeps one cumulative sum per head: [T, H, 1].
+    b = torch.empty(g.shape[0], H, 1 if scalar_gate else K, dtype=torch.float32, device=g.device)
+    grid = (chunks.slots, H, 1 if scalar_gate else triton.cdiv(K, STATE_BLOCK))
     kern.chunk_cumsum_kernel[grid](
         g, b, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
         H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, num_warps=NUM_WARPS,
@@ -63,7 +64,7 @@ def _local_states(x, y, b, scale, from_end, chunks):
     grid = (chunks.slots, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
     kern.chunk_local_state_kernel[grid](
         x, y, b, s, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, FROM_END=from_end, BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
+        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FROM_END=from_end, BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
     )
     return s
 
@@ -74,7 +75,7 @@ def _scan(s, b, start, reverse, store_final, chunks):
     grid = (chunks.num_seqs, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
     kern.chunk_state_scan_kernel[grid](
         s, b, start if start is not None else s, end, chunks.cu_seqlens, chunks.offsets,
-        H=H, K=K, V=V, REVERSE=reverse, HAS_H0=start is not None, STORE_FINAL=store_final,
+        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, REVERSE=reverse, HAS_H0=start is not None, STORE_FINAL=store_final,
         BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
     )
     return end if store_final else None
@@ -90,7 +91,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     grid = (chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H)
     kern.chunk_output_kernel[grid](
         q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
     )
     return o, ht
 
@@ -112,7 +113,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
     kern.chunk_backward_kernel[grid](
         q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
     )
     dg = torch.empty_like(g)
     kern.chunk_gate_grad_kernel[(chunks.slots, H, 1)](

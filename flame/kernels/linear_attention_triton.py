@@ -40,11 +40,20 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
 
 
 @triton.jit
+def _b_offsets(t, i_h, ck, H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr):
+    """Offsets into b: [T, H] for a scalar gate (broadcast over the key columns ck), else [T, H, K]."""
+    if SCALAR_GATE:
+        return t * H + i_h + ck * 0
+    else:
+        return (t * H + i_h) * K + ck
+
+
+@triton.jit
 def chunk_cumsum_kernel(
     g_ptr, b_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr, BK: tl.constexpr,
 ):
-    """b = chunk-local inclusive cumulative sum of g, fp32 [T, H, K]."""
+    """b = chunk-local inclusive cumulative sum of g, fp32 [T, H] or [T, H, K]."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
@@ -57,13 +66,13 @@ def chunk_cumsum_kernel(
     else:
         g = tl.load(g_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], mask=mask, other=0.0)
     b = tl.cumsum(g.to(tl.float32), axis=0)
-    tl.store(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], b, mask=mask)
+    tl.store(b_ptr + _b_offsets(t0 + rows[:, None], i_h, cols[None, :], H, K, SCALAR_GATE), b, mask=mask)
 
 
 @triton.jit
 def chunk_local_state_kernel(
     x_ptr, y_ptr, b_ptr, s_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     FROM_END: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Per chunk: s = scale * (x * e^{b_L - b})^T y if FROM_END else scale * (x * e^{b})^T y.
@@ -84,9 +93,9 @@ def chunk_local_state_kernel(
     mv = (rows[:, None] < L) & (cv[None, :] < V)
     x = tl.load(x_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
     y = tl.load(y_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-    b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mk, other=0.0)
     if FROM_END:
-        b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_last = tl.load(b_ptr + _b_offsets(t0 + L - 1, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
         decay = tl.where(mk, tl.exp(b_last[None, :] - b), 0.0)
     else:
         decay = tl.where(mk, tl.exp(b), 0.0)
@@ -99,7 +108,7 @@ def chunk_local_state_kernel(
 @triton.jit
 def chunk_state_scan_kernel(
     s_ptr, b_ptr, h0_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -128,7 +137,7 @@ def chunk_state_scan_kernel(
         c = num_chunks - 1 - i if REVERSE else i
         slot = first + c
         t_last = tl.minimum(bos + (c + 1) * BT, eos) - 1
-        b_last = tl.load(b_ptr + (t_last * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_last = tl.load(b_ptr + _b_offsets(t_last, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
         p = s_ptr + (slot * H + i_h) * K * V + tile
         s = tl.load(p, mask=mask, other=0.0)
         tl.store(p, h, mask=mask)
@@ -148,7 +157,7 @@ def _diag_decay(b_i, rows_i, L):
 @triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Output rows of one sub-chunk: inter-chunk term from h plus the intra-chunk term."""
     i_c, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -170,10 +179,10 @@ def chunk_output_kernel(
         mb = before[:, None] & (ck[None, :] < K)
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
         k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-        r = tl.load(b_ptr + (ref_row * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mb, other=0.0)
+        r = tl.load(b_ptr + _b_offsets(ref_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         p_off += tl.dot(q_r, tl.trans(k_r))
@@ -192,7 +201,7 @@ def chunk_output_kernel(
             ck = k0 + tl.arange(0, BK)
             mi = (rows_i[:, None] < L) & (ck[None, :] < K)
             q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
             q_g = tl.where(mi, q_i.to(tl.float32) * tl.exp(b_i), 0.0).to(dtype)
             h = tl.load(h_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                         mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
@@ -205,7 +214,7 @@ def chunk_output_kernel(
 def chunk_backward_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr,
     dq_ptr, dk_ptr, dv_ptr, db_ptr, dbl_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dq, dk, dv and db (gradient of the cumulative log decay) of one sub-chunk's rows.
 
@@ -260,10 +269,10 @@ def chunk_backward_kernel(
         ma = after[:, None] & (ck[None, :] < K)
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
         q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
-        r = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=(ck < K), other=0.0)
+        b_a = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=ma, other=0.0)
+        r = tl.load(b_ptr + _b_offsets(last_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
         k_r = tl.where(mi, k_i * tl.exp(r[None, :] - b_i), 0.0).to(dtype)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r[None, :]), 0.0).to(dtype)
         at_off += tl.dot(k_r, tl.trans(q_r))
@@ -283,8 +292,8 @@ def chunk_backward_kernel(
             ck = k0 + tl.arange(0, BK)
             mi = valid_i[:, None] & (ck[None, :] < K)
             k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_l = tl.load(b_ptr + (end_row * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
+            b_l = tl.load(b_ptr + _b_offsets(end_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
             k_l = tl.where(mi, k_i.to(tl.float32) * tl.exp(b_l[None, :] - b_i), 0.0).to(dtype)
             dh = tl.load(dh_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                          mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
@@ -310,24 +319,24 @@ def chunk_backward_kernel(
             hdh += tl.sum(h * dh, axis=1)
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        b_l = tl.load(b_ptr + (end_row * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
+        b_l = tl.load(b_ptr + _b_offsets(end_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
         dq = tl.where(mi, dq * tl.exp(b_i), 0.0)
         dk = tl.where(mi, dk * tl.exp(b_l[None, :] - b_i), 0.0)
         dbl = tl.sum(k_i * dk, axis=0) + first_sub * tl.exp(b_l) * hdh
         # Pairs with s before this sub-chunk, through the reference at its first row.
         mb = before[:, None] & (ck[None, :] < K)
         k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-        r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=(ck < K), other=0.0)
+        b_b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mb, other=0.0)
+        r1 = tl.load(b_ptr + _b_offsets(first_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
         k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
         dq_intra = tl.dot(da_row, k_r)
         dq_intra = tl.where(mi, dq_intra * tl.exp(b_i - r1[None, :]), 0.0)
         # Pairs with t after this sub-chunk, through the reference at its last row.
         ma = after[:, None] & (ck[None, :] < K)
         q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
-        r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=(ck < K), other=0.0)
+        b_a = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=ma, other=0.0)
+        r2 = tl.load(b_ptr + _b_offsets(last_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
         dk_intra = tl.dot(da_col, q_r)
         dk_intra = tl.where(mi, dk_intra * tl.exp(r2[None, :] - b_i), 0.0)
