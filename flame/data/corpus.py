@@ -15,7 +15,7 @@ from pathlib import Path
 # Packages left out: tests and demos are large, repetitive, and hold files in odd encodings.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idlelib",
               "lib2to3", "turtledemo", "ensurepip", "config-3"}
-_CORPUS_VERSION = 1
+_CORPUS_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -44,17 +44,31 @@ def corpus_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+_DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _documented(body: list):
+    """Classes and functions among these statements, nested ones included. Only statement
+    lists are followed (not every expression node as ast.walk does): several times faster."""
+    for node in body:
+        if isinstance(node, _DEFS):
+            yield node
+        for name in ("body", "orelse", "finalbody", "handlers"):
+            child = getattr(node, name, None)
+            if isinstance(child, list) and child and isinstance(child[0], (ast.stmt, ast.excepthandler)):
+                yield from _documented(child)
+
+
 def _docstrings(source: str) -> str:
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return ""
     docs = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) > 40:
-                docs.append(doc)
+    for node in [tree, *_documented(tree.body)]:
+        doc = ast.get_docstring(node)
+        if doc and len(doc) > 40:
+            docs.append(doc)
     return "\n\n".join(docs)
 
 
