@@ -26,6 +26,13 @@ def cache_dir() -> Path:
     return path
 
 
+def build_lock(path: Path):
+    """Cross-process lock, so that the ranks of a job build a cached artifact once, not N times."""
+    from filelock import FileLock
+
+    return FileLock(str(path) + ".lock")
+
+
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
@@ -91,18 +98,14 @@ def default_corpus_path() -> Path:
     import datasets
 
     path = cache_dir() / f"corpus-stdlib-{corpus_fingerprint()}"
-    if not (path / "dataset_info.json").exists():
-        texts = list(iter_documents())
-        ds = datasets.Dataset.from_dict({"text": texts})
-        # Written beside the target and renamed so that concurrent ranks never see half a table.
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-        ds.save_to_disk(str(tmp))
-        try:
+    with build_lock(path):
+        if not (path / "dataset_info.json").exists():
+            texts = list(iter_documents())
+            ds = datasets.Dataset.from_dict({"text": texts})
+            # Written beside the target and renamed, so that a crash never leaves half a table.
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+            ds.save_to_disk(str(tmp))
             os.replace(tmp, path)
-        except OSError:  # another process won the race; its copy is identical
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -4,6 +4,7 @@ import logging
 import pickle
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -205,9 +206,9 @@ def build_dataloader(data_cfg: DataConfig, tokenizer, *, seq_len: int, local_bat
                             separator_id=separator_id, max_doc_len=data_cfg.max_doc_len,
                             docs_per_read=data_cfg.docs_per_read, shuffle=data_cfg.shuffle, seed=seed,
                             dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=infinite)
-    kwargs = {}
+    kwargs = {"pin_memory": data_cfg.pin_memory and torch.cuda.is_available()}
     if data_cfg.num_workers > 0:
-        kwargs = {"prefetch_factor": data_cfg.prefetch_factor, "persistent_workers": True}
+        kwargs |= {"prefetch_factor": data_cfg.prefetch_factor, "persistent_workers": True}
     return FlameDataLoader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=local_batch_size,
                            collate_fn=collate_rows, num_workers=data_cfg.num_workers, **kwargs)
 

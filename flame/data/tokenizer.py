@@ -2,12 +2,11 @@
 
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from flame.data.config import DataConfig
-from flame.data.corpus import cache_dir, corpus_fingerprint, load_default_corpus
+from flame.data.corpus import build_lock, cache_dir, corpus_fingerprint, load_default_corpus
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -42,13 +41,11 @@ def default_tokenizer_path(vocab_size: int) -> Path:
         f"v{_RECIPE_VERSION} {corpus_fingerprint()} {vocab_size} {_TRAIN_EVERY}".encode()
     ).hexdigest()[:16]
     path = cache_dir() / f"tokenizer-bpe{vocab_size}-{key}"
-    if not (path / "tokenizer.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-        _train_default(vocab_size, tmp)
-        try:
+    with build_lock(path):
+        if not (path / "tokenizer.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+            _train_default(vocab_size, tmp)
             os.replace(tmp, path)
-        except OSError:  # another process finished first with the same result
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
