@@ -16,6 +16,8 @@ Positions: rotary positions (attention, RetNet) count the tokens each row has co
 `position_ids` passed by callers are not used.
 """
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -35,9 +37,10 @@ DEFAULT_BACKBONE = "flame" if __name__.startswith("flame.") else "reference"
 def build_backbone(config: FlameConfig, backbone: str = DEFAULT_BACKBONE) -> torch.nn.Module:
     """flame's LanguageModel inside flame; the plain-PyTorch one in an exported folder."""
     if backbone == "flame":
-        from flame.models import ModelConfig, build_model
-
-        return build_model(ModelConfig.from_dict(config.model_config_dict()))
+        # imported by name: an import statement would make transformers require flame on
+        # machines that run this file as remote code
+        models = importlib.import_module("flame.models")
+        return models.build_model(models.ModelConfig.from_dict(config.model_config_dict()))
     model = ReferenceLanguageModel(config)
     if not any(p.is_meta for p in model.parameters()):
         model.init_weights()
