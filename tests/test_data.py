@@ -191,6 +191,12 @@ def test_txt_parquet_and_disk_sources(corpus, tmp_path):
         b = next(iter(_build(cfg, seq_len=31, local_batch_size=3)))
         rows = torch.cat([b["input_ids"], b["labels"][:, -1:]], 1).flatten().tolist()
         assert rows == stream[:96], src
+    # Paragraphs of one text file as documents
+    (tmp_path / "paras.txt").write_text("\n\n".join(docs) + "\n")
+    cfg = DataConfig(sources=[SourceConfig(kind="files", path=str(tmp_path / "paras.txt"), txt_sample_by="paragraph")],
+                     tokenizer=corpus["tokenizer"], num_workers=0, shuffle=False)
+    b = next(iter(_build(cfg, seq_len=31, local_batch_size=3)))
+    assert torch.cat([b["input_ids"], b["labels"][:, -1:]], 1).flatten().tolist() == stream[:96]
 
 
 # --- bad input: clear errors before training starts -----------------------------------------
