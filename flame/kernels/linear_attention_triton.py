@@ -11,7 +11,8 @@ h_n the state entering chunk n, dh_n the gradient of the state leaving chunk n.
 The intra-chunk term is done per sub-chunk of BC = 16 rows ("secondary chunking"): for
 pairs of positions in different sub-chunks the decay factors through a reference row r
 between them, e^{b_t - r} * e^{r - b_s}, both exponents <= 0 so nothing overflows and the
-product is a tensor-core matmul; within a sub-chunk the decay is formed exactly per pair.
+product is a tensor-core matmul; within a sub-chunk the decay is formed exactly per pair
+(per key dimension for GLA; one [BC, BC] matrix and a matmul for a scalar gate).
 
 Grids are sized by an upper bound on the number of chunks (no host synchronisation);
 programs whose chunk slot lies past the real chunks return at once.
@@ -155,6 +156,14 @@ def _diag_decay(b_i, rows_i, L):
 
 
 @triton.jit
+def _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H: tl.constexpr):
+    """The same for a scalar gate: one [BC, BC] decay shared by all key dimensions."""
+    b_rows = tl.load(b_ptr + (t0 + rows_i) * H + i_h, mask=rows_i < L, other=0.0)
+    causal = (rows_i[:, None] >= rows_i[None, :]) & (rows_i[:, None] < L)
+    return tl.where(causal, tl.exp(b_rows[:, None] - b_rows[None, :]), 0.0)
+
+
+@triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -186,8 +195,12 @@ def chunk_output_kernel(
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         p_off += tl.dot(q_r, tl.trans(k_r))
-        e = _diag_decay(b_i, rows_i, L)
-        p_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
+        if SCALAR_GATE:
+            e = _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
+            p_diag += tl.dot(q_i.to(dtype), tl.trans(k_i.to(dtype))) * e
+        else:
+            e = _diag_decay(b_i, rows_i, L)
+            p_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
     p_off = p_off.to(dtype)
     p_diag = p_diag.to(dtype)
     for v0 in range(0, V, BV):
@@ -276,8 +289,12 @@ def chunk_backward_kernel(
         k_r = tl.where(mi, k_i * tl.exp(r[None, :] - b_i), 0.0).to(dtype)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r[None, :]), 0.0).to(dtype)
         at_off += tl.dot(k_r, tl.trans(q_r))
-        e = _diag_decay(b_i, rows_i, L)
-        a_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
+        if SCALAR_GATE:
+            e = _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
+            a_diag += tl.dot(q_i.to(dtype), tl.trans(k_i.to(dtype))) * e
+        else:
+            e = _diag_decay(b_i, rows_i, L)
+            a_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
     at_off = at_off.to(dtype)
     at_diag = tl.trans(a_diag).to(dtype)
 
@@ -341,10 +358,14 @@ def chunk_backward_kernel(
         dk_intra = tl.dot(da_col, q_r)
         dk_intra = tl.where(mi, dk_intra * tl.exp(r2[None, :] - b_i), 0.0)
         # Pairs within the sub-chunk, exact.
-        e = _diag_decay(b_i, rows_i, L)
-        w = da_diag[:, :, None] * e
-        dq_intra += tl.sum(w * k_i[None, :, :], axis=1)
-        dk_intra += tl.sum(w * q_i[:, None, :], axis=0)
+        if SCALAR_GATE:
+            w = da_diag * _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
+            dq_intra += tl.dot(w.to(dtype), k_i.to(dtype))
+            dk_intra += tl.dot(tl.trans(w).to(dtype), q_i.to(dtype))
+        else:
+            w = da_diag[:, :, None] * _diag_decay(b_i, rows_i, L)
+            dq_intra += tl.sum(w * k_i[None, :, :], axis=1)
+            dk_intra += tl.sum(w * q_i[:, None, :], axis=0)
         dq = (dq + dq_intra) * scale
         dk = dk + dk_intra * scale
         db = q_i * dq - k_i * dk
