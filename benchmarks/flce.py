@@ -65,7 +65,9 @@ def implementations():
              "torch_compile": torch.compile(torch_eager),
              "flame": lambda x, w, t: fused_linear_cross_entropy(x, w, t),
              # larger chunks: fewer, larger matmuls for about twice the logits memory
-             "flame_chunk_2048": lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk_size=2048)}
+             "flame_chunk_2048": lambda x, w, t: fused_linear_cross_entropy(x, w, t, chunk_size=2048),
+             # weight gradient summed over chunks in fp32 (2 GiB more at this shape)
+             "flame_fp32_weight_grad": lambda x, w, t: fused_linear_cross_entropy(x, w, t, fp32_weight_grad=True)}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

@@ -106,6 +106,17 @@ def test_triton_stats_kernel_over_several_vocab_blocks(monkeypatch):
         assert rel(g, r) < 1e-5
 
 
+@pytest.mark.parametrize("fp32_weight_grad", [False, True])
+def test_bf16_weight_gradient_accumulation(monkeypatch, fp32_weight_grad):
+    monkeypatch.setenv("FLAME_BACKEND", "torch")
+    x, w, b, t = make_inputs(n=200)
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss = fused_linear_cross_entropy(xb, wb, t, chunk_size=16, fp32_weight_grad=fp32_weight_grad)
+    (dw,) = torch.autograd.grad(loss, wb)
+    (dw_ref,) = torch.autograd.grad(linear_cross_entropy_ref(x, w, t), w)
+    assert dw.dtype == torch.bfloat16 and rel(dw, dw_ref) < 2e-2
+
+
 def test_ignored_rows_get_zero_loss_and_gradient(monkeypatch):
     monkeypatch.setenv("FLAME_BACKEND", "torch")
     x, w, b, t = make_inputs()
@@ -179,11 +190,13 @@ def test_bad_options_raise_value_error(kwargs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp32_weight_grad", [False, True], ids=["dw-bf16-sum", "dw-fp32-sum"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[4]], ids=["plain", "all"])
-def test_gpu_bf16_against_float64(reduction, options):
+def test_gpu_bf16_against_float64(reduction, options, fp32_weight_grad):
     x, w, b, t = make_inputs(torch.bfloat16, "cuda", n=3000, d=256, v=5003)
-    got = fused_linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=1024, **options)
+    got = fused_linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=512,
+                                     fp32_weight_grad=fp32_weight_grad, **options)
     x64, w64, b64 = (i.detach().double().requires_grad_() for i in (x, w, b))
     want = linear_cross_entropy_ref(x64, w64, t, b64, reduction=reduction, **options)
     assert rel(got, want) < 1e-2

@@ -129,7 +129,7 @@ def _logit_grad_triton_(logits, target_local, lse, row_scale, label_smoothing, z
 
 class _Options:
     def __init__(self, ignore_index, reduction, label_smoothing, z_loss, softcap, process_group,
-                 chunk_size, triton_rows, vocab_start, vocab_size):
+                 chunk_size, triton_rows, vocab_start, vocab_size, fp32_weight_grad):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -140,6 +140,7 @@ class _Options:
         self.triton_rows = triton_rows
         self.vocab_start = vocab_start
         self.vocab_size = vocab_size  # over all shards
+        self.fp32_weight_grad = fp32_weight_grad
 
 
 def _all_reduce(t, op, group):
@@ -173,6 +174,15 @@ def _row_grads_(logits, target_local, lse, row_scale, opt):
                 opt.vocab_size)
 
 
+def _addmm_fp32_(acc, a, b):
+    """acc += a @ b with acc fp32 and a, b in a lower precision."""
+    if acc.is_cuda:
+        # cuBLAS reads and writes the fp32 accumulator directly: no low-precision partial product
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -185,7 +195,8 @@ def _run_chunks(x, weight, bias, target_local, opt, row_scale, grads, lse_known=
     acc = _acc_dtype(x)
     want_dx, want_dw, want_db = grads
     dx = torch.empty_like(x) if want_dx else None
-    dw = torch.zeros_like(weight) if want_dw else None
+    fp32_dw = want_dw and opt.fp32_weight_grad and weight.dtype not in (torch.float32, torch.float64)
+    dw = torch.zeros_like(weight, dtype=torch.float32 if fp32_dw else None) if want_dw else None
     db = torch.zeros_like(bias, dtype=acc) if want_db else None
     loss = None if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
     lse_all = lse_known if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
@@ -205,12 +216,16 @@ def _run_chunks(x, weight, bias, target_local, opt, row_scale, grads, lse_known=
         dlogits = _row_grads_(logits, t_c, lse, row_scale[start:end], opt)
         if want_dx:
             torch.matmul(dlogits, weight, out=dx[start:end])
-        if want_dw:
+        if fp32_dw:
+            _addmm_fp32_(dw, dlogits.T, x_c)
+        elif want_dw:
             dw.addmm_(dlogits.T, x_c)
         if want_db:
             db += dlogits.to(acc).sum(0)
     if want_dx and opt.group is not None:
         _all_reduce(dx, dist.ReduceOp.SUM, opt.group)
+    if fp32_dw:
+        dw = dw.to(weight.dtype)
     return loss, lse_all, dx, dw, db
 
 
@@ -300,13 +315,17 @@ def _check_target_range(target, ignore_index, vocab_size):
 @torch.compiler.disable  # a loop over chunks with collectives: run eagerly inside compiled models
 def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0, z_loss=0.0, logit_softcap=None, process_group=None,
-                               chunk_size=None):
+                               chunk_size=None, fp32_weight_grad=False):
     """Cross-entropy of the logits x @ weight.T (+ bias) against target, never storing them whole.
 
     x [N, D], weight [V, D] (this rank's vocabulary slice when process_group is given), target
     [N] of global ids, bias [V] or None. Returns a scalar for "mean" (over non-ignored tokens) and
     "sum", or [N] per-token losses (0 at ignored tokens) for "none". chunk_size: tokens per chunk
     (default: as many as keep one logits chunk near 256 MiB).
+
+    The weight gradient of each chunk is one matmul with fp32 accumulation; across chunks it is
+    summed in weight.dtype, which keeps the extra memory at one logits chunk. fp32_weight_grad=True
+    sums across chunks in an fp32 buffer instead (V x D x 4 bytes more: 2 GiB at 128256 x 4096).
     """
     _check_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
     v_local = weight.shape[0]
@@ -320,7 +339,7 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     opt = _Options(ignore_index, reduction, float(label_smoothing), float(z_loss),
                    None if logit_softcap is None else float(logit_softcap), process_group, chunk_size,
-                   use_triton(x, weight), rank * v_local, v_local * world)
+                   use_triton(x, weight), rank * v_local, v_local * world, bool(fp32_weight_grad))
     grad_on = torch.is_grad_enabled()
     grads = (grad_on and x.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
