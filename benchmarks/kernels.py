@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py [--kernels simple_gla gla delta_rule gated_delta_rule]
                                  [--shapes 8x4096 1x32768] [--skip-fla] [--fla-time-limit 900]
+                                 [--time-limit 600]
                                  [--out benchmarks/results/kernels_<gpu>.json]
 
 H=16, K=V=128, bf16. For each kernel and shape: the first call (compile + autotune) in
@@ -9,7 +10,7 @@ seconds, then the median of triton.testing.do_bench for the forward and for forw
 (gradients of q, k, v and every gate through torch.autograd.grad), achieved TFLOP/s with the
 FLOP counts below, and the fraction of the physical floor of baselines/h100.md reached.
 fla runs where it is installed; its refusals and errors are recorded per kernel, and a time
-limit (SIGALRM) bounds its first call, which can autotune for minutes.
+limit (SIGALRM) bounds each kernel's measurement (fla's first call can autotune for minutes).
 """
 
 import argparse
@@ -182,6 +183,7 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--skip-fla", action="store_true", help="do not run fla 0.6")
     parser.add_argument("--fla-time-limit", type=int, default=900, help="seconds per fla kernel and shape (0: none)")
+    parser.add_argument("--time-limit", type=int, default=600, help="seconds per flame kernel and shape (0: none)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -207,7 +209,7 @@ def main():
                     row["error"] = f"{type(fn).__name__}: {fn}"[:500]
                 else:
                     try:
-                        with TimeLimit(args.fla_time_limit if impl == "fla" else 0):
+                        with TimeLimit(args.fla_time_limit if impl == "fla" else args.time_limit):
                             first, fwd, fwdbwd = bench_kernel(fn, inputs)
                         row.update(first_call_s=first, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                                    tflops_fwd=tokens_heads * f_fwd / fwd / 1e9,
