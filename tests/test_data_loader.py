@@ -105,8 +105,9 @@ def test_epoch_over_2_ranks_x_2_workers_has_every_token_once(corpus, kind, caplo
     assert len(fallback) == (1 if kind == "stream_examples" else 0)  # said once, by rank 0
 
 
-def test_shuffled_epochs_cover_each_share_once(corpus):
-    src = SourceConfig(kind="files", path=corpus["one_file"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_shuffled_epochs_cover_each_share_once(corpus, streaming):
+    src = SourceConfig(kind="files", path=corpus["one_file"], streaming=streaming)
     loader = _loader(corpus, [src], seq_len=8, batch=8, world=2, rank=1, infinite=False, shuffle=True)
     got = torch.cat([_rows(b).flatten() for b in loader]).tolist()
     share = corpus["docs"][1::2]

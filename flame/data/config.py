@@ -62,14 +62,14 @@ class DataConfig:
     # Documents longer than this many tokens (separator included) are split into pieces that
     # are packed as separate documents; 0 keeps documents whole.
     max_doc_len: int = 0
-    # Map-style sources are read in a fresh seeded order every epoch; streaming sources are read
-    # in their stored order.
+    # Map-style sources are read in a fresh seeded order every epoch; streaming sources are
+    # permuted within each read of docs_per_read documents (a window that resumes exactly).
     shuffle: bool = True
     num_workers: int = 2
     prefetch_factor: int = 4
     # Page-locked batches for faster, asynchronous copies to the GPU (ignored without CUDA).
     pin_memory: bool = True
-    # Documents read and tokenized together; larger is faster, smaller keeps the state small.
+    # Documents read and tokenized together; a resume re-reads at most one such batch per source.
     docs_per_read: int = 32
 
     def validate(self) -> None:

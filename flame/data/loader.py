@@ -68,7 +68,8 @@ class PackedDataset(IterableDataset):
         packers = []
         for i, src in enumerate(self.sources):
             if src.streaming:
-                rd = StreamReader(src.dataset, src.column, reader=reader, readers=readers, batch=self.docs_per_read)
+                rd = StreamReader(src.dataset, src.column, reader=reader, readers=readers, batch=self.docs_per_read,
+                                  seed=self.seed, source_index=i, shuffle=self.shuffle)
             else:
                 rd = MapReader(src.dataset, src.column, reader=reader, readers=readers, batch=self.docs_per_read,
                                seed=self.seed, source_index=i, shuffle=self.shuffle)
@@ -78,6 +79,12 @@ class PackedDataset(IterableDataset):
         return packers
 
     def __iter__(self):
+        if get_worker_info() is not None and any(s.streaming for s in self.sources):
+            # fsspec's event-loop lock is inherited locked-or-not from the forking process; a
+            # fresh one keeps remote streaming from hanging in loader workers (as datasets does).
+            import fsspec.asyn
+
+            fsspec.asyn.reset_lock()
         reader, readers = self._reader_id()
         stream = _PackedStream(self, reader, readers)
         if self._resume:

@@ -74,12 +74,17 @@ def split_stream(dataset, reader: int, readers: int):
 
 
 class StreamReader:
-    """This reader's part of a `datasets.IterableDataset`, resumed through its own state_dict."""
+    """This reader's part of a `datasets.IterableDataset`, resumed through its own state_dict.
+    With shuffle, the documents of each read are permuted (a window of `batch` documents): a
+    shuffle buffer that resumes exactly, since a resume reads the same window again."""
 
-    def __init__(self, dataset, column: str, *, reader: int, readers: int, batch: int):
+    def __init__(self, dataset, column: str, *, reader: int, readers: int, batch: int, seed: int = 0,
+                 source_index: int = 0, shuffle: bool = False):
         self.dataset = split_stream(dataset, reader, readers)
         self.column = column
         self.batch = batch
+        self.key = [seed, source_index, reader, readers]
+        self.shuffle = shuffle
         self.epoch = 0
         self.docs = 0
         self.hf_state = None
@@ -100,6 +105,9 @@ class StreamReader:
             return None
         self.hf_state = self.dataset.state_dict()
         docs = batch[self.column]
+        if self.shuffle:
+            order = np.random.default_rng(self.key + [self.epoch, self.docs]).permutation(len(docs))
+            docs = [docs[i] for i in order]
         self.docs += len(docs)
         return docs
 
