@@ -69,20 +69,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, cfg.dim, bias=False)
         self.rotary = modules.RotaryEmbedding(d, theta=cfg.rope_theta)
-        self.rope_theta = cfg.rope_theta
 
     def init_weights(self, init_std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, std=init_std)
         nn.init.normal_(self.o_proj.weight, std=out_std)
-        if hasattr(self.rotary, "reset_parameters"):
-            self.rotary.reset_parameters()
-        elif isinstance(getattr(self.rotary, "inv_freq", None), torch.Tensor):
-            # recompute the frequency buffer after materialising from the meta device
-            d = self.head_dim
-            inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32,
-                                                         device=self.rotary.inv_freq.device) / d))
-            self.rotary.inv_freq.copy_(inv.to(self.rotary.inv_freq.dtype))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs of QK^T and PV per token: 3 x forward (2 matmuls x 2 FLOPs per MAC),

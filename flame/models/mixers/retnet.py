@@ -45,7 +45,6 @@ class MultiScaleRetention(nn.Module):
             self.k_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
             self.v_conv = modules.ShortConvolution(H * V, cfg.conv_size, activation="silu")
         self.rotary = modules.RotaryEmbedding(K, theta=cfg.rope_theta)
-        self.rope_theta = cfg.rope_theta
         self.o_norm = modules.GatedRMSNorm(V, eps=cfg.norm_eps, activation="silu")
 
     @torch.no_grad()
@@ -56,11 +55,6 @@ class MultiScaleRetention(nn.Module):
         if self.use_short_conv:
             for conv in (self.q_conv, self.k_conv, self.v_conv):
                 init_conv(conv)
-        if hasattr(self.rotary, "reset_parameters"):
-            self.rotary.reset_parameters()
-        elif isinstance(getattr(self.rotary, "inv_freq", None), torch.Tensor):
-            d, buf = self.head_k, self.rotary.inv_freq
-            buf.copy_(1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=buf.device) / d)))
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.n_heads * linear_attention_flops(self.head_k, self.head_v)
