@@ -98,7 +98,8 @@ def loader_throughput(cfg, tok, workers: int, seq_len: int, batch: int, seconds:
     # Tokens per CPU-second (this process + its workers): the rate per core, even on a shared host.
     return {"workers": workers, "tokens_per_s": n / dt, "tokens_per_cpu_s": n / cpu if cpu > 0 else None,
             "tokens_per_worker_cpu_s": n / wcpu if wcpu > 0 else None,
-            "cpu_s": cpu, "workers_cpu_s": wcpu, "main_cpu_s": cpu - wcpu, "batches": steps, "seconds": dt, "startup_s": startup}
+            "cpu_s": cpu, "workers_cpu_s": wcpu, "main_cpu_s": cpu - wcpu, "batches": steps, "seconds": dt,
+            "startup_s": startup}
 
 
 def main() -> None:

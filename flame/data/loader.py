@@ -138,7 +138,8 @@ class _PackedStream:
                              "data.num_workers changed); resume with the same layout")
         if state.get("source_names") != _source_names(self.ds.sources):
             raise ValueError(f"data loader state was saved for data.sources {state.get('source_names')}, "
-                             f"this run has {_source_names(self.ds.sources)}; resume with the same sources or start the data anew")
+                             f"this run has {_source_names(self.ds.sources)}; resume with the same sources "
+                             "or start the data anew")
         self.rows_done = state["rows"]
         for packer, st in zip(self.packers, state["sources"]):
             packer.load_state_dict(st)
@@ -178,8 +179,8 @@ class FlameDataLoader(StatefulDataLoader):
         payload = pickle.loads(state_dict[self._rank_key])
         if payload["sources"] != _source_names(self.dataset.sources):
             raise ValueError(f"data loader state was saved for data.sources {payload['sources']}, this run has "
-                             f"{_source_names(self.dataset.sources)}; resume with the same sources, or drop the dataloader state "
-                             "from the checkpoint to restart the data")
+                             f"{_source_names(self.dataset.sources)}; resume with the same sources, or drop the "
+                             "dataloader state from the checkpoint to restart the data")
         super().load_state_dict(payload["loader"])
 
 
@@ -234,6 +235,7 @@ def _check_source(src: Source, tokenizer, readers: int, dp_rank: int) -> None:
                          "(data-parallel ranks x data.num_workers); lower data.num_workers or add data")
     meta = src.tokenizer_meta
     if meta is not None and meta.get("vocab_size") != len(tokenizer):
-        raise ValueError(f"{src.where} was tokenized with {meta.get('tokenizer')!r} (vocabulary {meta.get('vocab_size')}) "
+        raise ValueError(f"{src.where} was tokenized with {meta.get('tokenizer')!r} "
+                         f"(vocabulary {meta.get('vocab_size')}) "
                          f"but data.tokenizer has a vocabulary of {len(tokenizer)}; re-tokenize it or use the same "
                          "tokenizer")

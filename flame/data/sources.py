@@ -58,6 +58,11 @@ def _hub_unreachable() -> bool:
     return bool(datasets.config.HF_HUB_OFFLINE)
 
 
+def _as_stream(ds):
+    # Many contiguous shards, so that readers split whole shards rather than every example.
+    return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 1024)))
+
+
 def _load(cfg: SourceConfig, where: str):
     import datasets
 
@@ -65,7 +70,7 @@ def _load(cfg: SourceConfig, where: str):
         from flame.data.corpus import load_default_corpus
 
         ds = load_default_corpus()
-        return ds.to_iterable_dataset(num_shards=1) if cfg.streaming else ds
+        return _as_stream(ds) if cfg.streaming else ds
     if cfg.kind == "disk":
         if not os.path.isdir(cfg.path):
             raise ValueError(f"{where}.path = {cfg.path!r} is not a directory written by save_to_disk")
@@ -77,16 +82,16 @@ def _load(cfg: SourceConfig, where: str):
             if cfg.split not in ds:
                 raise ValueError(f"{where}.split = {cfg.split!r} is not in {cfg.path!r}; it has {list(ds)}")
             ds = ds[cfg.split]
-        if cfg.streaming:
-            ds = ds.to_iterable_dataset(num_shards=max(1, len(ds.cache_files)))
-        return ds
+        return _as_stream(ds) if cfg.streaming else ds
     if cfg.kind == "files":
         builder, files = _data_files(cfg.path, where)
         kwargs = {"sample_by": cfg.txt_sample_by} if builder == "text" else {}
         try:
-            return datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming,
+                                         **kwargs)
         except Exception as e:
-            raise ValueError(f"{where}.path = {cfg.path!r} could not be read as {builder}: {type(e).__name__}: {e}") from e
+            raise ValueError(f"{where}.path = {cfg.path!r} could not be read as {builder}: "
+                             f"{type(e).__name__}: {e}") from e
     # kind == "hub"
     try:
         return datasets.load_dataset(cfg.path, cfg.name or None, split=cfg.split, streaming=cfg.streaming)
