@@ -5,11 +5,9 @@ dp_world_size * num_workers). Shares are disjoint and together cover every docum
 epoch, for map-style and streaming datasets alike.
 """
 
-import logging
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
 
 
 class MapReader:
