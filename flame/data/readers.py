@@ -5,9 +5,7 @@ dp_world_size * num_workers). Shares are disjoint and together cover every docum
 epoch, for map-style and streaming datasets alike.
 """
 
-
 import numpy as np
-
 
 
 class MapReader:
