@@ -33,10 +33,11 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
     seq = tl.load(chunk_idx_ptr + 2 * i_c)
     chunk = tl.load(chunk_idx_ptr + 2 * i_c + 1)
     seq_c = tl.minimum(seq, N - 1)
-    bos = tl.load(cu_ptr + seq_c).to(tl.int32)
-    eos = tl.load(cu_ptr + seq_c + 1).to(tl.int32)
+    # 64-bit token offsets: T * H * D passes 2^31 for long packed batches.
+    bos = tl.load(cu_ptr + seq_c).to(tl.int64)
+    eos = tl.load(cu_ptr + seq_c + 1).to(tl.int64)
     t0 = bos + chunk * BT
-    L = tl.minimum(eos - t0, BT)
+    L = tl.minimum(eos - t0, BT).to(tl.int32)
     return seq, t0, L
 
 
@@ -102,7 +103,7 @@ def chunk_local_state_kernel(
         decay = tl.where(mk, tl.exp(b), 0.0)
     xd = (x.to(tl.float32) * decay * scale).to(y.dtype)
     s = tl.dot(tl.trans(xd), y)
-    tl.store(s_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :], s,
+    tl.store(s_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], s,
              mask=(ck[:, None] < K) & (cv[None, :] < V))
 
 
@@ -122,10 +123,10 @@ def chunk_state_scan_kernel(
     i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
     i_k, i_v = i_kv // NV, i_kv % NV
-    bos = tl.load(cu_ptr + i_n).to(tl.int32)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int32)
-    first = tl.load(chunk_offsets_ptr + i_n)
-    num_chunks = tl.load(chunk_offsets_ptr + i_n + 1) - first
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    first = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    num_chunks = (tl.load(chunk_offsets_ptr + i_n + 1) - first).to(tl.int32)
     ck = i_k * BK + tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mask = (ck[:, None] < K) & (cv[None, :] < V)
@@ -216,7 +217,7 @@ def chunk_output_kernel(
             q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
             b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
             q_g = tl.where(mi, q_i.to(tl.float32) * tl.exp(b_i), 0.0).to(dtype)
-            h = tl.load(h_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                         mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
             o += tl.dot(q_g, h.to(dtype))
         tl.store(o_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype),
@@ -312,7 +313,7 @@ def chunk_backward_kernel(
             b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
             b_l = tl.load(b_ptr + _b_offsets(end_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
             k_l = tl.where(mi, k_i.to(tl.float32) * tl.exp(b_l[None, :] - b_i), 0.0).to(dtype)
-            dh = tl.load(dh_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+            dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                          mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
             dv += tl.dot(k_l, dh.to(dtype))
         tl.store(dv_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv_i)
@@ -329,8 +330,8 @@ def chunk_backward_kernel(
             mkv = (ck[:, None] < K) & (cv[None, :] < V)
             do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
             v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-            h = tl.load(h_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
-            dh = tl.load(dh_ptr + ((i_c * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+            dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
             dq += tl.dot(do_i, tl.trans(h.to(dtype)))
             dk += tl.dot(v_i, tl.trans(dh.to(dtype)))
             hdh += tl.sum(h * dh, axis=1)
