@@ -159,7 +159,7 @@ def _delta(q, k, v, beta, scale=None, initial_state=None, output_final_state=Fal
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def _gated_delta(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+def _gated_delta(q, k, v, g, beta=None, scale=None, initial_state=None, output_final_state=False,
                  cu_seqlens=None, **kw):
     return _recurrence(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
@@ -196,11 +196,12 @@ def _kernel_landed(name: str) -> bool:
         "chunk_simple_gla": (q, q, q, g), "fused_recurrent_simple_gla": (q, q, q, g),
         "chunk_gla": (q, q, q, -torch.rand(1, 4, 1, 16)), "fused_recurrent_gla": (q, q, q, -torch.rand(1, 4, 1, 16)),
         "chunk_delta_rule": (q, q, q, torch.rand(1, 4, 1)), "fused_recurrent_delta_rule": (q, q, q, torch.rand(1, 4, 1)),
-        "chunk_gated_delta_rule": (q, q, q, g, torch.rand(1, 4, 1)),
-        "fused_recurrent_gated_delta_rule": (q, q, q, g, torch.rand(1, 4, 1)),
+        "chunk_gated_delta_rule": (q, q, q, g),
+        "fused_recurrent_gated_delta_rule": (q, q, q, g),
     }[name]
+    kwargs = {"beta": torch.rand(1, 4, 1)} if "gated_delta" in name else {}
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except NotImplementedError:
         return False
     return True

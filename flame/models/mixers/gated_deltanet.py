@@ -83,7 +83,8 @@ class GatedDeltaNet(nn.Module):
 
         rule = (kernels.fused_recurrent_gated_delta_rule if use_recurrent_kernel(state, T)
                 else kernels.chunk_gated_delta_rule)
-        o, final = rule(q, k, v, g, beta, scale=K ** -0.5,
+        # by keyword: the recurrent kernel's fifth positional argument is gk, not beta
+        o, final = rule(q, k, v, g=g, beta=beta, scale=K ** -0.5,
                         initial_state=None if state is None else state["recurrent"],
                         output_final_state=use_cache, cu_seqlens=cu_seqlens)
         if use_cache:
