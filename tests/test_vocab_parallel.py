@@ -32,6 +32,7 @@ def _free_port() -> int:
 
 
 def _worker(rank, port):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP thread pool
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -67,7 +68,8 @@ def _worker(rank, port):
 
 
 def test_vocab_parallel_two_gloo_processes():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    # fork: the children inherit the imported modules instead of importing torch again
+    mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=True, start_method="fork")
 
 
 def test_vocab_parallel_rejects_target_beyond_all_shards():
