@@ -25,12 +25,72 @@ CHUNK = 64
 
 
 @triton.jit
+def _invert_unit_lower(A, BS: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [BS, BS] tile, by forward substitution."""
+    r = tl.arange(0, BS)
+    Ti = (r[:, None] == r[None, :]).to(tl.float32)
+    for ii in range(1, BS):
+        a_row = tl.sum(tl.where(r[:, None] == ii, A, 0.0), 0)
+        step = tl.sum(a_row[:, None] * Ti, 0)
+        Ti = tl.where(r[:, None] == ii, Ti - step[None, :], Ti)
+    return Ti
+
+
+@triton.jit
+def _load_block(k, v, g, beta, rows, rmask, h, hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :],
+                  mask=rmask[:, None] & (ck[None, :] < K), other=0.0)
+    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :],
+                  mask=rmask[:, None] & (cv[None, :] < V), other=0.0)
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        b_g = tl.zeros_like(b_beta)
+    return b_k, b_v, b_beta, b_g
+
+
+@triton.jit
+def _kk_block(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.constexpr):
+    """beta_i k_i.k_j Gamma_i / Gamma_j for one [BS, BS] block of the chunk (strictly lower on the diagonal)."""
+    A = tl.dot(k_i, tl.trans(k_j)) * beta_i[:, None]
+    if DIAG:
+        r = tl.arange(0, k_i.shape[0])
+        lower = r[:, None] > r[None, :]
+        if USE_G:
+            A = A * tl.exp(tl.where(lower, gc_i[:, None] - gc_j[None, :], 0.0))
+        A = tl.where(lower, A, 0.0)
+    elif USE_G:
+        A = A * tl.exp(gc_i[:, None] - gc_j[None, :])
+    return A
+
+
+@triton.jit
+def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K: tl.constexpr,
+                 V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    tl.store(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], b_w.to(w.dtype.element_ty),
+             mask=rmask[:, None] & (ck[None, :] < K))
+    tl.store(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_u.to(u.dtype.element_ty),
+             mask=rmask[:, None] & (cv[None, :] < V))
+    if USE_G:
+        tl.store(gcum + rows * HV + hv, gc, mask=rmask)
+
+
+@triton.jit
 def _prepare_kernel(
     k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    # The chunk of 64 is handled as four blocks of 16: the diagonal blocks of (I + A) are inverted
+    # by substitution, the rest of the inverse follows by block forward substitution with dots.
+    tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HV
@@ -49,37 +109,68 @@ def _prepare_kernel(
         i = j
         bos = b * T
         eos = bos + T
-    r = tl.arange(0, BT)
-    rows = bos + i * BT + r
-    rmask = rows < eos
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    kmask = rmask[:, None] & (ck[None, :] < K)
-    vmask = rmask[:, None] & (cv[None, :] < V)
-    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-    lower = r[:, None] > r[None, :]
-    A = tl.dot(b_k, tl.trans(b_k)) * b_beta[:, None]
-    kb = b_k.to(tl.float32) * b_beta[:, None]
+    r = tl.arange(0, 16)
+    rows0 = bos + i * BT + r
+    rows1 = rows0 + 16
+    rows2 = rows0 + 32
+    rows3 = rows0 + 48
+    m0 = rows0 < eos
+    m1 = rows1 < eos
+    m2 = rows2 < eos
+    m3 = rows3 < eos
+    k0, v0, be0, g0 = _load_block(k, v, g, beta, rows0, m0, h, hv, H, HV, K, V, BK, BV, USE_G)
+    k1, v1, be1, g1 = _load_block(k, v, g, beta, rows1, m1, h, hv, H, HV, K, V, BK, BV, USE_G)
+    k2, v2, be2, g2 = _load_block(k, v, g, beta, rows2, m2, h, hv, H, HV, K, V, BK, BV, USE_G)
+    k3, v3, be3, g3 = _load_block(k, v, g, beta, rows3, m3, h, hv, H, HV, K, V, BK, BV, USE_G)
+    gc0 = tl.cumsum(g0, 0)
+    gc1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    gc2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    gc3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    D0 = _invert_unit_lower(_kk_block(k0, k0, be0, gc0, gc0, USE_G, True), 16)
+    D1 = _invert_unit_lower(_kk_block(k1, k1, be1, gc1, gc1, USE_G, True), 16)
+    D2 = _invert_unit_lower(_kk_block(k2, k2, be2, gc2, gc2, USE_G, True), 16)
+    D3 = _invert_unit_lower(_kk_block(k3, k3, be3, gc3, gc3, USE_G, True), 16)
+    A10 = _kk_block(k1, k0, be1, gc1, gc0, USE_G, False)
+    A20 = _kk_block(k2, k0, be2, gc2, gc0, USE_G, False)
+    A21 = _kk_block(k2, k1, be2, gc2, gc1, USE_G, False)
+    A30 = _kk_block(k3, k0, be3, gc3, gc0, USE_G, False)
+    A31 = _kk_block(k3, k1, be3, gc3, gc1, USE_G, False)
+    A32 = _kk_block(k3, k2, be3, gc3, gc2, USE_G, False)
+    # X_ij = -D_i sum_{j <= m < i} A_im X_mj, X_jj = D_j; fp32 throughout (small dots).
+    X10 = -tl.dot(D1, tl.dot(A10, D0, input_precision="ieee"), input_precision="ieee")
+    X21 = -tl.dot(D2, tl.dot(A21, D1, input_precision="ieee"), input_precision="ieee")
+    X32 = -tl.dot(D3, tl.dot(A32, D2, input_precision="ieee"), input_precision="ieee")
+    X20 = -tl.dot(D2, tl.dot(A20, D0, input_precision="ieee") + tl.dot(A21, X10, input_precision="ieee"),
+                  input_precision="ieee")
+    X31 = -tl.dot(D3, tl.dot(A31, D1, input_precision="ieee") + tl.dot(A32, X21, input_precision="ieee"),
+                  input_precision="ieee")
+    X30 = -tl.dot(D3, tl.dot(A30, D0, input_precision="ieee") + tl.dot(A31, X10, input_precision="ieee")
+                  + tl.dot(A32, X20, input_precision="ieee"), input_precision="ieee")
+    dt = k0.dtype
     if USE_G:
-        b_gc = tl.cumsum(tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32), 0)
-        tl.store(gcum + rows * HV + hv, b_gc, mask=rmask)
-        A = A * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0))
-        kb = kb * tl.exp(b_gc)[:, None]
-    A = tl.where(lower, A, 0.0)
-    # Forward substitution, one row at a time: row i of (I + A)^-1 is e_i - A[i, :] (I + A)^-1,
-    # and only rows above i are needed, all already final.
-    Ti = (r[:, None] == r[None, :]).to(tl.float32)
-    for ii in range(1, BT):
-        a_row = tl.sum(tl.where(r[:, None] == ii, A, 0.0), 0)
-        step = tl.sum(a_row[:, None] * Ti, 0)
-        Ti = tl.where(r[:, None] == ii, Ti - step[None, :], Ti)
-    dt = b_k.dtype
-    b_w = tl.dot(Ti.to(dt), kb.to(dt))
-    b_u = tl.dot(Ti.to(dt), (b_v.to(tl.float32) * b_beta[:, None]).to(dt))
-    tl.store(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], b_w.to(w.dtype.element_ty), mask=kmask)
-    tl.store(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_u.to(u.dtype.element_ty), mask=vmask)
+        kb0 = (k0.to(tl.float32) * (be0 * tl.exp(gc0))[:, None]).to(dt)
+        kb1 = (k1.to(tl.float32) * (be1 * tl.exp(gc1))[:, None]).to(dt)
+        kb2 = (k2.to(tl.float32) * (be2 * tl.exp(gc2))[:, None]).to(dt)
+        kb3 = (k3.to(tl.float32) * (be3 * tl.exp(gc3))[:, None]).to(dt)
+    else:
+        kb0 = (k0.to(tl.float32) * be0[:, None]).to(dt)
+        kb1 = (k1.to(tl.float32) * be1[:, None]).to(dt)
+        kb2 = (k2.to(tl.float32) * be2[:, None]).to(dt)
+        kb3 = (k3.to(tl.float32) * be3[:, None]).to(dt)
+    vb0 = (v0.to(tl.float32) * be0[:, None]).to(dt)
+    vb1 = (v1.to(tl.float32) * be1[:, None]).to(dt)
+    vb2 = (v2.to(tl.float32) * be2[:, None]).to(dt)
+    vb3 = (v3.to(tl.float32) * be3[:, None]).to(dt)
+    D0, D1, D2, D3 = D0.to(dt), D1.to(dt), D2.to(dt), D3.to(dt)
+    X10, X20, X21, X30, X31, X32 = X10.to(dt), X20.to(dt), X21.to(dt), X30.to(dt), X31.to(dt), X32.to(dt)
+    _store_block(w, u, gcum, tl.dot(D0, kb0), tl.dot(D0, vb0), gc0, rows0, m0, hv, HV, K, V, BK, BV, USE_G)
+    _store_block(w, u, gcum, tl.dot(X10, kb0) + tl.dot(D1, kb1), tl.dot(X10, vb0) + tl.dot(D1, vb1),
+                 gc1, rows1, m1, hv, HV, K, V, BK, BV, USE_G)
+    _store_block(w, u, gcum, tl.dot(X20, kb0) + tl.dot(X21, kb1) + tl.dot(D2, kb2),
+                 tl.dot(X20, vb0) + tl.dot(X21, vb1) + tl.dot(D2, vb2), gc2, rows2, m2, hv, HV, K, V, BK, BV, USE_G)
+    _store_block(w, u, gcum, tl.dot(X30, kb0) + tl.dot(X31, kb1) + tl.dot(X32, kb2) + tl.dot(D3, kb3),
+                 tl.dot(X30, vb0) + tl.dot(X31, vb1) + tl.dot(X32, vb2) + tl.dot(D3, vb3),
+                 gc3, rows3, m3, hv, HV, K, V, BK, BV, USE_G)
 
 
 @triton.jit
@@ -148,7 +239,8 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     BK = max(16, triton.next_power_of_2(K))
     BVF = max(16, triton.next_power_of_2(V))
     w = torch.empty(B, T, HV, K, dtype=q.dtype, device=q.device)
-    u = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    # u = A beta v feeds v' = u - w S, which cancels: keep it fp32.
+    u = torch.empty(B, T, HV, V, dtype=torch.float32, device=q.device)
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
@@ -160,7 +252,7 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
         k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
         T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVF,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-        num_warps=4 if max(BK, BVF) <= 128 else 8,
+        num_warps=4,
     )
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device)
