@@ -88,7 +88,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     h = _local_states(k, v, b, 1.0, True, chunks)
     ht = _scan(h, b, h0, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    grid = (chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H)
+    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
     kern.chunk_output_kernel[grid](
         q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
@@ -109,7 +109,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
     dv = torch.empty_like(v)
     db = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dbl = torch.empty(chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H, K, dtype=torch.float32, device=q.device)
-    grid = (chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H)
+    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
     kern.chunk_backward_kernel[grid](
         q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,

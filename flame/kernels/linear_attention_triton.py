@@ -169,8 +169,12 @@ def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Output rows of one sub-chunk: inter-chunk term from h plus the intra-chunk term."""
-    i_c, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Output rows of one sub-chunk: inter-chunk term from h plus the intra-chunk term.
+
+    The sub-chunks of a chunk are adjacent programs, so they share its state tile in L2.
+    """
+    NC: tl.constexpr = BT // BC
+    i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
@@ -235,8 +239,8 @@ def chunk_backward_kernel(
     dbl_ptr [slots, BT // BC, H, K] gets this sub-chunk's part of the gradient of b_L that
     comes through the state leaving the chunk; the dg kernel adds it to every row.
     """
-    i_c, i_i, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
+    i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
