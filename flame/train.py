@@ -65,6 +65,19 @@ def saved_dp_world_size(checkpoint_dir: str) -> int | None:
 # Metrics: console line, metrics.jsonl, TensorBoard, W&B
 
 
+def check_metric_backends(cfg: Config) -> None:
+    """TensorBoard and W&B are optional packages: say which one is missing before the run starts."""
+    import importlib.util
+
+    m = cfg.metrics
+    if m.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("metrics.enable_tensorboard = true needs the tensorboard package: "
+                         "pip install 'flame[tensorboard]', or set it to false")
+    if m.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("metrics.enable_wandb = true needs the wandb package: "
+                         "pip install 'flame[wandb]', or set it to false")
+
+
 class MetricsWriter:
     def __init__(self, cfg: Config, rank: int):
         self.enabled = rank == 0
@@ -74,18 +87,12 @@ class MetricsWriter:
             return
         m = cfg.metrics
         if m.enable_tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ValueError("metrics.enable_tensorboard = true needs the tensorboard package: "
-                                 "pip install 'flame[tensorboard]'") from None
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(os.path.join(cfg.job.dump_folder, m.save_tb_folder))
         if m.enable_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise ValueError("metrics.enable_wandb = true needs the wandb package: "
-                                 "pip install 'flame[wandb]'") from None
+            import wandb
+
             self.wandb = wandb.init(project=m.wandb_project, dir=cfg.job.dump_folder,
                                     mode=m.wandb_mode, config=cfg.to_dict(),
                                     name=cfg.job.description or None)
@@ -180,6 +187,7 @@ class Trainer:
         t = cfg.training
 
         # Processes, devices, mesh
+        check_metric_backends(cfg)
         self.rt = titan.init_distributed()
         self.device = self.rt.device
         self.dims = titan.build_parallel_dims(cfg.parallelism, self.rt.world_size)
@@ -305,9 +313,9 @@ class Trainer:
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches
 
-    def train_step(self) -> tuple[float, float, int]:
+    def train_step(self) -> tuple[float, float, float, int]:
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm,
-        tokens in this step on this rank). The loss is the mean over every label token of the
+        learning rate, tokens in this step on this rank). The loss is the mean over every label token of the
         global batch, whatever the split into ranks and micro-batches."""
         batches = self._next_batches()
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
@@ -330,6 +338,7 @@ class Trainer:
             dist.all_reduce(loss_sum)
         loss_value = loss_sum.item() / global_tokens
         norm_value = float(grad_norm)
+        lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizers.step()
             self.consecutive_skips = 0
@@ -346,7 +355,7 @@ class Trainer:
                     "training.max_consecutive_skipped_steps)")
         self.lr_schedulers.step()
         self.optimizers.zero_grad()
-        return loss_value, norm_value, sum(b["input_ids"].numel() for b in batches)
+        return loss_value, norm_value, lr, sum(b["input_ids"].numel() for b in batches)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -364,7 +373,7 @@ class Trainer:
         run_start, run_start_step = window_start, self.state.step
         while self.state.step < t.steps:
             self.gc.run(self.state.step + 1)
-            loss, grad_norm, tokens = self.train_step()
+            loss, grad_norm, lr, tokens = self.train_step()
             self.state.step += 1
             self.state.tokens_seen += tokens * self.dp_size
             window_tokens += tokens
@@ -379,7 +388,7 @@ class Trainer:
                 eta = (now - run_start) / (step - run_start_step) * (t.steps - step)
                 values = {
                     "step": step, "loss": loss, "grad_norm": grad_norm,
-                    "lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+                    "lr": lr,
                     "tokens_per_second": tps, "mfu": mfu,
                     "memory_gib": _memory_gib(self.device),
                     "tokens_seen": self.state.tokens_seen,

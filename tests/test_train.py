@@ -1,0 +1,282 @@
+"""End-to-end training runs on CPU (gloo), each in its own process as a user would launch them:
+exact resume, incomplete checkpoints, bad input, the debug config's loss, FSDP2 over 2
+processes and gradient accumulation against a single process."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEBUG = os.path.join(ROOT, "train_configs", "debug.toml")
+
+
+def tiny_config(tmp_path, name="tiny.toml", **sections) -> str:
+    """A 2-layer, dim-64 Transformer++ on the default corpus, extending the debug config."""
+    base = {
+        "job": {"dump_folder": str(tmp_path / "run")},
+        "model": {"dim": 64, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "mlp_multiple_of": 16},
+        "data": {"num_workers": 0},
+        "training": {"steps": 20, "local_batch_size": 4, "seq_len": 64},
+        "lr_scheduler": {"warmup_steps": 2, "total_steps": 20},
+        "checkpoint": {"enable": True, "interval": 5, "keep_latest_k": 0},
+        "metrics": {"log_freq": 1},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    from flame.config import dump_toml
+
+    path = tmp_path / name
+    path.write_text(f'extends = "{DEBUG}"\n' + dump_toml(base))
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, nproc=1, script="train.py", check=True):
+    """Run the trainer as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1" if nproc > 1 else "2")
+    env.pop("RANK", None)
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={_free_port()}", script, *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stderr[-4000:]}")
+    return out
+
+
+def metrics(dump_folder) -> dict[int, dict]:
+    """The last logged values of every step in <dump_folder>/metrics.jsonl."""
+    rows = {}
+    with open(os.path.join(dump_folder, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return rows
+
+
+def tree_digest(folder) -> dict[str, str]:
+    digest = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                digest[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return digest
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_resume_is_exact_and_skips_incomplete_checkpoints(tmp_path):
+    straight = tmp_path / "straight"
+    cfg = tiny_config(tmp_path)
+    run(["--config", cfg, "--job.dump_folder", str(straight), "--checkpoint.async_mode", "async"])
+    for step in (5, 10, 15, 20):  # async saves completed too
+        assert (straight / "checkpoint" / f"step-{step}" / ".metadata").is_file()
+
+    resumed = tmp_path / "resumed"
+    run(["--config", cfg, "--job.dump_folder", str(resumed), "--training.steps", "10"])
+    ckpt = resumed / "checkpoint"
+    assert sorted(os.listdir(ckpt)) == ["step-10", "step-5"]
+    assert (ckpt / "step-10" / ".metadata").is_file()
+    assert (ckpt / "step-10" / "config.toml").is_file()
+    # A save of step 15 that died mid-write: shards present, DCP's .metadata not yet renamed
+    # into place. It must not be taken for the latest checkpoint.
+    shutil.copytree(ckpt / "step-10", ckpt / "step-15")
+    os.remove(ckpt / "step-15" / ".metadata")
+
+    out = run(["--config", cfg, "--job.dump_folder", str(resumed)])
+    assert "step-10" in out.stdout + out.stderr
+
+    a, b = metrics(straight), metrics(resumed)
+    assert sorted(a) == list(range(1, 21))
+    for step in range(11, 21):
+        assert b[step]["loss"] == a[step]["loss"], step  # bitwise on CPU
+        assert b[step]["grad_norm"] == a[step]["grad_norm"], step
+        assert b[step]["lr"] == a[step]["lr"], step
+        assert b[step]["tokens_seen"] == a[step]["tokens_seen"], step
+    assert a[20]["loss"] < a[1]["loss"] - 0.5
+    assert (ckpt / "step-20" / ".metadata").is_file()
+
+
+def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path):
+    cfg = tiny_config(tmp_path, training={"steps": 2}, checkpoint={"interval": 2})
+    dump = tmp_path / "run"
+    run(["--config", cfg])
+    before = tree_digest(dump)
+    assert "checkpoint/step-2/.metadata" in before
+
+    (tmp_path / "typo.toml").write_text(f'extends = "{cfg}"\n[training]\nstepz = 4\n')
+    cases = [
+        (["--config", str(tmp_path / "typo.toml")], "did you mean 'steps'"),
+        (["--config", str(tmp_path / "missing.toml")], "config file not found"),
+        (["--config", cfg, "--training.steps", "4", "--model.vocab_size", "1000"],
+         "model.vocab_size = 1000 is smaller than the tokenizer's 4096"),
+        (["--config", cfg, "--training.steps", "4", "--training.global_batch_size", "6"],
+         "training.global_batch_size = 6 is not divisible"),
+    ]
+    for args, needle in cases:
+        out = run(args, check=False)
+        assert out.returncode != 0, args
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and needle in errors[0], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+        assert tree_digest(dump) == before, args
+
+
+def test_debug_config_loss_falls(tmp_path):
+    dump = tmp_path / "debug"
+    run(["--config", DEBUG, "--job.dump_folder", str(dump), "--training.steps", "15",
+         "--lr_scheduler.total_steps", "100", "--metrics.log_freq", "1", "--checkpoint.enable", "false"])
+    m = metrics(dump)
+    first = m[1]["loss"]
+    last = sum(m[s]["loss"] for s in range(13, 16)) / 3
+    assert first > 7.5  # ~ln(4096) at initialisation
+    assert last < first - 1.0, (first, last)
+    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu"):
+        assert key in m[15]
+    assert m[15]["mfu"] is None  # no peak FLOP/s on a CPU
+    assert os.path.isfile(dump / "config.toml")
+
+
+# ------------------------------------------------------------------------------------------
+# Two processes
+
+
+SYNTHETIC_LAUNCHER = textwrap.dedent('''
+    """train.py with a synthetic, rank-exact data source: the global batch of every step is the
+    same rows whatever the number of processes and micro-batches, so runs can be compared."""
+    import sys
+
+    import torch
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    import flame.data
+
+    VOCAB, ROWS = 256, 2048
+
+
+    class VocabOnly:
+        def __len__(self):
+            return VOCAB
+
+
+    def build_dataloader(cfg, tok, *, seq_len, local_batch_size, dp_rank, dp_world_size, seed):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, VOCAB, (ROWS, 1), generator=g)
+        stride = torch.randint(1, 5, (ROWS, 1), generator=g)
+        rows = (start + stride * torch.arange(seq_len + 1)) % VOCAB  # learnable progressions
+        per_step = local_batch_size * dp_world_size
+        index = [s * per_step + dp_rank * local_batch_size + j
+                 for s in range(ROWS // per_step) for j in range(local_batch_size)]
+
+        def collate(items):
+            x = torch.stack(items)
+            B, T = x.shape[0], seq_len
+            return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
+                    "position_ids": torch.arange(T).repeat(B, 1),
+                    "cu_seqlens": torch.arange(0, B * T + 1, T, dtype=torch.int32)}
+
+        return StatefulDataLoader(torch.utils.data.Subset(rows, index),
+                                  batch_size=local_batch_size, collate_fn=collate)
+
+
+    flame.data.build_dataloader = build_dataloader
+    flame.data.build_tokenizer = lambda cfg: VocabOnly()
+
+    if len(sys.argv) > 2 and sys.argv[1] == "--nan-at-forward":
+        # Poison the loss of one forward pass to exercise the skip of non-finite steps.
+        nan_at = int(sys.argv[2])
+        del sys.argv[1:3]
+        import flame.models
+
+        build_model = flame.models.build_model
+
+        def build_poisoned(cfg):
+            model = build_model(cfg)
+            forward, calls = model.forward, [0]
+
+            def poisoned(*args, **kwargs):
+                calls[0] += 1
+                loss = forward(*args, **kwargs)
+                return loss * float("nan") if calls[0] == nan_at else loss
+
+            model.forward = poisoned
+            return model
+
+        flame.models.build_model = build_poisoned
+
+    from flame.train import main
+
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_fsdp_two_processes_and_accumulation_match_one_process(tmp_path):
+    launcher = tmp_path / "synthetic_train.py"
+    launcher.write_text(SYNTHETIC_LAUNCHER)
+    cfg = tiny_config(tmp_path, model={"vocab_size": 256}, training={"steps": 8},
+                      lr_scheduler={"total_steps": 8}, checkpoint={"enable": False})
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+    run(["--config", cfg, "--job.dump_folder", str(one)], script=str(launcher))
+    run(["--config", cfg, "--job.dump_folder", str(two), "--training.local_batch_size", "2"],
+        nproc=2, script=str(launcher))
+    run(["--config", cfg, "--job.dump_folder", str(accum), "--training.local_batch_size", "2",
+         "--training.global_batch_size", "4"], script=str(launcher))
+    a, b, c = metrics(one), metrics(two), metrics(accum)
+    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 9))
+    for step in a:
+        for other in (b, c):
+            assert other[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
+            assert other[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-4), step
+    assert a[8]["loss"] < a[1]["loss"] - 0.3  # it learns, so the comparison means something
+
+
+def test_non_finite_step_is_skipped_counted_and_logged(tmp_path):
+    launcher = tmp_path / "synthetic_train.py"
+    launcher.write_text(SYNTHETIC_LAUNCHER)
+    cfg = tiny_config(tmp_path, model={"vocab_size": 256}, training={"steps": 6},
+                      lr_scheduler={"total_steps": 6}, checkpoint={"enable": False})
+    out = run(["--nan-at-forward", "3", "--config", cfg], script=str(launcher))
+    m = metrics(tmp_path / "run")
+    assert [m[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
+    assert m[3]["loss"] != m[3]["loss"]  # NaN, logged as it was
+    assert all(m[s]["loss"] == m[s]["loss"] and m[s]["grad_norm"] == m[s]["grad_norm"]
+               for s in (4, 5, 6))  # the poisoned gradients did not reach the weights
+    log = out.stdout + out.stderr
+    assert "step 3: loss nan" in log and "update skipped" in log
+
+
+def test_resume_with_another_process_count(tmp_path):
+    cfg = tiny_config(tmp_path, training={"steps": 4}, checkpoint={"interval": 4})
+    dump = tmp_path / "run"
+    run(["--config", cfg], nproc=2)
+    saved = tree_digest(dump / "checkpoint")
+
+    # The packed data stream of each rank depends on the number of ranks: a clear refusal.
+    out = run(["--config", cfg, "--training.steps", "6"], check=False)
+    assert out.returncode != 0
+    assert "saved by 2 data-parallel ranks and this run has 1" in out.stderr
+    assert tree_digest(dump / "checkpoint") == saved
+
+    # Weights, optimizer and schedule reshard from 2 processes to 1; the data restarts.
+    run(["--config", cfg, "--training.steps", "6", "--checkpoint.exclude_from_loading", "dataloader"])
+    m = metrics(dump)
+    assert m[4]["tokens_seen"] == 4 * (2 * 4 * 64)  # 4 steps of 2 ranks x 4 rows x 64 tokens
+    assert m[5]["tokens_seen"] == m[4]["tokens_seen"] + 4 * 64
+    assert m[5]["loss"] < m[1]["loss"]  # continued from trained weights
+    assert (dump / "checkpoint" / "step-6" / ".metadata").is_file()
