@@ -127,8 +127,9 @@ def test_batch_with_cu_seqlens_is_flattened():
     assert (out.reshape(1, 16, 97) - ref).norm() / ref.norm() < 1e-12
 
 
-def test_param_groups_exclude_norms_embeddings_and_head_constants():
-    model = build_model(tiny(mixer="mamba2", attn_layers=[1]))
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_param_groups_exclude_norms_embeddings_and_head_constants(mixer):
+    model = build_model(tiny(mixer=mixer, attn_layers=[1]))
     groups = model.param_groups(0.1)
     decay = {id(p) for p in groups[0]["params"]}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -148,3 +149,21 @@ def test_flops_per_token_counts_matmuls_and_causal_attention():
     T = 128
     attn = cfg.n_layers * 12 * h * hd * (T + 1) / 2
     assert model.flops_per_token(T) == pytest.approx(6 * matmul + attn)
+
+
+def test_chunked_linear_attention_flop_counts():
+    from flame.models.mixers.common import delta_rule_flops, linear_attention_flops
+
+    # shared/baselines/h100.md: ~0.68 MFLOP per token-head for K = V = 128, C = 64
+    assert delta_rule_flops(128, 128) == 681984
+    assert linear_attention_flops(128, 128) == 14 * 128 * 128 + 8 * 64 * 128 + 6 * 64 * 128
+    model = build_model(tiny(mixer="gated_deltanet", n_layers=3, attn_layers=[2]))
+    mixing = model.flops_per_token(256) - model.flops_per_token(128)
+    assert mixing == pytest.approx(12 * 4 * 16 * (257 - 129) / 2)  # only attention grows with T
+
+
+def test_attention_refuses_a_cache_for_packed_documents():
+    model = build_model(tiny())
+    x = torch.randn(1, 6, 64)
+    with pytest.raises(ValueError, match="cu_seqlens cannot be combined with use_cache"):
+        model.layers[0].mixer(x, cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.int32), use_cache=True)

@@ -17,7 +17,6 @@ kept. Rotary positions of new tokens continue from "pos" unless `position_ids` a
 """
 
 import inspect
-import math
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +90,11 @@ class Attention(nn.Module):
         position_ids = token_positions(B, T, x.device, cu_seqlens, position_ids, state)
         q, k = self.rotary(q, k, position_ids)
 
+        if cu_seqlens is not None and (state is not None or use_cache):
+            # a K/V cache is per batch row; packed documents would share one
+            raise ValueError("attention: cu_seqlens cannot be combined with use_cache or a decoding "
+                             "state; give each sequence its own batch row when decoding")
         if state is not None:
-            if cu_seqlens is not None:
-                raise ValueError("attention: cu_seqlens cannot be combined with a decoding state")
             y = self._attend_with_cache(q, state["k"], state["v"], k, v)
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
