@@ -11,11 +11,11 @@ first `--skip` ones, which include compilation and autotuning). MFU is the train
 own FLOPs per token (`LanguageModel.flops_per_token`) over the GPU's peak dense bf16 FLOP/s.
 
     python benchmarks/train_throughput.py                          # all recipes, seq 2048/4096/16384
-    python benchmarks/train_throughput.py --sizes 374M --seqs 4096 16384 --steps 12
-    python benchmarks/train_throughput.py --mode loss --sizes 374M  # 200 steps each, loss must fall
+    python benchmarks/train_throughput.py --sizes 340M --seqs 4096 16384 --steps 12
+    python benchmarks/train_throughput.py --mode loss --sizes 340M  # 200 steps each, loss must fall
 
---mode loss trains each selected recipe for --loss-steps steps (default 200) at seq 4096 and
-records the first and last losses; a run passes when every loss is finite and the mean of the
+--mode loss trains each selected recipe for --loss-steps steps (default 200) at seq 4096 with
+--loss-batch sequences per step (default 4) and records every loss; a run passes when every loss is finite and the mean of the
 last 20 is below the mean of the first 20.
 
 Writes benchmarks/results/train_throughput.json (or train_loss.json) and prints a table.
@@ -44,14 +44,20 @@ MICRO_BATCH = {
 }
 
 
+SIZE_CLASSES = {"340M": "small", "1.3B": "large"}
+
+
 def recipes(archs, sizes):
+    """Recipes named <arch>_<count>.toml; sizes are classes: "340M" (~0.37B) and "1.3B" (~1.36B)."""
     found = []
     for path in sorted(glob.glob(str(ROOT / "train_configs" / "*.toml"))):
         m = re.fullmatch(r"(.+)_([0-9.]+[MB])\.toml", os.path.basename(path))
-        if not m or m.group(1) not in archs or (sizes and m.group(2) not in sizes):
+        if not m or m.group(1) not in archs:
             continue
-        found.append({"arch": m.group(1), "size": m.group(2), "path": path,
-                      "class": "large" if m.group(2).endswith("B") else "small"})
+        size_class = "large" if m.group(2).endswith("B") else "small"
+        if sizes and size_class not in {SIZE_CLASSES[s] for s in sizes}:
+            continue
+        found.append({"arch": m.group(1), "size": m.group(2), "path": path, "class": size_class})
     return found
 
 
@@ -125,7 +131,7 @@ def throughput(args, selected, workdir):
                                                          args.timeout, not args.no_compile)
             timed = [r for r in records if r["step"] > args.skip]
             row = {"recipe": os.path.basename(recipe["path"]), "arch": recipe["arch"], "size": recipe["size"],
-                   "seq_len": seq_len, "local_batch_size": batch, "tokens_per_step": batch * seq_len,
+                   "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch, "tokens_per_step": batch * seq_len,
                    "steps": args.steps, "rc": rc, "wall_seconds": round(seconds, 1), "command": cmd}
             if rc == 0 and timed:
                 row["tokens_per_second"] = statistics.median(r["tokens_per_second"] for r in timed)
@@ -141,7 +147,7 @@ def throughput(args, selected, workdir):
     # beside the Transformer of the same size class and sequence length
     for row in rows:
         base = [r for r in rows if r["arch"] == "transformer" and r["seq_len"] == row["seq_len"]
-                and _size_class(r["size"]) == _size_class(row["size"]) and "tokens_per_second" in r]
+                and r["class"] == row["class"] and "tokens_per_second" in r]
         if base and "tokens_per_second" in row:
             row["vs_transformer"] = row["tokens_per_second"] / base[0]["tokens_per_second"]
     print(f"\n{'recipe':28s} {'seq':>6s} {'batch':>5s} {'tokens/s':>10s} {'MFU':>6s} {'x Transf.':>9s} {'GiB':>6s}")
@@ -156,14 +162,10 @@ def throughput(args, selected, workdir):
     return rows
 
 
-def _size_class(size):
-    return "large" if size.endswith("B") else "small"
-
-
 def loss_runs(args, selected, workdir):
     rows = []
     for recipe in selected:
-        batch = micro_batch(recipe, 4096)
+        batch = args.loss_batch
         rc, records, seconds, log, cmd = run_trainer(recipe, 4096, args.loss_steps, batch, workdir,
                                                      args.timeout, not args.no_compile, log_freq=1)
         losses = [r["loss"] for r in records]
@@ -188,11 +190,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=("throughput", "loss"), default="throughput")
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
-    p.add_argument("--sizes", nargs="+", default=None, help="e.g. 374M 1.36B (default: all)")
+    p.add_argument("--sizes", nargs="+", default=None, choices=tuple(SIZE_CLASSES),
+                   help="size classes to run (default: both)")
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 4096, 16384])
     p.add_argument("--steps", type=int, default=12, help="training steps per throughput run")
     p.add_argument("--skip", type=int, default=4, help="first steps left out of the timing")
     p.add_argument("--loss-steps", type=int, default=200)
+    p.add_argument("--loss-batch", type=int, default=4, help="sequences of 4096 per step in --mode loss")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
     p.add_argument("--no-compile", action="store_true", help="run eagerly (faster start, slower steps)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<mode>.json)")
