@@ -12,6 +12,8 @@ differentiates it; every gradient (q, k, v, g, beta, initial_state) is exact, th
 Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -232,6 +234,17 @@ def _state_output_kernel(
     tl.store(ht + state_off, S, mask=smask)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -259,6 +272,10 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory.
     wide = q.element_size() > 2
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
+    # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
+    # blocks give more programs so that every SM has one.
+    while BV > 16 and N * HV * triton.cdiv(V, BV) < 2 * _num_sms(q.device):
+        BV //= 2
     _state_output_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, w, u, gcum, o, initial_state, ht, cu_seqlens, scale,
         T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
