@@ -87,9 +87,11 @@ def _step_by_step(model, ids, prefill):
     return torch.stack(logits, 1), cache, sizes
 
 
+@pytest.mark.parametrize("backbone", ["flame", "reference"])
 @pytest.mark.parametrize("mixer", MIXERS)
-def test_reference_cache_equals_recompute(mixer):
-    _, model = make_pair(tiny_config(mixer))
+def test_cache_equals_recompute(mixer, backbone):
+    pair = make_pair(tiny_config(mixer))
+    model = pair[0] if backbone == "flame" else pair[1]
     ids = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         stepped, cache, sizes = _step_by_step(model, ids, prefill=5)
@@ -113,9 +115,11 @@ def test_greedy_generate_with_cache_equals_without(backbone):
     assert len(set(with_cache[:, 6:].flatten().tolist())) > 2  # not a degenerate repetition
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2"])
-def test_greedy_generate_linear_mixers(mixer):
-    _, model = make_pair(tiny_config(mixer))
+@pytest.mark.parametrize("mixer,backbone", [("gated_deltanet", "flame"), ("gla", "reference"),
+                                             ("mamba2", "flame"), ("deltanet", "reference")])
+def test_greedy_generate_linear_mixers(mixer, backbone):
+    pair = make_pair(tiny_config(mixer))
+    model = pair[0] if backbone == "flame" else pair[1]
     ids = torch.randint(1, 97, (2, 6))  # 0 is the pad token
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs))

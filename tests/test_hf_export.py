@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -21,9 +22,12 @@ DEBUG_TOML = os.path.join(REPO, "train_configs", "debug.toml")
 TEXT = "The history of the river begins with a small spring in the hills"
 
 
-def run_train(config_path, *overrides, env=None):
-    proc = subprocess.run([sys.executable, TRAIN_PY, "--config", config_path, *overrides],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+def run_train(config_path, *overrides, nproc=1):
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([*launcher, TRAIN_PY, "--config", config_path, *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -59,12 +63,14 @@ def tiny_run_toml(path, dump_folder):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(dump folder, checkpoint folder, export folder) of a 2-step run."""
+    """(dump folder, checkpoint folder, export folder) of a 2-step run on 2 processes, whose
+    checkpoint is sharded (FSDP2): the export reads it on the CPU in this one process."""
     root = tmp_path_factory.mktemp("hf_run")
     dump = root / "run"
     toml = tiny_run_toml(root / "tiny.toml", dump)
-    run_train(str(toml))
+    run_train(str(toml), nproc=2)
     ckpt = dump / "checkpoint" / "step-2"
+    assert sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     export = convert.to_hf(str(ckpt), str(root / "export"))
     return dump, ckpt, export
 
@@ -76,7 +82,9 @@ def trainer_model(dump, ckpt):
     model_cfg, _ = convert.read_run_config(str(dump / "config.toml"))
     model = build_model(model_cfg).eval()
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(ckpt))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(ckpt))
     model.load_state_dict(state)
     return model
 
@@ -167,6 +175,11 @@ def test_round_trip_is_bit_identical_and_the_trainer_continues(run, tmp_path):
     again = convert.to_hf(str(step0), str(tmp_path / "again"), config=str(dump / "config.toml"))
     a, b = read_safetensors(export), read_safetensors(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    # the end-of-training export writes the same weights to <dump>/hf/step-N
+    hook = convert.export_run_checkpoint(str(dump), 2)
+    assert hook == str(dump / "hf" / "step-2")
+    c = read_safetensors(hook)
+    assert all(torch.equal(a[k], c[k]) for k in a)
     with open(os.path.join(export, "config.json")) as f1, open(os.path.join(again, "config.json")) as f2:
         assert json.load(f1) == json.load(f2)
     # bf16 export -> DCP (fp32) -> bf16 export
@@ -175,6 +188,7 @@ def test_round_trip_is_bit_identical_and_the_trainer_continues(run, tmp_path):
     bf16_again = convert.to_hf(str(tmp_path / "bf16_dcp"), str(tmp_path / "bf16_again"), dtype="bfloat16",
                                config=str(dump / "config.toml"))
     c, d = read_safetensors(bf16), read_safetensors(bf16_again)
+    assert c.keys() == a.keys()
     assert all(c[k].dtype == torch.bfloat16 and torch.equal(c[k], d[k]) for k in c)
 
     # The trainer starts from step-0 (another seed: its own init would differ everywhere), with

@@ -325,3 +325,15 @@ def from_hf(model: str, out: str, dtype: str | None = "float32") -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# ----------------------------------------------------------------------------- end of training
+
+
+def export_run_checkpoint(dump_folder: str, step: int, checkpoint_folder: str = "checkpoint",
+                          out: str | None = None, dtype: str | None = None) -> str:
+    """The export a trainer runs after its last checkpoint (`checkpoint.export_hf = true`): on
+    rank 0, once that save has completed, <dump_folder>/<checkpoint_folder>/step-N ->
+    <dump_folder>/hf/step-N (or `out`)."""
+    checkpoint = os.path.join(dump_folder, checkpoint_folder, f"step-{step}")
+    return to_hf(checkpoint, out or os.path.join(dump_folder, "hf", f"step-{step}"), dtype=dtype)
