@@ -18,12 +18,13 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     datasets.config.HF_DATASETS_CACHE = str(root / "hf_cache")
     docs = make_docs(150, seed=1)
+    write_jsonl(root / "four", docs, files=4)  # file f holds documents f, f + 4, ...
     return {
         "root": root,
         "docs": docs,
         "tokenizer": make_tokenizer(root / "tok"),
-        "one_file": str(root / "one" / "part-000.jsonl") and write_jsonl(root / "one", docs)[0],
-        "four_files": str(root / "four" / "*.jsonl") if write_jsonl(root / "four", docs, files=4) else "",
+        "one_file": write_jsonl(root / "one", docs)[0],
+        "four_files": str(root / "four" / "*.jsonl"),
     }
 
 
