@@ -271,3 +271,16 @@ def test_bad_loader_arguments(corpus):
     with pytest.raises(ValueError, match="matches no files"):
         _build(DataConfig(sources=[SourceConfig(kind="files", path=str(corpus["root"] / "nope*.jsonl"))],
                           tokenizer=corpus["tokenizer"]))
+
+
+def test_hub_connection_failure(corpus, monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach https://huggingface.co (timed out)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    cfg = DataConfig(sources=[SourceConfig(kind="hub", path="org/corpus", streaming=True)],
+                     tokenizer=corpus["tokenizer"])
+    with pytest.raises(ValueError, match=r"(?s)data.sources\[0\]: hub dataset 'org/corpus'.*connection failed"):
+        _build(cfg)
