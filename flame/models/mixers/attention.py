@@ -95,17 +95,17 @@ class Attention(nn.Module):
             raise ValueError("attention: cu_seqlens cannot be combined with use_cache or a decoding "
                              "state; give each sequence its own batch row when decoding")
         if state is not None:
-            y = self._attend_with_cache(q, state["k"], state["v"], k, v)
             k = torch.cat([state["k"], k], dim=1)
             v = torch.cat([state["v"], v], dim=1)
+            y = self._attend_with_cache(q, k, v)
         else:
             y = self._attend(q, k, v, cu_seqlens)
 
         new_state = None
         if use_cache:
-            if self.window is not None:
-                k, v = k[:, -(self.window - 1):] if self.window > 1 else k[:, :0], \
-                    v[:, -(self.window - 1):] if self.window > 1 else v[:, :0]
+            if self.window is not None:  # later queries never see keys older than W - 1 steps
+                keep = k.shape[1] - min(k.shape[1], self.window - 1)
+                k, v = k[:, keep:], v[:, keep:]
             pos = state["pos"] + T if state is not None else torch.full((B,), T, dtype=torch.long, device=x.device)
             new_state = {"k": k, "v": v, "pos": pos}
         return self.o_proj(y.reshape(B, T, self.n_heads * d)), new_state
@@ -152,12 +152,11 @@ class Attention(nn.Module):
         y = _varlen_attn(q, k, v, cu, cu, B * T, B * T, **kwargs)
         return y.reshape(B, T, self.n_heads, -1)
 
-    def _attend_with_cache(self, q, k_past, v_past, k_new, v_new):
-        B, T = q.shape[:2]
-        S = k_past.shape[1]
-        k = torch.cat([k_past, k_new], dim=1)
-        v = torch.cat([v_past, v_new], dim=1)
-        # query i (absolute S + i) sees keys j <= S + i, within the window
+    def _attend_with_cache(self, q, k, v):
+        """New queries q [B, T] against cached + new keys k, v [B, S + T]."""
+        T = q.shape[1]
+        S = k.shape[1] - T
+        # query i (at S + i) sees keys j <= S + i, within the window
         qi = torch.arange(T, device=q.device)[:, None] + S
         kj = torch.arange(S + T, device=q.device)[None, :]
         mask = kj <= qi
