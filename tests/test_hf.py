@@ -103,6 +103,18 @@ def test_cache_equals_recompute(mixer, backbone):
 
 
 @pytest.mark.parametrize("backbone", ["flame", "reference"])
+def test_sliding_window_cache_equals_recompute(backbone):
+    pair = make_pair(tiny_config("gla", attn_layers=[0], sliding_window=3, use_short_conv=False))
+    model = pair[0] if backbone == "flame" else pair[1]
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        stepped, cache, _ = _step_by_step(model, ids, prefill=4)
+        full = model(ids).logits[:, 3:]
+    assert rel_err(stepped, full) < 1e-5
+    assert cache.states[0]["k"].shape[1] == 2  # the window's W - 1 keys, not all 8
+
+
+@pytest.mark.parametrize("backbone", ["flame", "reference"])
 def test_greedy_generate_with_cache_equals_without(backbone):
     flame_model, ref = make_pair(tiny_config("attention"))
     model = flame_model if backbone == "flame" else ref
