@@ -27,9 +27,9 @@ class Block(nn.Module):
         self.mlp_norm = modules.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = build_mlp(cfg)
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
-        h, new_state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens,
-                                  position_ids=position_ids, state=state, use_cache=use_cache)
+    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False, max_seqlen=None):
+        h, new_state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                  state=state, use_cache=use_cache, max_seqlen=max_seqlen)
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
         return x, new_state
@@ -54,7 +54,11 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids, labels=None, cu_seqlens=None, position_ids=None,
                 loss_reduction: str = "mean"):
-        """The loss (labels given; "mean" over labels != -100, or "sum") or logits [B, T, V]."""
+        """The loss (labels given; "mean" over labels != -100, or "sum") or logits [B, T, V].
+
+        cu_seqlens (int32 [N + 1]) delimits the documents of the flattened B * T tokens; every
+        row start must be one of its boundaries (as flame's data loader makes them), so that no
+        document is longer than a row."""
         hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids)
         if labels is None:
             return self.logits(hidden)
@@ -76,10 +80,13 @@ class LanguageModel(nn.Module):
         else:
             B = None
             x = self.embeddings(input_ids)
+        # every row start is a document boundary, so no document is longer than a row
+        max_seqlen = input_ids.shape[1] if cu_seqlens is not None else None
         new_states = [] if use_cache else None
         for i, layer in enumerate(self.layers):
             x, s = layer(x, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                         state=None if states is None else states[i], use_cache=use_cache)
+                         state=None if states is None else states[i], use_cache=use_cache,
+                         max_seqlen=max_seqlen)
             if use_cache:
                 new_states.append(s)
         x = self.norm(x)

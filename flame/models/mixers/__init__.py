@@ -1,11 +1,13 @@
 """Token mixers, one module each. Every mixer is an nn.Module built as `Mixer(cfg, layer_idx)`:
 
-    forward(x [B, T, D], cu_seqlens=None, position_ids=None, state=None, use_cache=False)
+    forward(x [B, T, D], cu_seqlens=None, position_ids=None, state=None, use_cache=False,
+            max_seqlen=None)
         -> (y [B, T, D], new_state)   # new_state is None unless use_cache
     init_weights(init_std, out_std)   # out_std for the projection back into the residual stream
     flops_per_token(seq_len)          # sequence-mixing training FLOPs per token
 
-With cu_seqlens, B = 1 and the documents of the flattened batch stay independent. Each module
+With cu_seqlens, B = 1 and the documents of the flattened batch stay independent; max_seqlen,
+when given, bounds the longest document (attention sizes its kernel grid with it). Each module
 documents its decoding state (a dict of tensors).
 """
 

@@ -80,7 +80,8 @@ class Attention(nn.Module):
         keys = causal_flops_per_token(seq_len, self.window)
         return 3 * 2 * 2 * self.n_heads * self.head_dim * keys
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
+    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False,
+                max_seqlen=None):
         B, T, _ = x.shape
         d = self.head_dim
         q = self.q_proj(x).view(B, T, self.n_heads, d)
@@ -99,7 +100,7 @@ class Attention(nn.Module):
             v = torch.cat([state["v"], v], dim=1)
             y = self._attend_with_cache(q, k, v)
         else:
-            y = self._attend(q, k, v, cu_seqlens)
+            y = self._attend(q, k, v, cu_seqlens, max_seqlen)
 
         new_state = None
         if use_cache:
@@ -110,7 +111,7 @@ class Attention(nn.Module):
             new_state = {"k": k, "v": v, "pos": pos}
         return self.o_proj(y.reshape(B, T, self.n_heads * d)), new_state
 
-    def _attend(self, q, k, v, cu_seqlens):
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen=None):
         B, T = q.shape[:2]
         if cu_seqlens is None and self.window is None:
             y = F.scaled_dot_product_attention(
@@ -118,7 +119,7 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads)
             return y.transpose(1, 2)
         if q.is_cuda and _varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
-            return self._attend_varlen(q, k, v, cu_seqlens)
+            return self._attend_varlen(q, k, v, cu_seqlens, max_seqlen)
         if cu_seqlens is not None:
             q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
         mask = document_mask(cu_seqlens, q.shape[1], self.window, q.device)
@@ -127,10 +128,11 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_heads != self.n_heads)
         return y.transpose(1, 2).reshape(B, T, self.n_heads, -1)
 
-    def _attend_varlen(self, q, k, v, cu_seqlens):
+    def _attend_varlen(self, q, k, v, cu_seqlens, max_seqlen=None):
         B, T = q.shape[:2]
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
+            max_seqlen = T
         cu = cu_seqlens.to(torch.int32)
         q, k, v = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
         kwargs = {}
@@ -148,8 +150,10 @@ class Attention(nn.Module):
                                                    v.transpose(0, 1)[None], attn_mask=mask)
                 return y[0].transpose(0, 1).reshape(B, T, self.n_heads, -1)
             kwargs["is_causal"] = True
-        # max_q/max_k only need to bound the longest document: B * T does, without a host sync
-        y = _varlen_attn(q, k, v, cu, cu, B * T, B * T, **kwargs)
+        # max_q/max_k size the kernel grid and only need to bound the longest document; a tight
+        # bound (the row length, from the model) saves launching blocks that exit at once
+        bound = max_seqlen if max_seqlen is not None else B * T
+        y = _varlen_attn(q, k, v, cu, cu, bound, bound, **kwargs)
         return y.reshape(B, T, self.n_heads, -1)
 
     def _attend_with_cache(self, q, k, v):

@@ -58,7 +58,8 @@ class Mamba2(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         return self.n_heads * linear_attention_flops(self.state_size, self.head_v)
 
-    def forward(self, u, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
+    def forward(self, u, cu_seqlens=None, position_ids=None, state=None, use_cache=False,
+                max_seqlen=None):
         Bsz, T, _ = u.shape
         H, N, P = self.n_heads, self.state_size, self.head_v
         new_state = {} if use_cache else None

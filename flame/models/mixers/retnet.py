@@ -59,7 +59,8 @@ class MultiScaleRetention(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         return self.n_heads * linear_attention_flops(self.head_k, self.head_v)
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False):
+    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False,
+                max_seqlen=None):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
