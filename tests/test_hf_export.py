@@ -65,14 +65,22 @@ def tiny_run_toml(path, dump_folder):
 def run(tmp_path_factory):
     """(dump folder, checkpoint folder, export folder) of a 2-step run on 2 processes, whose
     checkpoint is sharded (FSDP2): the export reads it on the CPU in this one process."""
-    root = tmp_path_factory.mktemp("hf_run")
-    dump = root / "run"
-    toml = tiny_run_toml(root / "tiny.toml", dump)
-    run_train(str(toml), nproc=2)
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n: the workers of this session share one run (their base folders' parent)
+        root = tmp_path_factory.getbasetemp().parent / "hf_run"
+    else:
+        root = tmp_path_factory.mktemp("hf_run")
+    dump, export = root / "run", root / "export"
     ckpt = dump / "checkpoint" / "step-2"
+    with FileLock(str(root) + ".lock"):
+        if not export.is_dir():
+            root.mkdir(exist_ok=True)
+            run_train(str(tiny_run_toml(root / "tiny.toml", dump)), nproc=2)
+            convert.to_hf(str(ckpt), str(export))
     assert sorted(n for n in os.listdir(ckpt) if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    export = convert.to_hf(str(ckpt), str(root / "export"))
-    return dump, ckpt, export
+    return dump, ckpt, str(export)
 
 
 def trainer_model(dump, ckpt):
