@@ -2,14 +2,15 @@
 
     python benchmarks/kernels.py [--kernels simple_gla gla delta_rule gated_delta_rule]
                                  [--shapes 8x4096 1x32768] [--skip-fla] [--fla-time-limit 900]
-                                 [--time-limit 600]
+                                 [--time-limit 600] [--profile]
                                  [--out benchmarks/results/kernels_<gpu>.json]
 
 H=16, K=V=128, bf16. For each kernel and shape: the first call (compile + autotune) in
 seconds, then the median of triton.testing.do_bench for the forward and for forward+backward
 (gradients of q, k, v and every gate through torch.autograd.grad), achieved TFLOP/s with the
 FLOP counts below, and the fraction of the physical floor of baselines/h100.md reached.
-fla runs where it is installed; its refusals and errors are recorded per kernel, and a time
+With --profile, torch.profiler adds each flame kernel's per-launch CUDA time (ms per call) for
+the forward and for forward+backward. fla runs where it is installed; its refusals and errors are recorded per kernel, and a time
 limit (SIGALRM) bounds each kernel's measurement (fla's first call can autotune for minutes).
 """
 
@@ -150,6 +151,30 @@ def bench_kernel(fn, inputs):
     return first_call, fwd, fwdbwd
 
 
+def profile_kernel(fn, inputs, iters: int = 5) -> dict:
+    """CUDA time per call of each GPU kernel, ms, for the forward and for forward+backward."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    do = torch.randn_like(inputs[2])
+    steps = {"fwd": lambda: fn(*inputs)[0],
+             "fwdbwd": lambda: torch.autograd.grad(fn(*leaves)[0], leaves, do)}
+    out = {}
+    for name, step in steps.items():
+        step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                step()
+            torch.cuda.synchronize()
+        times = {}
+        for evt in prof.key_averages():
+            if "CUDA" not in str(getattr(evt, "device_type", "")):
+                continue
+            total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+            times[evt.key[:60]] = total / 1000 / iters
+        out[name] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def bench_sdpa(B, T, H, D):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -184,6 +209,7 @@ def main():
     parser.add_argument("--skip-fla", action="store_true", help="do not run fla 0.6")
     parser.add_argument("--fla-time-limit", type=int, default=900, help="seconds per fla kernel and shape (0: none)")
     parser.add_argument("--time-limit", type=int, default=600, help="seconds per flame kernel and shape (0: none)")
+    parser.add_argument("--profile", action="store_true", help="per-kernel CUDA times of flame's kernels")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -215,6 +241,8 @@ def main():
                                    tflops_fwd=tokens_heads * f_fwd / fwd / 1e9,
                                    tflops_fwdbwd=tokens_heads * (f_fwd + f_bwd) / fwdbwd / 1e9,
                                    floor_fraction=floor / fwdbwd)
+                        if args.profile and impl == "flame":
+                            row["profile_ms"] = profile_kernel(fn, inputs)
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         row["error"] = f"{type(e).__name__}: {e}"[:500]
                 rows.append(row)
@@ -241,6 +269,10 @@ def main():
         first = f"{r['first_call_s']:.1f}" if "first_call_s" in r else "-"
         print(f"{r['kernel']:<18}{r['impl']:<7}{shape:>9}{r['fwd_ms']:>9.3f}{r['fwdbwd_ms']:>9.3f}"
               f"{r['tflops_fwdbwd']:>10.1f}{floor:>7}{first:>8}")
+    for r in rows:
+        for step, times in r.get("profile_ms", {}).items():
+            top = ", ".join(f"{name.split('_kernel')[0][-28:]} {ms:.3f}" for name, ms in list(times.items())[:6])
+            print(f"  {r['kernel']} {r['B']}x{r['T']} {step}: {top}")
 
 
 if __name__ == "__main__":

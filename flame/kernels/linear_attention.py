@@ -26,7 +26,13 @@ from flame.kernels.utils import (
     require_shape,
 )
 
-STATE_BLOCK = 64  # K and V tile of the state kernels
+STATE_BLOCK = 64  # K and V tile of the state passes (halved when they would leave SMs idle)
+STATE_PROGRAMS = 512  # state-pass programs below which the tile is halved
+STATE_STAGES = 3  # chunk tiles in flight ahead of the serial state update
+CHUNK_BLOCK = 128  # widest V (K) tile of the scalar-gate whole-chunk kernels
+CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
+CHUNK_WARPS = 4
+CHUNK_STAGES = 2
 SUB_BLOCK_K = 32  # K tile of the sub-chunk kernels (bounds the [16, 16, BK] exact-decay tile)
 SUB_BLOCK_V = 64
 NUM_WARPS = 4
@@ -57,41 +63,63 @@ def _cumsum(g, scalar_gate, H, K, chunks):
     return b
 
 
-def _local_states(x, y, b, scale, from_end, chunks):
-    _, H, K = x.shape
-    V = y.shape[-1]
-    s = torch.empty(chunks.slots, H, K, V, dtype=torch.float32, device=x.device)
-    grid = (chunks.slots, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
-    kern.chunk_local_state_kernel[grid](
-        x, y, b, s, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FROM_END=from_end, BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
-    )
-    return s
+def _state_block(num_seqs, H, K, V, passes):
+    # 64x64 tiles when the sequences and heads fill the GPU; else 32x32 tiles, four times
+    # the programs, so few long sequences still run on most SMs.
+    tiles = triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK)
+    return STATE_BLOCK if num_seqs * H * tiles * passes >= STATE_PROGRAMS else STATE_BLOCK // 2
 
 
-def _scan(s, b, start, reverse, store_final, chunks):
-    _, H, K, V = s.shape
-    end = torch.empty(chunks.num_seqs, H, K, V, dtype=torch.float32, device=s.device) if store_final else s
-    grid = (chunks.num_seqs, H, triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK))
-    kern.chunk_state_scan_kernel[grid](
-        s, b, start if start is not None else s, end, chunks.cu_seqlens, chunks.offsets,
-        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, REVERSE=reverse, HAS_H0=start is not None, STORE_FINAL=store_final,
-        BK=STATE_BLOCK, BV=STATE_BLOCK, num_warps=NUM_WARPS,
+def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_state, chunks):
+    """Chunk-entry states h and/or chunk-exit state gradients dh, [slots, H, K, V] in q's dtype.
+
+    Returns (h, dh, ht, dh0); ht fp32 if output_final_state, dh0 fp32 if h0 is given.
+    """
+    _, H, K = q.shape
+    V = v.shape[-1]
+    N = chunks.num_seqs
+    shape = (chunks.slots, H, K, V)
+    h = torch.empty(shape, dtype=q.dtype, device=q.device) if forward else None
+    dh = torch.empty(shape, dtype=q.dtype, device=q.device) if backward else None
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if forward and output_final_state else None
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if backward and h0 is not None else None
+    passes = int(forward) + int(backward)
+    blk = _state_block(N, H, K, V, passes)
+    grid = (triton.cdiv(K, blk) * triton.cdiv(V, blk), H, N * passes)
+    dummy = h if h is not None else dh
+    kern.chunk_state_kernel[grid](
+        k, v, q, do if do is not None else v, b,
+        h0 if h0 is not None else dummy, dht if dht is not None else dummy,
+        dummy if h is None else h, dummy if dh is None else dh,
+        ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
+        chunks.cu_seqlens, chunks.offsets, N, scale,
+        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FORWARD=forward, BACKWARD=backward,
+        HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
+        STORE_HT=ht is not None, STORE_DH0=dh0 is not None, BK=blk, BV=blk,
+        num_warps=NUM_WARPS, num_stages=STATE_STAGES,
     )
-    return end if store_final else None
+    return h, dh, ht, dh0
 
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     T, H, K = q.shape
     V = v.shape[-1]
-    b = _cumsum(g, g.dim() == 2, H, K, chunks)
-    h = _local_states(k, v, b, 1.0, True, chunks)
-    ht = _scan(h, b, h0, False, output_final_state, chunks)
+    scalar_gate = g.dim() == 2
+    b = _cumsum(g, scalar_gate, H, K, chunks)
+    h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
+    if scalar_gate:
+        bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
+        grid = (chunks.slots * triton.cdiv(V, bv), H)
+        kern.chunk_output_scalar_kernel[grid](
+            q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+            H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        )
+        return o, ht
     grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
     kern.chunk_output_kernel[grid](
         q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+        SCALAR_GATE=False, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
     )
     return o, ht
 
@@ -101,24 +129,41 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
     V = v.shape[-1]
     scalar_gate = g.dim() == 2
     b = _cumsum(g, scalar_gate, H, K, chunks)
-    h = _local_states(k, v, b, 1.0, True, chunks)
-    _scan(h, b, h0, False, False, chunks)
-    dh = _local_states(q, do, b, scale, False, chunks)
-    dh0 = _scan(dh, b, dht, True, h0 is not None, chunks)
+    h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
+    dg = torch.empty_like(g)
+    if scalar_gate:
+        bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
+        kern.chunk_backward_dv_scalar_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+            q, k, b, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+            H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        )
+        bk = min(triton.next_power_of_2(K), CHUNK_BLOCK)
+        nk = triton.cdiv(K, bk)
+        db = torch.empty(nk, T, H, dtype=torch.float32, device=q.device)
+        dbl = torch.empty(nk, chunks.slots, H, dtype=torch.float32, device=q.device)
+        kern.chunk_backward_dqk_scalar_kernel[(chunks.slots * nk, H)](
+            q, k, v, b, do, h, dh, dq, dk, db, dbl,
+            chunks.cu_seqlens, chunks.indices, chunks.num_seqs, T, scale,
+            H=H, K=K, V=V, BK=bk, BV=CHUNK_BLOCK_K, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        )
+        kern.chunk_scalar_gate_grad_kernel[(chunks.slots, H)](
+            db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, T, chunks.slots,
+            H=H, NK=nk, num_warps=NUM_WARPS,
+        )
+        return dq, dk, dv, dg, dh0
     db = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dbl = torch.empty(chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H, K, dtype=torch.float32, device=q.device)
     grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
     kern.chunk_backward_kernel[grid](
         q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+        SCALAR_GATE=False, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
     )
-    dg = torch.empty_like(g)
     kern.chunk_gate_grad_kernel[(chunks.slots, H, 1)](
         db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        H=H, K=K, SCALAR_GATE=scalar_gate, BK=triton.next_power_of_2(K), num_warps=8,
+        H=H, K=K, SCALAR_GATE=False, BK=triton.next_power_of_2(K), num_warps=8,
     )
     return dq, dk, dv, dg, dh0
 

@@ -61,91 +61,267 @@ def chunk_cumsum_kernel(
     if seq >= N:
         return
     rows = tl.arange(0, BT)
-    cols = i_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < L) & (cols[None, :] < K)
     if SCALAR_GATE:
-        g = tl.load(g_ptr + (t0 + rows[:, None]) * H + i_h + cols[None, :] * 0, mask=mask, other=0.0)
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
+        b = tl.cumsum(g.to(tl.float32), axis=0)
+        tl.store(b_ptr + (t0 + rows) * H + i_h, b, mask=rows < L)
     else:
+        cols = i_k * BK + tl.arange(0, BK)
+        mask = (rows[:, None] < L) & (cols[None, :] < K)
         g = tl.load(g_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], mask=mask, other=0.0)
-    b = tl.cumsum(g.to(tl.float32), axis=0)
-    tl.store(b_ptr + _b_offsets(t0 + rows[:, None], i_h, cols[None, :], H, K, SCALAR_GATE), b, mask=mask)
+        b = tl.cumsum(g.to(tl.float32), axis=0)
+        tl.store(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], b, mask=mask)
 
 
 @triton.jit
-def chunk_local_state_kernel(
-    x_ptr, y_ptr, b_ptr, s_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+def _state_pass(
+    x_ptr, y_ptr, b_ptr, start_ptr, states_ptr, end_ptr, i_n, i_h, i_k, i_v, bos, eos, first, num_chunks, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    FROM_END: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """Per chunk: s = scale * (x * e^{b_L - b})^T y if FROM_END else scale * (x * e^{b})^T y.
+    """One [BK, BV] tile of the recurrence over a sequence's chunks, state kept in fp32 registers.
 
-    (k, v, FROM_END) gives the chunk's own contribution to the state leaving it; (q, do) the
-    chunk's contribution to the gradient of the state entering it. fp32 [slots, H, K, V].
+    Forward (x, y = k, v): states[c] = h entering chunk c; h <- e^{b_L} h + (k e^{b_L - b})^T v.
+    REVERSE (x, y = q, do): states[c] = dh leaving chunk c; dh <- e^{b_L} dh + scale (q e^{b})^T do.
+    The chunk tiles do not depend on h, so their loads are pipelined ahead of the update.
     """
-    i_c, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NV: tl.constexpr = (V + BV - 1) // BV
-    i_k, i_v = i_kv // NV, i_kv % NV
-    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
-    if seq >= N:
-        return
     rows = tl.arange(0, BT)
-    ck = i_k * BK + tl.arange(0, BK)
-    cv = i_v * BV + tl.arange(0, BV)
-    mk = (rows[:, None] < L) & (ck[None, :] < K)
-    mv = (rows[:, None] < L) & (cv[None, :] < V)
-    x = tl.load(x_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-    y = tl.load(y_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-    b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mk, other=0.0)
-    if FROM_END:
-        b_last = tl.load(b_ptr + _b_offsets(t0 + L - 1, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
-        decay = tl.where(mk, tl.exp(b_last[None, :] - b), 0.0)
-    else:
-        decay = tl.where(mk, tl.exp(b), 0.0)
-    xd = (x.to(tl.float32) * decay * scale).to(y.dtype)
-    s = tl.dot(tl.trans(xd), y)
-    tl.store(s_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], s,
-             mask=(ck[:, None] < K) & (cv[None, :] < V))
-
-
-@triton.jit
-def chunk_state_scan_kernel(
-    s_ptr, b_ptr, h0_ptr, ht_ptr, cu_ptr, chunk_offsets_ptr,
-    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
-):
-    """The only sequential pass: h <- e^{b_L} * h + s over a sequence's chunks.
-
-    Each slot of s_ptr holds a chunk's local term on entry and is overwritten with the
-    running value before that chunk's term is added: forward, the state entering the
-    chunk; REVERSE, the state gradient leaving it. h0 starts the pass, ht gets its end.
-    """
-    i_n, i_h, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NV: tl.constexpr = (V + BV - 1) // BV
-    i_k, i_v = i_kv // NV, i_kv % NV
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    first = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
-    num_chunks = (tl.load(chunk_offsets_ptr + i_n + 1) - first).to(tl.int32)
     ck = i_k * BK + tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mask = (ck[:, None] < K) & (cv[None, :] < V)
     tile = ck[:, None] * V + cv[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + (i_n * H + i_h) * K * V + tile, mask=mask, other=0.0).to(tl.float32)
+    if HAS_START:
+        h = tl.load(start_ptr + (i_n * H + i_h) * K * V + tile, mask=mask, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BK, BV], dtype=tl.float32)
     for i in range(0, num_chunks):
         c = num_chunks - 1 - i if REVERSE else i
         slot = first + c
-        t_last = tl.minimum(bos + (c + 1) * BT, eos) - 1
-        b_last = tl.load(b_ptr + _b_offsets(t_last, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
-        p = s_ptr + (slot * H + i_h) * K * V + tile
-        s = tl.load(p, mask=mask, other=0.0)
-        tl.store(p, h, mask=mask)
-        h = h * tl.exp(b_last)[:, None] + s
-    if STORE_FINAL:
-        tl.store(ht_ptr + (i_n * H + i_h) * K * V + tile, h, mask=mask)
+        t0 = bos + c * BT
+        L = tl.minimum(eos - t0, BT).to(tl.int32)
+        tl.store(states_ptr + (slot * H + i_h) * K * V + tile, h.to(states_ptr.dtype.element_ty), mask=mask)
+        mk = (rows[:, None] < L) & (ck[None, :] < K)
+        x = tl.load(x_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        y = tl.load(y_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
+                    mask=(rows[:, None] < L) & (cv[None, :] < V), other=0.0)
+        if SCALAR_GATE:
+            b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
+            b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+            if REVERSE:
+                w = tl.where(rows < L, tl.exp(b) * scale, 0.0)
+            else:
+                w = tl.where(rows < L, tl.exp(b_last - b), 0.0)
+            xd = (x.to(tl.float32) * w[:, None]).to(y.dtype)
+            h = h * tl.exp(b_last) + tl.dot(tl.trans(xd), y)
+        else:
+            b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+            b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            if REVERSE:
+                w = tl.where(mk, tl.exp(b) * scale, 0.0)
+            else:
+                w = tl.where(mk, tl.exp(b_last[None, :] - b), 0.0)
+            xd = (x.to(tl.float32) * w).to(y.dtype)
+            h = h * tl.exp(b_last)[:, None] + tl.dot(tl.trans(xd), y)
+    if STORE_END:
+        tl.store(end_ptr + (i_n * H + i_h) * K * V + tile, h, mask=mask)
+
+
+@triton.jit
+def chunk_state_kernel(
+    k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
+    cu_ptr, chunk_offsets_ptr, N, scale,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    FORWARD: tl.constexpr, BACKWARD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_DH0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """The only sequential passes, one program per (K, V tile, head, sequence, direction).
+
+    FORWARD writes h (state entering each chunk) and ht; BACKWARD writes dh (gradient of the
+    state leaving each chunk) and dh0. With both, the two independent passes share one launch:
+    programs past the first N sequences run the reverse pass, which doubles the parallelism
+    when few long sequences leave SMs idle.
+    """
+    i_kv, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_k, i_v = i_kv // NV, i_kv % NV
+    if FORWARD and BACKWARD:
+        reverse = i_p >= N
+    elif BACKWARD:
+        reverse = i_p >= 0
+    else:
+        reverse = i_p < 0
+    i_n = i_p % N
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    first = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
+    num_chunks = (tl.load(chunk_offsets_ptr + i_n + 1) - first).to(tl.int32)
+    if reverse:
+        _state_pass(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
+                    num_chunks, scale, SCALAR_GATE, H, K, V, True, HAS_DHT, STORE_DH0, BK, BV)
+    else:
+        _state_pass(k_ptr, v_ptr, b_ptr, h0_ptr, h_ptr, ht_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
+                    num_chunks, 1.0, SCALAR_GATE, H, K, V, False, HAS_H0, STORE_HT, BK, BV)
+
+
+@triton.jit
+def _decay_matrix(b, rows, L, TRANSPOSED: tl.constexpr):
+    """Scalar gate: e^{b_t - b_s} for s <= t < L, zero elsewhere ([t, s], or [s, t] if TRANSPOSED)."""
+    if TRANSPOSED:
+        causal = (rows[None, :] >= rows[:, None]) & (rows[None, :] < L)
+        diff = b[None, :] - b[:, None]
+    else:
+        causal = (rows[:, None] >= rows[None, :]) & (rows[:, None] < L)
+        diff = b[:, None] - b[None, :]
+    return tl.exp(tl.where(causal, diff, float("-inf")))
+
+
+@triton.jit
+def chunk_output_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate, one whole chunk per program: o = scale [(q k^T * D) v + e^{b} (q h)].
+
+    One decay per row makes D = e^{b_t - b_s} a [BT, BT] matrix, so the intra-chunk term is
+    two full-chunk matmuls with no sub-chunks. The V tiles of a chunk are adjacent programs.
+    """
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    cv = i_v * BV + tl.arange(0, BV)
+    mv = valid[:, None] & (cv[None, :] < V)
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    a = tl.zeros([BT, BT], dtype=tl.float32)
+    o = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = valid[:, None] & (ck[None, :] < K)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+                    mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
+        a += tl.dot(q, tl.trans(k))
+        o += tl.dot(q, h.to(dtype))
+    a = (a * _decay_matrix(b, rows, L, False)).to(dtype)
+    v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+    o = o * tl.exp(b)[:, None] + tl.dot(a, v)
+    tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
+
+
+@triton.jit
+def chunk_backward_dv_scalar_kernel(
+    q_ptr, k_ptr, b_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate: dv = scale (k q^T * D^T) do + (k e^{b_L - b}) dh, one chunk and V tile."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    cv = i_v * BV + tl.arange(0, BV)
+    mv = valid[:, None] & (cv[None, :] < V)
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+    at = tl.zeros([BT, BT], dtype=tl.float32)  # at[s, t] = k_s . q_t
+    dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = valid[:, None] & (ck[None, :] < K)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+                     mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
+        at += tl.dot(k, tl.trans(q))
+        dv += tl.dot(k, dh.to(dtype))
+    at = (at * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+    do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+    dv = dv * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None] + tl.dot(at, do)
+    tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
+
+
+@triton.jit
+def chunk_backward_dqk_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr, dbl_ptr,
+    cu_ptr, chunk_idx_ptr, N, T_total, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate: dq, dk of one chunk and K tile, and this tile's part of the gate gradient.
+
+    W = scale (do v^T * D); dq = W k + scale e^{b} (do h^T); dk = W^T q + e^{b_L - b} (v dh^T).
+    db [NK, T, H] gets sum_k (q dq - k dk) per row (gradient of b); dbl [NK, slots, H] the
+    gradient of b_L through the state leaving the chunk. The gate-gradient kernel sums them.
+    """
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_c, i_k, i_h = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = i_k * BK + tl.arange(0, BK)
+    mk = valid[:, None] & (ck[None, :] < K)
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+    da = tl.zeros([BT, BT], dtype=tl.float32)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+        dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+        da += tl.dot(do, tl.trans(v))
+        dq += tl.dot(do, tl.trans(h.to(dtype)))
+        dk += tl.dot(v, tl.trans(dh.to(dtype)))
+        hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
+    q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    dq = dq * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]
+    dk = dk * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]
+    dbl = tl.sum(tl.sum(k.to(tl.float32) * dk, axis=1), axis=0) + tl.exp(b_last) * tl.sum(hdh, axis=0)
+    w = (da * _decay_matrix(b, rows, L, False) * scale).to(dtype)
+    dq += tl.dot(w, k)
+    dk += tl.dot(tl.trans(w), q)
+    db = tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, axis=1)
+    p = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+    tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
+    tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
+    tl.store(db_ptr + (i_k * T_total + t0 + rows) * H + i_h, db, mask=valid)
+    tl.store(dbl_ptr + (i_k * (tl.num_programs(0) // NK) + i_c) * H + i_h, dbl)
+
+
+@triton.jit
+def chunk_scalar_gate_grad_kernel(
+    db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, T_total, slots,
+    H: tl.constexpr, NK: tl.constexpr,
+):
+    """Scalar gate: dg_t = sum_{t' >= t in the chunk} db_t' + (gradient of b_L), summed over K tiles."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    rows = tl.arange(0, BT)
+    db = tl.zeros([BT], dtype=tl.float32)
+    dbl = 0.0
+    for i_k in range(0, NK):
+        db += tl.load(db_ptr + (i_k * T_total + t0 + rows) * H + i_h, mask=rows < L, other=0.0)
+        dbl += tl.load(dbl_ptr + (i_k * slots + i_c) * H + i_h)
+    dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+    tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=rows < L)
 
 
 @triton.jit
@@ -338,7 +514,7 @@ def chunk_backward_kernel(
             dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
             dq += tl.dot(do_i, tl.trans(h.to(dtype)))
             dk += tl.dot(v_i, tl.trans(dh.to(dtype)))
-            hdh += tl.sum(h * dh, axis=1)
+            hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
