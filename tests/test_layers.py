@@ -77,6 +77,23 @@ def test_gated_rms_norm(monkeypatch, backend, dtype, tol, activation):
     check(lambda x, g, w: gated_rms_norm(x, g, w, activation=activation), ref, [x, gate, w], dtype, tol)
 
 
+@pytest.mark.parametrize("rows, dim", [(150, 48), (9, 2100)], ids=["tiles-of-32-rows", "wide-rows"])
+@pytest.mark.parametrize("kind", ["plain", "residual", "gated"])
+def test_norm_backward_walks_several_tiles_per_program(monkeypatch, kind, rows, dim):
+    """The backward's persistent programs each take several tiles, the last one partial."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    x, other, w = randn(rows, dim, seed=0), randn(rows, dim, seed=1), randn(dim, seed=2)
+    if kind == "plain":
+        check(lambda x, w: rms_norm(x, w)[0], lambda x, w: F.rms_norm(x, (dim,), w, eps=1e-6), [x, w],
+              torch.float32, 1e-5)
+    elif kind == "residual":
+        check(lambda x, r, w: rms_norm(x, w, r), lambda x, r, w: (F.rms_norm(x + r, (dim,), w, eps=1e-6), x + r),
+              [x, other, w], torch.float32, 1e-5)
+    else:
+        check(gated_rms_norm, lambda x, g, w: F.rms_norm(x, (dim,), w, eps=1e-6) * F.silu(g), [x, other, w],
+              torch.float32, 1e-5)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_rms_norm_residual_sum_alone_gets_gradient(monkeypatch, backend):
     monkeypatch.setenv("FLAME_BACKEND", backend)

@@ -3,9 +3,11 @@
     y = x / sqrt(mean(x^2) + eps) * weight                      rms_norm
     y = x / sqrt(mean(x^2) + eps) * weight * act(gate)          gated_rms_norm, act = silu | sigmoid
 
-Each has a pure-torch reference (`*_ref`, the CPU path and the test oracle) and a Triton kernel
-that handles one row per program (rows up to 64K wide), forward and backward, wrapped as
-`torch.library` custom ops so that torch.compile keeps them as single kernels.
+Each has a pure-torch reference (`*_ref`, the CPU path and the test oracle) and Triton kernels
+(rows up to 64K wide), wrapped as `torch.library` custom ops so that torch.compile keeps them as
+single kernels: the forward handles one row per program; the backward is a persistent grid
+whose programs walk tiles of rows, keeping the weight and their partial weight gradient in
+registers.
 The statistics are computed in fp32 whatever the input dtype.
 """
 
@@ -108,37 +110,65 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _rms_norm_bwd_kernel(
     x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dres_ptr, dx_ptr, dgate_ptr, dw_ptr,
-    n_rows, n_cols, rows_per_program,
-    HAS_DRESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, IS_SILU: tl.constexpr, BLOCK: tl.constexpr,
+    n_rows, n_cols,
+    HAS_DRESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, IS_SILU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Each program walks rows_per_program rows and keeps its partial weight gradient in
-    # registers, so the weight gradient costs one small [programs, n_cols] write.
+    # Persistent: the grid is what fits on the device at once and program p takes the tiles of
+    # BLOCK_M rows starting at p * BLOCK_M, then every P * BLOCK_M rows. The weight and the
+    # partial weight gradient stay in registers across tiles, so the weight gradient costs one
+    # small [P, n_cols] fp32 write. The next tile's inputs are loaded before this tile is reduced
+    # and stored (the compiler does not pipeline loads that feed no dot), which keeps two tiles of
+    # reads in flight per program instead of stalling on each row's round trip.
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = row_start + i
-        if row < n_rows:
-            off = row.to(tl.int64) * n_cols + cols
-            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            xhat = x * rstd
-            if HAS_GATE:
-                g = tl.load(gate_ptr + off, mask=mask, other=0.0).to(tl.float32)
-                a, da = _act_and_grad(g, IS_SILU)
-                tl.store(dgate_ptr + off, (dy * xhat * w * da).to(dgate_ptr.dtype.element_ty), mask=mask)
-                dy = dy * a
-            dw += dy * xhat
-            dxhat = dy * w
-            dx = rstd * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=0) / n_cols))
-            if HAS_DRESIDUAL:
-                dx += tl.load(dres_ptr + off, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_ptr + pid * n_cols + cols, dw, mask=mask)
+    cmask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    x_raw = tl.load(x_ptr + off, mask=mask, other=0.0)
+    dy_raw = tl.load(dy_ptr + off, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+    if HAS_GATE:
+        g_raw = tl.load(gate_ptr + off, mask=mask, other=0.0)
+    if HAS_DRESIDUAL:
+        dres_raw = tl.load(dres_ptr + off, mask=mask, other=0.0)
+
+    for first_next in range(pid * BLOCK_M + step, n_rows + step, step):
+        rows_next = first_next + tl.arange(0, BLOCK_M)
+        mask_next = (rows_next < n_rows)[:, None] & cmask[None, :]
+        off_next = rows_next.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        x_next = tl.load(x_ptr + off_next, mask=mask_next, other=0.0)
+        dy_next = tl.load(dy_ptr + off_next, mask=mask_next, other=0.0)
+        rstd_next = tl.load(rstd_ptr + rows_next, mask=rows_next < n_rows, other=0.0)
+        if HAS_GATE:
+            g_next = tl.load(gate_ptr + off_next, mask=mask_next, other=0.0)
+        if HAS_DRESIDUAL:
+            dres_next = tl.load(dres_ptr + off_next, mask=mask_next, other=0.0)
+
+        xhat = x_raw.to(tl.float32) * rstd[:, None]
+        dy = dy_raw.to(tl.float32)
+        if HAS_GATE:
+            a, da = _act_and_grad(g_raw.to(tl.float32), IS_SILU)
+            tl.store(dgate_ptr + off, (dy * xhat * w * da).to(dgate_ptr.dtype.element_ty), mask=mask)
+            dy = dy * a
+        dw += dy * xhat
+        dxhat = dy * w
+        dx = rstd[:, None] * (dxhat - xhat * (tl.sum(dxhat * xhat, axis=1) / n_cols)[:, None])
+        if HAS_DRESIDUAL:
+            dx += dres_raw.to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+        mask, off, x_raw, dy_raw, rstd = mask_next, off_next, x_next, dy_next, rstd_next
+        if HAS_GATE:
+            g_raw = g_next
+        if HAS_DRESIDUAL:
+            dres_raw = dres_next
+    tl.store(dw_ptr + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
@@ -148,12 +178,49 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-def _num_programs(x: torch.Tensor, n_rows: int) -> int:
+def _bwd_tile(n_cols: int) -> tuple[int, int, int]:
+    """Rows per tile, padded row width and warps of the backward kernel: tiles of at least 2048
+    elements (so that narrow rows, such as per-head gated norms, still move a few KB per load),
+    8 elements of each tensor per thread."""
+    block, _ = _block_and_warps(n_cols)
+    rows = max(1, 2048 // block)
+    return rows, block, min(max(rows * block // 256, 1), 16)
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(kernel, args: tuple, constexprs: dict, num_warps: int, device: torch.device) -> int:
+    """How many programs of this compiled kernel fit on the device at once (registers, threads and
+    shared memory per SM), so that a persistent grid runs in exactly one wave."""
+    key = (kernel.fn.__name__, device.index,
+           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args),
+           tuple(sorted(constexprs.items())), num_warps)
+    if key not in _RESIDENT:
+        props = torch.cuda.get_device_properties(device)
+        per_sm = 2  # what always fits (at most 16 warps of 128 registers); used if the query fails
+        try:
+            compiled = kernel.warmup(*args, **constexprs, num_warps=num_warps, grid=(1,))
+            compiled._init_handles()
+            threads = 32 * num_warps
+            per_sm = min(props.max_threads_per_multi_processor // threads,
+                         props.regs_per_multiprocessor // max(compiled.n_regs * threads, 1))
+            if compiled.metadata.shared:
+                per_sm = min(per_sm, props.shared_memory_per_multiprocessor // compiled.metadata.shared)
+        except Exception:  # only a performance hint: keep the conservative count
+            pass
+        _RESIDENT[key] = props.multi_processor_count * max(per_sm, 1)
+    return _RESIDENT[key]
+
+
+def _num_programs(kernel, args: tuple, constexprs: dict, num_warps: int, n_tiles: int) -> int:
+    """Programs of a persistent grid over n_tiles tiles; args[0] is a tensor on the target device."""
+    x = args[0]
     if x.is_cuda:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        resident = _resident_programs(kernel, args, constexprs, num_warps, x.device)
     else:
-        sms = 4
-    return max(1, min(n_rows, 8 * sms))
+        resident = 4  # the interpreter: a few programs, each walking several tiles
+    return max(1, min(n_tiles, resident))
 
 
 @torch.library.custom_op("flame::rms_norm_fwd", mutates_args=())
@@ -201,16 +268,19 @@ def _rms_norm_bwd(
     n_rows = x2.shape[0]
     dx = torch.empty_like(x2)
     dgate = torch.empty_like(x2) if gate is not None else x2.new_empty(0)
-    programs = _num_programs(x2, n_rows)
+    rows_per_tile, block, warps = _bwd_tile(n_cols)
+    gate2 = gate.reshape(-1, n_cols).contiguous() if gate is not None else x2
+    dres2 = dresidual.reshape(-1, n_cols).contiguous() if dresidual is not None else dy2
+    constexprs = dict(HAS_DRESIDUAL=dresidual is not None, HAS_GATE=gate is not None,
+                      IS_SILU=activation == "silu", BLOCK_M=rows_per_tile, BLOCK=block)
+
+    def args(dw_partial):
+        return (x2, gate2, weight, rstd, dy2, dres2, dx, dgate, dw_partial, n_rows, n_cols)
+
+    programs = _num_programs(_rms_norm_bwd_kernel, args(rstd), constexprs, warps,
+                             triton.cdiv(n_rows, rows_per_tile))
     dw_partial = torch.empty(programs, n_cols, device=x.device, dtype=torch.float32)
-    block, warps = _block_and_warps(n_cols)
-    _rms_norm_bwd_kernel[(programs,)](
-        x2, gate.reshape(-1, n_cols).contiguous() if gate is not None else x2, weight, rstd, dy2,
-        dresidual.reshape(-1, n_cols).contiguous() if dresidual is not None else dy2,
-        dx, dgate, dw_partial, n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_DRESIDUAL=dresidual is not None, HAS_GATE=gate is not None, IS_SILU=activation == "silu",
-        BLOCK=block, num_warps=warps,
-    )
+    _rms_norm_bwd_kernel[(programs,)](*args(dw_partial), **constexprs, num_warps=warps)
     dgate = dgate.view_as(x) if gate is not None else dgate
     return dx.view_as(x), dgate, dw_partial.sum(0).to(weight.dtype)
 
