@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="dtype of the saved weights (default: as stored in the checkpoint)")
     to_hf.add_argument("--config", default=None, help="the run's TOML (default: its saved config.toml)")
+    to_hf.add_argument("--max-shard-gib", type=float, default=5.0,
+                       help="largest safetensors file; also the memory the conversion needs (default 5)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face folder or hub id -> DCP checkpoint (model only)")
     from_hf.add_argument("--model", required=True, help="a flame model folder or hub id")
     from_hf.add_argument("--out", required=True, help="new checkpoint folder, e.g. <dump_folder>/checkpoint/step-0")
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "to-hf":
-            out = convert.to_hf(args.checkpoint, args.out, dtype=args.dtype, config=args.config)
+            if not args.max_shard_gib > 0:
+                raise ValueError(f"--max-shard-gib {args.max_shard_gib}: must be positive")
+            out = convert.to_hf(args.checkpoint, args.out, dtype=args.dtype, config=args.config,
+                                max_shard_bytes=int(args.max_shard_gib * 2**30))
         else:
             out = convert.from_hf(args.model, args.out, dtype=args.dtype)
     except ValueError as e:

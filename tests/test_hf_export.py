@@ -183,6 +183,17 @@ def test_round_trip_is_bit_identical_and_the_trainer_continues(run, tmp_path):
     again = convert.to_hf(str(step0), str(tmp_path / "again"), config=str(dump / "config.toml"))
     a, b = read_safetensors(export), read_safetensors(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    # a sharded export (tiny shards): index + several files, read back alike
+    from transformers import AutoModelForCausalLM
+
+    sharded = convert.to_hf(str(ckpt), str(tmp_path / "sharded"), max_shard_bytes=200_000)
+    files = sorted(n for n in os.listdir(sharded) if n.endswith(".safetensors"))
+    assert len(files) > 2 and convert.WEIGHTS_INDEX in os.listdir(sharded)
+    assert all(torch.equal(v, a[convert.HF_PREFIX + k]) for k, v in convert.read_hf_model(sharded)[2].items())
+    ids = tokens(export)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(sharded)(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(export)(ids).logits)
     # the end-of-training export writes the same weights to <dump>/hf/step-N
     hook = convert.export_run_checkpoint(str(dump), 2)
     assert hook == str(dump / "hf" / "step-2")

@@ -18,6 +18,7 @@ so an interrupted conversion never leaves a folder that looks complete.
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ AUTO_MAP = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_PREFIX = "model."
+MAX_SHARD_BYTES = 5 * 2**30  # safetensors files of at most 5 GiB, as transformers writes
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -160,10 +162,9 @@ def read_run_config(path: str):
     return model_cfg, data.get("data", {})
 
 
-def load_dcp_model_state(checkpoint: str, model_cfg) -> dict[str, torch.Tensor]:
-    """The model weights of a DCP checkpoint as full CPU tensors, in their saved dtype,
+def dcp_model_weights(checkpoint: str, model_cfg) -> dict:
+    """name -> stored tensor metadata (size, dtype) of each model weight in a DCP checkpoint,
     checked against the model the config describes."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(checkpoint).read_metadata().state_dict_metadata
@@ -171,11 +172,34 @@ def load_dcp_model_state(checkpoint: str, model_cfg) -> dict[str, torch.Tensor]:
     shapes = {k: tuple(md.size) for k, md in stored.items() if hasattr(md, "size")}
     expected = expected_model_state(model_cfg)
     check_weights_match(expected, shapes, f"checkpoint {checkpoint}", "the run's [model] config")
-    state = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype) for k in expected}
+    return {k: stored[k] for k in expected}
+
+
+def load_dcp_model_state(checkpoint: str, model_cfg, keys=None) -> dict[str, torch.Tensor]:
+    """The model weights (all, or `keys`) of a DCP checkpoint as full CPU tensors in their saved
+    dtype. DCP reads each tensor's pieces from every rank's file: any sharding loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = dcp_model_weights(checkpoint, model_cfg)
+    keys = list(stored) if keys is None else keys
+    state = {k: torch.empty(stored[k].size, dtype=stored[k].properties.dtype) for k in keys}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=FileSystemReader(checkpoint))
     return state
+
+
+def group_by_size(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive names in groups of at most max_bytes (a larger tensor is a group alone)."""
+    groups, current, used = [], [], 0
+    for name, size in sizes.items():
+        if current and used + size > max_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    return groups + ([current] if current else [])
 
 
 def _tokenizer(data_table: dict):
@@ -184,8 +208,9 @@ def _tokenizer(data_table: dict):
     return load_tokenizer(data_table.get("tokenizer", "default"), data_table.get("default_vocab_size", 4096))
 
 
-def write_hf_folder(out: str, model_cfg, state: dict[str, torch.Tensor], tokenizer=None) -> None:
-    """config.json + model.safetensors + tokenizer + remote code into `out` (which must be new)."""
+def write_hf_folder(out: str, model_cfg, shards, n_shards: int, dtype: torch.dtype, tokenizer=None) -> None:
+    """config.json, the weights, tokenizer and remote code into `out` (which must be new).
+    `shards` yields n_shards state dicts: one model.safetensors, or numbered files + index."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -194,13 +219,21 @@ def write_hf_folder(out: str, model_cfg, state: dict[str, torch.Tensor], tokeniz
     if tokenizer is not None:
         extra = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     config = FlameConfig(**dataclasses.asdict(model_cfg), auto_map=dict(AUTO_MAP), **extra)
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) == 1:
-        config.dtype = str(next(iter(dtypes))).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     config.architectures = ["FlameForCausalLM"]
     config.save_pretrained(out)
-    tensors = {HF_PREFIX + k: v.contiguous() for k, v in state.items()}
-    save_file(tensors, os.path.join(out, WEIGHTS_FILE), metadata={"format": "pt"})
+
+    weight_map, total = {}, 0
+    for i, state in enumerate(shards):
+        name = WEIGHTS_FILE if n_shards == 1 else f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        tensors = {HF_PREFIX + k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(out, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if n_shards > 1:
+        with open(os.path.join(out, WEIGHTS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
         from transformers import GenerationConfig
@@ -213,20 +246,33 @@ def write_hf_folder(out: str, model_cfg, state: dict[str, torch.Tensor], tokeniz
         shutil.copyfile(os.path.join(here, name), os.path.join(out, name))
 
 
-def to_hf(checkpoint: str, out: str, dtype: str | None = None, config: str | None = None) -> str:
-    """Convert a trainer checkpoint folder to a Hugging Face folder; returns the folder."""
+def to_hf(checkpoint: str, out: str, dtype: str | None = None, config: str | None = None,
+          max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Convert a trainer checkpoint folder to a Hugging Face folder; returns the folder.
+    Weights are read and written one shard (at most max_shard_bytes) at a time, so the
+    memory needed is one shard, not the model."""
     torch_dtype = parse_dtype(dtype)
     checkpoint = check_checkpoint_folder(checkpoint)
     out = _fresh_output(out, "--out")
     config_path = config or find_run_config(checkpoint)
     model_cfg, data_table = read_run_config(config_path)
-    state = load_dcp_model_state(checkpoint, model_cfg)
-    if torch_dtype is not None:
-        state = {k: v.to(torch_dtype) for k, v in state.items()}
+    stored = dcp_model_weights(checkpoint, model_cfg)
+    out_dtypes = {k: torch_dtype or md.properties.dtype for k, md in stored.items()}
+    if len(set(out_dtypes.values())) != 1:
+        raise ValueError(f"checkpoint {checkpoint} holds weights of several dtypes "
+                         f"{sorted(map(str, set(out_dtypes.values())))}; pass --dtype")
+    sizes = {k: math.prod(md.size) * out_dtypes[k].itemsize for k, md in stored.items()}
+    groups = group_by_size(sizes, max_shard_bytes)
+
+    def shards():
+        for keys in groups:
+            state = load_dcp_model_state(checkpoint, model_cfg, keys)
+            yield {k: v.to(out_dtypes[k]) for k, v in state.items()}
+
     tokenizer = _tokenizer(data_table)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{os.path.basename(out)}.tmp-")
     try:
-        write_hf_folder(tmp, model_cfg, state, tokenizer)
+        write_hf_folder(tmp, model_cfg, shards(), len(groups), next(iter(out_dtypes.values())), tokenizer)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
