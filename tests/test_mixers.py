@@ -135,6 +135,7 @@ def test_gated_deltanet_gates(monkeypatch):
 def test_retnet_decay_is_fixed_per_head():
     gamma = retention_log_decay(4).exp()
     assert torch.allclose(gamma, torch.tensor([1 - 2 ** -5, 1 - 2 ** -6, 1 - 2 ** -7, 1 - 2 ** -8]))
+    assert torch.allclose(retention_log_decay(2, first_head=2).exp(), gamma[2:])
     mixer = make("retnet")
     assert not any("decay" in n for n, _ in mixer.named_parameters())
 

@@ -5,6 +5,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
 CHUNK_SIZE = 64
@@ -29,6 +30,12 @@ def delta_rule_flops(K: int, V: int, C: int = CHUNK_SIZE) -> float:
     (WY representation; the count in shared/baselines/h100.md):
     forward 6KV + 5.25CK + 4CV, backward 16KV + 18CK + 10CV + 4C^2."""
     return 22 * K * V + 23.25 * C * K + 14 * C * V + 4 * C * C
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a per-head parameter: under tensor parallelism A_log, dt_bias, D are
+    DTensors sharded by head, while the activations they meet are plain local tensors."""
+    return param.to_local() if isinstance(param, DTensor) else param
 
 
 def use_recurrent_kernel(state, T: int) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (apply_conv, delta_rule_flops, init_conv, init_dt_bias,
+from flame.models.mixers.common import (apply_conv, delta_rule_flops, init_conv, init_dt_bias, local,
                                         use_recurrent_kernel)
 
 
@@ -80,7 +80,8 @@ class GatedDeltaNet(nn.Module):
         v = v.view(B, T, H, V)
         beta = self.b_proj(x).sigmoid()
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # gates in at least fp32
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(self.a_proj(x).to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        g = -local(self.A_log).to(gate_dtype).exp() * F.softplus(
+            self.a_proj(x).to(gate_dtype) + local(self.dt_bias).to(gate_dtype))
 
         rule = (kernels.fused_recurrent_gated_delta_rule if use_recurrent_kernel(state, T)
                 else kernels.chunk_gated_delta_rule)

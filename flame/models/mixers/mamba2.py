@@ -24,7 +24,7 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (apply_conv, init_conv, init_dt_bias, linear_attention_flops,
+from flame.models.mixers.common import (apply_conv, init_conv, init_dt_bias, linear_attention_flops, local,
                                         use_recurrent_kernel)
 
 
@@ -70,8 +70,8 @@ class Mamba2(nn.Module):
             xbc = F.silu(xbc)
         x, b, c = xbc.split([self.d_inner, N, N], dim=-1)
         gate_dtype = torch.promote_types(u.dtype, torch.float32)  # gates in at least fp32
-        dt = F.softplus(dt.to(gate_dtype) + self.dt_bias.to(gate_dtype))     # [B, T, H]
-        g = -self.A_log.to(gate_dtype).exp() * dt
+        dt = F.softplus(dt.to(gate_dtype) + local(self.dt_bias).to(gate_dtype))     # [B, T, H]
+        g = -local(self.A_log).to(gate_dtype).exp() * dt
         q = c.unsqueeze(2).expand(Bsz, T, H, N)
         k = (b.unsqueeze(2).to(gate_dtype) * dt.unsqueeze(-1)).to(x.dtype)         # [B, T, H, N]
         v = x.view(Bsz, T, H, P)
@@ -81,6 +81,6 @@ class Mamba2(nn.Module):
                         output_final_state=use_cache, cu_seqlens=cu_seqlens)
         if use_cache:
             new_state["recurrent"] = final
-        y = y + v * self.D.view(H, 1).to(v.dtype)
+        y = y + v * local(self.D).view(H, 1).to(v.dtype)
         y = self.norm(y.reshape(Bsz, T, self.d_inner) * F.silu(z))
         return self.out_proj(y), new_state

@@ -22,9 +22,9 @@ from flame.models.mixers.common import (apply_conv, init_conv, linear_attention_
                                         use_recurrent_kernel)
 
 
-def retention_log_decay(n_heads: int, device=None) -> torch.Tensor:
-    """log(1 - 2^(-5 - h)) for h = 0..H-1 (float32)."""
-    h = torch.arange(n_heads, dtype=torch.float32, device=device)
+def retention_log_decay(n_heads: int, device=None, first_head: int = 0) -> torch.Tensor:
+    """log(1 - 2^(-5 - h)) for heads h = first_head .. first_head + n_heads - 1 (float32)."""
+    h = torch.arange(first_head, first_head + n_heads, dtype=torch.float32, device=device)
     return torch.log1p(-torch.pow(2.0, -5.0 - h))
 
 
@@ -34,6 +34,9 @@ class MultiScaleRetention(nn.Module):
         self.layer_idx = layer_idx
         H, K, V = cfg.n_heads, cfg.linear_head_dim, cfg.linear_v_head_dim
         self.n_heads, self.head_k, self.head_v = H, K, V
+        # global index of this module's first head: tensor parallelism gives each rank a slice
+        # of the heads, and the decay depends on the head index
+        self.first_head = 0
         self.q_proj = nn.Linear(cfg.dim, H * K, bias=False)
         self.k_proj = nn.Linear(cfg.dim, H * K, bias=False)
         self.v_proj = nn.Linear(cfg.dim, H * V, bias=False)
@@ -71,7 +74,7 @@ class MultiScaleRetention(nn.Module):
             v = apply_conv(self.v_conv, v, cu_seqlens, state, new_state, "conv_v")
         positions = token_positions(B, T, x.device, cu_seqlens, position_ids, state)
         q, k = self.rotary(q.view(B, T, H, K), k.view(B, T, H, K), positions)
-        g = retention_log_decay(H, x.device).to(torch.promote_types(x.dtype, torch.float32)).expand(B, T, H)
+        g = retention_log_decay(H, x.device, self.first_head).to(torch.promote_types(x.dtype, torch.float32)).expand(B, T, H)
 
         rule = kernels.fused_recurrent_simple_gla if use_recurrent_kernel(state, T) else kernels.chunk_simple_gla
         o, final = rule(q, k, v.view(B, T, H, V), g, scale=K ** -0.5,
