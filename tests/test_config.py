@@ -1,8 +1,6 @@
 """flame.config: strict TOML reading, extends, command-line overrides, printing, dry run."""
 
 import os
-import subprocess
-import sys
 import tomllib
 
 import pytest
@@ -145,19 +143,30 @@ def test_dump_toml_escapes_strings():
     assert tomllib.loads(text)["job"] == {"description": 'a "quoted"\\ line\nnext'}
 
 
-def test_print_config_and_dry_run_exit_zero():
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "train.py", "--config", DEBUG, "--print-config",
-                          "--training.steps", "9"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert tomllib.loads(out.stdout)["training"]["steps"] == 9
+def test_print_config_and_dry_run_exit_zero(capsys):
+    from flame.train import main
 
-    out = subprocess.run([sys.executable, "train.py", "--config", DEBUG, "--dry-run"], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert main(["--config", DEBUG, "--print-config", "--training.steps", "9"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["training"]["steps"] == 9
+
+    assert main(["--config", DEBUG, "--dry-run"]) == 0
+    out = capsys.readouterr().out
     for needle in ("parameters", "without embeddings", "FLOPs per token", "optimizer states",
                    "activations", "memory per GPU"):
-        assert needle in out.stdout
+        assert needle in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "/nonexistent/job.toml"], "config file not found: /nonexistent/job.toml"),
+    (["--config", DEBUG, "--optimizer.lrr", "1"], "did you mean 'lr'"),
+    ([], "--config is required"),
+])
+def test_entry_point_reports_config_errors_in_one_line(capsys, args, needle):
+    from flame.train import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
 
 
 def test_dry_run_numbers_match_the_model():
