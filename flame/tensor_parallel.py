@@ -4,7 +4,9 @@ Inside a tensor-parallel (TP) group of N ranks every block is split by heads:
 
     residual stream      [B, T/N, D] on each rank: sequence parallel, so the block norms and the
                          residual adds work on a slice of the tokens
-    mixer / MLP input    all-gathered to [B, T, D] (PrepareModuleInput)
+    mixer / MLP input    all-gathered to [B, T, D] (PrepareModuleInput), kept a DTensor so that
+                         the partial input gradients of all projections are summed and
+                         reduce-scattered once per mixer and once per MLP
     q/k/v/gate/beta/decay projections, MLP gate/up   column-wise: each rank computes its heads
     short convolutions, A_log, dt_bias, D            sharded by head, like the channels they act on
     output projections (o_proj, out_proj, down_proj) row-wise, reduce-scattered back to [B, T/N, D]
@@ -216,10 +218,11 @@ class ChannelShardedConvolution(modules.ShortConvolution):
 
 class ReplicatedLinear(nn.Linear):
     """A linear layer computed whole on every rank from the same input (GLA's low-rank gate
-    down-projection): identical inputs and output gradients give identical weight gradients."""
+    down-projection): identical inputs and output gradients give identical weight and input
+    gradients."""
 
     def forward(self, x):
-        return F.linear(x, _local(self.weight), _local(self.bias))
+        return F.linear(_local(x), _local(self.weight), _local(self.bias))
 
 
 class RowSelectingLinear(nn.Linear):
@@ -232,7 +235,10 @@ class RowSelectingLinear(nn.Linear):
     def forward(self, x):
         weight = _local(self.weight, "partial")
         weight = torch.cat([weight[a:b] for a, b in self.rows])
-        x = _CopyToGroup.apply(x, self.weight.device_mesh.get_group())
+        if isinstance(x, DTensor):  # replicated; its gradient is summed where it was gathered
+            x = _local(x, "partial")
+        else:
+            x = _CopyToGroup.apply(x, self.weight.device_mesh.get_group())
         return F.linear(x, weight)
 
 
@@ -424,12 +430,11 @@ def parallelize_block(block: nn.Module, mesh) -> None:
     for norm in (block.mixer_norm, block.mlp_norm):
         _distribute_params(norm, mesh, Replicate())
         _swap_class(norm, ReplicatedRMSNorm)
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                use_local_output=True)
+    # The input stays a DTensor: the column-wise projections then add their partial input
+    # gradients as DTensors, and the sum is reduce-scattered once, where the input was gathered.
     parallelize_module(block, mesh, {
-        "mixer": gather,
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                  use_local_output=True),
+        "mixer": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
         "mlp.gate_proj": ColwiseParallel(),
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
