@@ -6,8 +6,9 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      u = A beta v, written per token.
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
-Backward recomputes the forward through the chunked torch reference (delta_rule_ref.py) and
-differentiates it; every gradient (q, k, v, g, beta, initial_state) is exact, though not yet fast.
+Backward (delta_rule_bwd.py) recomputes w, u, A and the per-chunk states with these two kernels,
+then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel for
+every other gradient (q, k, v, g, beta, initial_state).
 
 Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
 """
@@ -18,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flame.kernels.delta_rule_bwd import backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
@@ -71,6 +73,14 @@ def _kk_block(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.conste
 
 
 @triton.jit
+def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
+    """One 16x16 block (column block COL) of the inverse A, stored [T, HV, 64]."""
+    c = COL * 16 + tl.arange(0, 16)
+    tl.store(a + rows[:, None] * (HV * 64) + hv * 64 + c[None, :], blk.to(a.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
 def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K: tl.constexpr,
                  V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
     ck = tl.arange(0, BK)
@@ -85,10 +95,10 @@ def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K:
 
 @triton.jit
 def _prepare_kernel(
-    k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
+    k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_A: tl.constexpr,
 ):
     # The chunk of 64 is handled as four blocks of 16: the diagonal blocks of (I + A) are inverted
     # by substitution, the rest of the inverse follows by block forward substitution with dots.
@@ -165,6 +175,19 @@ def _prepare_kernel(
     vb3 = (v3.to(tl.float32) * be3[:, None]).to(dt)
     D0, D1, D2, D3 = D0.to(dt), D1.to(dt), D2.to(dt), D3.to(dt)
     X10, X20, X21, X30, X31, X32 = X10.to(dt), X20.to(dt), X21.to(dt), X30.to(dt), X31.to(dt), X32.to(dt)
+    if STORE_A:
+        # The backward pass differentiates through A = (I + L)^-1 (zero above the diagonal).
+        # Blocks above the diagonal are zero: the buffer is zero-filled.
+        _store_a(a, D0, rows0, m0, hv, HV, 0)
+        _store_a(a, X10, rows1, m1, hv, HV, 0)
+        _store_a(a, D1, rows1, m1, hv, HV, 1)
+        _store_a(a, X20, rows2, m2, hv, HV, 0)
+        _store_a(a, X21, rows2, m2, hv, HV, 1)
+        _store_a(a, D2, rows2, m2, hv, HV, 2)
+        _store_a(a, X30, rows3, m3, hv, HV, 0)
+        _store_a(a, X31, rows3, m3, hv, HV, 1)
+        _store_a(a, X32, rows3, m3, hv, HV, 2)
+        _store_a(a, D3, rows3, m3, hv, HV, 3)
     _store_block(w, u, gcum, tl.dot(D0, kb0), tl.dot(D0, vb0), gc0, rows0, m0, hv, HV, K, V, BK, BV, USE_G)
     _store_block(w, u, gcum, tl.dot(X10, kb0) + tl.dot(D1, kb1), tl.dot(X10, vb0) + tl.dot(D1, vb1),
                  gc1, rows1, m1, hv, HV, K, V, BK, BV, USE_G)
@@ -177,11 +200,14 @@ def _prepare_kernel(
 
 @triton.jit
 def _state_output_kernel(
-    q, k, w, u, gcum, o, h0, ht, cu_seqlens, scale,
+    q, k, w, u, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COMPUTE_O: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
+    # STORE_STATES (backward recomputation): the state entering each chunk goes to hs
+    # [chunk slots, HV, K, V] and the corrected values v' to vn [B, T, HV, V]; o is then skipped.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -190,14 +216,20 @@ def _state_output_kernel(
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + n).to(tl.int32)
         eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        if STORE_STATES:
+            slot0 = tl.load(chunk_offsets + n).to(tl.int64)
+        else:
+            slot0 = 0
     else:
         bos = n * T
         eos = bos + T
+        slot0 = (n * tl.cdiv(T, BT)).to(tl.int64)
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = iv * BV + tl.arange(0, BV)
     smask = (ck[:, None] < K) & (cv[None, :] < V)
     state_off = nh * K * V + ck[:, None] * V + cv[None, :]
+    slot_off = hv * K * V + ck[:, None] * V + cv[None, :]
     if USE_H0:
         S = tl.load(h0 + state_off, mask=smask, other=0.0).to(tl.float32)
     else:
@@ -208,26 +240,33 @@ def _state_output_kernel(
         rmask = rows < eos
         kmask = rmask[:, None] & (ck[None, :] < K)
         vmask = rmask[:, None] & (cv[None, :] < V)
-        b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
         b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-        dt = b_q.dtype
+        dt = b_k.dtype
+        if STORE_STATES:
+            tl.store(hs + (slot0 + i) * (HV * K * V) + slot_off, S.to(hs.dtype.element_ty), mask=smask)
         v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
-        qk = tl.dot(b_q, tl.trans(b_k))
+        b_vn = v_new.to(dt)
+        if STORE_STATES:
+            tl.store(vn + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_vn, mask=vmask)
         if USE_G:
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
             last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv)
-            qk = qk * tl.exp(tl.where(causal, b_gc[:, None] - b_gc[None, :], 0.0))
-            b_qs = (b_q.to(tl.float32) * tl.exp(b_gc)[:, None]).to(dt)
             b_kd = (b_k.to(tl.float32) * tl.exp(last - b_gc)[:, None]).to(dt)
         else:
-            b_qs = b_q
             b_kd = b_k
-        qk = tl.where(causal, qk, 0.0)
-        b_vn = v_new.to(dt)
-        b_o = (tl.dot(b_qs, S.to(dt)) + tl.dot(qk.to(dt), b_vn)) * scale
-        tl.store(o + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_o.to(o.dtype.element_ty), mask=vmask)
+        if COMPUTE_O:
+            b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+            qk = tl.dot(b_q, tl.trans(b_k))
+            if USE_G:
+                qk = qk * tl.exp(tl.where(causal, b_gc[:, None] - b_gc[None, :], 0.0))
+                b_qs = (b_q.to(tl.float32) * tl.exp(b_gc)[:, None]).to(dt)
+            else:
+                b_qs = b_q
+            qk = tl.where(causal, qk, 0.0)
+            b_o = (tl.dot(b_qs, S.to(dt)) + tl.dot(qk.to(dt), b_vn)) * scale
+            tl.store(o + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_o.to(o.dtype.element_ty), mask=vmask)
         if USE_G:
             S = S * tl.exp(last)
         S = S + tl.dot(tl.trans(b_kd), b_vn)
@@ -245,16 +284,16 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
-    B, T, H, K = q.shape
+def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
+    """w, u, the in-chunk gate cumsum (or None) and, when asked, the inverse A [B, T, HV, 64]."""
+    B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BK = max(16, triton.next_power_of_2(K))
-    BVF = max(16, triton.next_power_of_2(V))
-    w = torch.empty(B, T, HV, K, dtype=q.dtype, device=q.device)
+    w = torch.empty(B, T, HV, K, dtype=k.dtype, device=k.device)
     # u = A beta v feeds v' = u - w S, which cancels: keep it fp32.
-    u = torch.empty(B, T, HV, V, dtype=torch.float32, device=q.device)
-    gcum = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
+    u = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
+    gcum = torch.empty(B, T, HV, dtype=torch.float32, device=k.device) if g is not None else None
+    a = torch.zeros(B, T, HV, CHUNK, dtype=k.dtype, device=k.device) if store_a else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
         grid = (chunk_indices.shape[0], HV)
@@ -262,27 +301,65 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
         chunk_indices = None
         grid = (triton.cdiv(T, CHUNK), B * HV)
     _prepare_kernel[grid](
-        k, v, g, beta, w, u, gcum, cu_seqlens, chunk_indices,
-        T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVF,
-        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
+        T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=_pow2(V),
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, STORE_A=store_a,
         num_warps=4,
     )
-    o = torch.empty(B, T, HV, V, dtype=v.dtype, device=q.device)
-    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device)
+    return w, u, gcum, a
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory.
+    BK, BVF = _pow2(q.shape[-1]), _pow2(V)
     wide = q.element_size() > 2
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
     # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
     # blocks give more programs so that every SM has one.
-    while BV > 16 and N * HV * triton.cdiv(V, BV) < 2 * _num_sms(q.device):
+    while BV > 16 and num_seqs * HV * triton.cdiv(V, BV) < 2 * _num_sms(q.device):
         BV //= 2
+    return BV
+
+
+def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states=False):
+    """The chunk-to-chunk pass. Returns (o, final state), or with store_states (no o) the states
+    entering each chunk [chunk slots, HV, K, V], v' [B, T, HV, V], chunk offsets and final state."""
+    B, T, H, K = q.shape
+    HV, V = u.shape[2], u.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device)
+    o = hs = vn = chunk_offsets = None
+    if store_states:
+        if cu_seqlens is not None:
+            slots = max_num_chunks(T, N, CHUNK)
+            _, chunk_offsets = prepare_chunk_indices(cu_seqlens, CHUNK, slots)
+        else:
+            slots = B * triton.cdiv(T, CHUNK)
+        hs = torch.empty(slots, HV, K, V, dtype=q.dtype, device=q.device)
+        vn = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    else:
+        o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    BV = _state_block(q, N, HV, V)
     _state_output_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, w, u, gcum, o, initial_state, ht, cu_seqlens, scale,
-        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
-        USE_G=g is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
-        num_warps=4, num_stages=1 if wide else 2,
+        q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
+        T, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
+        USE_G=gcum is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
+        COMPUTE_O=not store_states, STORE_STATES=store_states,
+        num_warps=4, num_stages=1 if q.element_size() > 2 else 2,
     )
+    if store_states:
+        return hs, vn, chunk_offsets, ht
     return o, ht
+
+
+def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    w, u, gcum, _ = _prepare(k, v, g, beta, cu_seqlens)
+    o, ht = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale)
+    return o.to(v.dtype), ht
 
 
 def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
@@ -328,6 +405,13 @@ def _backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    fits = q.element_size() <= 2 or q.shape[-1] <= 128
+    if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
+        dq, dk, dv, dg, dbeta, dh0 = backward_triton(
+            do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
+            state_block=_state_block, prepare=_prepare, state_pass=_state_pass)
+        return (dq, dk, dv, dg if dg is not None else q.new_empty(0), dbeta,
+                dh0 if dh0 is not None else q.new_empty(0))
     dtype = compute_dtype(q)
     inputs = [x.to(dtype) for x in (q, k, v, beta)]
     if g is not None:

@@ -1,0 +1,282 @@
+"""Backward of the chunked delta rule (gated or not) in Triton.
+
+Notation of delta_rule_ref.py, per chunk of C = 64 tokens, gc the in-chunk gate cumsum, gl its
+value at the chunk's last token, e_ij = exp(gc_i - gc_j) for i >= j:
+    v' = u - w S0,  o = scale (exp(gc) q S0 + tril(q k^T e) v'),
+    S1 = exp(gl) S0 + (k exp(gl - gc))^T v',  w = A (beta exp(gc) k),  u = A (beta v).
+
+The forward is recomputed first (delta_rule.py: the prep kernel, also storing A, and the state
+pass, storing the state entering each chunk and v'). Then:
+  1. `_state_grad_kernel`, parallel over (sequence, value head, V block), serial over chunks in
+     reverse: dv' = scale tril(q k^T e)^T do + k exp(gl - gc) dS1 (stored), the state gradient
+     dS0 = exp(gl) dS1 + scale (exp(gc) q)^T do - w^T dv', and the gradient of the state leaving
+     each chunk (stored); dS0 of the first chunk is the initial-state gradient.
+  2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
+     stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
+     reverse cumsum of the gate gradient within the chunk.
+q/k gradients are produced per value head and summed over the group of value heads sharing them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from flame.kernels.utils import max_num_chunks, prepare_chunk_indices
+
+CHUNK = 64
+
+
+@triton.jit
+def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.constexpr, USE_G: tl.constexpr):
+    """In-chunk gate cumsum (padded rows take the last value, so that no exponent grows) and its last value."""
+    if USE_G:
+        last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv)
+        gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        gc = tl.where(rmask, gc, last)
+    else:
+        last = 0.0
+        gc = tl.zeros([BT], dtype=tl.float32)
+    return gc, last
+
+
+@triton.jit
+def _state_grad_kernel(
+    q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
+    T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // HV
+    hv = nh % HV
+    h = hv // (HV // H)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        slot0 = tl.load(chunk_offsets + n).to(tl.int64)
+    else:
+        bos = n * T
+        eos = bos + T
+        slot0 = (n * tl.cdiv(T, BT)).to(tl.int64)
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    smask = (ck[:, None] < K) & (cv[None, :] < V)
+    state_off = nh * K * V + ck[:, None] * V + cv[None, :]
+    slot_off = hv * K * V + ck[:, None] * V + cv[None, :]
+    if USE_DHT:
+        dS = tl.load(dht + state_off, mask=smask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    # [j, i]: token j's value reaches token i's output for i >= j.
+    causal_t = r[:, None] <= r[None, :]
+    for i in range(tl.cdiv(eos - bos, BT) - 1, -1, -1):
+        rows = bos + i * BT + r
+        rmask = rows < eos
+        kmask = rmask[:, None] & (ck[None, :] < K)
+        vmask = rmask[:, None] & (cv[None, :] < V)
+        tl.store(dhs + (slot0 + i) * (HV * K * V) + slot_off, dS.to(dhs.dtype.element_ty), mask=smask)
+        b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+        b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+        dt = b_q.dtype
+        gc, last = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+        kq = tl.dot(b_k, tl.trans(b_q))
+        if USE_G:
+            kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
+            b_kd = (b_k.to(tl.float32) * tl.exp(last - gc)[:, None]).to(dt)
+            b_qs = (b_q.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
+        else:
+            b_kd = b_k
+            b_qs = (b_q.to(tl.float32) * scale).to(dt)
+        kq = tl.where(causal_t, kq, 0.0) * scale
+        b_dv = tl.dot(kq.to(dt), b_do) + tl.dot(b_kd, dS.to(dt))
+        tl.store(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_dv.to(dv2.dtype.element_ty), mask=vmask)
+        if USE_G:
+            dS = dS * tl.exp(last)
+        dS = dS + tl.dot(tl.trans(b_qs), b_do) - tl.dot(tl.trans(b_w), b_dv.to(dt))
+    if USE_H0:
+        tl.store(dh0 + state_off, dS, mask=smask)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
+    cu_seqlens, chunk_indices, chunk_offsets, scale,
+    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + 2 * j)
+        i = tl.load(chunk_indices + 2 * j + 1)
+        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
+        valid = n < N
+        n = tl.minimum(n, N - 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        eos = tl.where(valid, eos, bos)
+        slot = j.to(tl.int64)
+    else:
+        i = j
+        bos = b * T
+        eos = bos + T
+        slot = (b * tl.cdiv(T, BT) + j).to(tl.int64)
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    rows = bos + i * BT + r
+    rmask = rows < eos
+    kmask = rmask[:, None] & (ck[None, :] < K)
+    b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    gc, last = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+    dt = b_q.dtype
+    b_at = tl.trans(b_a)
+
+    dP = tl.zeros([BT, BT], dtype=tl.float32)      # do v'^T
+    dA = tl.zeros([BT, BT], dtype=tl.float32)      # gradient of A through u = A beta v
+    dq_inter = tl.zeros([BT, BK], dtype=tl.float32)  # do S0^T
+    dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # v' dS1^T
+    dw = tl.zeros([BT, BK], dtype=tl.float32)        # dv' S0^T (w enters v' with a minus sign)
+    dbeta_v = tl.zeros([BT], dtype=tl.float32)
+    dgl = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)  # sum(S0 * dS1), for the decay of the state
+    for iv in range(0, tl.cdiv(V, BV)):
+        cv = iv * BV + tl.arange(0, BV)
+        vmask = rmask[:, None] & (cv[None, :] < V)
+        tok_off = rows[:, None] * (HV * V) + hv * V + cv[None, :]
+        st_off = slot * (HV * K * V) + hv * K * V + ck[:, None] * V + cv[None, :]
+        smask = (ck[:, None] < K) & (cv[None, :] < V)
+        b_do = tl.load(do + tok_off, mask=vmask, other=0.0)
+        b_vn = tl.load(vn + tok_off, mask=vmask, other=0.0)
+        b_dv2 = tl.load(dv2 + tok_off, mask=vmask, other=0.0)
+        b_v = tl.load(v + tok_off, mask=vmask, other=0.0)
+        b_h = tl.load(hs + st_off, mask=smask, other=0.0)
+        b_dh = tl.load(dhs + st_off, mask=smask, other=0.0)
+        dP += tl.dot(b_do, tl.trans(b_vn))
+        dq_inter += tl.dot(b_do, tl.trans(b_h))
+        dk_state += tl.dot(b_vn, tl.trans(b_dh))
+        dw += tl.dot(b_dv2, tl.trans(b_h))
+        if USE_G:
+            dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32))
+        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dt)
+        dA += tl.dot(b_dv2, tl.trans(b_vb))
+        # u = A (beta v): dv = beta A^T dv', dbeta from the same product.
+        b_dvb = tl.dot(b_at.to(dt), b_dv2)
+        tl.store(dv + tok_off, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=vmask)
+        dbeta_v += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+
+    causal = r[:, None] >= r[None, :]
+    strict = r[:, None] > r[None, :]
+    qf = b_q.to(tl.float32)
+    kf = b_k.to(tl.float32)
+    if USE_G:
+        e = tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
+        gam = tl.exp(gc)
+        kdec = tl.exp(last - gc)
+    else:
+        e = tl.where(causal, 1.0, 0.0)
+        gam = tl.full([BT], 1.0, tl.float32)
+        kdec = tl.full([BT], 1.0, tl.float32)
+    # Output: o = scale (gam q S0 + tril(q k^T e) v').
+    dPe = dP * e * scale
+    dq_inter = dq_inter * (scale * gam)[:, None]
+    b_dq = dq_inter + tl.dot(dPe.to(dt), b_k)
+    b_dk = tl.dot(tl.trans(dPe).to(dt), b_q)
+    # State update: S1 = exp(gl) S0 + (k exp(gl - gc))^T v'.
+    dk_state = dk_state * kdec[:, None]
+    b_dk += dk_state
+    # WY: w = A (beta gam k), u = A (beta v).
+    kb = kf * (b_beta * gam)[:, None]
+    dw = -dw
+    dA += tl.dot(dw.to(dt), tl.trans(kb.to(dt)))
+    dkb = tl.dot(b_at.to(dt), dw.to(dt))
+    b_dk += dkb * (b_beta * gam)[:, None]
+    dbeta_acc = dbeta_v + tl.sum(dkb * kf, 1) * gam
+    # A = (I + L)^-1: dL = -A^T dA A^T below the diagonal; L = beta_i k_i.k_j e_ij.
+    dL = -tl.dot(tl.dot(b_at.to(dt), dA.to(dt)).to(dt), b_at.to(dt))
+    dL = tl.where(strict, dL, 0.0)
+    kk = tl.dot(b_k, tl.trans(b_k))
+    dLe = dL * e
+    dkk = dLe * b_beta[:, None]
+    b_dk += tl.dot(dkk.to(dt), b_k) + tl.dot(tl.trans(dkk).to(dt), b_k)
+    dbeta_acc += tl.sum(dLe * kk, 1)
+    tl.store(dbeta + rows * HV + hv, dbeta_acc.to(dbeta.dtype.element_ty), mask=rmask)
+    tok_k = rows[:, None] * (HV * K) + hv * K + ck[None, :]
+    tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=kmask)
+    tl.store(dk + tok_k, b_dk.to(dk.dtype.element_ty), mask=kmask)
+    if USE_G:
+        # Gradient of the in-chunk cumsum gc, then of g by a reverse cumsum.
+        Z = dPe * tl.dot(b_q, tl.trans(b_k))
+        G = dLe * kk * b_beta[:, None]
+        ZG = Z + G
+        ys = tl.sum(dk_state * kf, 1)
+        dgc = tl.sum(dq_inter * qf, 1) + tl.sum(ZG, 1) - tl.sum(ZG, 0) - ys + tl.sum(dkb * kb, 1)
+        dgl_total = dgl * tl.exp(last) + tl.sum(ys, 0)
+        last_row = tl.minimum(i * BT + BT, eos - bos) - 1 - i * BT
+        dgc = tl.where(r == last_row, dgc + dgl_total, dgc)
+        dgc = tl.where(rmask, dgc, 0.0)
+        b_dg = tl.cumsum(dgc, 0, reverse=True)
+        tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare, state_pass):
+    """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
+    recompute the forward (delta_rule.py), `state_block` picks the V block of the serial passes."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    BK = _pow2(K)
+    w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
+    hs, vn, chunk_offsets, _ = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states=True)
+    del u
+    do = do.contiguous()
+    dhs = torch.empty_like(hs)
+    dv2 = torch.empty_like(vn)
+    dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    BV = state_block(q, N, HV, V)
+    _state_grad_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
+        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
+        USE_G=g is not None, USE_DHT=dht is not None, USE_H0=initial_state is not None,
+        IS_VARLEN=cu_seqlens is not None,
+        num_warps=4, num_stages=1 if q.element_size() > 2 else 2,
+    )
+    if cu_seqlens is not None:
+        chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
+        grid = (chunk_indices.shape[0], HV)
+    else:
+        chunk_indices = None
+        grid = (triton.cdiv(T, CHUNK), B * HV)
+    grad_dtype = torch.float32 if HV != H else q.dtype
+    dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
+    dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
+    wide = q.element_size() > 2 or BK > 128
+    _chunk_grad_kernel[grid](
+        q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
+        cu_seqlens, chunk_indices, chunk_offsets, scale,
+        T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=min(_pow2(V), 32 if wide else 64),
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=8 if BK > 128 else 4, num_stages=1,
+    )
+    if HV != H:
+        dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
+        dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
+    dg = dg.to(g.dtype) if g is not None else None
+    dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
+    return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0
