@@ -120,10 +120,10 @@ def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path)
     before = tree_digest(dump)
     assert "checkpoint/step-2/.metadata" in before
 
+    # (errors in the file itself are covered in-process by test_config.py)
     (tmp_path / "typo.toml").write_text(f'extends = "{cfg}"\n[training]\nstepz = 4\n')
     cases = [
         (["--config", str(tmp_path / "typo.toml")], "did you mean 'steps'"),
-        (["--config", str(tmp_path / "missing.toml")], "config file not found"),
         (["--config", cfg, "--training.steps", "4", "--model.vocab_size", "1000"],
          "model.vocab_size = 1000 is smaller than the tokenizer's 4096"),
         (["--config", cfg, "--training.steps", "4", "--training.global_batch_size", "6"],
@@ -139,17 +139,19 @@ def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path)
 
 
 def test_debug_config_loss_falls(tmp_path):
+    # The debug model, data and optimizer; a shorter run with smaller batches to stay quick.
     dump = tmp_path / "debug"
-    run(["--config", DEBUG, "--job.dump_folder", str(dump), "--training.steps", "15",
-         "--lr_scheduler.total_steps", "100", "--metrics.log_freq", "1", "--checkpoint.enable", "false"])
+    run(["--config", DEBUG, "--job.dump_folder", str(dump), "--training.steps", "12",
+         "--training.local_batch_size", "4", "--lr_scheduler.total_steps", "100",
+         "--metrics.log_freq", "1", "--checkpoint.enable", "false"])
     m = metrics(dump)
     first = m[1]["loss"]
-    last = sum(m[s]["loss"] for s in range(13, 16)) / 3
+    last = sum(m[s]["loss"] for s in range(10, 13)) / 3
     assert first > 7.5  # ~ln(4096) at initialisation
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.8, (first, last)
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu"):
-        assert key in m[15]
-    assert m[15]["mfu"] is None  # no peak FLOP/s on a CPU
+        assert key in m[12]
+    assert m[12]["mfu"] is None  # no peak FLOP/s on a CPU
     assert os.path.isfile(dump / "config.toml")
 
 
@@ -262,21 +264,34 @@ def test_non_finite_step_is_skipped_counted_and_logged(tmp_path):
 
 
 def test_resume_with_another_process_count(tmp_path):
-    cfg = tiny_config(tmp_path, training={"steps": 4}, checkpoint={"interval": 4})
+    cfg = tiny_config(tmp_path, training={"steps": 8}, checkpoint={"interval": 8})
     dump = tmp_path / "run"
     run(["--config", cfg], nproc=2)
     saved = tree_digest(dump / "checkpoint")
 
     # The packed data stream of each rank depends on the number of ranks: a clear refusal.
-    out = run(["--config", cfg, "--training.steps", "6"], check=False)
+    out = run(["--config", cfg, "--training.steps", "10"], check=False)
     assert out.returncode != 0
     assert "saved by 2 data-parallel ranks and this run has 1" in out.stderr
     assert tree_digest(dump / "checkpoint") == saved
 
     # Weights, optimizer and schedule reshard from 2 processes to 1; the data restarts.
-    run(["--config", cfg, "--training.steps", "6", "--checkpoint.exclude_from_loading", "dataloader"])
+    run(["--config", cfg, "--training.steps", "10", "--checkpoint.exclude_from_loading", "dataloader"])
     m = metrics(dump)
-    assert m[4]["tokens_seen"] == 4 * (2 * 4 * 64)  # 4 steps of 2 ranks x 4 rows x 64 tokens
-    assert m[5]["tokens_seen"] == m[4]["tokens_seen"] + 4 * 64
-    assert m[5]["loss"] < m[1]["loss"]  # continued from trained weights
-    assert (dump / "checkpoint" / "step-6" / ".metadata").is_file()
+    assert m[8]["tokens_seen"] == 8 * (2 * 4 * 64)  # 8 steps of 2 ranks x 4 rows x 64 tokens
+    assert m[9]["tokens_seen"] == m[8]["tokens_seen"] + 4 * 64
+    assert m[9]["lr"] < m[8]["lr"] < m[1]["lr"] * 2  # the schedule went on, not restarted
+    # The optimizer state saved by 2 ranks was loaded by 1: AdamW's step count went on from 8.
+    saved = read_checkpoint(dump / "checkpoint" / "step-10", tmp_path / "step-10.pt")
+    counts = [v for k, v in saved["optimizer"].items() if k.endswith(".step")]
+    assert counts and all(int(c) == 10 for c in counts)
+    assert saved["train_state"]["step"] == 10
+
+
+def read_checkpoint(folder, scratch) -> dict:
+    """A DCP checkpoint as one nested dict, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(folder), str(scratch))
+    return torch.load(scratch, weights_only=False)
