@@ -159,7 +159,7 @@ C, K = 12, 4
 CU = torch.tensor([0, 2, 9, 10, 25])  # documents of length 2, 7, 1, 15
 
 
-def conv_per_document(x, w, b, initial_state, cu):
+def conv_per_document(x, w, b, initial_state, cu, activation="silu"):
     """Independent formulation: F.conv1d on each document, left-padded with its initial state."""
     c, k = w.shape
     ys, finals = [], []
@@ -167,7 +167,8 @@ def conv_per_document(x, w, b, initial_state, cu):
         seg = x[0, cu[n] : cu[n + 1]].T  # [C, len]
         pad = initial_state[n] if initial_state is not None else torch.zeros(c, k - 1, dtype=x.dtype)
         full = torch.cat([pad, seg], dim=-1)
-        ys.append(F.silu(F.conv1d(full[None], w[:, None, :], b, groups=c))[0].T)
+        y = F.conv1d(full[None], w[:, None, :], b, groups=c)[0].T
+        ys.append(F.silu(y) if activation == "silu" else y)
         finals.append(full[:, -(k - 1) :])
     return torch.cat(ys)[None], torch.stack(finals)
 
@@ -186,6 +187,26 @@ def test_short_conv_packed_documents(monkeypatch, backend, dtype, tol, with_stat
         return conv_per_document(x, w, b, s, CU)
 
     check(ours, ref, inputs, dtype, tol)
+
+
+@pytest.mark.parametrize("k, activation, with_state", [(4, "silu", True), (3, None, False)],
+                         ids=["k4-silu-initial-state", "k3-linear"])
+def test_short_conv_kernels_over_many_tiles(monkeypatch, k, activation, with_state):
+    """Documents that cross the kernels' tile edges (tiles of 64 rows, overlapping by their halo),
+    several tiles per backward program, the last tile partial and one past the end."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    cu = torch.tensor([0, 2, 57, 59, 60, 130, 300, 360])
+    n = len(cu) - 1
+    x, w, b = randn(1, 360, 8, seed=0), randn(8, k, seed=1), randn(8, seed=2)
+    inputs = [x, w, b] + ([randn(n, 8, k - 1, seed=3)] if with_state else [])
+
+    def ours(x, w, b, s=None):
+        return causal_conv1d(x, w, b, activation, cu, s, output_final_state=True)
+
+    def ref(x, w, b, s=None):
+        return conv_per_document(x, w, b, s, cu, activation)
+
+    check(ours, ref, inputs, torch.float32, 1e-5)
 
 
 @pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)

@@ -84,114 +84,168 @@ def causal_conv1d_step_ref(x, cache, weight, bias=None, activation="silu"):
 # ----------------------------------------------------------------------------- Triton kernels
 
 
+# Tiles are [BLOCK_T rows, BLOCK_C channels] with channels contiguous (coalesced, 16-byte
+# vectors). Each tile reads its rows of x (and dy) from memory once; the shifted rows that the K
+# taps need are taken from the tile itself with gathers along the rows (register shuffles, not
+# memory reads), so a tile's first K - 1 rows are halo: read, never written. The weight is passed
+# as [K, C] so that each tap's weights load as contiguous vectors.
+
+
 @triton.jit
-def _conv_tap(x_ptr, cache_ptr, src, start, doc, cols, cmask, n_cols, tmask,
-              K: tl.constexpr, HAS_CACHE: tl.constexpr):
-    inside = src >= start
-    m = tmask & inside
-    val = tl.load(x_ptr + src.to(tl.int64)[:, None] * n_cols + cols[None, :],
-                  mask=m[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+def _shift(t, s: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Row q of the result is row q - s of t (s may be negative), clamped to the tile; callers
+    only use rows whose source lies inside it."""
+    if s == 0:
+        return t
+    q = tl.arange(0, BLOCK_T)
+    idx = tl.minimum(tl.maximum(q - s, 0), BLOCK_T - 1)
+    return tl.gather(t, tl.broadcast_to(idx[:, None], t.shape), 0)
+
+
+@triton.jit
+def _tap(xt, cache_ptr, back: tl.constexpr, rows, start, doc, cols, cmask, n_cols, tmask,
+         K: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The input `back` steps before each row, within the row's document: from the tile xt, from
+    the initial state for the first K - 1 - back rows of a document, else zero."""
+    inside = rows - back >= start
+    val = tl.where(inside[:, None], _shift(xt, back, BLOCK_T), 0.0)
     if HAS_CACHE:
-        back = start - src
-        from_cache = tmask & (~inside) & (back <= K - 1)
-        idx = K - 1 - back
-        c_off = doc.to(tl.int64)[:, None] * (n_cols * (K - 1)) + cols[None, :] * (K - 1) + idx[:, None]
+        before = start - (rows - back)  # 1 .. K-1 steps before the start reads the initial state
+        from_cache = tmask & (~inside) & (before <= K - 1)
+        c_off = doc.to(tl.int64)[:, None] * (n_cols * (K - 1)) + cols[None, :] * (K - 1) + (K - 1 - before)[:, None]
         val += tl.load(cache_ptr + c_off, mask=from_cache[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     return val
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-              K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """Pre-activation at rows (all in the document that starts at start), fp32."""
-    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+def _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+              K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Pre-activation (fp32) at the tile's rows from q = K - 1 on (earlier rows lack their taps)."""
+    acc = tl.zeros(xt.shape, dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     for i in tl.static_range(K):
-        w = tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
-        acc += w[None, :] * _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask,
-                                      n_cols, tmask, K, HAS_CACHE)
+        w = tl.load(wt_ptr + i * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc += w[None, :] * _tap(xt, cache_ptr, K - 1 - i, rows, start, doc, cols, cmask, n_cols, tmask,
+                                 K, HAS_CACHE, BLOCK_T)
     return acc
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, cmask, n_rows, n_cols):
+    """Rows of a [n_rows, n_cols] tensor as fp32, zero outside it, and the row mask."""
+    tmask = (rows >= 0) & (rows < n_rows)
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    return tl.load(ptr + off, mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32), tmask
+
+
+@triton.jit
+def _load_raw(x_ptr, dy_ptr, rows, cols, cmask, n_rows, n_cols):
+    """Rows of x and dy in their own dtype, zero outside the tensors, and the row mask."""
+    tmask = (rows >= 0) & (rows < n_rows)
+    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    mask = tmask[:, None] & cmask[None, :]
+    return tl.load(x_ptr + off, mask=mask, other=0.0), tl.load(dy_ptr + off, mask=mask, other=0.0), tmask
+
+
+@triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, y_ptr,
+    x_ptr, wt_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, y_ptr,
     n_rows, n_cols,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # the tile's first K - 1 rows are halo; it writes the BLOCK_T - (K - 1) rows after them
+    q = tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0) * (BLOCK_T - (K - 1)) - (K - 1) + q
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tmask = rows < n_rows
     cmask = cols < n_cols
+    xt, tmask = _load_tile(x_ptr, rows, cols, cmask, n_rows, n_cols)
     doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
     start = tl.load(cu_ptr + doc, mask=tmask, other=0)
-    y = _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-                  K, HAS_BIAS, HAS_CACHE)
+    y = _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+                  K, HAS_BIAS, HAS_CACHE, BLOCK_T)
     if IS_SILU:
         y = y / (1.0 + tl.exp(-y))
+    own = tmask & (q >= K - 1)
     off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-               K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr):
-    """Gradient of the pre-activation at rows (zero where tmask is off); the pre-activation is
-    recomputed, never stored."""
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    dy = tl.load(dy_ptr + off, mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    if IS_SILU:
-        pre = _conv_pre(x_ptr, w_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-                        K, HAS_BIAS, HAS_CACHE)
-        s = 1.0 / (1.0 + tl.exp(-pre))
-        dy = dy * s * (1.0 + pre * (1.0 - s))
-    return dy
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
-    n_rows, n_cols,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, dy_ptr, wt_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
+    n_rows, n_cols, tiles_per_program,
+    K: tl.constexpr, K_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr,
+    IS_SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # dx[t] = sum_s w[K-1-s] dpre[t + s] over t + s inside t's document, with dpre recomputed at
-    # the K shifted rows (the extra reads hit the cache); dw[i] = sum_t dpre[t] x[t - (K-1-i)] and
-    # db = sum_t dpre[t] as per-block partials.
+    # A tile of BLOCK_T rows recomputes the pre-activation gradient dpre from its x and dy (rows
+    # from q = K - 1 on have all their taps) and writes dx for the OUT = BLOCK_T - 2(K - 1) rows
+    # q = K - 1 .. K - 2 + OUT, since dx[t] = sum_s w[K-1-s] dpre[t + s] over t + s in t's
+    # document needs dpre K - 1 rows ahead. Those rows also own their share of
+    # dw[i] = sum_t dpre[t] x[t - (K-1-i)] and db = sum_t dpre[t]. Each program walks
+    # tiles_per_program consecutive tiles of one channel block (neighbouring halos are still in
+    # cache) and keeps its partial dw, db in registers, written once as [programs, K, C].
+    OUT: tl.constexpr = BLOCK_T - 2 * (K - 1)
     pid_t = tl.program_id(0)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    q = tl.arange(0, BLOCK_T)
+    kk = tl.arange(0, K_POW2)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tmask = rows < n_rows
     cmask = cols < n_cols
-    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
-    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
-    end = tl.load(cu_ptr + doc + 1, mask=tmask, other=0)
-    dpre = _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-                      K, HAS_BIAS, HAS_CACHE, IS_SILU)
-    w_last = tl.load(w_ptr + cols * K + (K - 1), mask=cmask, other=0.0).to(tl.float32)
-    dx = w_last[None, :] * dpre
-    for s in tl.static_range(1, K):
-        shifted = rows + s
-        d = _conv_dpre(x_ptr, w_ptr, b_ptr, cache_ptr, dy_ptr, shifted, start, doc, cols, cmask, n_cols,
-                       tmask & (shifted < end), K, HAS_BIAS, HAS_CACHE, IS_SILU)
-        w = tl.load(w_ptr + cols * K + (K - 1 - s), mask=cmask, other=0.0).to(tl.float32)
-        dx += w[None, :] * d
-    for i in tl.static_range(K):
-        xs = _conv_tap(x_ptr, cache_ptr, rows - (K - 1 - i), start, doc, cols, cmask, n_cols, tmask,
-                       K, HAS_CACHE)
-        tl.store(dw_ptr + pid_t * n_cols * K + cols * K + i, tl.sum(dpre * xs, axis=0), mask=cmask)
-    tl.store(db_ptr + pid_t * n_cols + cols, tl.sum(dpre, axis=0), mask=cmask)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    dw = tl.zeros([K_POW2, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # the next tile's x and dy are loaded before this tile is worked on, so that two tiles of
+    # reads are in flight per program
+    rows = pid_t * tiles_per_program * OUT - (K - 1) + q
+    x_raw, dy_raw, tmask = _load_raw(x_ptr, dy_ptr, rows, cols, cmask, n_rows, n_cols)
+    for j in range(tiles_per_program):
+        rows_next = rows + OUT
+        x_next, dy_next, tmask_next = _load_raw(x_ptr, dy_ptr, rows_next, cols, cmask, n_rows, n_cols)
+        xt = x_raw.to(tl.float32)
+        dy = dy_raw.to(tl.float32)
+        doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
+        start = tl.load(cu_ptr + doc, mask=tmask, other=0)
+        end = tl.load(cu_ptr + doc + 1, mask=tmask, other=0)
+        dpre = dy
+        if IS_SILU:
+            pre = _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
+                            K, HAS_BIAS, HAS_CACHE, BLOCK_T)
+            sig = 1.0 / (1.0 + tl.exp(-pre))
+            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+        own = tmask & (q >= K - 1) & (q < K - 1 + OUT)
+        # the weight gradient first, so that the shifted inputs die before dpre is shifted
+        dpre_own = tl.where(own[:, None], dpre, 0.0)
+        for i in tl.static_range(K):
+            xs = _tap(xt, cache_ptr, K - 1 - i, rows, start, doc, cols, cmask, n_cols, tmask, K, HAS_CACHE, BLOCK_T)
+            dw += tl.where(kk[:, None] == i, tl.sum(dpre_own * xs, axis=0)[None, :], 0.0)
+        db += tl.sum(dpre_own, axis=0)
+        dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for s in tl.static_range(K):
+            w = tl.load(wt_ptr + (K - 1 - s) * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+            ahead = tl.where((rows + s < end)[:, None], _shift(dpre, -s, BLOCK_T), 0.0)
+            dx += w[None, :] * ahead
+        off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
+        rows, x_raw, dy_raw, tmask = rows_next, x_next, dy_next, tmask_next
+    dw_off = pid_t * K * n_cols + kk[:, None] * n_cols + cols[None, :]
+    tl.store(dw_ptr + dw_off, dw, mask=(kk[:, None] < K) & cmask[None, :])
+    tl.store(db_ptr + pid_t * n_cols + cols, db, mask=cmask)
 
 
-_BLOCK_T, _BLOCK_C = 64, 64
+_BLOCK_T, _BLOCK_C, _WARPS = 64, 64, 8  # forward tiles
+_BWD_BLOCK_T = 32  # backward tiles: fewer rows, as each keeps about ten fp32 copies in registers
 
 
-def _grid(n_rows, n_cols):
-    return (triton.cdiv(n_rows, _BLOCK_T), triton.cdiv(n_cols, _BLOCK_C))
+def _bwd_grid(x: torch.Tensor, n_rows: int, n_cols: int, k: int) -> tuple[int, int, int]:
+    """(programs along T, channel blocks, tiles per program) of the persistent backward."""
+    tiles = triton.cdiv(n_rows, _BWD_BLOCK_T - 2 * (k - 1))
+    c_blocks = triton.cdiv(n_cols, _BLOCK_C)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    # two programs per SM fit (128 registers, 8 warps); never more than fit, or a second wave
+    # of a few programs would double the time
+    programs_t = max(1, min(tiles, (2 * sms) // c_blocks))
+    per_program = triton.cdiv(tiles, programs_t)
+    return triton.cdiv(tiles, per_program), c_blocks, per_program
 
 
 def _doc_index(n_rows: int, cu: torch.Tensor) -> torch.Tensor:
@@ -205,11 +259,13 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     n_rows, n_cols = xf.shape
     y = torch.empty_like(xf)
     cache = initial_state.contiguous() if initial_state is not None else None
-    _conv_fwd_kernel[_grid(n_rows, n_cols)](
-        xf, weight.contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
+    k = weight.shape[-1]
+    grid = (triton.cdiv(n_rows, _BLOCK_T - (k - 1)), triton.cdiv(n_cols, _BLOCK_C))
+    _conv_fwd_kernel[grid](
+        xf, weight.t().contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
         _doc_index(n_rows, cu), cu, y, n_rows, n_cols,
-        K=weight.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-        IS_SILU=activation == "silu", BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+        K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+        IS_SILU=activation == "silu", BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS,
     )
     return y.view_as(x)
 
@@ -230,21 +286,24 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
     n_rows = xf.shape[0]
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
-    grid = _grid(n_rows, n_cols)
+    programs_t, c_blocks, per_program = _bwd_grid(xf, n_rows, n_cols, k)
     dx = torch.empty_like(xf)
-    dw = torch.empty(grid[0], n_cols, k, device=x.device, dtype=torch.float32)
-    db = torch.empty(grid[0], n_cols, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[grid](
-        xf, dyf, w, bias if bias is not None else xf, cache if cache is not None else xf,
-        _doc_index(n_rows, cu), cu, dx, dw, db, n_rows, n_cols,
-        K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None, IS_SILU=activation == "silu",
-        BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4,
+    dw = torch.empty(programs_t, k, n_cols, device=x.device, dtype=torch.float32)
+    db = torch.empty(programs_t, n_cols, device=x.device, dtype=torch.float32)
+    _conv_bwd_kernel[(programs_t, c_blocks)](
+        xf, dyf, w.t().contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
+        _doc_index(n_rows, cu), cu, dx, dw, db, n_rows, n_cols, per_program,
+        K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+        IS_SILU=activation == "silu", BLOCK_T=_BWD_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS,
+        # 16-bit inputs without an initial state fit 128 registers without spilling (checked with
+        # ptxas for sm_90), which lets two programs share an SM; other variants would spill
+        **({"maxnreg": 128} if xf.element_size() == 2 and cache is None else {}),
     )
     if initial_state is not None:
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
     else:
         d_state = x.new_empty(0)
-    return dx.view_as(x), dw.sum(0).to(weight.dtype), db.sum(0), d_state
+    return dx.view_as(x), dw.sum(0).t().to(weight.dtype), db.sum(0), d_state
 
 
 @_conv_bwd.register_fake
@@ -322,7 +381,8 @@ def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, init
                   output_final_state=False):
     """x [B, T, C], weight [C, K] -> (y [B, T, C], final_state [N, C, K-1] or None)."""
     _check_conv_inputs(x, weight, bias, activation, cu_seqlens, initial_state)
-    if not use_triton(x, weight):
+    # the kernels' tiles hold 2(K-1) halo rows; wider kernels than short convolutions use torch
+    if not use_triton(x, weight) or 2 * (weight.shape[-1] - 1) >= _BWD_BLOCK_T:
         return causal_conv1d_ref(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
     b, t, c = x.shape
     if cu_seqlens is None:
