@@ -311,3 +311,24 @@ def test_gpu_layers_bf16_against_float64():
     check(lambda x, w, b, s: causal_conv1d(x, w, b, "silu", cu.cuda(), s, output_final_state=True),
           lambda x, w, b, s: conv_per_document(x, w, b, s, cu), [xc, wc, bc, sc], torch.bfloat16, tol, "cuda")
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_backwards_walk_many_tiles():
+    """Shapes where each persistent backward program takes several tiles: RMSNorm rows of 2048
+    and of 128 (tiles of 16 rows), and the convolution without an initial state (the variant
+    compiled with a 128-register cap)."""
+    tol = 2e-2
+    x, r, w = randn(4096, 2048, seed=0), randn(4096, 2048, seed=1), randn(2048, seed=2)
+    check(lambda x, r, w: rms_norm(x, w, r), lambda x, r, w: (F.rms_norm(x + r, (2048,), w, eps=1e-6), x + r),
+          [x, r, w], torch.bfloat16, tol, "cuda")
+    xh, gh, wh = randn(8192, 128, seed=3), randn(8192, 128, seed=4), randn(128, seed=5)
+    check(lambda x, g, w: gated_rms_norm(x, g, w), lambda x, g, w: F.rms_norm(x, (128,), w, eps=1e-6) * F.silu(g),
+          [xh, gh, wh], torch.bfloat16, tol, "cuda")
+    cu = torch.tensor([0, 1, 1000, 4100, 8192])
+    xc, wc = randn(1, 8192, 256, seed=6), randn(256, 4, seed=7)
+    check(lambda x, w: causal_conv1d(x, w, None, "silu", cu.cuda())[0],
+          lambda x, w: conv_per_document(x, w, None, None, cu)[0], [xc, wc], torch.bfloat16, tol, "cuda")
+    check(lambda x, w: causal_conv1d(x, w, None, None)[0],
+          lambda x, w: conv_per_document(x, w, None, None, torch.tensor([0, 8192]), None)[0], [xc, wc],
+          torch.bfloat16, tol, "cuda")
