@@ -244,7 +244,7 @@ def _bwd_grid(x: torch.Tensor, n_rows: int, n_cols: int, k: int) -> tuple[int, i
     # two programs per SM fit (128 registers, 8 warps); never more than fit, or a second wave
     # of a few programs would double the time
     programs_t = max(1, min(tiles, (2 * sms) // c_blocks))
-    per_program = triton.cdiv(tiles, programs_t)
+    per_program = max(1, triton.cdiv(tiles, programs_t))
     return triton.cdiv(tiles, per_program), c_blocks, per_program
 
 
@@ -295,9 +295,10 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
         _doc_index(n_rows, cu), cu, dx, dw, db, n_rows, n_cols, per_program,
         K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
         IS_SILU=activation == "silu", BLOCK_T=_BWD_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS,
-        # 16-bit inputs without an initial state fit 128 registers without spilling (checked with
-        # ptxas for sm_90), which lets two programs share an SM; other variants would spill
-        **({"maxnreg": 128} if xf.element_size() == 2 and cache is None else {}),
+        # 16-bit inputs with K <= 4 and no initial state fit 128 registers (ptxas for sm_90: no
+        # spills, 16 bytes with both bias and silu), which lets two programs share an SM; other
+        # variants would spill more
+        **({"maxnreg": 128} if xf.element_size() == 2 and k <= 4 and cache is None else {}),
     )
     if initial_state is not None:
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
