@@ -232,6 +232,14 @@ def _pow2(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
+    """(V block, warps) of the chunk-parallel gradient kernel: five fp32 [64, K] and [64, 64]
+    accumulators live across its V loop, so wide K takes 8 warps; fp32 inputs narrower V blocks
+    (shared memory)."""
+    BV = min(BVF, 32 if element_size > 2 or BK > 128 else 64)
+    return BV, 8 if BK >= 128 else 4
+
+
 def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare, state_pass):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
     recompute the forward (delta_rule.py), `state_block` picks the V block of the serial passes."""
@@ -266,13 +274,13 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
-    wide = q.element_size() > 2 or BK > 128
+    BVC, warps = chunk_grad_config(q.element_size(), BK, _pow2(V))
     _chunk_grad_kernel[grid](
         q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
         cu_seqlens, chunk_indices, chunk_offsets, scale,
-        T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=min(_pow2(V), 32 if wide else 64),
+        T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVC,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-        num_warps=8 if BK > 128 else 4, num_stages=1,
+        num_warps=warps, num_stages=1,
     )
     if HV != H:
         dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
