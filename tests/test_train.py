@@ -295,3 +295,48 @@ def read_checkpoint(folder, scratch) -> dict:
 
     dcp_to_torch_save(str(folder), str(scratch))
     return torch.load(scratch, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------
+# In-process pieces
+
+
+@pytest.mark.parametrize("mode,every", [("full", 1), ("selective", 2)])
+def test_activation_checkpointing_gives_the_same_gradients(mode, every):
+    import torch
+
+    from flame.config import load_config
+    from flame.models import build_model
+    from flame.parallel import apply_activation_checkpointing
+
+    cfg = load_config(DEBUG, ["--model.dim", "64", "--model.n_layers", "3", "--model.n_heads", "2",
+                              "--model.n_kv_heads", "1", "--model.vocab_size", "256"])
+    torch.manual_seed(0)
+    plain = build_model(cfg.model).double()
+    recomputed = build_model(cfg.model).double()
+    recomputed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(recomputed, mode, every)
+    wrapped = sum(type(b).__name__ == "CheckpointWrapper" for b in recomputed.layers)
+    assert wrapped == (3 if mode == "full" else 2)
+
+    x = torch.randint(0, 256, (2, 32))
+    y = torch.randint(0, 256, (2, 32))
+    for model in (plain, recomputed):
+        model(x, labels=y).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        err = ((a.grad - b.grad).norm() / a.grad.norm()).item()
+        assert err < 1e-10, name
+
+
+def test_missing_wandb_is_a_clear_error():
+    import importlib.util
+
+    from flame.config import load_config
+    from flame.train import check_metric_backends
+
+    cfg = load_config(DEBUG, ["--metrics.enable_wandb", "true"])
+    if importlib.util.find_spec("wandb") is not None:
+        check_metric_backends(cfg)  # installed: accepted
+        return
+    with pytest.raises(ValueError, match=r"metrics\.enable_wandb = true needs the wandb package"):
+        check_metric_backends(cfg)
