@@ -129,6 +129,21 @@ def test_qk_l2norm_in_kernel_and_non_contiguous(monkeypatch):
     assert rel(o, o_ref) < 1e-5
 
 
+def test_expanded_cotangents(monkeypatch):
+    """The gradient of a sum reaches the backward as a stride-0 view; the kernels must see it dense."""
+    inputs = make_inputs(1, 20, 1, 2, 16, 16, 1, dtype=torch.float32)
+    grads = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("FLAME_BACKEND", backend)
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        q, k, v, g, beta, h0 = leaves
+        o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        (o.sum() + ht.sum()).backward()
+        grads[backend] = [x.grad for x in leaves]
+    for name, a, b in zip(NAMES, grads["triton"], grads["torch"]):
+        assert rel(a, b) < 1e-5, name
+
+
 def test_torch_compile_fullgraph(monkeypatch):
     monkeypatch.setenv("FLAME_BACKEND", "torch")
     q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 2, 16, 16, 3, dtype=torch.float32)

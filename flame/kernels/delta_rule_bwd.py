@@ -250,7 +250,9 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
     hs, vn, chunk_offsets, _ = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states=True)
     del u
+    # Cotangents may be expanded views (the gradient of a sum has stride 0): the kernels assume dense.
     do = do.contiguous()
+    dht = dht.contiguous() if dht is not None else None
     dhs = torch.empty_like(hs)
     dv2 = torch.empty_like(vn)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
