@@ -19,7 +19,8 @@ Every mixer computes with its local heads. For that the plan sets the mixer's he
 (`n_heads`, attention's `n_kv_heads`, Mamba2's `d_inner`) to this rank's share and RetNet's
 `first_head` to the global index of this rank's first head (its decay depends on it);
 per-head parameters are DTensors that the mixers read through
-`flame.models.mixers.common.local`.
+`flame.models.mixers.common.local`. A mixer's `flops_per_token` then counts its local heads:
+count the model's FLOPs before applying tensor parallelism (the trainer does).
 
 Norms whose weight is shared while the rows differ per rank (the sequence-parallel block norms,
 the per-head output norms) keep a replicated weight whose gradient is a partial sum, summed
@@ -60,22 +61,26 @@ def check_tensor_parallel(model_cfg, tp: int, seq_len: int | None = None) -> Non
         return
     key = f"parallelism.tensor_parallel_degree = {tp}"
     used = model_cfg.layer_mixers()
+    # (what the error calls it, the key(s) to change, its value, what it counts)
     counts = []
     linear = sorted(set(used) & set(LINEAR_MIXERS))
     if linear:
-        counts.append(("model.n_heads", model_cfg.n_heads, f"heads of the {', '.join(linear)} layers"))
+        counts.append(("model.n_heads", "model.n_heads", model_cfg.n_heads,
+                       f"heads of the {', '.join(linear)} layers"))
     if "attention" in used:
-        counts.append(("model.attn_n_heads (default model.n_heads)", model_cfg.attn_heads,
-                       "query heads of the attention layers"))
-        counts.append(("model.n_kv_heads", model_cfg.kv_heads, "key/value heads of the attention layers"))
-    counts.append(("the MLP hidden size (model.mlp_hidden_dim or mlp_ratio x dim)", model_cfg.mlp_hidden,
-                   "MLP channels"))
-    counts.append(("model.vocab_size", model_cfg.vocab_size, "vocabulary rows of the embedding and output"))
-    for name, value, what in counts:
+        counts.append(("model.attn_n_heads (default model.n_heads)", "model.attn_n_heads",
+                       model_cfg.attn_heads, "query heads of the attention layers"))
+        counts.append(("model.n_kv_heads", "model.n_kv_heads", model_cfg.kv_heads,
+                       "key/value heads of the attention layers"))
+    counts.append(("the MLP hidden size", "model.mlp_hidden_dim (or mlp_ratio / mlp_multiple_of)",
+                   model_cfg.mlp_hidden, "MLP channels"))
+    counts.append(("model.vocab_size", "model.vocab_size", model_cfg.vocab_size,
+                   "vocabulary rows of the embedding and output"))
+    for name, change, value, what in counts:
         if value % tp:
             raise ValueError(
                 f"{key} does not divide {name} = {value} ({what}); every rank needs an equal share. "
-                f"Choose a tensor-parallel degree that divides {value}, or change {name.split(' ')[0]}")
+                f"Choose a tensor-parallel degree that divides {value}, or change {change}")
     if seq_len is not None and seq_len % tp:
         raise ValueError(
             f"{key} does not divide training.seq_len = {seq_len}: sequence parallelism gives every "

@@ -160,14 +160,14 @@ def test_blocks_and_hybrid_model_with_vocab_parallel_loss_match_single_process()
 
 
 @pytest.mark.parametrize("kw, tp, words", [
-    (dict(mixer="gated_deltanet", n_heads=6, head_dim=16), 4, ["tensor_parallel_degree = 4", "model.n_heads = 6"]),
+    (dict(mixer="gated_deltanet", n_heads=6, head_dim=16), 4, ["tensor_parallel_degree = 4", "model.n_heads = 6", "or change model.n_heads"]),
     (dict(mixer="mamba2", n_heads=2, head_dim=16), 4, ["model.n_heads = 2", "mamba2"]),
     (dict(mixer="attention", attn_n_heads=4, n_kv_heads=1), 2, ["model.n_kv_heads = 1"]),
     (dict(mixer="attention", attn_n_heads=6, n_kv_heads=6, attn_head_dim=16), 4, ["attn_n_heads", "= 6"]),
     (dict(mixer="gla", attn_layers=[0], n_heads=8, attn_n_heads=8, n_kv_heads=2), 4,
      ["model.n_kv_heads = 2", "attention"]),
     (dict(vocab_size=97), 2, ["model.vocab_size = 97"]),
-    (dict(mlp_hidden_dim=66), 4, ["MLP hidden size", "66"]),
+    (dict(mlp_hidden_dim=66), 4, ["MLP hidden size = 66", "change model.mlp_hidden_dim"]),
 ])
 def test_layouts_that_cannot_be_split_are_refused(kw, tp, words):
     with pytest.raises(ValueError) as e:
