@@ -307,7 +307,7 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
     else:
         d_state = x.new_empty(0)
-    return dx.view_as(x), dw.sum(0).t().to(weight.dtype), db.sum(0), d_state
+    return dx.view_as(x), dw.sum(0).t().contiguous().to(weight.dtype), db.sum(0), d_state
 
 
 @_conv_bwd.register_fake
