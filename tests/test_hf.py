@@ -2,6 +2,7 @@
 copy, generation with the recurrent cache vs recomputing the prefix, padded batches."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -193,3 +194,15 @@ def test_gpu_kernels_match_reference_and_decode_from_cache(mixer):
         assert rel_err(stepped, oracle[:, 99:]) < 3e-2
     out = bf16.generate(ids[:, :100], max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 116)
+
+
+def test_importing_flame_registers_the_auto_classes():
+    import subprocess
+    import sys
+
+    code = ("import flame, transformers\n"
+            "cfg = transformers.AutoConfig.for_model('flame')\n"
+            "assert type(cfg).__name__ == 'FlameConfig'\n"
+            "assert transformers.AutoModelForCausalLM._model_mapping[type(cfg)].__name__ == 'FlameForCausalLM'\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
