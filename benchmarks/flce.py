@@ -14,35 +14,19 @@ the eager fp32-logit reference.
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from flame.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
+from environment import environment  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
 
 
 def write(name: str, payload: dict) -> pathlib.Path:

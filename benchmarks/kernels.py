@@ -18,18 +18,17 @@ import argparse
 import json
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels as flame_kernels  # noqa: E402
+from environment import environment as bench_environment  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 KERNELS = ("simple_gla", "gla", "delta_rule", "gated_delta_rule")
@@ -55,24 +54,12 @@ def flops_per_token_head(kernel: str, K: int, V: int, C: int = CHUNK) -> tuple[f
 
 def environment() -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    try:
         import fla
 
         fla_version = fla.__version__
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         fla_version = f"unavailable: {type(e).__name__}: {e}"
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "fla": fla_version,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
+    return {**bench_environment(), "fla": fla_version}
 
 
 def make_inputs(kernel: str, B: int, T: int, H: int, D: int):

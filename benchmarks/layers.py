@@ -11,13 +11,10 @@ measured in the same run (a 2 GiB tensor copy: read + write).
 
 import json
 import pathlib
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -26,22 +23,9 @@ from flame.kernels.conv import causal_conv1d  # noqa: E402
 from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
 
+from environment import environment  # noqa: E402
+
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-
-
-def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=RESULTS.parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
 
 
 def write(name: str, payload: dict) -> pathlib.Path:

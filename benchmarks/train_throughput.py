@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from environment import environment
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ARCHS = ("transformer", "gated_deltanet", "gla", "deltanet", "retnet", "mamba2", "hybrid_gdn_attn")
@@ -99,27 +101,6 @@ def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, 
     if metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return rc, records, seconds, log[-3000:], " ".join(cmd)
-
-
-def environment():
-    import torch
-
-    env = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip()
-        env["dirty"] = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                                           text=True).stdout.strip())
-    except OSError:
-        env["commit"] = None
-    return env
 
 
 def throughput(args, selected, workdir):

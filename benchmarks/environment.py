@@ -1,0 +1,42 @@
+"""What every benchmark result records about where it ran.
+
+The commit comes from FLAME_COMMIT when set (a copy of the tree without git history, as on a
+remote GPU host), else from git; None when neither knows it.
+"""
+
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    commit = os.environ.get("FLAME_COMMIT") or _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain")
+    return {
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": commit,
+        "dirty": bool(status) if status is not None else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
