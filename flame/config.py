@@ -130,10 +130,9 @@ class ParallelismConfig:
             raise ValueError("parallelism.data_parallel_replicate_degree must be >= 1")
         if self.data_parallel_shard_degree == 0 or self.data_parallel_shard_degree < -1:
             raise ValueError("parallelism.data_parallel_shard_degree must be >= 1, or -1 for the rest")
-        if self.tensor_parallel_degree != 1:
+        if self.tensor_parallel_degree < 1:
             raise ValueError(
-                f"parallelism.tensor_parallel_degree = {self.tensor_parallel_degree}: tensor "
-                "parallelism is not available yet; use 1")
+                f"parallelism.tensor_parallel_degree = {self.tensor_parallel_degree}: must be >= 1")
 
 
 @dataclass
@@ -273,6 +272,12 @@ class Config:
             section = getattr(self, name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.parallelism.tensor_parallel_degree > 1:
+            # imported here: it pulls in torch.distributed, which reading a config does not need
+            from flame.tensor_parallel import check_tensor_parallel
+
+            check_tensor_parallel(self.model, self.parallelism.tensor_parallel_degree,
+                                  self.training.seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in _section_types()}
@@ -600,8 +605,9 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     replicate = cfg.parallelism.data_parallel_replicate_degree
     shard = cfg.parallelism.data_parallel_shard_degree
+    tp = cfg.parallelism.tensor_parallel_degree
     if shard == -1:
-        shard = max(1, world_size // replicate)
+        shard = max(1, world_size // (replicate * tp))
 
     n_total = model.num_params(include_embeddings=True)
     n_body = model.num_params(include_embeddings=False)
@@ -611,10 +617,11 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
     m = cfg.model
 
     # Per GPU, with parameters, gradients and AdamW's two moments sharded over the FSDP degree
-    # (fp32 master weights; bf16 copies of the gathered block exist only transiently).
-    params_b = 4 * n_total / shard
-    grads_b = 4 * n_total / shard
-    optim_b = 8 * n_total / shard
+    # and split over the tensor-parallel degree (fp32 master weights; bf16 copies of the
+    # gathered block exist only transiently).
+    params_b = 4 * n_total / (shard * tp)
+    grads_b = 4 * n_total / (shard * tp)
+    optim_b = 8 * n_total / (shard * tp)
     # Activations, roughly: per token and layer ~34 * dim bytes in bf16 without recomputation
     # (Korthikanti et al.'s count for a transformer block, softmax scores excluded as SDPA/
     # chunked kernels do not store them), only the block input with full recomputation.
@@ -623,7 +630,7 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
     if per_layer is None:
         every = int(cfg.activation_checkpoint.selective_ac_option)
         per_layer = (17 * m.dim * (every - 1) + m.dim) / every
-    act_b = tokens * m.n_layers * per_layer * act_bytes
+    act_b = tokens * m.n_layers * per_layer * act_bytes / tp  # TP splits heads and the sequence
     # Logits are never materialised in full: the fused linear cross-entropy works in chunks.
     gib = 1024 ** 3
     lines = [
@@ -633,7 +640,8 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
         f"training FLOPs per token at seq_len {cfg.training.seq_len}: {flops / 1e9:.3f} GFLOP",
         f"tokens per step: {tokens * shard * replicate} "
         f"({cfg.training.local_batch_size} x {cfg.training.seq_len} per device per micro-batch)",
-        f"memory per GPU (estimate, {world_size} GPU(s), FSDP degree {shard}, replicate {replicate}):",
+        f"memory per GPU (estimate, {world_size} GPU(s), FSDP degree {shard}, replicate {replicate}, "
+        f"tensor parallel {tp}):",
         f"  parameters (fp32)        {params_b / gib:8.2f} GiB",
         f"  gradients (fp32)         {grads_b / gib:8.2f} GiB",
         f"  optimizer states (fp32)  {optim_b / gib:8.2f} GiB",

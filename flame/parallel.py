@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from flame.tensor_parallel import apply_tensor_parallel
 from flame.titan import ParallelDims, data_parallel_mesh
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -35,11 +36,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device)
 # Tensor parallelism
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Tensor-parallel plans, one per token mixer and one for the MLP, go here (column-wise
-    q/k/v and gate projections, row-wise output projections, per-head parameters sharded by
-    head). The [parallelism] section rejects tensor_parallel_degree > 1 until they exist."""
-    raise NotImplementedError("tensor parallelism is not available yet")
+# apply_tensor_parallel (flame/tensor_parallel.py): head-parallel plans for every mixer and the
+# MLP, sequence-parallel norms, vocab-parallel embedding and loss.
 
 
 # ------------------------------------------------------------------------------------------
@@ -78,7 +76,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
 
     Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
     and fp32 gradient reduction. On CPU everything stays fp32."""
-    mesh = data_parallel_mesh(dims)
+    mesh = _fsdp_mesh(dims)
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     else:
@@ -95,6 +93,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     # The root's parameters are used last in forward and first in backward: keep them.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
+
+
+def _fsdp_mesh(dims: ParallelDims):
+    """With tensor parallelism and no data parallelism FSDP2 still wraps the model, over the
+    size-1 data-parallel dimension of the mesh the TP dimension belongs to: it gives the same
+    mixed precision as every other layout and sums the partial gradients of the replicated
+    parameters (sequence-parallel norms) over the TP group."""
+    if dims.tp_enabled and dims.dp_replicate == 1 and dims.dp_shard == 1:
+        return dims._meshes["fsdp"]  # torchtitan builds it (size 1) but get_mesh skips size-1 dims
+    return data_parallel_mesh(dims)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

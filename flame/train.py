@@ -27,6 +27,7 @@ import torch.distributed as dist
 from flame import titan
 from flame.config import Config
 from flame.parallel import parallelize, set_gradient_sync
+from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
 from flame.titan import logger
 
 CONFIG_FILE = "config.toml"
@@ -190,7 +191,11 @@ class Trainer:
         check_metric_backends(cfg)
         self.rt = titan.init_distributed()
         self.device = self.rt.device
+        check_parallel_layout(cfg.parallelism, self.rt.world_size)
+        check_tensor_parallel(cfg.model, cfg.parallelism.tensor_parallel_degree, t.seq_len)
         self.dims = titan.build_parallel_dims(cfg.parallelism, self.rt.world_size)
+        # the ranks of a tensor-parallel group share one batch
+        self.tp = cfg.parallelism.tensor_parallel_degree
         self.dp_rank, self.dp_size = titan.data_parallel_rank_and_size(self.dims)
         self.grad_accum = self._gradient_accumulation_steps()
         self._seed_and_determinism()
@@ -210,7 +215,6 @@ class Trainer:
 
         # Model -> parallelize -> weights
         self.model = self._build_model()
-        self.flops_per_token = self.model.flops_per_token(t.seq_len)
         self.n_params = self.model.num_params(include_embeddings=True)
 
         # Optimizer, LR schedule, state, checkpoints
@@ -266,6 +270,8 @@ class Trainer:
             # the initial weights do not depend on the number of GPUs.
             with torch.device("meta"):
                 model = build_model(cfg.model)
+            # counted on the whole model: tensor parallelism leaves each mixer its local heads
+            self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
             parallelize(model, cfg, self.dims, self.device)
             model.to_empty(device=self.device)
             if self.rt.world_size > 1:
@@ -276,6 +282,7 @@ class Trainer:
             # DTensor's RNG does not cover CPU meshes: initialise the full model (small on CPU)
             # the same way on every rank, then shard it.
             model = build_model(cfg.model)
+            self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
             parallelize(model, cfg, self.dims, self.device)
         model.train()
         return model
@@ -320,7 +327,7 @@ class Trainer:
         batches = self._next_batches()
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         (global_tokens,) = titan.all_reduce_scalars([local_tokens], self.device)
-        global_tokens = max(global_tokens, 1.0)
+        global_tokens = max(global_tokens / self.tp, 1.0)  # each TP group counted its batch tp times
         # FSDP averages gradients over the dp ranks; scale by dp_size so that the result is the
         # gradient of (sum of token losses) / (global label tokens).
         scale = self.dp_size / global_tokens
@@ -336,7 +343,7 @@ class Trainer:
         grad_norm = titan.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         if dist.get_world_size() > 1:
             dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / global_tokens
+        loss_value = loss_sum.item() / self.tp / global_tokens
         norm_value = float(grad_norm)
         lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
         if math.isfinite(loss_value) and math.isfinite(norm_value):
@@ -383,7 +390,7 @@ class Trainer:
             step = self.state.step
             if step % cfg.metrics.log_freq == 0 or step == t.steps or step == run_start_step + 1:
                 now = time.perf_counter()
-                tps = window_tokens / (now - window_start)
+                tps = window_tokens / (now - window_start) / self.tp  # per device
                 mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
                 eta = (now - run_start) / (step - run_start_step) * (t.steps - step)
                 values = {
