@@ -148,6 +148,8 @@ class CheckpointConfig:
     # The checkpoint of the last step holds the model only (smaller; cannot be resumed).
     last_save_model_only: bool = False
     export_dtype: Literal["float16", "bfloat16", "float32"] = "float32"
+    # After the last step, also write that checkpoint in Hugging Face format to <dump>/hf/step-N.
+    export_hf: bool = False
     # States not restored on resume, e.g. ["dataloader"] to restart the data stream.
     exclude_from_loading: list[str] = field(default_factory=list)
 
@@ -158,6 +160,9 @@ class CheckpointConfig:
             raise ValueError(
                 f"checkpoint.keep_latest_k = {self.keep_latest_k}: use 0 (keep all) or >= 2 (the "
                 "newest one may still be being written)")
+        if self.export_hf and not self.enable:
+            raise ValueError("checkpoint.export_hf = true needs checkpoint.enable = true (the export "
+                             "converts the last checkpoint)")
         valid = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
         for name in self.exclude_from_loading:
             if name not in valid:
@@ -613,6 +618,9 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
     n_body = model.num_params(include_embeddings=False)
     flops = model.flops_per_token(cfg.training.seq_len)
     tokens = cfg.training.local_batch_size * cfg.training.seq_len
+    # global_batch_size (sequences) fixes the step; otherwise one micro-batch per data-parallel rank
+    step_sequences = (cfg.training.global_batch_size if cfg.training.global_batch_size != -1
+                      else cfg.training.local_batch_size * shard * replicate)
     bf16 = cfg.training.mixed_precision_param == "bfloat16"
     m = cfg.model
 
@@ -638,7 +646,7 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
         f"{(n_total - n_body) / 1e6:.2f}M in embeddings/output)",
         f"layers: {', '.join(m.layer_mixers()) if hasattr(m, 'layer_mixers') else m.n_layers}",
         f"training FLOPs per token at seq_len {cfg.training.seq_len}: {flops / 1e9:.3f} GFLOP",
-        f"tokens per step: {tokens * shard * replicate} "
+        f"tokens per step: {step_sequences * cfg.training.seq_len} "
         f"({cfg.training.local_batch_size} x {cfg.training.seq_len} per device per micro-batch)",
         f"memory per GPU (estimate, {world_size} GPU(s), FSDP degree {shard}, replicate {replicate}, "
         f"tensor parallel {tp}):",

@@ -416,6 +416,8 @@ class Trainer:
             if step % cfg.checkpoint.interval == 0 or step == t.steps:
                 self._save_config_beside_checkpoint(step)
         profiler.close()
+        if cfg.checkpoint.export_hf and self.state.step == t.steps:
+            self._export_hf(self.state.step)
 
     def _save_config_beside_checkpoint(self, step: int) -> None:
         """The resolved config goes into each checkpoint folder, so a checkpoint is readable
@@ -426,6 +428,26 @@ class Trainer:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             f.write(self.cfg.to_toml())
+
+    def _export_hf(self, step: int) -> None:
+        """checkpoint.export_hf: the last checkpoint (saved synchronously by the manager) in Hugging
+        Face format. Rank 0 converts it in a child process once every rank has written its shards:
+        reading a checkpoint inside this process would make the conversion's reads collectives of
+        the training process group."""
+        import subprocess
+        import sys
+
+        if self.rt.world_size > 1:
+            dist.barrier()
+        if self.rt.rank == 0:
+            ckpt = self.cfg.checkpoint
+            folder = os.path.join(self.cfg.job.dump_folder, ckpt.folder, f"step-{step}")
+            out = os.path.join(self.cfg.job.dump_folder, "hf", f"step-{step}")
+            subprocess.run([sys.executable, "-m", "flame.convert", "to-hf", "--checkpoint", folder,
+                            "--out", out, "--dtype", ckpt.export_dtype], check=True)
+            logger.info(f"exported step {step} in Hugging Face format to {out}")
+        if self.rt.world_size > 1:
+            dist.barrier()
 
     def close(self) -> None:
         self.checkpointer.close()
