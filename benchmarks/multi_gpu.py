@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from environment import environment as bench_environment
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 LAYOUTS = {
@@ -52,19 +54,7 @@ def _free_port() -> int:
 def environment() -> dict:
     import torch
 
-    env = {"torch": torch.__version__, "python": sys.version.split()[0],
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-           "gpus": torch.cuda.device_count()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    env["commit"] = git("rev-parse", "HEAD") or None
-    env["dirty"] = bool(git("status", "--porcelain"))
-    return env
+    return {**bench_environment(), "gpus": torch.cuda.device_count()}
 
 
 def run(recipe: str, layout: str, args, workdir: pathlib.Path) -> dict:
