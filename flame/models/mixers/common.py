@@ -71,6 +71,17 @@ def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
     return y
 
 
+def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state):
+    """q, k, v projections of x, each through its short convolution when the mixer has them (the
+    convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v)."""
+    q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
+    if mixer.use_short_conv:
+        q = apply_conv(mixer.q_conv, q, cu_seqlens, state, new_state, "conv_q")
+        k = apply_conv(mixer.k_conv, k, cu_seqlens, state, new_state, "conv_k")
+        v = apply_conv(mixer.v_conv, v, cu_seqlens, state, new_state, "conv_v")
+    return q, k, v
+
+
 @torch.no_grad()
 def init_dt_bias(dt_bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4):
     """Mamba's time-step bias: softplus(dt_bias) is log-uniform in [dt_min, dt_max]."""

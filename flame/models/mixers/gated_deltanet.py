@@ -22,7 +22,7 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (apply_conv, delta_rule_flops, init_conv, init_dt_bias, local,
+from flame.models.mixers.common import (delta_rule_flops, init_conv, init_dt_bias, local, project_qkv,
                                         use_recurrent_kernel)
 
 
@@ -68,12 +68,8 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            q = apply_conv(self.q_conv, q, cu_seqlens, state, new_state, "conv_q")
-            k = apply_conv(self.k_conv, k, cu_seqlens, state, new_state, "conv_k")
-            v = apply_conv(self.v_conv, v, cu_seqlens, state, new_state, "conv_v")
-        else:
+        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
+        if not self.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6)
         k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6)

@@ -19,7 +19,7 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import apply_conv, init_conv, linear_attention_flops, use_recurrent_kernel
+from flame.models.mixers.common import init_conv, linear_attention_flops, project_qkv, use_recurrent_kernel
 
 
 class GatedLinearAttention(nn.Module):
@@ -61,11 +61,7 @@ class GatedLinearAttention(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            q = apply_conv(self.q_conv, q, cu_seqlens, state, new_state, "conv_q")
-            k = apply_conv(self.k_conv, k, cu_seqlens, state, new_state, "conv_k")
-            v = apply_conv(self.v_conv, v, cu_seqlens, state, new_state, "conv_v")
+        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
         gk = F.logsigmoid(self.gk_up(self.gk_down(x)).to(torch.promote_types(x.dtype, torch.float32))) / self.gate_logit_normalizer
 
         rule = kernels.fused_recurrent_gla if use_recurrent_kernel(state, T) else kernels.chunk_gla

@@ -16,7 +16,6 @@ Decoding state (`use_cache=True`): {"recurrent": [N_seq, H, N, P] float32,
 "conv": [N_seq, H*P + 2N, W-1]}.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F

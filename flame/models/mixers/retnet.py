@@ -18,7 +18,7 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (apply_conv, init_conv, linear_attention_flops, token_positions,
+from flame.models.mixers.common import (init_conv, linear_attention_flops, project_qkv, token_positions,
                                         use_recurrent_kernel)
 
 
@@ -67,11 +67,7 @@ class MultiScaleRetention(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.use_short_conv:
-            q = apply_conv(self.q_conv, q, cu_seqlens, state, new_state, "conv_q")
-            k = apply_conv(self.k_conv, k, cu_seqlens, state, new_state, "conv_k")
-            v = apply_conv(self.v_conv, v, cu_seqlens, state, new_state, "conv_v")
+        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
         positions = token_positions(B, T, x.device, cu_seqlens, position_ids, state)
         q, k = self.rotary(q.view(B, T, H, K), k.view(B, T, H, K), positions)
         g = retention_log_decay(H, x.device, self.first_head).to(torch.promote_types(x.dtype, torch.float32)).expand(B, T, H)
