@@ -104,6 +104,16 @@ def test_triton_matches_reference_cpu(case, triton_backend):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
+    # The separate dv / dqk kernels serve K or V above the fused kernel's tile.
+    from flame.kernels import linear_attention
+
+    monkeypatch.setattr(linear_attention, "FUSED_SCALAR_BACKWARD", False)
+    errors = compare("simple_gla", chunk_simple_gla, True, 1, 80, 1, 16, 32, [0, 20, 80], True, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
 def test_strong_decay_stays_finite_and_exact(kernel, triton_backend):
     # Decays of e^-30 per step: any intra-chunk factorisation with a positive exponent overflows.

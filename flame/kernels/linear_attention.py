@@ -28,13 +28,16 @@ from flame.kernels.utils import (
 
 STATE_BLOCK = 64  # K and V tile of the state passes (halved when they would leave SMs idle)
 STATE_PROGRAMS = 512  # state-pass programs below which the tile is halved
-STATE_STAGES = 3  # chunk tiles in flight ahead of the serial state update
+STATE_STAGES = 3  # chunk tiles in flight ahead of the serial state update, 64x64 tiles
+STATE_STAGES_SMALL = 3  # the same for 32x32 tiles (few programs, latency-bound)
 CHUNK_BLOCK = 128  # widest V (K) tile of the scalar-gate whole-chunk kernels
 CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
+FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
+FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
 CHUNK_STAGES = 2
-SUB_BLOCK_K = 32  # K tile of the sub-chunk kernels (bounds the [16, 16, BK] exact-decay tile)
-SUB_BLOCK_V = 64
+GLA_BLOCK = 64  # K and V tiles of the per-key-dim (GLA) kernels
+GLA_INTRA_WARPS = 4  # the GLA kernels on BC-row blocks (scores, intra-chunk gradients)
 NUM_WARPS = 4
 
 
@@ -96,7 +99,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
         SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FORWARD=forward, BACKWARD=backward,
         HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
         STORE_HT=ht is not None, STORE_DH0=dh0 is not None, BK=blk, BV=blk,
-        num_warps=NUM_WARPS, num_stages=STATE_STAGES,
+        num_warps=NUM_WARPS, num_stages=STATE_STAGES if blk == STATE_BLOCK else STATE_STAGES_SMALL,
     )
     return h, dh, ht, dh0
 
@@ -116,12 +119,29 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
             H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht
-    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
-    kern.chunk_output_kernel[grid](
-        q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        SCALAR_GATE=False, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+    a = _gla_scores(q, k, b, scale, chunks)
+    bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
+    kern.chunk_gla_output_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+        q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, ht
+
+
+def _gla_block(dim):
+    return min(triton.next_power_of_2(dim), GLA_BLOCK)
+
+
+def _gla_scores(q, k, b, scale, chunks):
+    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
+    T, H, K = q.shape
+    a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
+    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
+    kern.chunk_gla_scores_kernel[grid](
+        q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, BK=_gla_block(K), num_warps=GLA_INTRA_WARPS,
+    )
+    return a
 
 
 def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
@@ -133,6 +153,14 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
+    # fp32 tiles of the fused kernel would pass the shared memory of one SM.
+    if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
+        kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
+            q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+            H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V),
+            num_warps=FUSED_WARPS, num_stages=1,
+        )
+        return dq, dk, dv, dg, dh0
     if scalar_gate:
         bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
@@ -153,17 +181,23 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
             H=H, NK=nk, num_warps=NUM_WARPS,
         )
         return dq, dk, dv, dg, dh0
-    db = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    dbl = torch.empty(chunks.slots, kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE, H, K, dtype=torch.float32, device=q.device)
-    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
-    kern.chunk_backward_kernel[grid](
-        q, k, v, b, do, h, dh, dq, dk, dv, db, dbl,
-        chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        SCALAR_GATE=False, H=H, K=K, V=V, BK=SUB_BLOCK_K, BV=SUB_BLOCK_V, num_warps=NUM_WARPS,
+    a = _gla_scores(q, k, b, scale, chunks)
+    bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
+    kern.chunk_gla_dv_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+        k, b, a, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
-    kern.chunk_gate_grad_kernel[(chunks.slots, H, 1)](
-        db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        H=H, K=K, SCALAR_GATE=False, BK=triton.next_power_of_2(K), num_warps=8,
+    dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
+    dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
+    kern.chunk_gla_intra_grad_kernel[(chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)](
+        q, k, v, b, do, dq_intra, dk_intra, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=_gla_block(V), num_warps=GLA_INTRA_WARPS,
+    )
+    bk = _gla_block(K)
+    kern.chunk_gla_grad_kernel[(chunks.slots * triton.cdiv(K, bk), H)](
+        q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
+        chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return dq, dk, dv, dg, dh0
 

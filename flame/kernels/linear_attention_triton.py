@@ -8,11 +8,13 @@ h_n the state entering chunk n, dh_n the gradient of the state leaving chunk n.
     o_t    = scale * [(q_t * e^{b_t}) h_n + sum_{s<=t} (sum_k q_tk k_sk e^{b_tk - b_sk}) v_s]
     h_n+1  = e^{b_L} * h_n + (k * e^{b_L - b})^T v
 
-The intra-chunk term is done per sub-chunk of BC = 16 rows ("secondary chunking"): for
-pairs of positions in different sub-chunks the decay factors through a reference row r
-between them, e^{b_t - r} * e^{r - b_s}, both exponents <= 0 so nothing overflows and the
-product is a tensor-core matmul; within a sub-chunk the decay is formed exactly per pair
-(per key dimension for GLA; one [BC, BC] matrix and a matmul for a scalar gate).
+A scalar gate makes the intra-chunk decay e^{b_t - b_s} one [BT, BT] matrix, so its kernels
+are whole-chunk matmuls. A per-key-dim gate (GLA) first forms the score matrix
+A[t, s] = scale sum_k q_tk k_sk e^{b_tk - b_sk} per BC = 16-row block ("secondary chunking"):
+for pairs in different blocks the decay factors through a reference row r between them,
+e^{b_t - r} * e^{r - b_s}, both exponents <= 0 so nothing overflows and the product is a
+tensor-core matmul; within a block the decay is formed exactly per pair. The rest is again
+whole-chunk matmuls (o = scale (q e^b) h + A v and the gradients).
 
 Grids are sized by an upper bound on the number of chunks (no host synchronisation);
 programs whose chunk slot lies past the real chunks return at once.
@@ -39,15 +41,6 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
     t0 = bos + chunk * BT
     L = tl.minimum(eos - t0, BT).to(tl.int32)
     return seq, t0, L
-
-
-@triton.jit
-def _b_offsets(t, i_h, ck, H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr):
-    """Offsets into b: [T, H] for a scalar gate (broadcast over the key columns ck), else [T, H, K]."""
-    if SCALAR_GATE:
-        return t * H + i_h + ck * 0
-    else:
-        return (t * H + i_h) * K + ck
 
 
 @triton.jit
@@ -305,6 +298,63 @@ def chunk_backward_dqk_scalar_kernel(
 
 
 @triton.jit
+def chunk_backward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+    cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate, K <= BK and V <= BV: dq, dk, dv and dg of one whole chunk in one program.
+
+    The same products as the dv and dqk kernels, but q, k, v, do, h, dh are read once per
+    chunk instead of once per kernel, and the gate gradient (a reverse cumulative sum over
+    the chunk) is finished here.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+    pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+    ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+    q = tl.load(q_ptr + pk, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pk, mask=mk, other=0.0)
+    do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+    dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+    decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
+    # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh)
+    at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+    dv = tl.dot(at, do) + tl.dot(k, dh) * decay_out[:, None]
+    tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+    # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
+    v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+    w = (tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale).to(dtype)
+    dk = tl.dot(v, tl.trans(dh)) * decay_out[:, None]
+    kf = k.to(tl.float32)
+    dbl = tl.sum(tl.sum(kf * dk, axis=1), axis=0)
+    dk += tl.dot(tl.trans(w), q)
+    tl.store(dk_ptr + pk, dk.to(dtype), mask=mk)
+    db = -tl.sum(kf * dk, axis=1)
+    # dq = W k + scale e^{b} (do h^T)
+    h = tl.load(h_ptr + ph, mask=mkv, other=0.0)
+    dbl += tl.exp(b_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
+    dq = tl.dot(do, tl.trans(h.to(dtype))) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None] + tl.dot(w, k)
+    tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
+    db += tl.sum(q.to(tl.float32) * dq, axis=1)
+    dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+    tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def chunk_scalar_gate_grad_kernel(
     db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, T_total, slots,
     H: tl.constexpr, NK: tl.constexpr,
@@ -324,30 +374,24 @@ def chunk_scalar_gate_grad_kernel(
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=rows < L)
 
 
-@triton.jit
-def _diag_decay(b_i, rows_i, L):
-    """Exact within-sub-chunk decay e^{b_t - b_s} for t >= s, [BC, BC, BK] (zero elsewhere)."""
-    causal = (rows_i[:, None] >= rows_i[None, :]) & (rows_i[:, None] < L)
-    diff = b_i[:, None, :] - b_i[None, :, :]
-    return tl.where(causal[:, :, None], tl.exp(diff), 0.0)
+# ---------------------------------------------------------------------------------------------
+# Per-key-dim gate (GLA). The decay of a pair (t, s) differs per key dimension, so the scores
+# A[t, s] = scale sum_k q_tk k_sk e^{b_tk - b_sk} are no single matmul. The intra kernels form
+# A (and in the backward the intra-chunk dq, dk) per BC-row block of a chunk, with the exact
+# pairwise decay only inside the diagonal block; everything else is a whole-chunk matmul:
+# o = scale (q e^b) h + A v, dv = A^T do + (k e^{b_L - b}) dh, and the inter-chunk dq, dk.
 
 
 @triton.jit
-def _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H: tl.constexpr):
-    """The same for a scalar gate: one [BC, BC] decay shared by all key dimensions."""
-    b_rows = tl.load(b_ptr + (t0 + rows_i) * H + i_h, mask=rows_i < L, other=0.0)
-    causal = (rows_i[:, None] >= rows_i[None, :]) & (rows_i[:, None] < L)
-    return tl.where(causal, tl.exp(b_rows[:, None] - b_rows[None, :]), 0.0)
-
-
-@triton.jit
-def chunk_output_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def chunk_gla_scores_kernel(
+    q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
 ):
-    """Output rows of one sub-chunk: inter-chunk term from h plus the intra-chunk term.
+    """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
-    The sub-chunks of a chunk are adjacent programs, so they share its state tile in L2.
+    Keys in earlier blocks: one dot through the reference row r = the block's first row,
+    (q_t e^{b_t - r}) . (k_s e^{r - b_s}), both exponents <= 0. Keys in block i: exact per pair,
+    one key row at a time.
     """
     NC: tl.constexpr = BT // BC
     i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
@@ -359,61 +403,111 @@ def chunk_output_kernel(
     dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     rows_i = i_i * BC + tl.arange(0, BC)
+    valid_i = rows_i < L
     before = rows < i_i * BC
-    ref_row = t0 + i_i * BC  # reference: first row of the sub-chunk
-    p_off = tl.zeros([BC, BT], dtype=tl.float32)
-    p_diag = tl.zeros([BC, BC], dtype=tl.float32)
+    ref = t0 + i_i * BC
+    acc = tl.zeros([BC, BT], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        mi = (rows_i[:, None] < L) & (ck[None, :] < K)
-        mb = before[:, None] & (ck[None, :] < K)
+        mck = ck < K
+        mi = valid_i[:, None] & mck[None, :]
+        mb = before[:, None] & mck[None, :]
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
+        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
         k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mb, other=0.0)
-        r = tl.load(b_ptr + _b_offsets(ref_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
-        p_off += tl.dot(q_r, tl.trans(k_r))
-        if SCALAR_GATE:
-            e = _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
-            p_diag += tl.dot(q_i.to(dtype), tl.trans(k_i.to(dtype))) * e
-        else:
-            e = _diag_decay(b_i, rows_i, L)
-            p_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
-    p_off = p_off.to(dtype)
-    p_diag = p_diag.to(dtype)
-    for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        v_b = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
-                      mask=before[:, None] & (cv[None, :] < V), other=0.0)
-        v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :],
-                      mask=(rows_i[:, None] < L) & (cv[None, :] < V), other=0.0)
-        o = tl.dot(p_off, v_b) + tl.dot(p_diag, v_i)
-        for k0 in range(0, K, BK):
-            ck = k0 + tl.arange(0, BK)
-            mi = (rows_i[:, None] < L) & (ck[None, :] < K)
-            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
-            q_g = tl.where(mi, q_i.to(tl.float32) * tl.exp(b_i), 0.0).to(dtype)
-            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
-                        mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
-            o += tl.dot(q_g, h.to(dtype))
-        tl.store(o_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype),
-                 mask=(rows_i[:, None] < L) & (cv[None, :] < V))
+        acc += tl.dot(q_r, tl.trans(k_r))
+        for j in range(0, BC):
+            s = i_i * BC + j
+            ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+            k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+            b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+            pair = (rows_i >= s) & valid_i
+            e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+            a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
+            acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+    tl.store(a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT + rows[None, :],
+             (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
 
 
 @triton.jit
-def chunk_backward_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr,
-    dq_ptr, dk_ptr, dv_ptr, db_ptr, dbl_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+def chunk_gla_output_kernel(
+    q_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq, dk, dv and db (gradient of the cumulative log decay) of one sub-chunk's rows.
+    """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    cv = i_v * BV + tl.arange(0, BV)
+    mv = valid[:, None] & (cv[None, :] < V)
+    o = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = valid[:, None] & (ck[None, :] < K)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+                    mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
+        qg = tl.where(mk, q.to(tl.float32) * tl.exp(b), 0.0).to(dtype)
+        o += tl.dot(qg, h.to(dtype))
+    a = tl.load(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :], mask=valid[:, None], other=0.0)
+    v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+    o = o * scale + tl.dot(a.to(dtype), v)
+    tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], o.to(dtype), mask=mv)
 
-    dbl_ptr [slots, BT // BC, H, K] gets this sub-chunk's part of the gradient of b_L that
-    comes through the state leaving the chunk; the dg kernel adds it to every row.
+
+@triton.jit
+def chunk_gla_dv_kernel(
+    k_ptr, b_ptr, a_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dv = A^T do + (k e^{b_L - b}) dh for one chunk and V tile."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = k_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    cv = i_v * BV + tl.arange(0, BV)
+    mv = valid[:, None] & (cv[None, :] < V)
+    dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = valid[:, None] & (ck[None, :] < K)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+                     mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
+        kl = tl.where(mk, k.to(tl.float32) * tl.exp(b_last[None, :] - b), 0.0).to(dtype)
+        dv += tl.dot(kl, dh.to(dtype))
+    a = tl.load(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :], mask=valid[:, None], other=0.0)
+    do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+    dv += tl.dot(tl.trans(a.to(dtype)), do)
+    tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
+
+
+@triton.jit
+def chunk_gla_intra_grad_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
+
+    dq_t = sum_{s <= t} dA_ts k_s e^{b_t - b_s}: keys before the block through its first row;
+    dk_s = sum_{t >= s} dA_ts q_t e^{b_t - b_s}: queries after the block through its last row;
+    pairs inside the block exact, one partner row at a time.
     """
     NC: tl.constexpr = BT // BC
     i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
@@ -429,15 +523,11 @@ def chunk_backward_kernel(
     valid_i = rows_i < L
     before = rows < i_i * BC
     after = (rows >= (i_i + 1) * BC) & valid
-    first_row = t0 + i_i * BC  # reference for pairs (t in this sub-chunk, s before it)
-    last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1  # reference for (t after, s in it)
-    end_row = t0 + L - 1
-    first_sub = (i_i == 0).to(tl.float32)
+    first_row = t0 + i_i * BC
+    last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1
 
-    # Gradients of the intra-chunk scores: dA[t, s] = do_t . v_s.
-    da_row = tl.zeros([BC, BT], dtype=tl.float32)  # t in sub-chunk, s before it
-    da_col = tl.zeros([BC, BT], dtype=tl.float32)  # s in sub-chunk, t after it (transposed)
-    da_diag = tl.zeros([BC, BC], dtype=tl.float32)  # t, s both in it
+    da_row = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s], t in the block
+    da_col = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s] at [s, t], s in the block
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv_i = valid_i[:, None] & (cv[None, :] < V)
@@ -448,142 +538,98 @@ def chunk_backward_kernel(
         v_a = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
         da_row += tl.dot(do_i, tl.trans(v_a))
         da_col += tl.dot(v_i, tl.trans(do_a))
-        da_diag += tl.dot(do_i, tl.trans(v_i))
-    da_row = tl.where(before[None, :], da_row, 0.0).to(dtype)
-    da_col = tl.where(after[None, :], da_col, 0.0).to(dtype)
-    causal = (rows_i[:, None] >= rows_i[None, :]) & valid_i[:, None]
-    da_diag = tl.where(causal, da_diag, 0.0)
-
-    # Scores with this sub-chunk's keys, for dv: at[s, t] = A[t, s] for t after, a_diag[t, s].
-    at_off = tl.zeros([BC, BT], dtype=tl.float32)
-    a_diag = tl.zeros([BC, BC], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        mi = valid_i[:, None] & (ck[None, :] < K)
-        ma = after[:, None] & (ck[None, :] < K)
-        q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
-        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=ma, other=0.0)
-        r = tl.load(b_ptr + _b_offsets(last_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
-        k_r = tl.where(mi, k_i * tl.exp(r[None, :] - b_i), 0.0).to(dtype)
-        q_r = tl.where(ma, q_a * tl.exp(b_a - r[None, :]), 0.0).to(dtype)
-        at_off += tl.dot(k_r, tl.trans(q_r))
-        if SCALAR_GATE:
-            e = _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
-            a_diag += tl.dot(q_i.to(dtype), tl.trans(k_i.to(dtype))) * e
-        else:
-            e = _diag_decay(b_i, rows_i, L)
-            a_diag += tl.sum(q_i[:, None, :] * k_i[None, :, :] * e, axis=2)
-    at_off = at_off.to(dtype)
-    at_diag = tl.trans(a_diag).to(dtype)
-
-    for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        mv_i = valid_i[:, None] & (cv[None, :] < V)
-        do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-        do_a = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
-                       mask=after[:, None] & (cv[None, :] < V), other=0.0)
-        dv = (tl.dot(at_off, do_a) + tl.dot(at_diag, do_i)) * scale
-        for k0 in range(0, K, BK):
-            ck = k0 + tl.arange(0, BK)
-            mi = valid_i[:, None] & (ck[None, :] < K)
-            k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
-            b_l = tl.load(b_ptr + _b_offsets(end_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
-            k_l = tl.where(mi, k_i.to(tl.float32) * tl.exp(b_l[None, :] - b_i), 0.0).to(dtype)
-            dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
-                         mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
-            dv += tl.dot(k_l, dh.to(dtype))
-        tl.store(dv_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv_i)
+    da_row = da_row * scale
+    da_col = da_col * scale
+    da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
+    da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
 
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        mi = valid_i[:, None] & (ck[None, :] < K)
-        dq = tl.zeros([BC, BK], dtype=tl.float32)  # do h^T, decayed below
-        dk = tl.zeros([BC, BK], dtype=tl.float32)  # v dh^T, decayed below
-        hdh = tl.zeros([BK], dtype=tl.float32)  # rowsum(h * dh)
-        for v0 in range(0, V, BV):
-            cv = v0 + tl.arange(0, BV)
-            mv_i = valid_i[:, None] & (cv[None, :] < V)
-            mkv = (ck[:, None] < K) & (cv[None, :] < V)
-            do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-            v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
-            dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
-            dq += tl.dot(do_i, tl.trans(h.to(dtype)))
-            dk += tl.dot(v_i, tl.trans(dh.to(dtype)))
-            hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
-        q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        k_i = tl.load(k_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + _b_offsets(t0 + rows_i[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mi, other=0.0)
-        b_l = tl.load(b_ptr + _b_offsets(end_row, i_h, ck, H, K, SCALAR_GATE), mask=ck < K, other=0.0)
-        dq = tl.where(mi, dq * tl.exp(b_i), 0.0)
-        dk = tl.where(mi, dk * tl.exp(b_l[None, :] - b_i), 0.0)
-        dbl = tl.sum(k_i * dk, axis=0) + first_sub * tl.exp(b_l) * hdh
-        # Pairs with s before this sub-chunk, through the reference at its first row.
-        mb = before[:, None] & (ck[None, :] < K)
+        mck = ck < K
+        mi = valid_i[:, None] & mck[None, :]
+        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
+        r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
+        mb = before[:, None] & mck[None, :]
         k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=mb, other=0.0)
-        r1 = tl.load(b_ptr + _b_offsets(first_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
         k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
-        dq_intra = tl.dot(da_row, k_r)
-        dq_intra = tl.where(mi, dq_intra * tl.exp(b_i - r1[None, :]), 0.0)
-        # Pairs with t after this sub-chunk, through the reference at its last row.
-        ma = after[:, None] & (ck[None, :] < K)
+        dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
+        ma = after[:, None] & mck[None, :]
         q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + _b_offsets(t0 + rows[:, None], i_h, ck[None, :], H, K, SCALAR_GATE), mask=ma, other=0.0)
-        r2 = tl.load(b_ptr + _b_offsets(last_row, i_h, ck, H, K, SCALAR_GATE), mask=(ck < K), other=0.0)
+        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
-        dk_intra = tl.dot(da_col, q_r)
-        dk_intra = tl.where(mi, dk_intra * tl.exp(r2[None, :] - b_i), 0.0)
-        # Pairs within the sub-chunk, exact.
-        if SCALAR_GATE:
-            w = da_diag * _diag_decay_scalar(b_ptr, t0, rows_i, L, i_h, H)
-            dq_intra += tl.dot(w.to(dtype), k_i.to(dtype))
-            dk_intra += tl.dot(tl.trans(w).to(dtype), q_i.to(dtype))
-        else:
-            w = da_diag[:, :, None] * _diag_decay(b_i, rows_i, L)
-            dq_intra += tl.sum(w * k_i[None, :, :], axis=1)
-            dk_intra += tl.sum(w * q_i[:, None, :], axis=0)
-        dq = (dq + dq_intra) * scale
-        dk = dk + dk_intra * scale
-        db = q_i * dq - k_i * dk
+        dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
+        for j in range(0, BC):
+            s = i_i * BC + j
+            in_seq = s < L
+            ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
+            k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+            q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+            b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+            pick = rows[None, :] == s
+            da_t = tl.sum(tl.where(pick, da_row, 0.0), axis=1)  # dA[t, s] for t in the block
+            da_u = tl.sum(tl.where(pick, da_col, 0.0), axis=1)  # dA[s, u] for u in the block
+            later = (rows_i >= s) & valid_i
+            earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
+            e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
+            e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
+            dq += da_t[:, None] * k_s[None, :] * e_q
+            dk += da_u[:, None] * q_s[None, :] * e_k
         p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
-        tl.store(dq_ptr + p, dq.to(dtype), mask=mi)
-        tl.store(dk_ptr + p, dk.to(dtype), mask=mi)
-        tl.store(db_ptr + p, db, mask=mi)
-        tl.store(dbl_ptr + ((i_c * NC + i_i) * H + i_h) * K + ck, dbl, mask=ck < K)
+        tl.store(dqi_ptr + p, dq, mask=mi)
+        tl.store(dki_ptr + p, dk, mask=mi)
 
 
 @triton.jit
-def chunk_gate_grad_kernel(
-    db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N,
-    H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr, BK: tl.constexpr,
+def chunk_gla_grad_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr,
+    cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dg_t = sum_{t' >= t in the chunk} db_t' + (gradient of b_L): b is a cumulative sum.
+    """dq, dk and dg of one chunk and K tile: inter-chunk terms as whole-chunk matmuls plus the
+    intra-chunk parts, then the gate gradient.
 
-    A scalar gate sums over K, so then one program holds all of K (BK >= K).
+    dq = scale e^{b} (do h^T) + dq_intra; dk = e^{b_L - b} (v dh^T) + dk_intra. The gradient of
+    b is q dq - k dk per row, plus, at the last row, sum_s k_s dk_inter_s + e^{b_L} rowsum(h dh)
+    (through the state leaving the chunk); dg is its reverse cumulative sum over the chunk.
     """
-    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NC: tl.constexpr = BT // BC
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_c, i_k, i_h = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
+    dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
+    valid = rows < L
     ck = i_k * BK + tl.arange(0, BK)
-    mask = (rows[:, None] < L) & (ck[None, :] < K)
-    db = tl.load(db_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mask, other=0.0)
-    dbl = tl.zeros([BK], dtype=tl.float32)
-    # Only sub-chunks with rows wrote their part.
-    for i in range(0, (L + BC - 1) // BC):
-        dbl += tl.load(dbl_ptr + ((i_c * NC + i) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-    total = tl.sum(db, axis=0)
-    dg = total[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
-    if SCALAR_GATE:
-        dg_s = tl.sum(tl.where(mask, dg, 0.0), axis=1)
-        tl.store(dg_ptr + (t0 + rows) * H + i_h, dg_s.to(dg_ptr.dtype.element_ty), mask=rows < L)
-    else:
-        tl.store(dg_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :],
-                 dg.to(dg_ptr.dtype.element_ty), mask=mask)
+    mk = valid[:, None] & (ck[None, :] < K)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+        dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
+        dq += tl.dot(do, tl.trans(h.to(dtype)))
+        dk += tl.dot(v, tl.trans(dh.to(dtype)))
+        hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
+    p = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+    b = tl.load(b_ptr + p, mask=mk, other=0.0)
+    b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+    q = tl.load(q_ptr + p, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + p, mask=mk, other=0.0).to(tl.float32)
+    dq = tl.where(mk, dq * tl.exp(b) * scale, 0.0)
+    dk = tl.where(mk, dk * tl.exp(b_last[None, :] - b), 0.0)
+    dbl = tl.sum(k * dk, axis=0) + tl.exp(b_last) * hdh
+    dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
+    dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
+    db = q * dq - k * dk
+    dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
+    tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
+    tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
+    tl.store(dg_ptr + p, dg.to(dg_ptr.dtype.element_ty), mask=mk)
