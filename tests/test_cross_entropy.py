@@ -91,19 +91,51 @@ def test_triton_kernels_interpreted_fp32(monkeypatch, reduction, options):
         assert rel(g, r) < 1e-5
 
 
-def test_triton_stats_kernel_over_several_vocab_blocks(monkeypatch):
-    # a vocabulary wider than one kernel block exercises the running logsumexp
+@pytest.mark.parametrize("options", [dict(), dict(z_loss=1e-3, label_smoothing=0.1, logit_softcap=2.0)],
+                         ids=["plain", "all"])
+def test_triton_kernels_over_several_vocab_blocks(monkeypatch, options):
+    # a vocabulary wider than one kernel block exercises the per-lane running logsumexp, with a
+    # last block partly masked (70 = 4 * 16 + 6)
     import flame.kernels.cross_entropy as ce
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     monkeypatch.setattr(ce, "_BLOCK_V", 16)
+    monkeypatch.setattr(ce, "_BLOCK_V_STATS", 16)
     x, w, b, t = make_inputs(n=9)
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    got = fused_linear_cross_entropy(x32, w32, t, z_loss=1e-3, label_smoothing=0.1)
-    want = linear_cross_entropy_ref(x, w, t, z_loss=1e-3, label_smoothing=0.1)
+    got = fused_linear_cross_entropy(x32, w32, t, **options)
+    want = linear_cross_entropy_ref(x, w, t, **options)
     assert rel(got, want) < 1e-5
     for g, r in zip(grads_of(got, (x32, w32)), grads_of(want, (x, w))):
         assert rel(g, r) < 1e-5
+
+
+def test_triton_unit_output_gradient_leaves_gradients_unscaled(monkeypatch):
+    # loss.backward() passes an output gradient of exactly 1: the scaling kernel skips its pass
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    x, w, b, t = make_inputs()
+    x32, w32, b32 = (i.detach().float().requires_grad_() for i in (x, w, b))
+    fused_linear_cross_entropy(x32, w32, t, b32, chunk_size=32).backward()
+    linear_cross_entropy_ref(x, w, t, b).backward()
+    for mine, ref in ((x32, x), (w32, w), (b32, b)):
+        assert rel(mine.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("n, v, element_size, cap_bytes, want", [
+    (16384, 128256, 2, 512 * 2**20, 2048),   # the benchmark shape: 8 chunks of 2048
+    (3000, 128256, 2, 512 * 2**20, 1536),    # two even chunks, not 2048 + 952
+    (100, 128256, 2, 512 * 2**20, 128),      # one chunk, rounded up to the matmul tile
+    (5000, 32000, 4, 512 * 2**20, 2560),     # cap 4096 rows of fp32: two chunks
+    (45, 70, 8, 70 * 8 * 16, 15),            # cap below 128 rows: no rounding, 3 chunks of 15
+    (0, 70, 8, 512 * 2**20, 1),
+])
+def test_default_chunk_size(monkeypatch, n, v, element_size, cap_bytes, want):
+    import flame.kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "CHUNK_BYTES", cap_bytes)
+    rows = ce.default_chunk_size(n, v, element_size)
+    assert rows == want
+    assert rows * v * element_size <= cap_bytes  # the logits buffer stays within its budget
 
 
 @pytest.mark.parametrize("fp32_weight_grad", [False, True])
@@ -202,6 +234,43 @@ def test_gpu_bf16_against_float64(reduction, options, fp32_weight_grad):
     assert rel(got, want) < 1e-2
     for g, r in zip(grads_of(got, (x, w, b)), grads_of(want, (x64, w64, b64))):
         assert rel(g, r) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unit_grad", [True, False], ids=["backward-of-loss", "scaled-backward"])
+def test_gpu_default_chunks_and_output_gradient(monkeypatch, unit_grad):
+    # default (evened-out) chunks of 1024 + 1024 + 952 tokens through the one logits buffer
+    import flame.kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "CHUNK_BYTES", 1024 * 5003 * 2)
+    x, w, b, t = make_inputs(torch.bfloat16, "cuda", n=3000, d=256, v=5003, seed=3)
+    x64, w64, b64 = (i.detach().double().requires_grad_() for i in (x, w, b))
+    got = fused_linear_cross_entropy(x, w, t, b, label_smoothing=0.1)
+    want = linear_cross_entropy_ref(x64, w64, t, b64, label_smoothing=0.1)
+    assert rel(got, want) < 1e-2
+    g = 1.0 if unit_grad else 0.37
+    got.backward(torch.tensor(g, device="cuda", dtype=got.dtype))
+    want.backward(torch.tensor(g, device="cuda", dtype=want.dtype))
+    for mine, ref in ((x, x64), (w, w64), (b, b64)):
+        assert rel(mine.grad, ref.grad) < 3e-2
+
+
+@pytest.mark.gpu
+def test_gpu_extra_memory_is_one_logits_buffer():
+    # besides the new gradients, a call allocates the logits buffer and per-token vectors only
+    n, d, v = 4096, 256, 32000
+    x, w, _, t = make_inputs(torch.bfloat16, "cuda", bias=False, n=n, d=d, v=v)
+    fused_linear_cross_entropy(x, w, t).backward()  # cuBLAS workspaces and kernels exist from here
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fused_linear_cross_entropy(x, w, t).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    gradients = x.numel() * 2 + w.numel() * 2
+    buffer = n * v * 2
+    assert extra <= gradients + buffer + 2**20, (extra, gradients, buffer)
 
 
 @pytest.mark.gpu

@@ -1,14 +1,19 @@
 """Fused linear cross-entropy: the loss of x @ weight.T (+ bias) without the N x V logits.
 
-The tokens are processed in chunks whose logits stay within ~256 MiB. For each chunk:
-    logits = x_c @ weight.T          (cuBLAS; bf16 out, fp32 accumulation, for bf16 inputs)
+The tokens are processed in chunks, all written into one logits buffer of at most ~512 MiB
+(2048 tokens at vocabulary 128256 in bf16), which is the whole extra memory of a call besides
+the gradients themselves. For each chunk:
+    logits = x_c @ weight.T          (cuBLAS into the buffer; bf16 out, fp32 accumulation)
     per row: logsumexp, target logit, sum of logits          (one read of the chunk)
     logits <- d loss / d logits, in place                     (one read and one write)
     dx_c = dlogits @ weight;  dweight += dlogits.T @ x_c;  dbias += dlogits.sum(0)
+The weight-gradient matmul reads and writes the whole V x D accumulator once per chunk, so
+its cost falls as chunks grow: the buffer is spent on as many tokens per chunk as fit.
 With reduction "mean" or "sum" the output gradient is a scalar, so the gradients are computed in
 the forward pass (three matmuls in all, no recomputation) and only scaled in backward. With
 "none" the forward keeps the per-token logsumexp and backward recomputes the logits with the
-per-token output gradients folded in.
+per-token output gradients folded in. The output gradient is a device scalar (no host sync):
+its multiply over the gradients is a kernel that returns at once when it is 1, the usual case.
 
 The mean divides by the number of non-ignored tokens counted on the device (clamped at 1, so a
 batch with every token ignored has loss 0), so nothing waits on the host.
@@ -31,7 +36,7 @@ import triton.language as tl
 from flame.kernels.cross_entropy_ref import REDUCTIONS, logit_grad_ref_, logit_stats_ref
 from flame.kernels.dispatch import use_triton
 
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 512 * 2**20  # the logits buffer: the extra memory of a call besides the gradients
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -49,29 +54,35 @@ def _softcap(raw, cap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _logit_stats_kernel(
     logits_ptr, stride, target_ptr, lse_ptr, zt_ptr, zsum_ptr, n_cols, softcap,
-    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ZSUM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
     target = tl.load(target_ptr + row)
+    # the target logit is one load, not a compare per logit; 0 when the target is ignored or
+    # lies in another rank's vocabulary shard
+    inside = (target >= 0) & (target < n_cols)
+    zt = _softcap(tl.load(base + tl.where(inside, target, 0)).to(tl.float32), softcap, HAS_SOFTCAP)
+    tl.store(zt_ptr + row, tl.where(inside, zt, 0.0))
     cols = tl.arange(0, BLOCK)
-    # running logsumexp over blocks; the finite start keeps exp(m - m_new) free of inf - inf
-    m = tl.full([], -1e30, tl.float32)
-    s = tl.zeros([], tl.float32)
-    zt = tl.zeros([BLOCK], tl.float32)
+    # Each lane keeps its own running max m and sum s of exp(z - m): one exp per logit and no
+    # cross-lane reduction inside the loop (they are done once, at the end). The finite start
+    # keeps a masked lane's exp(-inf - m) an exact 0 instead of inf - inf.
+    m = tl.full([BLOCK], -1e30, tl.float32)
+    s = tl.zeros([BLOCK], tl.float32)
     zsum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n_cols, BLOCK):
         idx = start + cols
         mask = idx < n_cols
         z = _softcap(tl.load(base + idx, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-        zsum += tl.where(mask, z, 0.0)
-        zt += tl.where(idx == target, z, 0.0)
+        if HAS_ZSUM:
+            zsum += tl.where(mask, z, 0.0)
         z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    tl.store(lse_ptr + row, m + tl.log(s))
-    tl.store(zt_ptr + row, tl.sum(zt, axis=0))
+        e = tl.exp(-tl.abs(z - m))  # exp(m - z) for a new max, else exp(z - m)
+        s = tl.where(z > m, s * e + 1.0, s + e)
+        m = tl.maximum(m, z)
+    m_row = tl.max(m, axis=0)
+    tl.store(lse_ptr + row, m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0)))
     tl.store(zsum_ptr + row, tl.sum(zsum, axis=0))
 
 
@@ -100,16 +111,33 @@ def _logit_grad_kernel(
         tl.store(base + idx, (g * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-_BLOCK_V = 4096
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # x *= scale, in place; with scale == 1 (loss.backward() of the loss itself) every program
+    # returns after one load, so the common case costs no pass over the gradients
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:
+        for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+            offs = block * tl.full([BLOCK], BLOCK, tl.int64) + tl.arange(0, BLOCK)  # int64: > 2**31 elements
+            mask = offs < n
+            v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (v * scale).to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def _logit_stats_triton(logits, target_local, softcap):
+_BLOCK_V = 4096  # logits per row and loop step of the gradient kernel
+_BLOCK_V_STATS = 2048  # of the statistics kernel: its per-lane max and sum cost registers
+_BLOCK_SCALE = 4096
+
+
+def _logit_stats_triton(logits, target_local, softcap, need_zsum):
+    """As logit_stats_ref, except that the logit sum is 0 unless need_zsum (label smoothing)."""
     n, v = logits.shape
     lse = torch.empty(n, device=logits.device, dtype=torch.float32)
     zt, zsum = torch.empty_like(lse), torch.empty_like(lse)
     _logit_stats_kernel[(n,)](
         logits, logits.stride(0), target_local, lse, zt, zsum, v, softcap or 1.0,
-        HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+        HAS_SOFTCAP=softcap is not None, HAS_ZSUM=need_zsum,
+        BLOCK=min(_BLOCK_V_STATS, triton.next_power_of_2(v)), num_warps=8,
     )
     return lse, zt, zsum
 
@@ -122,6 +150,23 @@ def _logit_grad_triton_(logits, target_local, lse, row_scale, label_smoothing, z
         HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
     )
     return logits
+
+
+def _programs_for(device):
+    if device.type != "cuda":
+        return 4
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scale_(g, grad_out, triton_kernels):
+    """g *= grad_out in place, grad_out a 0-dim tensor, without reading it on the host."""
+    if not triton_kernels or g.dtype == torch.float64:
+        return g.mul_(grad_out.to(g.dtype))
+    scale = grad_out.detach().to(torch.float32).reshape(1)
+    n = g.numel()
+    grid = (max(1, min(triton.cdiv(n, _BLOCK_SCALE), _programs_for(g.device))),)
+    _scale_unless_one_kernel[grid](g, scale, n, BLOCK=_BLOCK_SCALE, num_warps=4)
+    return g
 
 
 # ----------------------------------------------------------------------------- the chunked algorithm
@@ -149,16 +194,18 @@ def _all_reduce(t, op, group):
     return t
 
 
-def _chunk_logits(x_c, weight, bias):
+def _chunk_logits_(out, x_c, weight, bias):
     if bias is None:
-        return x_c @ weight.T
-    return torch.addmm(bias, x_c, weight.T)
+        return torch.mm(x_c, weight.T, out=out)
+    return torch.addmm(bias, x_c, weight.T, out=out)
 
 
 def _row_stats(logits, target_local, opt):
     """Global (over vocab shards) logsumexp, target logit and logit sum of each row."""
-    stats = _logit_stats_triton if opt.triton_rows else logit_stats_ref
-    lse, zt, zsum = stats(logits, target_local, opt.softcap)
+    if opt.triton_rows:
+        lse, zt, zsum = _logit_stats_triton(logits, target_local, opt.softcap, opt.label_smoothing > 0)
+    else:
+        lse, zt, zsum = logit_stats_ref(logits, target_local, opt.softcap)
     if opt.group is not None:
         top = _all_reduce(lse.clone(), dist.ReduceOp.MAX, opt.group)
         total = _all_reduce(torch.exp(lse - top), dist.ReduceOp.SUM, opt.group)
@@ -196,36 +243,50 @@ def _run_chunks(x, weight, bias, target_local, opt, row_scale, grads, lse_known=
     want_dx, want_dw, want_db = grads
     dx = torch.empty_like(x) if want_dx else None
     fp32_dw = want_dw and opt.fp32_weight_grad and weight.dtype not in (torch.float32, torch.float64)
-    dw = torch.zeros_like(weight, dtype=torch.float32 if fp32_dw else None) if want_dw else None
+    # in weight.dtype the first chunk's matmul creates dw (no zero fill, no read of zeros)
+    dw = torch.zeros_like(weight, dtype=torch.float32) if fp32_dw else None
     db = torch.zeros_like(bias, dtype=acc) if want_db else None
-    loss = None if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
-    lse_all = lse_known if lse_known is not None else torch.empty(n, device=x.device, dtype=acc)
-    eps = opt.label_smoothing
+    if lse_known is None:
+        lse_all, zt_all, zsum_all = (torch.empty(n, device=x.device, dtype=acc) for _ in range(3))
+    else:
+        lse_all = lse_known
+    # one buffer for every chunk's logits (then its gradient): the memory of a call is this
+    buf = torch.empty(min(opt.chunk_size, n), weight.shape[0], device=x.device, dtype=x.dtype)
     for start in range(0, n, opt.chunk_size):
         end = min(start + opt.chunk_size, n)
         x_c, t_c = x[start:end], target_local[start:end]
-        logits = _chunk_logits(x_c, weight, bias)
+        logits = _chunk_logits_(buf[: end - start], x_c, weight, bias)
         if lse_known is None:
             lse, zt, zsum = _row_stats(logits, t_c, opt)
-            loss[start:end] = lse - (1 - eps) * zt - (eps / opt.vocab_size) * zsum + opt.z_loss * lse * lse
-            lse_all[start:end] = lse
+            lse_all[start:end], zt_all[start:end], zsum_all[start:end] = lse, zt, zsum
         else:
             lse = lse_known[start:end]
         if not any(grads):
             continue
         dlogits = _row_grads_(logits, t_c, lse, row_scale[start:end], opt)
         if want_dx:
-            torch.matmul(dlogits, weight, out=dx[start:end])
+            torch.mm(dlogits, weight, out=dx[start:end])
         if fp32_dw:
             _addmm_fp32_(dw, dlogits.T, x_c)
+        elif want_dw and dw is None:
+            dw = torch.mm(dlogits.T, x_c)
         elif want_dw:
             dw.addmm_(dlogits.T, x_c)
         if want_db:
-            db += dlogits.to(acc).sum(0)
+            db += torch.sum(dlogits, 0, dtype=acc)  # fp32 sum without an fp32 copy of the chunk
+    del buf
     if want_dx and opt.group is not None:
         _all_reduce(dx, dist.ReduceOp.SUM, opt.group)
     if fp32_dw:
         dw = dw.to(weight.dtype)
+    elif want_dw and dw is None:  # no tokens
+        dw = torch.zeros_like(weight)
+    loss = None
+    if lse_known is None:
+        eps = opt.label_smoothing
+        loss = lse_all - (1 - eps) * zt_all + opt.z_loss * lse_all * lse_all
+        if eps > 0:
+            loss = loss - (eps / opt.vocab_size) * zsum_all
     return loss, lse_all, dx, dw, db
 
 
@@ -265,11 +326,25 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # gradients were computed in forward for a unit output gradient; scale in place
             for g in (dx, dw, db):
                 if g is not None:
-                    g.mul_(grad_out.to(g.dtype))
+                    _scale_(g, grad_out, opt.triton_rows)
         return dx, dw, db, None, None, None
 
 
 # ----------------------------------------------------------------------------- public function
+
+
+def default_chunk_size(n, v_local, element_size):
+    """Tokens per chunk: as many as fit one CHUNK_BYTES logits buffer (a multiple of 128 rows,
+    the matmul tile), then evened out over the chunks that n needs, so that the last chunk is
+    not a sliver (3000 tokens at the 2048 cap: two chunks of 1536, not 2048 + 952)."""
+    cap = max(1, CHUNK_BYTES // (v_local * element_size))
+    if cap >= 128:
+        cap = cap // 128 * 128
+    chunks = max(1, -(-n // cap))
+    rows = -(-n // chunks)
+    if cap >= 128:
+        rows = min(cap, -(-rows // 128) * 128)
+    return max(1, rows)
 
 
 def _check_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, logit_softcap):
@@ -321,10 +396,10 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     x [N, D], weight [V, D] (this rank's vocabulary slice when process_group is given), target
     [N] of global ids, bias [V] or None. Returns a scalar for "mean" (over non-ignored tokens) and
     "sum", or [N] per-token losses (0 at ignored tokens) for "none". chunk_size: tokens per chunk
-    (default: as many as keep one logits chunk near 256 MiB).
+    (default: default_chunk_size, one logits buffer of at most CHUNK_BYTES).
 
     The weight gradient of each chunk is one matmul with fp32 accumulation; across chunks it is
-    summed in weight.dtype, which keeps the extra memory at one logits chunk. fp32_weight_grad=True
+    summed in weight.dtype, which keeps the extra memory at the one logits buffer. fp32_weight_grad=True
     sums across chunks in an fp32 buffer instead (V x D x 4 bytes more: 2 GiB at 128256 x 4096).
     """
     _check_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, logit_softcap)
@@ -333,8 +408,7 @@ def fused_linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, 
     rank = dist.get_rank(process_group) if process_group is not None else 0
     _check_target_range(target, ignore_index, v_local * world)
     if chunk_size is None:
-        rows = CHUNK_BYTES // (v_local * x.element_size())
-        chunk_size = max(128, rows // 128 * 128) if rows >= 128 else max(1, rows)
+        chunk_size = default_chunk_size(x.shape[0], v_local, x.element_size())
     elif chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     opt = _Options(ignore_index, reduction, float(label_smoothing), float(z_loss),
