@@ -261,29 +261,21 @@ class Trainer:
         torch.manual_seed(self.cfg.training.seed)
 
     def _build_model(self) -> torch.nn.Module:
+        from flame.init import init_layout_independent
         from flame.models import build_model
 
         cfg = self.cfg
-        if self.device.type == "cuda":
-            # Build on meta, shard, then materialise only this rank's shards. DTensor's
-            # offset-based RNG draws each shard as a slice of the same full random tensor, so
-            # the initial weights do not depend on the number of GPUs.
-            with torch.device("meta"):
-                model = build_model(cfg.model)
-            # counted on the whole model: tensor parallelism leaves each mixer its local heads
-            self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
-            parallelize(model, cfg, self.dims, self.device)
-            model.to_empty(device=self.device)
-            if self.rt.world_size > 1:
-                torch.distributed.tensor._random.manual_seed(cfg.training.seed, self.dims.world_mesh)
-            with torch.no_grad():
-                model.init_weights()
-        else:
-            # DTensor's RNG does not cover CPU meshes: initialise the full model (small on CPU)
-            # the same way on every rank, then shard it.
+        # Build on meta, parallelise, then materialise only this rank's shards. The weights are
+        # drawn unit by unit at full size on an unsharded twin (flame/init.py), so they are the
+        # same for every number of GPUs and every layout.
+        with torch.device("meta"):
             model = build_model(cfg.model)
-            self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
-            parallelize(model, cfg, self.dims, self.device)
+            template = build_model(cfg.model)
+        # counted on the whole model: tensor parallelism leaves each mixer its local heads
+        self.flops_per_token = model.flops_per_token(cfg.training.seq_len)
+        parallelize(model, cfg, self.dims, self.device)
+        model.to_empty(device=self.device)
+        init_layout_independent(model, template, cfg.training.seed, self.device)
         model.train()
         return model
 
