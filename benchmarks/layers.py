@@ -6,12 +6,21 @@ gated RMSNorm, short causal convolution (8 documents of 4096 tokens, kernel 4) a
 Each beside torch eager and torch.compile of the same computation, forward and forward+backward.
 Achieved bandwidth = the bytes the operation must move at the least (each input read once, each
 output written once) over the median do_bench time, next to the device-to-device copy bandwidth
-measured in the same run (a 2 GiB tensor copy: read + write).
+measured in the same run (a 2 GiB tensor copy: read + write). Two times per row:
+- `ms`: the median do_bench time of the whole call (host work included: when the host takes
+  longer than the kernels to issue a call, the GPU waits and this shows it);
+- `gpu_ms`: the sum of the kernels' device times per call, from torch.profiler (no host time).
+The backward is taken with torch.autograd.grad (gradients returned, not accumulated into
+leaves: a leaf's AccumulateGrad copies a gradient tensor that two leaves share, as the residual
+norm's dx = dresidual does, which a model's non-leaf inputs never pay).
+
+    python benchmarks/layers.py --sweep   # also: flame's kernels at other tile settings
 """
 
 import json
 import pathlib
 import sys
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +28,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import flame.kernels.conv as conv_kernels  # noqa: E402
+import flame.kernels.norm as norm_kernels  # noqa: E402
 from flame.kernels.conv import causal_conv1d  # noqa: E402
 from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
@@ -83,6 +94,7 @@ def cases():
     w = torch.randn(DIM, device="cuda", dtype=torch.bfloat16)
     xc = x.view(DOCS, ROWS // DOCS, DIM)
     wc = torch.randn(DIM, KERNEL, device="cuda", dtype=torch.bfloat16) / 2
+    cu = torch.arange(0, ROWS + 1, ROWS // DOCS, device="cuda", dtype=torch.int32)
     e = x.numel() * x.element_size()  # bytes of one [32768, 2048] tensor
     # name: (inputs, flame fn, torch fn, forward bytes, forward+backward bytes)
     return {
@@ -90,16 +102,22 @@ def cases():
         "rms_norm_residual": ((x, r, w), flame_rms_norm_residual, rms_norm_residual_torch, 4 * e, 8 * e),
         "gated_rms_norm": ((x, g, w), gated_rms_norm, gated_norm_torch, 3 * e, 8 * e),
         "short_conv": ((xc, wc), lambda x, w: causal_conv1d(x, w, None, "silu")[0], conv_torch, 2 * e, 5 * e),
+        # the training path: the same 8 documents packed in one row, with cu_seqlens (torch: the batch)
+        "short_conv_packed": ((xc, wc), lambda x, w: causal_conv1d(x.view(1, ROWS, DIM), w, None, "silu", cu)[0],
+                              conv_torch, 2 * e, 5 * e),
         "swiglu": ((x, g), swiglu, swiglu_torch, 3 * e, 8 * e),
     }
 
 
-def time_fwd(fn, inputs):
-    with torch.no_grad():
-        return do_bench(lambda: fn(*inputs), warmup=25, rep=200, return_mode="median")
+def fwd_call(fn, inputs):
+    def run():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return run
 
 
-def time_fwd_bwd(fn, inputs):
+def fwd_bwd_call(fn, inputs):
     leaves = [i.detach().requires_grad_() for i in inputs]
     # output gradients made once, outside the timed region: filling them is not the layer's work
     with torch.no_grad():
@@ -108,9 +126,70 @@ def time_fwd_bwd(fn, inputs):
 
     def run():
         out = fn(*leaves)
-        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+        torch.autograd.grad(out if isinstance(out, tuple) else (out,), leaves, grads)
 
-    return do_bench(run, warmup=25, rep=200, grad_to_none=leaves, return_mode="median")
+    return run
+
+
+def kernel_times(run, iters: int = 20) -> tuple[float, dict]:
+    """(device ms per call summed over kernels, {kernel name: ms per call}) from torch.profiler."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name[:60]] += e.time_range.elapsed_us() / 1e3 / iters
+    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4])
+
+
+def measure(run, nbytes: int, copy_gbs: float, profile: bool = True) -> dict:
+    ms = do_bench(run, warmup=25, rep=200, return_mode="median")
+    entry = {"ms": ms, "GB/s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbs}
+    if profile:
+        try:
+            gpu_ms, kernels = kernel_times(run)
+            entry.update({"gpu_ms": gpu_ms, "gpu_fraction_of_copy": nbytes / gpu_ms / 1e6 / copy_gbs,
+                          "kernels_ms": kernels})
+        except Exception as e:  # the profiler is a diagnostic: keep the timing without it
+            entry["gpu_ms_error"] = f"{type(e).__name__}: {e}"
+    return entry
+
+
+def row(name: str, impl: str, entry: dict) -> str:
+    def one(mode, v):
+        if "ms" not in v:
+            return f"{mode}: {v}"
+        gpu = f", gpu {v['gpu_ms']:.3f} ms ({v['gpu_fraction_of_copy']:.0%})" if "gpu_ms" in v else ""
+        return f"{mode}: {v['ms']:.3f} ms ({v['fraction_of_copy']:.0%}{gpu})"
+    return f"{name:18s} {impl:14s} " + "  ".join(one(m, v) for m, v in entry.items())
+
+
+def sweep(copy_gbs: float) -> dict:
+    """flame's short convolution at other rows per step, and the norm backward at other tile
+    sizes: each setting's fwd / fwd+bwd (module constants changed in place, then restored)."""
+    all_cases = cases()
+    out = {}
+    settings = [("short_conv", conv_kernels, "_FWD_ROWS", v) for v in (4, 16)]
+    settings += [("short_conv", conv_kernels, "_BWD_ROWS", v) for v in (4, 16)]
+    settings += [(n, norm_kernels, "_BWD_TILE_ELEMENTS", v) for n in ("rms_norm", "gated_rms_norm") for v in (4096,)]
+    for name, module, attr, value in settings:
+        inputs, ours, _, fwd_bytes, fwd_bwd_bytes = all_cases[name]
+        saved = getattr(module, attr)
+        setattr(module, attr, value)
+        try:
+            entry = {"fwd": measure(fwd_call(ours, inputs), fwd_bytes, copy_gbs, profile=False),
+                     "fwd_bwd": measure(fwd_bwd_call(ours, inputs), fwd_bwd_bytes, copy_gbs)}
+        except Exception as e:
+            entry = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            setattr(module, attr, saved)
+        out[f"{name} {attr}={value}"] = entry
+        print(row(f"{name} {attr}={value}", "flame", entry), flush=True)
+    return out
 
 
 def main():
@@ -123,18 +202,17 @@ def main():
         for impl, fn in impls.items():
             entry = {}
             try:
-                for mode, timer, nbytes in (("fwd", time_fwd, fwd_bytes), ("fwd_bwd", time_fwd_bwd, fwd_bwd_bytes)):
-                    ms = timer(fn, inputs)
-                    gbs = nbytes / ms / 1e6
-                    entry[mode] = {"ms": ms, "GB/s": gbs, "fraction_of_copy": gbs / copy_gbs}
+                entry["fwd"] = measure(fwd_call(fn, inputs), fwd_bytes, copy_gbs)
+                entry["fwd_bwd"] = measure(fwd_bwd_call(fn, inputs), fwd_bwd_bytes, copy_gbs)
             except Exception as e:
                 entry["error"] = f"{type(e).__name__}: {e}"
             results[name][impl] = entry
-            print(f"{name:18s} {impl:14s} " + "  ".join(
-                f"{m}: {v['ms']:.3f} ms {v['GB/s']:.0f} GB/s ({v['fraction_of_copy']:.0%})" if "ms" in v else f"{m}: {v}"
-                for m, v in entry.items()), flush=True)
-    write("layers", {"shape": {"rows": ROWS, "dim": DIM, "dtype": "bfloat16", "conv_docs": DOCS, "conv_kernel": KERNEL},
-                     "copy_GB/s": copy_gbs, "goal": "flame >= 85% of copy bandwidth", "results": results})
+            print(row(name, impl, entry), flush=True)
+    payload = {"shape": {"rows": ROWS, "dim": DIM, "dtype": "bfloat16", "conv_docs": DOCS, "conv_kernel": KERNEL},
+               "copy_GB/s": copy_gbs, "goal": "flame >= 85% of copy bandwidth", "results": results}
+    if "--sweep" in sys.argv:
+        payload["sweep"] = sweep(copy_gbs)
+    write("layers", payload)
 
 
 if __name__ == "__main__":

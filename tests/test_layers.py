@@ -192,12 +192,12 @@ def test_short_conv_packed_documents(monkeypatch, backend, dtype, tol, with_stat
 @pytest.mark.parametrize("k, activation, with_state", [(4, "silu", True), (3, None, False)],
                          ids=["k4-silu-initial-state", "k3-linear"])
 def test_short_conv_kernels_over_many_tiles(monkeypatch, k, activation, with_state):
-    """Documents that cross the kernels' tile edges (tiles of 64 rows, overlapping by their halo),
-    several tiles per backward program, the last tile partial and one past the end."""
+    """Documents that cross the edges of the programs' row runs (4 runs in the interpreter: 56,
+    56, 56 and 32 rows, walked 8 rows a step), one-token documents, the last step partial."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    cu = torch.tensor([0, 2, 57, 59, 60, 130, 300, 360])
+    cu = torch.tensor([0, 2, 57, 59, 60, 130, 170, 200])
     n = len(cu) - 1
-    x, w, b = randn(1, 360, 8, seed=0), randn(8, k, seed=1), randn(8, seed=2)
+    x, w, b = randn(1, 200, 8, seed=0), randn(8, k, seed=1), randn(8, seed=2)
     inputs = [x, w, b] + ([randn(n, 8, k - 1, seed=3)] if with_state else [])
 
     def ours(x, w, b, s=None):
@@ -223,6 +223,33 @@ def test_short_conv_batch_rows_are_documents(monkeypatch, backend, dtype, tol):
         return y.reshape(3, 11, C), final
 
     check(ours, ref, [x, w], dtype, tol)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_short_conv_empty_sequence(monkeypatch, backend, packed):
+    """T = 0: empty outputs, the final state is the initial state, and gradients flow (zero for
+    the weights, the final state's cotangent for the initial state)."""
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    n = 3
+    x = torch.randn(1 if packed else n, 0, C, dtype=dtype, requires_grad=True)
+    w = torch.randn(C, K, dtype=dtype, requires_grad=True)
+    b = torch.randn(C, dtype=dtype, requires_grad=True)
+    s = torch.randn(n, C, K - 1, dtype=dtype, requires_grad=True)
+    cu = torch.zeros(n + 1, dtype=torch.long) if packed else None
+    y, final = causal_conv1d(x, w, b, "silu", cu, s, output_final_state=True)
+    assert y.shape == x.shape and final.shape == s.shape
+    assert rel(final, s) == 0.0
+    cot = torch.randn_like(final)
+    gx, gw, gb, gs = torch.autograd.grad(final, [x, w, b, s], cot, allow_unused=True, materialize_grads=True)
+    assert gx.shape == x.shape and gw.abs().max() == 0 and gb.abs().max() == 0
+    assert rel(gs, cot) < 1e-6
+    # without a state: empty output, and the convolution's own backward on an empty input
+    y, final = causal_conv1d(x, w, None, "silu", cu, None, output_final_state=True)
+    assert y.shape == x.shape and final.shape == (n, C, K - 1) and final.abs().max() == 0
+    (gw,) = torch.autograd.grad(y.sum() + w.sum(), [w])
+    assert torch.equal(gw, torch.ones_like(w))
 
 
 def test_short_conv_decode_steps_continue_the_prefill():
@@ -332,3 +359,19 @@ def test_gpu_persistent_backwards_walk_many_tiles():
     check(lambda x, w: causal_conv1d(x, w, None, None)[0],
           lambda x, w: conv_per_document(x, w, None, None, torch.tensor([0, 8192]), None)[0], [xc, wc],
           torch.bfloat16, tol, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)], ids=["bf16", "fp32"])
+def test_gpu_short_conv_wide_channels_and_odd_documents(dtype, tol):
+    """Several channel blocks (1536 channels, not a power of two), many row runs, empty and
+    one-token documents, bias, initial state and final state; and an empty sequence."""
+    cu = torch.tensor([0, 0, 1, 5, 5, 2000, 2003, 4099])
+    x, w, b, s = randn(1, 4099, 1536, seed=0), randn(1536, 4, seed=1), randn(1536, seed=2), randn(7, 1536, 3, seed=3)
+    check(lambda x, w, b, s: causal_conv1d(x, w, b, "silu", cu.cuda(), s, output_final_state=True),
+          lambda x, w, b, s: conv_per_document(x, w, b, s, cu), [x, w, b, s], dtype, tol, "cuda")
+    xe = torch.randn(2, 0, 1536, device="cuda", dtype=dtype, requires_grad=True)
+    we = torch.randn(1536, 4, device="cuda", dtype=dtype, requires_grad=True)
+    y, _ = causal_conv1d(xe, we)
+    (gw,) = torch.autograd.grad(y.sum() + we.sum(), [we])
+    assert y.shape == xe.shape and torch.equal(gw, torch.ones_like(we))

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
+from flame.kernels.norm import _num_programs
 
 ACTIVATIONS = ("silu", None)
 
@@ -22,7 +23,7 @@ def _documents(x: torch.Tensor, cu_seqlens: torch.Tensor | None):
     """Flattened x [L, C], cu_seqlens [N+1] (int64), and per token its document and start."""
     b, t, c = x.shape
     if cu_seqlens is None:
-        cu = torch.arange(0, (b + 1) * t, t, device=x.device, dtype=torch.int64)
+        cu = torch.arange(b + 1, device=x.device, dtype=torch.int64) * t
     else:
         cu = cu_seqlens.to(torch.int64)
     positions = torch.arange(b * t, device=x.device)
@@ -34,7 +35,10 @@ def _input_at(xf, cache, doc, start, src, k):
     """Input at flattened position src (a tensor of the same shape as doc), for each token's
     document: x itself inside the document, the initial state before it, zero beyond that."""
     inside = src >= start
-    val = xf[src.clamp(min=0).clamp(max=xf.shape[0] - 1)] * inside[:, None]
+    if xf.shape[0] == 0:  # an empty input: every tap lies before its document
+        val = xf.new_zeros(src.shape[0], xf.shape[1])
+    else:
+        val = xf[src.clamp(min=0).clamp(max=xf.shape[0] - 1)] * inside[:, None]
     if cache is not None:
         back = start - src  # 1 .. K-1 steps before the start reads the initial state
         from_cache = (~inside) & (back <= k - 1)
@@ -84,204 +88,241 @@ def causal_conv1d_step_ref(x, cache, weight, bias=None, activation="silu"):
 # ----------------------------------------------------------------------------- Triton kernels
 
 
-# Tiles are [BLOCK_T rows, BLOCK_C channels] with channels contiguous (coalesced, 16-byte
-# vectors). Each tile reads its rows of x (and dy) from memory once; the shifted rows that the K
-# taps need are taken from the tile itself with gathers along the rows (register shuffles, not
-# memory reads), so a tile's first K - 1 rows are halo: read, never written. The weight is passed
-# as [K, C] so that each tap's weights load as contiguous vectors.
+# Each program owns BLOCK_C channels (contiguous: four per thread, 8- or 16-byte vectors) and a
+# run of consecutive rows, which it walks in order, ROWS rows per step: all of a step's rows are
+# loaded before the first is used (ROWS rows of reads in flight per program), then each row's
+# output is made from it and the K - 1 rows before it, which stay in registers from the rows
+# already walked. So each input row is read from memory once (plus K - 1 rows before each run,
+# and K - 1 after it in the backward), no data moves between threads, row offsets are scalars
+# (one 64-bit multiply per row, not per element), and the weight gradient is a register sum per
+# program. The document of each row is followed with a scalar walk along cu_seqlens.
+# Row conditions join the channel mask as tl.where(cond, cmask, False): Triton's interpreter
+# types `scalar & vector` masks as integers and refuses them.
 
 
 @triton.jit
-def _shift(t, s: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Row q of the result is row q - s of t (s may be negative), clamped to the tile; callers
-    only use rows whose source lies inside it."""
-    if s == 0:
-        return t
-    q = tl.arange(0, BLOCK_T)
-    idx = tl.minimum(tl.maximum(q - s, 0), BLOCK_T - 1)
-    return tl.gather(t, tl.broadcast_to(idx[:, None], t.shape), 0)
+def _first_document(cu_ptr, n_docs, row):
+    """The document that holds row: the last d with cu[d] <= row (documents may be empty)."""
+    lo = tl.program_id(0) * 0
+    hi = lo + n_docs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(cu_ptr + mid) <= row:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @triton.jit
-def _tap(xt, cache_ptr, back: tl.constexpr, rows, start, doc, cols, cmask, n_cols, tmask,
-         K: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """The input `back` steps before each row, within the row's document: from the tile xt, from
-    the initial state for the first K - 1 - back rows of a document, else zero."""
-    inside = rows - back >= start
-    val = tl.where(inside[:, None], _shift(xt, back, BLOCK_T), 0.0)
+def _advance(cu_ptr, n_docs, t, doc, start, end):
+    """Moves (doc, start, end) on to the document of row t (rows only grow)."""
+    while (t >= end) & (doc < n_docs - 1):
+        doc += 1
+        start = end
+        end = tl.load(cu_ptr + doc + 1)
+    return doc, start, end
+
+
+@triton.jit
+def _tap(prev, b: tl.constexpr, t, start, doc, cache_ptr, cols, cmask, n_cols,
+         K: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """The input b >= 1 steps before row t within its document, given prev = x[t - b]: zero
+    before the document's start or, with an initial state, the state's slot."""
+    inside = t - b >= start
+    val = tl.where(inside, prev, 0.0)
     if HAS_CACHE:
-        before = start - (rows - back)  # 1 .. K-1 steps before the start reads the initial state
-        from_cache = tmask & (~inside) & (before <= K - 1)
-        c_off = doc.to(tl.int64)[:, None] * (n_cols * (K - 1)) + cols[None, :] * (K - 1) + (K - 1 - before)[:, None]
-        val += tl.load(cache_ptr + c_off, mask=from_cache[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        before = start - (t - b)  # 1 .. K-1 steps before the start reads the initial state
+        c_off = doc.to(tl.int64) * n_cols * (K - 1) + cols * (K - 1) + (K - 1 - before)
+        from_cache = tl.where((before >= 1) & (before <= K - 1), cmask, False)
+        val += tl.load(cache_ptr + c_off, mask=from_cache, other=0.0).to(tl.float32)
     return val
 
 
 @triton.jit
-def _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-              K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Pre-activation (fp32) at the tile's rows from q = K - 1 on (earlier rows lack their taps)."""
-    acc = tl.zeros(xt.shape, dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+def _weights(w_ptr, b_ptr, cols, cmask, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The K taps' weights of the program's channels (weight is [C, K]) and the bias, fp32."""
+    w = ()
     for i in tl.static_range(K):
-        w = tl.load(wt_ptr + i * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc += w[None, :] * _tap(xt, cache_ptr, K - 1 - i, rows, start, doc, cols, cmask, n_cols, tmask,
-                                 K, HAS_CACHE, BLOCK_T)
-    return acc
+        w = w + (tl.load(w_ptr + cols * K + i, mask=cmask, other=0.0).to(tl.float32),)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros(cols.shape, dtype=tl.float32)
+    return w, bias
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, cmask, n_rows, n_cols):
-    """Rows of a [n_rows, n_cols] tensor as fp32, zero outside it, and the row mask."""
-    tmask = (rows >= 0) & (rows < n_rows)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    return tl.load(ptr + off, mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32), tmask
-
-
-@triton.jit
-def _load_raw(x_ptr, dy_ptr, rows, cols, cmask, n_rows, n_cols):
-    """Rows of x and dy in their own dtype, zero outside the tensors, and the row mask."""
-    tmask = (rows >= 0) & (rows < n_rows)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    mask = tmask[:, None] & cmask[None, :]
-    return tl.load(x_ptr + off, mask=mask, other=0.0), tl.load(dy_ptr + off, mask=mask, other=0.0), tmask
+def _rows_before(x_ptr, r0, cols, cmask, n_cols, K: tl.constexpr):
+    """x[r0 - 1], x[r0 - 2], ..., x[r0 - (K-1)] (nearest first) in fp32, zero before row 0."""
+    prev = ()
+    for b in tl.static_range(1, K):
+        row = r0 - b
+        prev = prev + (tl.load(x_ptr + row.to(tl.int64) * n_cols + cols, mask=tl.where(row >= 0, cmask, False),
+                               other=0.0).to(tl.float32),)
+    return prev
 
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, wt_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, y_ptr,
-    n_rows, n_cols,
+    x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr,
+    n_rows, n_cols, n_docs, rows_per_program,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # the tile's first K - 1 rows are halo; it writes the BLOCK_T - (K - 1) rows after them
-    q = tl.arange(0, BLOCK_T)
-    rows = tl.program_id(0) * (BLOCK_T - (K - 1)) - (K - 1) + q
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < n_cols
-    xt, tmask = _load_tile(x_ptr, rows, cols, cmask, n_rows, n_cols)
-    doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
-    start = tl.load(cu_ptr + doc, mask=tmask, other=0)
-    y = _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-                  K, HAS_BIAS, HAS_CACHE, BLOCK_T)
-    if IS_SILU:
-        y = y / (1.0 + tl.exp(-y))
-    own = tmask & (q >= K - 1)
-    off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
+    r0 = tl.program_id(0) * rows_per_program
+    r1 = tl.minimum(r0 + rows_per_program, n_rows)
+    w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
+    prev = _rows_before(x_ptr, r0, cols, cmask, n_cols, K)
+    doc = _first_document(cu_ptr, n_docs, r0)
+    start = tl.load(cu_ptr + doc)
+    end = tl.load(cu_ptr + doc + 1)
+    for t0 in range(r0, r1, ROWS):
+        xs = ()
+        for j in tl.static_range(ROWS):
+            t = t0 + j
+            xs = xs + (tl.load(x_ptr + t.to(tl.int64) * n_cols + cols, mask=tl.where(t < r1, cmask, False), other=0.0),)
+        for j in tl.static_range(ROWS):
+            t = t0 + j
+            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
+            xt = xs[j].to(tl.float32)
+            pre = bias + w[K - 1] * xt
+            for b in tl.static_range(1, K):
+                pre += w[K - 1 - b] * _tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols,
+                                           K, HAS_CACHE)
+            if IS_SILU:
+                pre = pre / (1.0 + tl.exp(-pre))
+            tl.store(y_ptr + t.to(tl.int64) * n_cols + cols, pre.to(y_ptr.dtype.element_ty), mask=tl.where(t < r1, cmask, False))
+            prev = (xt,) + prev[:K - 2]
 
 
 @triton.jit
 def _conv_bwd_kernel(
-    x_ptr, dy_ptr, wt_ptr, b_ptr, cache_ptr, doc_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
-    n_rows, n_cols, tiles_per_program,
-    K: tl.constexpr, K_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr,
-    IS_SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
+    n_rows, n_cols, n_docs, rows_per_program,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # A tile of BLOCK_T rows recomputes the pre-activation gradient dpre from its x and dy (rows
-    # from q = K - 1 on have all their taps) and writes dx for the OUT = BLOCK_T - 2(K - 1) rows
-    # q = K - 1 .. K - 2 + OUT, since dx[t] = sum_s w[K-1-s] dpre[t + s] over t + s in t's
-    # document needs dpre K - 1 rows ahead. Those rows also own their share of
-    # dw[i] = sum_t dpre[t] x[t - (K-1-i)] and db = sum_t dpre[t]. Each program walks
-    # tiles_per_program consecutive tiles of one channel block (neighbouring halos are still in
-    # cache) and keeps its partial dw, db in registers, written once as [programs, K, C].
-    OUT: tl.constexpr = BLOCK_T - 2 * (K - 1)
+    # Row t's pre-activation gradient dpre[t] = dy[t] * act'(pre[t]) goes to the weight gradient,
+    # dw[i] += dpre[t] * tap(K-1-i), and to dx[t - b] += w[K-1-b] * dpre[t] for each tap b that
+    # lies inside t's document. The program walks its rows r0 .. r1 - 1 and K - 1 more (their
+    # dpre finishes dx of its last rows); dx of row t - (K-1) is complete once row t is done, so
+    # the K - 1 rows of dx still open stay in registers ("pending", nearest first).
     pid_t = tl.program_id(0)
-    q = tl.arange(0, BLOCK_T)
-    kk = tl.arange(0, K_POW2)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < n_cols
-    dw = tl.zeros([K_POW2, BLOCK_C], dtype=tl.float32)
-    db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # the next tile's x and dy are loaded before this tile is worked on, so that two tiles of
-    # reads are in flight per program
-    rows = pid_t * tiles_per_program * OUT - (K - 1) + q
-    x_raw, dy_raw, tmask = _load_raw(x_ptr, dy_ptr, rows, cols, cmask, n_rows, n_cols)
-    for j in range(tiles_per_program):
-        rows_next = rows + OUT
-        x_next, dy_next, tmask_next = _load_raw(x_ptr, dy_ptr, rows_next, cols, cmask, n_rows, n_cols)
-        xt = x_raw.to(tl.float32)
-        dy = dy_raw.to(tl.float32)
-        doc = tl.load(doc_ptr + rows, mask=tmask, other=0)
-        start = tl.load(cu_ptr + doc, mask=tmask, other=0)
-        end = tl.load(cu_ptr + doc + 1, mask=tmask, other=0)
-        dpre = dy
-        if IS_SILU:
-            pre = _conv_pre(xt, wt_ptr, b_ptr, cache_ptr, rows, start, doc, cols, cmask, n_cols, tmask,
-                            K, HAS_BIAS, HAS_CACHE, BLOCK_T)
-            sig = 1.0 / (1.0 + tl.exp(-pre))
-            dpre = dy * sig * (1.0 + pre * (1.0 - sig))
-        own = tmask & (q >= K - 1) & (q < K - 1 + OUT)
-        # the weight gradient first, so that the shifted inputs die before dpre is shifted
-        dpre_own = tl.where(own[:, None], dpre, 0.0)
-        for i in tl.static_range(K):
-            xs = _tap(xt, cache_ptr, K - 1 - i, rows, start, doc, cols, cmask, n_cols, tmask, K, HAS_CACHE, BLOCK_T)
-            dw += tl.where(kk[:, None] == i, tl.sum(dpre_own * xs, axis=0)[None, :], 0.0)
-        db += tl.sum(dpre_own, axis=0)
-        dx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-        for s in tl.static_range(K):
-            w = tl.load(wt_ptr + (K - 1 - s) * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
-            ahead = tl.where((rows + s < end)[:, None], _shift(dpre, -s, BLOCK_T), 0.0)
-            dx += w[None, :] * ahead
-        off = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=own[:, None] & cmask[None, :])
-        rows, x_raw, dy_raw, tmask = rows_next, x_next, dy_next, tmask_next
-    dw_off = pid_t * K * n_cols + kk[:, None] * n_cols + cols[None, :]
-    tl.store(dw_ptr + dw_off, dw, mask=(kk[:, None] < K) & cmask[None, :])
-    tl.store(db_ptr + pid_t * n_cols + cols, db, mask=cmask)
+    r0 = pid_t * rows_per_program
+    r1 = tl.minimum(r0 + rows_per_program, n_rows)
+    w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
+    prev = _rows_before(x_ptr, r0, cols, cmask, n_cols, K)
+    doc = _first_document(cu_ptr, n_docs, r0)
+    start = tl.load(cu_ptr + doc)
+    end = tl.load(cu_ptr + doc + 1)
+    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+    pending = ()
+    for b in tl.static_range(1, K):
+        pending = pending + (zero,)
+    dw = ()
+    for i in tl.static_range(K):
+        dw = dw + (zero,)
+    db = zero
+    for t0 in range(r0, r1 + K - 1, ROWS):
+        xs = ()
+        dys = ()
+        for j in tl.static_range(ROWS):
+            t = t0 + j
+            off = t.to(tl.int64) * n_cols + cols
+            xs = xs + (tl.load(x_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+            dys = dys + (tl.load(dy_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+        for j in tl.static_range(ROWS):
+            t = t0 + j
+            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
+            xt = xs[j].to(tl.float32)
+            taps = (xt,)
+            for b in tl.static_range(1, K):
+                taps = taps + (_tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE),)
+            dpre = dys[j].to(tl.float32)
+            if IS_SILU:
+                pre = bias
+                for b in tl.static_range(K):
+                    pre += w[K - 1 - b] * taps[b]
+                sig = 1.0 / (1.0 + tl.exp(-pre))
+                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+            dpre_own = tl.where(t < r1, dpre, 0.0)
+            db += dpre_own
+            dw_next = ()
+            for i in tl.static_range(K):
+                dw_next = dw_next + (dw[i] + dpre_own * taps[K - 1 - i],)
+            dw = dw_next
+            u = t - (K - 1)
+            dx = pending[K - 2] + tl.where(u >= start, w[0] * dpre, 0.0)
+            tl.store(dx_ptr + u.to(tl.int64) * n_cols + cols, dx.to(dx_ptr.dtype.element_ty),
+                     mask=tl.where((u >= r0) & (u < r1), cmask, False))
+            opened = (w[K - 1] * dpre,)
+            for b in tl.static_range(1, K - 1):
+                opened = opened + (pending[b - 1] + tl.where(t - b >= start, w[K - 1 - b] * dpre, 0.0),)
+            pending = opened
+            prev = (xt,) + prev[:K - 2]
+    for i in tl.static_range(K):
+        tl.store(dw_ptr + pid_t.to(tl.int64) * n_cols * K + cols * K + i, dw[i], mask=cmask)
+    tl.store(db_ptr + pid_t.to(tl.int64) * n_cols + cols, db, mask=cmask)
 
 
-_BLOCK_T, _BLOCK_C, _WARPS = 64, 64, 8  # forward tiles
-_BWD_BLOCK_T = 32  # backward tiles: fewer rows, as each keeps about ten fp32 copies in registers
+_MAX_KERNEL = 8  # taps the kernels take (K - 1 rows of x and of dx stay in registers)
+_FWD_ROWS, _BWD_ROWS = 8, 8  # rows loaded per step of a program's walk
+_THREAD_COLS = 4  # channels per thread: 8-byte (16-bit) or 16-byte (fp32) vectors
 
 
-def _bwd_grid(x: torch.Tensor, n_rows: int, n_cols: int, k: int) -> tuple[int, int, int]:
-    """(programs along T, channel blocks, tiles per program) of the persistent backward."""
-    tiles = triton.cdiv(n_rows, _BWD_BLOCK_T - 2 * (k - 1))
-    c_blocks = triton.cdiv(n_cols, _BLOCK_C)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    # two programs per SM fit (128 registers, 8 warps); never more than fit, or a second wave
-    # of a few programs would double the time
-    programs_t = max(1, min(tiles, (2 * sms) // c_blocks))
-    per_program = max(1, triton.cdiv(tiles, programs_t))
-    return triton.cdiv(tiles, per_program), c_blocks, per_program
+def _channel_blocks(n_cols: int) -> tuple[int, int]:
+    """(BLOCK_C, warps): up to 4 warps of 4 channels per thread."""
+    block = min(max(triton.next_power_of_2(n_cols), 32), 32 * _THREAD_COLS * 4)
+    return block, max(1, block // (32 * _THREAD_COLS))
 
 
-def _doc_index(n_rows: int, cu: torch.Tensor) -> torch.Tensor:
-    return torch.searchsorted(cu[1:], torch.arange(n_rows, device=cu.device), right=True).to(torch.int32)
+def _row_runs(kernel, args: tuple, constexprs: dict, warps: int, n_rows: int, c_blocks: int, rows: int):
+    """(programs along the rows, rows per program) of a one-wave grid: as many programs as fit on
+    the device at once, each taking a run of whole steps."""
+    resident = _num_programs(kernel, args, constexprs, warps, n_tiles=1 << 30)
+    programs = max(1, min(triton.cdiv(n_rows, rows), resident // c_blocks))
+    per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    return triton.cdiv(n_rows, per_program), per_program
 
 
-@torch.library.custom_op("flame::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor,
-              initial_state: torch.Tensor | None, activation: str) -> torch.Tensor:
+def _cu_of(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Document boundaries over the flattened rows, int32 (each batch row is a document)."""
+    b, t, _ = x.shape
+    if cu_seqlens is None:
+        return torch.arange(b + 1, device=x.device, dtype=torch.int32) * t
+    return cu_seqlens.to(torch.int32)
+
+
+def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
     xf = x.reshape(-1, x.shape[-1]).contiguous()
     n_rows, n_cols = xf.shape
     y = torch.empty_like(xf)
-    cache = initial_state.contiguous() if initial_state is not None else None
+    if n_rows == 0:
+        return y.view_as(x)
     k = weight.shape[-1]
-    grid = (triton.cdiv(n_rows, _BLOCK_T - (k - 1)), triton.cdiv(n_cols, _BLOCK_C))
-    _conv_fwd_kernel[grid](
-        xf, weight.t().contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
-        _doc_index(n_rows, cu), cu, y, n_rows, n_cols,
-        K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-        IS_SILU=activation == "silu", BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS,
-        # 16-bit inputs with K <= 4, no bias and no initial state fit 64 registers without spills
-        # (ptxas for sm_90; 73-80 uncapped), so 4 programs share an SM instead of 3
-        **({"maxnreg": 64} if xf.element_size() == 2 and k <= 4 and bias is None and cache is None else {}),
-    )
+    w = weight.contiguous()
+    cache = initial_state.contiguous() if initial_state is not None else None
+    block, warps = _channel_blocks(n_cols)
+    c_blocks = triton.cdiv(n_cols, block)
+    constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+                      IS_SILU=activation == "silu", ROWS=_FWD_ROWS, BLOCK_C=block)
+
+    def args(rows_per_program):
+        return (xf, w, bias if bias is not None else w, cache if cache is not None else xf, cu, y,
+                n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
+
+    programs_t, per_program = _row_runs(_conv_fwd_kernel, args(_FWD_ROWS), constexprs, warps, n_rows,
+                                        c_blocks, _FWD_ROWS)
+    _conv_fwd_kernel[(programs_t, c_blocks)](*args(per_program), **constexprs, num_warps=warps)
     return y.view_as(x)
 
 
-@_conv_fwd.register_fake
-def _(x, weight, bias, cu, initial_state, activation):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              cu: torch.Tensor, initial_state: torch.Tensor | None, activation: str
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
     n_cols = x.shape[-1]
     k = weight.shape[-1]
     xf = x.reshape(-1, n_cols).contiguous()
@@ -289,32 +330,33 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
     n_rows = xf.shape[0]
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
-    programs_t, c_blocks, per_program = _bwd_grid(xf, n_rows, n_cols, k)
     dx = torch.empty_like(xf)
-    dw = torch.empty(programs_t, k, n_cols, device=x.device, dtype=torch.float32)
-    db = torch.empty(programs_t, n_cols, device=x.device, dtype=torch.float32)
-    _conv_bwd_kernel[(programs_t, c_blocks)](
-        xf, dyf, w.t().contiguous(), bias if bias is not None else xf, cache if cache is not None else xf,
-        _doc_index(n_rows, cu), cu, dx, dw, db, n_rows, n_cols, per_program,
-        K=k, K_POW2=triton.next_power_of_2(k), HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-        IS_SILU=activation == "silu", BLOCK_T=_BWD_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_WARPS,
-        # 16-bit inputs with K <= 4 and no initial state fit 128 registers (ptxas for sm_90: no
-        # spills, 16 bytes with both bias and silu), which lets two programs share an SM; other
-        # variants would spill more
-        **({"maxnreg": 128} if xf.element_size() == 2 and k <= 4 and cache is None else {}),
-    )
+    if n_rows == 0:
+        dw = torch.zeros(n_cols, k, device=x.device, dtype=torch.float32)
+        db = torch.zeros(n_cols, device=x.device, dtype=torch.float32)
+    else:
+        block, warps = _channel_blocks(n_cols)
+        c_blocks = triton.cdiv(n_cols, block)
+        constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+                          IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block)
+
+        def args(dw_partial, db_partial, rows_per_program):
+            return (xf, dyf, w, bias if bias is not None else w, cache if cache is not None else xf, cu,
+                    dx, dw_partial, db_partial, n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
+
+        scratch = xf.new_empty(0, dtype=torch.float32)
+        programs_t, per_program = _row_runs(_conv_bwd_kernel, args(scratch, scratch, _BWD_ROWS), constexprs,
+                                            warps, n_rows, c_blocks, _BWD_ROWS)
+        dw_partial = torch.empty(programs_t, n_cols, k, device=x.device, dtype=torch.float32)
+        db_partial = torch.empty(programs_t, n_cols, device=x.device, dtype=torch.float32)
+        _conv_bwd_kernel[(programs_t, c_blocks)](*args(dw_partial, db_partial, per_program), **constexprs,
+                                                 num_warps=warps)
+        dw, db = dw_partial.sum(0), db_partial.sum(0)
     if initial_state is not None:
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
     else:
         d_state = x.new_empty(0)
-    return dx.view_as(x), dw.sum(0).t().contiguous().to(weight.dtype), db.sum(0), d_state
-
-
-@_conv_bwd.register_fake
-def _(dy, x, weight, bias, cu, initial_state, activation):
-    d_state = torch.empty_like(initial_state, dtype=x.dtype) if initial_state is not None else x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(weight),
-            x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
+    return dx.view_as(x), dw.to(weight.dtype), db, d_state
 
 
 def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
@@ -322,6 +364,8 @@ def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
     d cache[n, c, m] = sum over i + j = m of w[c, i] * dpre[start_n + j]; the few dpre needed
     (the first K-1 tokens of each document) are recomputed here in torch."""
     k = weight.shape[-1]
+    if xf.shape[0] == 0:  # no token reads the state
+        return xf.new_zeros(cu.shape[0] - 1, xf.shape[1], k - 1)
     starts, ends = cu[:-1].long(), cu[1:].long()
     docs = torch.arange(starts.shape[0], device=xf.device)
     w = weight.float()
@@ -342,6 +386,31 @@ def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
     return grad.to(xf.dtype)
 
 
+@torch.library.custom_op("flame::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor,
+              initial_state: torch.Tensor | None, activation: str) -> torch.Tensor:
+    return _conv_fwd_impl(x, weight, bias, cu, initial_state, activation)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, cu, initial_state, activation):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              cu: torch.Tensor, initial_state: torch.Tensor | None, activation: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation)
+
+
+@_conv_bwd.register_fake
+def _(dy, x, weight, bias, cu, initial_state, activation):
+    d_state = torch.empty_like(initial_state, dtype=x.dtype) if initial_state is not None else x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(weight),
+            x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
+
+
 def _conv_setup(ctx, inputs, output):
     x, weight, bias, cu, initial_state, activation = inputs
     ctx.activation = activation
@@ -349,14 +418,35 @@ def _conv_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, cu, initial_state)
 
 
-def _conv_backward(ctx, dy):
-    x, weight, bias, cu, initial_state = ctx.saved_tensors
-    dx, dw, db, d_state = _conv_bwd(dy, x, weight, bias, cu, initial_state, ctx.activation)
-    return (dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None,
+def _conv_grads(ctx, dx, dw, db, d_state):
+    initial_state = ctx.saved_tensors[-1]
+    return (dx, dw, db.to(ctx.saved_tensors[2].dtype) if ctx.has_bias else None, None,
             d_state.to(initial_state.dtype) if initial_state is not None else None, None)
 
 
+def _conv_backward(ctx, dy):
+    x, weight, bias, cu, initial_state = ctx.saved_tensors
+    return _conv_grads(ctx, *_conv_bwd(dy, x, weight, bias, cu, initial_state, ctx.activation))
+
+
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+class _CausalConv1d(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager mode: an autograd.Function
+    costs the host a fraction of a custom op's dispatch (tens of microseconds per call), which
+    matters at these kernels' sub-millisecond times. torch.compile traces the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cu, initial_state, activation):
+        y = _conv_fwd_impl(x, weight, bias, cu, initial_state, activation)
+        _conv_setup(ctx, (x, weight, bias, cu, initial_state, activation), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, cu, initial_state = ctx.saved_tensors
+        return _conv_grads(ctx, *_conv_bwd_impl(dy, x, weight, bias, cu, initial_state, ctx.activation))
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -385,19 +475,19 @@ def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, init
                   output_final_state=False):
     """x [B, T, C], weight [C, K] -> (y [B, T, C], final_state [N, C, K-1] or None)."""
     _check_conv_inputs(x, weight, bias, activation, cu_seqlens, initial_state)
-    # the kernels' tiles hold 2(K-1) halo rows; wider kernels than short convolutions use torch
-    if not use_triton(x, weight) or 2 * (weight.shape[-1] - 1) >= _BWD_BLOCK_T:
+    # the kernels keep K - 1 rows of inputs and of dx in registers; wider kernels than short
+    # convolutions use torch
+    if not use_triton(x, weight) or weight.shape[-1] > _MAX_KERNEL:
         return causal_conv1d_ref(x, weight, bias, activation, cu_seqlens, initial_state, output_final_state)
-    b, t, c = x.shape
-    if cu_seqlens is None:
-        cu = torch.arange(0, (b + 1) * t, t, device=x.device, dtype=torch.int32)
+    cu = _cu_of(x, cu_seqlens)
+    if torch.compiler.is_compiling():
+        y = _conv_fwd(x, weight, bias, cu, initial_state, activation or "none")
     else:
-        cu = cu_seqlens.to(torch.int32)
-    y = _conv_fwd(x, weight, bias, cu, initial_state, activation or "none")
+        y = _CausalConv1d.apply(x, weight, bias, cu, initial_state, activation or "none")
     final = None
     if output_final_state:
         k = weight.shape[-1]
-        xf, cu64, _, _ = _documents(x, cu)
+        xf, cu64 = x.reshape(-1, x.shape[-1]), cu.long()
         starts, ends = cu64[:-1], cu64[1:]
         docs = torch.arange(starts.shape[0], device=x.device)
         final = torch.stack(

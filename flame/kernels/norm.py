@@ -178,12 +178,15 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
+_BWD_TILE_ELEMENTS = 2048
+
+
 def _bwd_tile(n_cols: int) -> tuple[int, int, int]:
     """Rows per tile, padded row width and warps of the backward kernel: tiles of at least 2048
     elements (so that narrow rows, such as per-head gated norms, still move a few KB per load),
     8 elements of each tensor per thread."""
     block, _ = _block_and_warps(n_cols)
-    rows = max(1, 2048 // block)
+    rows = max(1, _BWD_TILE_ELEMENTS // block)
     return rows, block, min(max(rows * block // 256, 1), 16)
 
 
@@ -223,11 +226,7 @@ def _num_programs(kernel, args: tuple, constexprs: dict, num_warps: int, n_tiles
     return max(1, min(n_tiles, resident))
 
 
-@torch.library.custom_op("flame::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(
-    x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None, weight: torch.Tensor,
-    eps: float, activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd_impl(x, residual, gate, weight, eps, activation):
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()
     n_rows = x2.shape[0]
@@ -248,6 +247,14 @@ def _rms_norm_fwd(
     return y.view_as(x), summed.view_as(x) if residual is not None else summed, rstd
 
 
+@torch.library.custom_op("flame::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(
+    x: torch.Tensor, residual: torch.Tensor | None, gate: torch.Tensor | None, weight: torch.Tensor,
+    eps: float, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rms_norm_fwd_impl(x, residual, gate, weight, eps, activation)
+
+
 @_rms_norm_fwd.register_fake
 def _(x, residual, gate, weight, eps, activation):
     if residual is not None:
@@ -257,11 +264,7 @@ def _(x, residual, gate, weight, eps, activation):
     return torch.empty_like(x), summed, x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("flame::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd(
-    dy: torch.Tensor, dresidual: torch.Tensor | None, x: torch.Tensor, gate: torch.Tensor | None,
-    weight: torch.Tensor, rstd: torch.Tensor, activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd_impl(dy, dresidual, x, gate, weight, rstd, activation):
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()
     dy2 = dy.reshape(-1, n_cols).contiguous()
@@ -285,6 +288,14 @@ def _rms_norm_bwd(
     return dx.view_as(x), dgate, dw_partial.sum(0).to(weight.dtype)
 
 
+@torch.library.custom_op("flame::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    dy: torch.Tensor, dresidual: torch.Tensor | None, x: torch.Tensor, gate: torch.Tensor | None,
+    weight: torch.Tensor, rstd: torch.Tensor, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rms_norm_bwd_impl(dy, dresidual, x, gate, weight, rstd, activation)
+
+
 @_rms_norm_bwd.register_fake
 def _(dy, dresidual, x, gate, weight, rstd, activation):
     dgate = torch.empty_like(x) if gate is not None else x.new_empty(0)
@@ -299,16 +310,44 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(summed if residual is not None else x, gate, weight, rstd)
 
 
-def _rms_norm_backward(ctx, dy, dsummed, drstd):
+def _rms_norm_grads(ctx, dy, dsummed, backward):
     x, gate, weight, rstd = ctx.saved_tensors
     if dy is None:  # only the residual sum was used
         dy = torch.zeros_like(x)
     dresidual = dsummed if ctx.has_residual and dsummed is not None and dsummed.numel() else None
-    dx, dgate, dw = _rms_norm_bwd(dy, dresidual, x, gate, weight, rstd, ctx.activation)
+    dx, dgate, dw = backward(dy, dresidual, x, gate, weight, rstd, ctx.activation)
     return dx, (dx if ctx.has_residual else None), (dgate if gate is not None else None), dw, None, None
 
 
+def _rms_norm_backward(ctx, dy, dsummed, drstd):
+    return _rms_norm_grads(ctx, dy, dsummed, _rms_norm_bwd)
+
+
 _rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager mode: an autograd.Function
+    costs the host a fraction of a custom op's dispatch (tens of microseconds per call), which
+    matters at these kernels' sub-millisecond times. torch.compile traces the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, residual, gate, weight, eps, activation):
+        y, summed, rstd = _rms_norm_fwd_impl(x, residual, gate, weight, eps, activation)
+        _rms_norm_setup(ctx, (x, residual, gate, weight, eps, activation), (y, summed, rstd))
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rstd, *(() if residual is not None else (summed,)))
+        return y, summed, rstd
+
+    @staticmethod
+    def backward(ctx, dy, dsummed, drstd):
+        return _rms_norm_grads(ctx, dy, dsummed, _rms_norm_bwd_impl)
+
+
+def _rms_norm_op(x, residual, gate, weight, eps, activation):
+    if torch.compiler.is_compiling():
+        return _rms_norm_fwd(x, residual, gate, weight, eps, activation)
+    return _RMSNormFunction.apply(x, residual, gate, weight, eps, activation)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -318,7 +357,7 @@ def rms_norm(x, weight, residual=None, eps=1e-6):
     """RMSNorm of x (+ residual). Returns (y, x + residual) when residual is given, else (y, None)."""
     _check_norm_inputs(x, weight, residual=residual)
     if use_triton(x, weight, residual):
-        y, summed, _ = _rms_norm_fwd(x, residual, None, weight, eps, "silu")
+        y, summed, _ = _rms_norm_op(x, residual, None, weight, eps, "silu")
         return y, (summed if residual is not None else None)
     return rms_norm_ref(x, weight, residual, eps)
 
@@ -328,5 +367,5 @@ def gated_rms_norm(x, gate, weight, eps=1e-6, activation="silu"):
     _check_activation(activation)
     _check_norm_inputs(x, weight, gate=gate)
     if use_triton(x, gate, weight):
-        return _rms_norm_fwd(x, None, gate, weight, eps, activation)[0]
+        return _rms_norm_op(x, None, gate, weight, eps, activation)[0]
     return gated_rms_norm_ref(x, gate, weight, eps, activation)
