@@ -154,7 +154,7 @@ class Run:
         return row
 
 
-def run_packed(runs: list[Run], total_gpus: int) -> list[dict]:
+def run_packed(runs: list[Run], total_gpus: int, on_row=None) -> list[dict]:
     """Start each run as soon as enough GPUs are free (in order, smaller later runs may fill a
     gap); on CPU (total_gpus 0) one run at a time."""
     pending, running, rows = list(runs), [], []
@@ -178,6 +178,8 @@ def run_packed(runs: list[Run], total_gpus: int) -> list[dict]:
             free = sorted(free + (r.devices or []))
             row = r.row(rc)
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             print(f"{r.name:36s} rc {rc}  {row.get('tokens_per_second_per_gpu', float('nan')):10.0f} tok/s/GPU"
                   f"  mfu {row.get('mfu') or float('nan'):.3f}  last loss "
                   f"{row['losses'][-1] if row['losses'] else float('nan'):.4f}  ({row['wall_seconds']} s)",
@@ -299,9 +301,17 @@ def main():
             if args.resume and layout == args.resume[0] and recipe == args.recipes[0]:
                 extra = checkpoint_args(args.steps // 2)
             runs.append(Run(recipe, layout, args, workdir, extra=extra))
-    rows = run_packed(runs, total)
-    for row in rows:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = []
+
+    def save_partial(row):
+        # each finished run is kept at once, so a machine time limit loses only the runs in flight
         (workdir / f"{row['name']}.row.json").write_text(json.dumps(row))
+        done.append(row)
+        out.write_text(json.dumps({"benchmark": "multi_gpu", "partial": True, "runs": done}, indent=1))
+
+    rows = run_packed(runs, total, on_row=save_partial)
     resumes = []
     if args.resume:
         resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir)
@@ -319,8 +329,6 @@ def main():
                                          f"and data) and mean relative difference over all steps <= "
                                          f"{MEAN_TOLERANCE} (bf16 runs drift apart slowly)"},
               "summary": summary, "resume": resumes, "runs": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
