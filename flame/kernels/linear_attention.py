@@ -5,7 +5,9 @@ Both run on one pair of `torch.library` custom ops (forward, backward) so that
 `torch.compile(fullgraph=True)` traces them; inside, the Triton kernels of
 `linear_attention_triton.py` or the torch reference of `linear_attention_ref.py` run,
 as `dispatch.use_triton` decides. The backward recomputes the chunk states instead of
-keeping them, so a layer's saved activations are only its inputs.
+keeping them, so a layer's saved activations are its inputs and, for GLA, the intra-chunk
+score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs more than
+any other GLA kernel).
 """
 
 import torch
@@ -105,6 +107,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
 
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
+    """Returns (o, ht, A): A the GLA score matrix, kept for the backward (None for a scalar gate)."""
     T, H, K = q.shape
     V = v.shape[-1]
     scalar_gate = g.dim() == 2
@@ -118,14 +121,14 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
             q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
-        return o, ht
+        return o, ht, None
     a = _gla_scores(q, k, b, scale, chunks)
     bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
     kern.chunk_gla_output_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
         q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
-    return o, ht
+    return o, ht, a
 
 
 def _gla_block(dim):
@@ -144,7 +147,8 @@ def _gla_scores(q, k, b, scale, chunks):
     return a
 
 
-def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
+def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
+    """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate)."""
     T, H, K = q.shape
     V = v.shape[-1]
     scalar_gate = g.dim() == 2
@@ -181,7 +185,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, chunks):
             H=H, NK=nk, num_warps=NUM_WARPS,
         )
         return dq, dk, dv, dg, dh0
-    a = _gla_scores(q, k, b, scale, chunks)
+    if a is None:
+        a = _gla_scores(q, k, b, scale, chunks)
     bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
     kern.chunk_gla_dv_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
         k, b, a, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
@@ -228,14 +233,17 @@ def _fwd_op(
     cu_seqlens: torch.Tensor | None,
     output_final_state: bool,
     triton_backend: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (o, final state or empty, GLA score matrix [B, T, H, 64] for the backward or empty)."""
+    empty = q.new_empty(0, dtype=torch.float32)
     if not triton_backend:
         o, ht = linear_attention_reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        return o, ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+        return o, ht if ht is not None else empty, q.new_empty(0)
     B, T = q.shape[:2]
     chunks = _chunks_for(q, cu_seqlens)
-    o, ht = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, output_final_state, chunks)
-    return o.view(B, T, *o.shape[1:]), ht if ht is not None else q.new_empty(0, dtype=torch.float32)
+    o, ht, a = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, output_final_state, chunks)
+    a = q.new_empty(0) if a is None else a.view(B, T, *a.shape[1:])
+    return o.view(B, T, *o.shape[1:]), ht if ht is not None else empty, a
 
 
 @_fwd_op.register_fake
@@ -244,7 +252,8 @@ def _(q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_b
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = q.new_empty(B, T, H, v.shape[-1])
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
-    return o, ht
+    a = q.new_empty(B, T, H, kern.CHUNK_SIZE) if triton_backend and g.dim() == 4 else q.new_empty(0)
+    return o, ht, a
 
 
 @torch.library.custom_op("flame::gated_linear_attention_bwd", mutates_args=())
@@ -258,6 +267,7 @@ def _bwd_op(
     cu_seqlens: torch.Tensor | None,
     do: torch.Tensor,
     dht: torch.Tensor | None,
+    a: torch.Tensor,
     triton_backend: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if not triton_backend:
@@ -265,7 +275,8 @@ def _bwd_op(
     B, T = q.shape[:2]
     chunks = _chunks_for(q, cu_seqlens)
     dq, dk, dv, dg, dh0 = _triton_backward(
-        _flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, _flat(do), dht, chunks
+        _flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, _flat(do), dht,
+        _flat(a) if a.numel() else None, chunks,
     )
     if dh0 is None:
         dh0 = q.new_empty(0, dtype=torch.float32)
@@ -287,26 +298,26 @@ def _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, triton_backend):
+def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, a, triton_backend):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend = inputs
-    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[2])
     ctx.scale = scale
     ctx.triton_backend = triton_backend
     ctx.output_final_state = output_final_state
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, _da):
+    q, k, v, g, initial_state, cu_seqlens, a = ctx.saved_tensors
     if not ctx.output_final_state:
         dht = None
     dq, dk, dv, dg, dh0 = _bwd_op(
         q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
-        None if dht is None else dht.contiguous(), ctx.triton_backend,
+        None if dht is None else dht.contiguous(), a, ctx.triton_backend,
     )
     return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None
 
@@ -356,7 +367,7 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
-    o, ht = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
+    o, ht, _ = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
     return o, (ht if output_final_state else None)
 
 
