@@ -12,7 +12,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from flame.tensor_parallel import apply_tensor_parallel
-from flame.titan import ParallelDims, data_parallel_mesh
+from flame.titan import ParallelDims, fsdp_mesh
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -76,7 +76,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
 
     Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
     and fp32 gradient reduction. On CPU everything stays fp32."""
-    mesh = _fsdp_mesh(dims)
+    mesh = fsdp_mesh(dims)
     if device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     else:
@@ -93,16 +93,6 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     # The root's parameters are used last in forward and first in backward: keep them.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
-
-
-def _fsdp_mesh(dims: ParallelDims):
-    """With tensor parallelism and no data parallelism FSDP2 still wraps the model, over the
-    size-1 data-parallel dimension of the mesh the TP dimension belongs to: it gives the same
-    mixed precision as every other layout and sums the partial gradients of the replicated
-    parameters (sequence-parallel norms) over the TP group."""
-    if dims.tp_enabled and dims.dp_replicate == 1 and dims.dp_shard == 1:
-        return dims._meshes["fsdp"]  # torchtitan builds it (size 1) but get_mesh skips size-1 dims
-    return data_parallel_mesh(dims)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -29,7 +29,7 @@ from torchtitan.tools.utils import GarbageCollection, get_peak_flops
 __all__ = [
     "CheckpointManager", "GarbageCollection", "LRSchedulersContainer", "OptimizersContainer",
     "ParallelDims", "build_checkpointer", "build_lr_schedulers", "build_optimizers",
-    "build_parallel_dims", "clip_grad_norm_", "data_parallel_mesh", "destroy_distributed",
+    "build_parallel_dims", "clip_grad_norm_", "data_parallel_mesh", "destroy_distributed", "fsdp_mesh",
     "init_distributed", "init_logger", "latest_complete_step", "logger", "peak_flops",
     "all_reduce_scalars", "data_parallel_rank_and_size",
 ]
@@ -120,6 +120,18 @@ def data_parallel_mesh(dims: ParallelDims):
         # Pure replication: sharding over the replicas gives the same update with less memory.
         return dims.get_mesh("dp_replicate")
     return dims.world_mesh
+
+
+def fsdp_mesh(dims: ParallelDims):
+    """The mesh fully_shard wraps the model over: the data-parallel mesh, except with tensor
+    parallelism and no data parallelism, where it is the size-1 "fsdp" dimension of the mesh the
+    TP dimension belongs to. FSDP2 then gives the same mixed precision as every other layout and
+    sums the partial gradients of the replicated parameters (sequence-parallel norms) over the TP
+    group."""
+    if dims.tp_enabled and dims.dp_replicate == 1 and dims.dp_shard == 1:
+        # torchtitan builds this dimension (size 1) but get_mesh refuses size-1 dimensions
+        return dims._meshes["fsdp"]
+    return data_parallel_mesh(dims)
 
 
 def data_parallel_rank_and_size(dims: ParallelDims) -> tuple[int, int]:
@@ -216,7 +228,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def all_reduce_scalars(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Host numbers summed (or maxed) over all ranks. One process returns them as they are:
+    the round trip through the device would make the host wait for the GPU's queue."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()

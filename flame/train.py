@@ -302,22 +302,24 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
-        batches = []
+    def _next_batches(self) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The micro-batches of one step on the device, and their number of label tokens,
+        counted on the host copy so that nothing waits for the GPU."""
+        batches, label_tokens = [], 0
         for _ in range(self.grad_accum):
             try:
                 batch = next(self.data_iter)
             except StopIteration:
                 raise RuntimeError("the data loader ran out of batches") from None
+            label_tokens += int((batch["labels"] != -100).sum())
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches
+        return batches, label_tokens
 
     def train_step(self) -> tuple[float, float, float, int]:
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm,
         learning rate, tokens in this step on this rank). The loss is the mean over every label token of the
         global batch, whatever the split into ranks and micro-batches."""
-        batches = self._next_batches()
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        batches, local_tokens = self._next_batches()
         (global_tokens,) = titan.all_reduce_scalars([local_tokens], self.device)
         global_tokens = max(global_tokens / self.tp, 1.0)  # each TP group counted its batch tp times
         # FSDP averages gradients over the dp ranks; scale by dp_size so that the result is the

@@ -64,8 +64,14 @@ class LanguageModel(nn.Module):
             return self.logits(hidden)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction = {loss_reduction!r}: use 'mean' or 'sum'")
+        weight = self.output_weight
+        if torch.is_autocast_enabled(hidden.device.type):
+            # autocast does not reach the fused loss (a custom autograd function): give it the
+            # output matmul's operands in the autocast dtype, as autocast gives every other matmul
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
         loss_fn = modules.FusedLinearCrossEntropyLoss(reduction=loss_reduction)
-        return loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.output_weight, labels.reshape(-1))
+        return loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
 
     def hidden_states(self, input_ids, cu_seqlens=None, position_ids=None, states=None,
                       use_cache: bool = False):
