@@ -164,6 +164,35 @@ def _rows_before(x_ptr, r0, cols, cmask, n_cols, K: tl.constexpr):
 
 
 @triton.jit
+def _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end, r1, n_docs, cols, cmask,
+              n_cols, K: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr, ROWS: tl.constexpr,
+              INSIDE: tl.constexpr):
+    """Outputs of rows t0 .. t0 + ROWS - 1 (inputs xs). INSIDE: the caller has checked that all
+    these rows and the K - 1 before them lie in one document and the rows are the program's, so
+    no row needs a mask or a document step."""
+    for j in tl.static_range(ROWS):
+        t = t0 + j
+        xt = xs[j].to(tl.float32)
+        pre = bias + w[K - 1] * xt
+        if INSIDE:
+            for b in tl.static_range(1, K):
+                pre += w[K - 1 - b] * prev[b - 1]
+        else:
+            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
+            for b in tl.static_range(1, K):
+                pre += w[K - 1 - b] * _tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE)
+        if IS_SILU:
+            pre = pre / (1.0 + tl.exp(-pre))
+        off = t.to(tl.int64) * n_cols + cols
+        if INSIDE:
+            tl.store(y_ptr + off, pre.to(y_ptr.dtype.element_ty), mask=cmask)
+        else:
+            tl.store(y_ptr + off, pre.to(y_ptr.dtype.element_ty), mask=tl.where(t < r1, cmask, False))
+        prev = (xt,) + prev[:K - 2]
+    return prev, doc, start, end
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr,
     n_rows, n_cols, n_docs, rows_per_program,
@@ -184,18 +213,67 @@ def _conv_fwd_kernel(
         for j in tl.static_range(ROWS):
             t = t0 + j
             xs = xs + (tl.load(x_ptr + t.to(tl.int64) * n_cols + cols, mask=tl.where(t < r1, cmask, False), other=0.0),)
-        for j in tl.static_range(ROWS):
-            t = t0 + j
-            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
-            xt = xs[j].to(tl.float32)
-            pre = bias + w[K - 1] * xt
+        doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
+        # most steps lie inside one document: those skip the per-row masks and document walk
+        if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1):
+            prev, doc, start, end = _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
+                                              r1, n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, True)
+        else:
+            prev, doc, start, end = _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
+                                              r1, n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, False)
+
+
+@triton.jit
+def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1, n_docs,
+              cols, cmask, n_cols, K: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
+              ROWS: tl.constexpr, INSIDE: tl.constexpr):
+    """Rows t0 .. t0 + ROWS - 1 of the backward walk. INSIDE: the caller has checked that these
+    rows and the K - 1 before them lie in one document and are all the program's own, so no
+    tap, gradient share or store needs a mask and no row a document step."""
+    for j in tl.static_range(ROWS):
+        t = t0 + j
+        xt = xs[j].to(tl.float32)
+        taps = (xt,)
+        if INSIDE:
             for b in tl.static_range(1, K):
-                pre += w[K - 1 - b] * _tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols,
-                                           K, HAS_CACHE)
-            if IS_SILU:
-                pre = pre / (1.0 + tl.exp(-pre))
-            tl.store(y_ptr + t.to(tl.int64) * n_cols + cols, pre.to(y_ptr.dtype.element_ty), mask=tl.where(t < r1, cmask, False))
-            prev = (xt,) + prev[:K - 2]
+                taps = taps + (prev[b - 1],)
+        else:
+            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
+            for b in tl.static_range(1, K):
+                taps = taps + (_tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE),)
+        dpre = dys[j].to(tl.float32)
+        if IS_SILU:
+            pre = bias
+            for b in tl.static_range(K):
+                pre += w[K - 1 - b] * taps[b]
+            sig = 1.0 / (1.0 + tl.exp(-pre))
+            dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
+        if INSIDE:
+            dpre_own = dpre
+        else:
+            dpre_own = tl.where(t < r1, dpre, 0.0)
+        db += dpre_own
+        dw_next = ()
+        for i in tl.static_range(K):
+            dw_next = dw_next + (dw[i] + dpre_own * taps[K - 1 - i],)
+        dw = dw_next
+        u = t - (K - 1)
+        off = u.to(tl.int64) * n_cols + cols
+        if INSIDE:
+            dx = pending[K - 2] + w[0] * dpre
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
+            opened = (w[K - 1] * dpre,)
+            for b in tl.static_range(1, K - 1):
+                opened = opened + (pending[b - 1] + w[K - 1 - b] * dpre,)
+        else:
+            dx = pending[K - 2] + tl.where(u >= start, w[0] * dpre, 0.0)
+            tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=tl.where((u >= r0) & (u < r1), cmask, False))
+            opened = (w[K - 1] * dpre,)
+            for b in tl.static_range(1, K - 1):
+                opened = opened + (pending[b - 1] + tl.where(t - b >= start, w[K - 1 - b] * dpre, 0.0),)
+        pending = opened
+        prev = (xt,) + prev[:K - 2]
+    return prev, pending, dw, db, doc, start, end
 
 
 @triton.jit
@@ -236,35 +314,16 @@ def _conv_bwd_kernel(
             off = t.to(tl.int64) * n_cols + cols
             xs = xs + (tl.load(x_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
             dys = dys + (tl.load(dy_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
-        for j in tl.static_range(ROWS):
-            t = t0 + j
-            doc, start, end = _advance(cu_ptr, n_docs, t, doc, start, end)
-            xt = xs[j].to(tl.float32)
-            taps = (xt,)
-            for b in tl.static_range(1, K):
-                taps = taps + (_tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE),)
-            dpre = dys[j].to(tl.float32)
-            if IS_SILU:
-                pre = bias
-                for b in tl.static_range(K):
-                    pre += w[K - 1 - b] * taps[b]
-                sig = 1.0 / (1.0 + tl.exp(-pre))
-                dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-            dpre_own = tl.where(t < r1, dpre, 0.0)
-            db += dpre_own
-            dw_next = ()
-            for i in tl.static_range(K):
-                dw_next = dw_next + (dw[i] + dpre_own * taps[K - 1 - i],)
-            dw = dw_next
-            u = t - (K - 1)
-            dx = pending[K - 2] + tl.where(u >= start, w[0] * dpre, 0.0)
-            tl.store(dx_ptr + u.to(tl.int64) * n_cols + cols, dx.to(dx_ptr.dtype.element_ty),
-                     mask=tl.where((u >= r0) & (u < r1), cmask, False))
-            opened = (w[K - 1] * dpre,)
-            for b in tl.static_range(1, K - 1):
-                opened = opened + (pending[b - 1] + tl.where(t - b >= start, w[K - 1 - b] * dpre, 0.0),)
-            pending = opened
-            prev = (xt,) + prev[:K - 2]
+        doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
+        # most steps lie inside one document and the program's rows: those skip the masks
+        if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1) & (t0 - (K - 1) >= r0):
+            prev, pending, dw, db, doc, start, end = _bwd_step(
+                dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1,
+                n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, True)
+        else:
+            prev, pending, dw, db, doc, start, end = _bwd_step(
+                dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1,
+                n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, False)
     for i in tl.static_range(K):
         tl.store(dw_ptr + pid_t.to(tl.int64) * n_cols * K + cols * K + i, dw[i], mask=cmask)
     tl.store(db_ptr + pid_t.to(tl.int64) * n_cols + cols, db, mask=cmask)
