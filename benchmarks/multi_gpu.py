@@ -165,6 +165,7 @@ def run_packed(runs: list[Run], total_gpus: int, on_row=None) -> list[dict]:
                 break
             if total_gpus and r.gpus > len(free):
                 continue
+            # with total_gpus 0 (CPU, or --sequential) each run sees every GPU of the machine
             devices = [free.pop(0) for _ in range(r.gpus)] if total_gpus else []
             r.start(devices, len(running))
             running.append(r)
@@ -278,6 +279,8 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", nargs=2, metavar=("SRC", "DST"), default=None,
                    help="resume SRC's mid-run checkpoint on the DST layout (first recipe only)")
+    p.add_argument("--sequential", action="store_true",
+                   help="one run at a time (timings free of other runs' compile and loader load)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
     p.add_argument("--workdir", default="/tmp/flame_multi_gpu")
     p.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
@@ -311,7 +314,7 @@ def main():
         done.append(row)
         out.write_text(json.dumps({"benchmark": "multi_gpu", "partial": True, "runs": done}, indent=1))
 
-    rows = run_packed(runs, total, on_row=save_partial)
+    rows = run_packed(runs, 0 if args.sequential else total, on_row=save_partial)
     resumes = []
     if args.resume:
         resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir)
@@ -324,7 +327,7 @@ def main():
               "settings": {"steps": args.steps, "timed_after_step": args.skip, "seq_len": args.seq,
                            "micro_batch": args.batch, "micro_batches_per_step": args.micro_batches,
                            "tokens_per_step": args.micro_batches * args.batch * args.seq,
-                           "compile": args.compile, "data": "embedded default corpus, default tokenizer",
+                           "compile": args.compile, "sequential": args.sequential, "data": "embedded default corpus, default tokenizer",
                            "loss_match": f"step-1 relative difference <= {STEP1_TOLERANCE} (same weights "
                                          f"and data) and mean relative difference over all steps <= "
                                          f"{MEAN_TOLERANCE} (bf16 runs drift apart slowly)"},
