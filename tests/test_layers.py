@@ -167,9 +167,11 @@ def conv_per_document(x, w, b, initial_state, cu, activation="silu"):
         seg = x[0, cu[n] : cu[n + 1]].T  # [C, len]
         pad = initial_state[n] if initial_state is not None else torch.zeros(c, k - 1, dtype=x.dtype)
         full = torch.cat([pad, seg], dim=-1)
+        finals.append(full[:, -(k - 1) :])
+        if seg.shape[1] == 0:  # an empty document: no output, its state passes through
+            continue
         y = F.conv1d(full[None], w[:, None, :], b, groups=c)[0].T
         ys.append(F.silu(y) if activation == "silu" else y)
-        finals.append(full[:, -(k - 1) :])
     return torch.cat(ys)[None], torch.stack(finals)
 
 
