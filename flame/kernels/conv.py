@@ -353,7 +353,9 @@ def _cu_of(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Document boundaries over the flattened rows, int32 (each batch row is a document)."""
     b, t, _ = x.shape
     if cu_seqlens is None:
-        return torch.arange(b + 1, device=x.device, dtype=torch.int32) * t
+        if t == 0:
+            return torch.zeros(b + 1, device=x.device, dtype=torch.int32)
+        return torch.arange(0, (b + 1) * t, t, device=x.device, dtype=torch.int32)
     return cu_seqlens.to(torch.int32)
 
 
