@@ -194,8 +194,9 @@ def test_short_conv_packed_documents(monkeypatch, backend, dtype, tol, with_stat
 @pytest.mark.parametrize("k, activation, with_state", [(4, "silu", True), (3, None, False)],
                          ids=["k4-silu-initial-state", "k3-linear"])
 def test_short_conv_kernels_over_many_tiles(monkeypatch, k, activation, with_state):
-    """Documents that cross the edges of the programs' row runs (4 runs in the interpreter: 56,
-    56, 56 and 32 rows, walked 8 rows a step), one-token documents, the last step partial."""
+    """Documents that cross the edges of the programs' row runs (4 runs in the interpreter: 64,
+    64, 64 and 8 rows, walked 8 rows a step), one-token documents, steps inside and across
+    documents."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     cu = torch.tensor([0, 2, 57, 59, 60, 130, 170, 200])
     n = len(cu) - 1

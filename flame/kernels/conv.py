@@ -340,12 +340,15 @@ def _channel_blocks(n_cols: int) -> tuple[int, int]:
     return block, max(1, block // (32 * _THREAD_COLS))
 
 
-def _row_runs(kernel, args: tuple, constexprs: dict, warps: int, n_rows: int, c_blocks: int, rows: int):
+def _row_runs(kernel, args, constexprs: dict, warps: int, n_rows: int, c_blocks: int, rows: int):
     """(programs along the rows, rows per program) of a one-wave grid: as many programs as fit on
-    the device at once, each taking a run of whole steps."""
-    resident = _num_programs(kernel, args, constexprs, warps, n_tiles=1 << 30)
-    programs = max(1, min(triton.cdiv(n_rows, rows), resident // c_blocks))
-    per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows) * rows
+    the device at once (args(rows_per_program) -> the kernel's arguments), each taking a run of
+    whole steps. Runs are multiples of 16 rows, so that the kernel compiled to count registers
+    is the one launched (Triton specialises integers on divisibility by 16)."""
+    unit = max(rows, 16)
+    resident = _num_programs(kernel, args(unit), constexprs, warps, n_tiles=1 << 30)
+    programs = max(1, min(triton.cdiv(n_rows, unit), resident // c_blocks))
+    per_program = triton.cdiv(triton.cdiv(n_rows, programs), unit) * unit
     return triton.cdiv(n_rows, per_program), per_program
 
 
@@ -377,7 +380,7 @@ def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
         return (xf, w, bias if bias is not None else w, cache if cache is not None else xf, cu, y,
                 n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
 
-    programs_t, per_program = _row_runs(_conv_fwd_kernel, args(_FWD_ROWS), constexprs, warps, n_rows,
+    programs_t, per_program = _row_runs(_conv_fwd_kernel, args, constexprs, warps, n_rows,
                                         c_blocks, _FWD_ROWS)
     _conv_fwd_kernel[(programs_t, c_blocks)](*args(per_program), **constexprs, num_warps=warps)
     return y.view_as(x)
@@ -406,7 +409,7 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
                     dx, dw_partial, db_partial, n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
 
         scratch = xf.new_empty(0, dtype=torch.float32)
-        programs_t, per_program = _row_runs(_conv_bwd_kernel, args(scratch, scratch, _BWD_ROWS), constexprs,
+        programs_t, per_program = _row_runs(_conv_bwd_kernel, lambda rows: args(scratch, scratch, rows), constexprs,
                                             warps, n_rows, c_blocks, _BWD_ROWS)
         dw_partial = torch.empty(programs_t, n_cols, k, device=x.device, dtype=torch.float32)
         db_partial = torch.empty(programs_t, n_cols, device=x.device, dtype=torch.float32)
