@@ -72,7 +72,8 @@ def _free_port() -> int:
 
 
 def recipe_name(recipe: str) -> str:
-    return pathlib.Path(recipe).stem
+    name = pathlib.Path(recipe).name  # not .stem: "gated_deltanet_1.37B" has a dot of its own
+    return name[:-len(".toml")] if name.endswith(".toml") else name
 
 
 def gpu_count() -> int:
