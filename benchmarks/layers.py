@@ -140,9 +140,11 @@ def kernel_times(run, iters: int = 20) -> tuple[float, dict]:
             run()
         torch.cuda.synchronize()
     per_kernel = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name[:60]] += e.time_range.elapsed_us() / 1e3 / iters
+    for evt in prof.key_averages():
+        if "CUDA" not in str(getattr(evt, "device_type", "")):
+            continue
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        per_kernel[evt.key[:60]] += total / 1e3 / iters
     return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4])
 
 
