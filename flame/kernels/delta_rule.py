@@ -1,9 +1,11 @@
 """Chunked delta rule, gated (Gated DeltaNet) or not (DeltaNet), in Triton.
 
 Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for the maths):
-  1. `_prepare_kernel`, parallel over (chunk, value head): the in-chunk gate cumsum, the
+  1. the prep kernel, parallel over (chunk, value head): the in-chunk gate cumsum, the
      triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and w = A beta Gamma k,
-     u = A beta v, written per token.
+     u = A beta v, written per token. Two versions (`prepare_variant`): `_prepare_kernel`
+     (blocks: doubling for the 16x16 diagonal blocks, A through memory, [64, 64] tensor-core
+     products) and `_prepare_substitution_kernel` (the first one, the default until timed).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
 Backward (delta_rule_bwd.py) recomputes w, u, A and the per-chunk states with these two kernels,
@@ -14,6 +16,7 @@ Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -29,7 +32,190 @@ CHUNK = 64
 
 
 @triton.jit
-def _invert_unit_lower(A, BS: tl.constexpr):
+def _invert_unit_lower(L, BS: tl.constexpr):
+    """(I + L)^-1 for a strictly lower-triangular [BS, BS] tile (BS = 16), in fp32.
+
+    L is nilpotent (L^16 = 0), so (I + L)^-1 = sum_p (-L)^p = (I - L)(I + L^2)(I + L^4)(I + L^8):
+    six small dots instead of fifteen serial row eliminations. With nearly parallel keys the
+    powers of L grow large and cancel (rounding errors ~1e-5 in fp32); one Newton step,
+    X += X (I - (I + L) X), brings the error back to the substitution's (~1e-6)."""
+    r = tl.arange(0, BS)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    P = -L
+    X = eye + P
+    P = tl.dot(P, P, input_precision="ieee")
+    X = X + tl.dot(X, P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    X = X + tl.dot(X, P, input_precision="ieee")
+    P = tl.dot(P, P, input_precision="ieee")
+    X = X + tl.dot(X, P, input_precision="ieee")
+    R = eye - X - tl.dot(L, X, input_precision="ieee")
+    return X + tl.dot(X, R, input_precision="ieee")
+
+
+@triton.jit
+def _load_gate(g, rows, rmask, hv, HV: tl.constexpr, USE_G: tl.constexpr):
+    if USE_G:
+        return tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    return tl.zeros([16], dtype=tl.float32)
+
+
+@triton.jit
+def _kk_block(k, rows_i, mask_i, rows_j, mask_j, h, beta_i, gc_i, gc_j, H: tl.constexpr, K: tl.constexpr,
+              BK: tl.constexpr, USE_G: tl.constexpr, DIAG: tl.constexpr):
+    """beta_i k_i.k_j Gamma_i / Gamma_j for one [16, 16] block of the chunk (strictly lower on the diagonal)."""
+    ck = tl.arange(0, BK)
+    k_i = tl.load(k + rows_i[:, None] * (H * K) + h * K + ck[None, :],
+                  mask=mask_i[:, None] & (ck[None, :] < K), other=0.0)
+    k_j = tl.load(k + rows_j[:, None] * (H * K) + h * K + ck[None, :],
+                  mask=mask_j[:, None] & (ck[None, :] < K), other=0.0)
+    A = tl.dot(k_i, tl.trans(k_j)) * beta_i[:, None]
+    if DIAG:
+        r = tl.arange(0, 16)
+        lower = r[:, None] > r[None, :]
+        if USE_G:
+            A = A * tl.exp(tl.where(lower, gc_i[:, None] - gc_j[None, :], 0.0))
+        A = tl.where(lower, A, 0.0)
+    elif USE_G:
+        A = A * tl.exp(gc_i[:, None] - gc_j[None, :])
+    return A
+
+
+@triton.jit
+def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
+    """One 16x16 block (column block COL) of the inverse A, stored [T, HV, 64]."""
+    c = COL * 16 + tl.arange(0, 16)
+    tl.store(a + rows[:, None] * (HV * 64) + hv * 64 + c[None, :], blk.to(a.dtype.element_ty),
+             mask=rmask[:, None])
+
+
+@triton.jit
+def _prepare_kernel(
+    k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
+    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # Two phases per (chunk, value head). 1: the inverse A = (I + L)^-1 of the chunk of 64 by
+    # blocks of 16 (diagonal blocks by doubling, the rest by block forward substitution, all small
+    # fp32 dots), written to `a`. 2: after a barrier, A is read back as one [64, 64] tile (the
+    # program's own writes) for two tensor-core products w = A (beta Gamma k), u = A (beta v),
+    # over column blocks of BC so that no [64, K] accumulator has to live in registers whole.
+    tl.static_assert(BT == 64)
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + 2 * j)
+        i = tl.load(chunk_indices + 2 * j + 1)
+        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
+        valid = n < N
+        n = tl.minimum(n, N - 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        eos = tl.where(valid, eos, bos)
+    else:
+        i = j
+        bos = b * T
+        eos = bos + T
+    r = tl.arange(0, 16)
+    rows0 = bos + i * BT + r
+    rows1 = rows0 + 16
+    rows2 = rows0 + 32
+    rows3 = rows0 + 48
+    m0 = rows0 < eos
+    m1 = rows1 < eos
+    m2 = rows2 < eos
+    m3 = rows3 < eos
+    g0 = _load_gate(g, rows0, m0, hv, HV, USE_G)
+    g1 = _load_gate(g, rows1, m1, hv, HV, USE_G)
+    g2 = _load_gate(g, rows2, m2, hv, HV, USE_G)
+    g3 = _load_gate(g, rows3, m3, hv, HV, USE_G)
+    be0 = tl.load(beta + rows0 * HV + hv, mask=m0, other=0.0).to(tl.float32)
+    be1 = tl.load(beta + rows1 * HV + hv, mask=m1, other=0.0).to(tl.float32)
+    be2 = tl.load(beta + rows2 * HV + hv, mask=m2, other=0.0).to(tl.float32)
+    be3 = tl.load(beta + rows3 * HV + hv, mask=m3, other=0.0).to(tl.float32)
+    gc0 = tl.cumsum(g0, 0)
+    gc1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    gc2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    gc3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    if USE_G:
+        tl.store(gcum + rows0 * HV + hv, gc0, mask=m0)
+        tl.store(gcum + rows1 * HV + hv, gc1, mask=m1)
+        tl.store(gcum + rows2 * HV + hv, gc2, mask=m2)
+        tl.store(gcum + rows3 * HV + hv, gc3, mask=m3)
+    # The 16-row blocks of k are read again for each product (from cache) rather than kept live.
+    D0 = _invert_unit_lower(_kk_block(k, rows0, m0, rows0, m0, h, be0, gc0, gc0, H, K, BK, USE_G, True), 16)
+    D1 = _invert_unit_lower(_kk_block(k, rows1, m1, rows1, m1, h, be1, gc1, gc1, H, K, BK, USE_G, True), 16)
+    D2 = _invert_unit_lower(_kk_block(k, rows2, m2, rows2, m2, h, be2, gc2, gc2, H, K, BK, USE_G, True), 16)
+    D3 = _invert_unit_lower(_kk_block(k, rows3, m3, rows3, m3, h, be3, gc3, gc3, H, K, BK, USE_G, True), 16)
+    A10 = _kk_block(k, rows1, m1, rows0, m0, h, be1, gc1, gc0, H, K, BK, USE_G, False)
+    A20 = _kk_block(k, rows2, m2, rows0, m0, h, be2, gc2, gc0, H, K, BK, USE_G, False)
+    A21 = _kk_block(k, rows2, m2, rows1, m1, h, be2, gc2, gc1, H, K, BK, USE_G, False)
+    A30 = _kk_block(k, rows3, m3, rows0, m0, h, be3, gc3, gc0, H, K, BK, USE_G, False)
+    A31 = _kk_block(k, rows3, m3, rows1, m1, h, be3, gc3, gc1, H, K, BK, USE_G, False)
+    A32 = _kk_block(k, rows3, m3, rows2, m2, h, be3, gc3, gc2, H, K, BK, USE_G, False)
+    # X_ij = -D_i sum_{j <= m < i} A_im X_mj, X_jj = D_j; fp32 throughout (small dots).
+    X10 = -tl.dot(D1, tl.dot(A10, D0, input_precision="ieee"), input_precision="ieee")
+    X21 = -tl.dot(D2, tl.dot(A21, D1, input_precision="ieee"), input_precision="ieee")
+    X32 = -tl.dot(D3, tl.dot(A32, D2, input_precision="ieee"), input_precision="ieee")
+    X20 = -tl.dot(D2, tl.dot(A20, D0, input_precision="ieee") + tl.dot(A21, X10, input_precision="ieee"),
+                  input_precision="ieee")
+    X31 = -tl.dot(D3, tl.dot(A31, D1, input_precision="ieee") + tl.dot(A32, X21, input_precision="ieee"),
+                  input_precision="ieee")
+    X30 = -tl.dot(D3, tl.dot(A30, D0, input_precision="ieee") + tl.dot(A31, X10, input_precision="ieee")
+                  + tl.dot(A32, X20, input_precision="ieee"), input_precision="ieee")
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_a(a, D0, rows0, m0, hv, HV, 0)
+    _store_a(a, zero, rows0, m0, hv, HV, 1)
+    _store_a(a, zero, rows0, m0, hv, HV, 2)
+    _store_a(a, zero, rows0, m0, hv, HV, 3)
+    _store_a(a, X10, rows1, m1, hv, HV, 0)
+    _store_a(a, D1, rows1, m1, hv, HV, 1)
+    _store_a(a, zero, rows1, m1, hv, HV, 2)
+    _store_a(a, zero, rows1, m1, hv, HV, 3)
+    _store_a(a, X20, rows2, m2, hv, HV, 0)
+    _store_a(a, X21, rows2, m2, hv, HV, 1)
+    _store_a(a, D2, rows2, m2, hv, HV, 2)
+    _store_a(a, zero, rows2, m2, hv, HV, 3)
+    _store_a(a, X30, rows3, m3, hv, HV, 0)
+    _store_a(a, X31, rows3, m3, hv, HV, 1)
+    _store_a(a, X32, rows3, m3, hv, HV, 2)
+    _store_a(a, D3, rows3, m3, hv, HV, 3)
+    # Every thread's part of A is written before any thread reads the whole tile back.
+    tl.debug_barrier()
+    rr = tl.arange(0, BT)
+    rows = bos + i * BT + rr
+    rmask = rows < eos
+    b_a = tl.load(a + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], mask=rmask[:, None], other=0.0)
+    dt = b_a.dtype
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    if USE_G:
+        b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        kscale = b_beta * tl.exp(b_gc)
+    else:
+        kscale = b_beta
+    cc = tl.arange(0, BC)
+    for c0 in range(0, K, BC):
+        cols = c0 + cc
+        mask = rmask[:, None] & (cols[None, :] < K)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + cols[None, :], mask=mask, other=0.0)
+        b_kb = (b_k.to(tl.float32) * kscale[:, None]).to(dt)
+        tl.store(w + rows[:, None] * (HV * K) + hv * K + cols[None, :], tl.dot(b_a, b_kb).to(w.dtype.element_ty),
+                 mask=mask)
+    for c0 in range(0, V, BC):
+        cols = c0 + cc
+        mask = rmask[:, None] & (cols[None, :] < V)
+        b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=mask, other=0.0)
+        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dt)
+        tl.store(u + rows[:, None] * (HV * V) + hv * V + cols[None, :], tl.dot(b_a, b_vb).to(u.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _invert_by_substitution(A, BS: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular [BS, BS] tile, by forward substitution."""
     r = tl.arange(0, BS)
     Ti = (r[:, None] == r[None, :]).to(tl.float32)
@@ -58,7 +244,7 @@ def _load_block(k, v, g, beta, rows, rmask, h, hv, H: tl.constexpr, HV: tl.const
 
 
 @triton.jit
-def _kk_block(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.constexpr):
+def _kk_block_live(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.constexpr):
     """beta_i k_i.k_j Gamma_i / Gamma_j for one [BS, BS] block of the chunk (strictly lower on the diagonal)."""
     A = tl.dot(k_i, tl.trans(k_j)) * beta_i[:, None]
     if DIAG:
@@ -70,14 +256,6 @@ def _kk_block(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.conste
     elif USE_G:
         A = A * tl.exp(gc_i[:, None] - gc_j[None, :])
     return A
-
-
-@triton.jit
-def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
-    """One 16x16 block (column block COL) of the inverse A, stored [T, HV, 64]."""
-    c = COL * 16 + tl.arange(0, 16)
-    tl.store(a + rows[:, None] * (HV * 64) + hv * 64 + c[None, :], blk.to(a.dtype.element_ty),
-             mask=rmask[:, None])
 
 
 @triton.jit
@@ -94,14 +272,15 @@ def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K:
 
 
 @triton.jit
-def _prepare_kernel(
+def _prepare_substitution_kernel(
     k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_A: tl.constexpr,
 ):
-    # The chunk of 64 is handled as four blocks of 16: the diagonal blocks of (I + A) are inverted
-    # by substitution, the rest of the inverse follows by block forward substitution with dots.
+    # The first prep kernel, kept beside _prepare_kernel until the H100 timing decides between them
+    # (FLAME_DELTA_PREPARE): four live 16-row blocks of k and v, the diagonal blocks of (I + A)
+    # inverted by row substitution, w and u from twenty [16, 16] x [16, K] products.
     tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -138,16 +317,16 @@ def _prepare_kernel(
     gc1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
     gc2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
     gc3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-    D0 = _invert_unit_lower(_kk_block(k0, k0, be0, gc0, gc0, USE_G, True), 16)
-    D1 = _invert_unit_lower(_kk_block(k1, k1, be1, gc1, gc1, USE_G, True), 16)
-    D2 = _invert_unit_lower(_kk_block(k2, k2, be2, gc2, gc2, USE_G, True), 16)
-    D3 = _invert_unit_lower(_kk_block(k3, k3, be3, gc3, gc3, USE_G, True), 16)
-    A10 = _kk_block(k1, k0, be1, gc1, gc0, USE_G, False)
-    A20 = _kk_block(k2, k0, be2, gc2, gc0, USE_G, False)
-    A21 = _kk_block(k2, k1, be2, gc2, gc1, USE_G, False)
-    A30 = _kk_block(k3, k0, be3, gc3, gc0, USE_G, False)
-    A31 = _kk_block(k3, k1, be3, gc3, gc1, USE_G, False)
-    A32 = _kk_block(k3, k2, be3, gc3, gc2, USE_G, False)
+    D0 = _invert_by_substitution(_kk_block_live(k0, k0, be0, gc0, gc0, USE_G, True), 16)
+    D1 = _invert_by_substitution(_kk_block_live(k1, k1, be1, gc1, gc1, USE_G, True), 16)
+    D2 = _invert_by_substitution(_kk_block_live(k2, k2, be2, gc2, gc2, USE_G, True), 16)
+    D3 = _invert_by_substitution(_kk_block_live(k3, k3, be3, gc3, gc3, USE_G, True), 16)
+    A10 = _kk_block_live(k1, k0, be1, gc1, gc0, USE_G, False)
+    A20 = _kk_block_live(k2, k0, be2, gc2, gc0, USE_G, False)
+    A21 = _kk_block_live(k2, k1, be2, gc2, gc1, USE_G, False)
+    A30 = _kk_block_live(k3, k0, be3, gc3, gc0, USE_G, False)
+    A31 = _kk_block_live(k3, k1, be3, gc3, gc1, USE_G, False)
+    A32 = _kk_block_live(k3, k2, be3, gc3, gc2, USE_G, False)
     # X_ij = -D_i sum_{j <= m < i} A_im X_mj, X_jj = D_j; fp32 throughout (small dots).
     X10 = -tl.dot(D1, tl.dot(A10, D0, input_precision="ieee"), input_precision="ieee")
     X21 = -tl.dot(D2, tl.dot(A21, D1, input_precision="ieee"), input_precision="ieee")
@@ -284,8 +463,24 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+PREPARE_VARIANTS = ("substitution", "blocks")
+
+
+def prepare_variant() -> str:
+    """Which prep kernel runs: FLAME_DELTA_PREPARE=substitution (default) or blocks.
+
+    "blocks" (_prepare_kernel) inverts the diagonal blocks by doubling and forms w and u with
+    [64, 64] x [64, BC] tensor-core products; it replaces "substitution" once the H100 timing
+    (benchmarks/delta_rule_profile.py) confirms it is faster."""
+    variant = os.environ.get("FLAME_DELTA_PREPARE", "substitution")
+    if variant not in PREPARE_VARIANTS:
+        raise ValueError(f"FLAME_DELTA_PREPARE must be one of {PREPARE_VARIANTS}, got {variant!r}")
+    return variant
+
+
 def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
-    """w, u, the in-chunk gate cumsum (or None) and, when asked, the inverse A [B, T, HV, 64]."""
+    """w, u, the in-chunk gate cumsum (or None) and, with store_a (the backward differentiates
+    through it), the inverse A [B, T, HV, 64], zero above the diagonal."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -293,20 +488,43 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     # u = A beta v feeds v' = u - w S, which cancels: keep it fp32.
     u = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=k.device) if g is not None else None
-    a = torch.zeros(B, T, HV, CHUNK, dtype=k.dtype, device=k.device) if store_a else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
         grid = (chunk_indices.shape[0], HV)
     else:
         chunk_indices = None
         grid = (triton.cdiv(T, CHUNK), B * HV)
-    _prepare_kernel[grid](
+    if prepare_variant() == "blocks":
+        # A passes through memory (every entry written, zeros included) even when not returned.
+        a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
+        BC, warps = prepare_config(k.element_size(), _pow2(K), _pow2(V))
+        _prepare_kernel[grid](
+            k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
+            T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
+            USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+            num_warps=warps,
+        )
+        return w, u, gcum, (a if store_a else None)
+    # Blocks above the diagonal are never written: the buffer is zero-filled.
+    a = torch.zeros(B, T, HV, CHUNK, dtype=k.dtype, device=k.device) if store_a else None
+    _prepare_substitution_kernel[grid](
         k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
         T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=_pow2(V),
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, STORE_A=store_a,
         num_warps=4,
     )
     return w, u, gcum, a
+
+
+def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
+    """(column block, warps) of _prepare_kernel's w and u products. For K = 128 (bf16) ptxas
+    reports ~170 bytes of spills per thread at 4 warps and none at 8."""
+    return min(64, BK, BV), 8 if BK >= 128 else 4
+
+
+def state_warps(element_size: int) -> int:
+    """Warps of the chunk-to-chunk pass (the H100 sweep in benchmarks/delta_rule_profile.py)."""
+    return 4
 
 
 def _pow2(d: int) -> int:
@@ -349,7 +567,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states
         T, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
         USE_G=gcum is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
         COMPUTE_O=not store_states, STORE_STATES=store_states,
-        num_warps=4, num_stages=1 if q.element_size() > 2 else 2,
+        num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2,
     )
     if store_states:
         return hs, vn, chunk_offsets, ht

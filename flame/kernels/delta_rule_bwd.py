@@ -149,12 +149,14 @@ def _chunk_grad_kernel(
     dw = tl.zeros([BT, BK], dtype=tl.float32)        # dv' S0^T (w enters v' with a minus sign)
     dbeta_v = tl.zeros([BT], dtype=tl.float32)
     dgl = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)  # sum(S0 * dS1), for the decay of the state
+    first_row = bos + i * BT
     for iv in range(0, tl.cdiv(V, BV)):
         cv = iv * BV + tl.arange(0, BV)
         vmask = rmask[:, None] & (cv[None, :] < V)
         tok_off = rows[:, None] * (HV * V) + hv * V + cv[None, :]
         st_off = slot * (HV * K * V) + hv * K * V + ck[:, None] * V + cv[None, :]
-        smask = (ck[:, None] < K) & (cv[None, :] < V)
+        # Spare programs of a packed batch (no rows) would read state slots nobody wrote.
+        smask = (ck[:, None] < K) & (cv[None, :] < V) & (ck[:, None] * 0 + first_row < eos)
         b_do = tl.load(do + tok_off, mask=vmask, other=0.0)
         b_vn = tl.load(vn + tok_off, mask=vmask, other=0.0)
         b_dv2 = tl.load(dv2 + tok_off, mask=vmask, other=0.0)
@@ -240,6 +242,11 @@ def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     return BV, 8 if BK >= 128 else 4
 
 
+def state_grad_warps(element_size: int) -> int:
+    """Warps of the reverse chunk-to-chunk pass (the H100 sweep in benchmarks/delta_rule_profile.py)."""
+    return 4
+
+
 def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare, state_pass):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
     recompute the forward (delta_rule.py), `state_block` picks the V block of the serial passes."""
@@ -262,7 +269,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
         USE_G=g is not None, USE_DHT=dht is not None, USE_H0=initial_state is not None,
         IS_VARLEN=cu_seqlens is not None,
-        num_warps=4, num_stages=1 if q.element_size() > 2 else 2,
+        num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2,
     )
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
