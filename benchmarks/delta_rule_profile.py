@@ -1,13 +1,21 @@
-"""Delta-rule kernels on one GPU: per-kernel CUDA times (torch.profiler) of forward+backward and
-the forward+backward time of a few launch configurations of the chunk-parallel gradient kernel.
+"""Delta-rule kernels on one GPU: per-kernel CUDA times (torch.profiler) of forward+backward, and
+forward / forward+backward times of variants (prep kernel, launch configurations), each timed
+beside the default in the same process.
 
-    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--out PATH]
+    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--variants SPEC ...] [--out PATH]
+
+A variant SPEC is comma-separated key=value: prepare=substitution|blocks (FLAME_DELTA_PREPARE),
+prep_warps=N (blocks kernel), state_warps=N, state_grad_warps=N, chunk_grad=BVxWARPS. Every
+variant is timed at every shape; the per-kernel profile is taken for the default and for
+prepare=blocks.
 
 H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +28,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
 
@@ -61,18 +70,61 @@ def per_kernel(step, iters=5):
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+@contextlib.contextmanager
+def variant(spec: str):
+    """Applies a variant SPEC (see the module docstring) for the duration of the block."""
+    saved = {"prepare_config": fwd_mod.prepare_config, "state_warps": fwd_mod.state_warps,
+             "state_grad_warps": bwd.state_grad_warps, "chunk_grad_config": bwd.chunk_grad_config,
+             "env": os.environ.get("FLAME_DELTA_PREPARE")}
+    try:
+        for item in filter(None, spec.split(",")):
+            key, value = item.split("=")
+            if key == "prepare":
+                os.environ["FLAME_DELTA_PREPARE"] = value
+            elif key == "prep_warps":
+                default = saved["prepare_config"]
+                fwd_mod.prepare_config = lambda *a, n=int(value), d=default: (d(*a)[0], n)
+            elif key == "state_warps":
+                fwd_mod.state_warps = lambda *a, n=int(value): n
+            elif key == "state_grad_warps":
+                bwd.state_grad_warps = lambda *a, n=int(value): n
+            elif key == "chunk_grad":
+                bv, warps = (int(x) for x in value.split("x"))
+                bwd.chunk_grad_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            else:
+                raise ValueError(f"unknown variant key {key!r} in {spec!r}")
+        yield
+    finally:
+        fwd_mod.prepare_config = saved["prepare_config"]
+        fwd_mod.state_warps = saved["state_warps"]
+        bwd.state_grad_warps = saved["state_grad_warps"]
+        bwd.chunk_grad_config = saved["chunk_grad_config"]
+        if saved["env"] is None:
+            os.environ.pop("FLAME_DELTA_PREPARE", None)
+        else:
+            os.environ["FLAME_DELTA_PREPARE"] = saved["env"]
+
+
+def timed(fn):
+    try:
+        return round(do_bench(fn, return_mode="median"), 4)
+    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; recorded
+        return f"{type(e).__name__}: {e}"[:200]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=["8x4096", "1x32768"])
-    parser.add_argument("--variants", nargs="*", default=["64x4", "64x8", "32x8", "128x8"],
-                        help="chunk-gradient kernel configurations BVxWARPS, timed at the first shape")
+    parser.add_argument("--variants", nargs="*",
+                        default=["prepare=blocks", "prepare=blocks,prep_warps=4", "state_warps=8",
+                                 "state_grad_warps=8", "prepare=blocks,state_warps=8,state_grad_warps=8"],
+                        help="variant SPECs timed beside the default at every shape")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=RESULTS.parent).stdout.strip()
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": []}
-    default = bwd.chunk_grad_config
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
         for gated in (False, True):
@@ -82,20 +134,29 @@ def main():
             fwdbwd()
             torch.cuda.synchronize()
             row = {"kernel": name, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
-                   "fwd_ms": do_bench(fwd, return_mode="median"),
-                   "fwdbwd_ms": do_bench(fwdbwd, return_mode="median"),
-                   "profile_fwdbwd_ms": per_kernel(fwdbwd)}
-            if shape == args.shapes[0]:
-                for variant in args.variants:
-                    bv, warps = (int(x) for x in variant.split("x"))
-                    bwd.chunk_grad_config = lambda *a, bv=bv, warps=warps: (bv, warps)
-                    try:
-                        row[f"fwdbwd_ms_chunk_grad_{variant}"] = do_bench(fwdbwd, return_mode="median")
-                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; recorded
-                        row[f"fwdbwd_ms_chunk_grad_{variant}"] = f"{type(e).__name__}: {e}"[:200]
-                    bwd.chunk_grad_config = default
+                   "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd),
+                   "profile_fwdbwd_ms": per_kernel(fwdbwd), "variants": {}}
+            for spec in args.variants:
+                with variant(spec):
+                    entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
+                    if spec == "prepare=blocks" and isinstance(entry["fwdbwd_ms"], float):
+                        entry["profile_fwdbwd_ms"] = per_kernel(fwdbwd)
+                row["variants"][spec] = entry
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
+    print(f"{'kernel':18s} {'shape':8s} {'variant':50s} {'fwd':>7s} {'f+b':>7s}")
+    for row in report["rows"]:
+        shape = f"{row['B']}x{row['T']}"
+        print(f"{row['kernel']:18s} {shape:8s} {'default':50s} {row['fwd_ms']:7.3f} {row['fwdbwd_ms']:7.3f}")
+        for spec, entry in row["variants"].items():
+            f, fb = entry["fwd_ms"], entry["fwdbwd_ms"]
+            f = f"{f:7.3f}" if isinstance(f, float) else "   err"
+            fb = f"{fb:7.3f}" if isinstance(fb, float) else "   err"
+            print(f"{row['kernel']:18s} {shape:8s} {spec:50s} {f} {fb}")
+        prof = row["variants"].get("prepare=blocks", {}).get("profile_fwdbwd_ms", {})
+        for label, p in (("default", row["profile_fwdbwd_ms"]), ("blocks", prof)):
+            if p:
+                print("   ", label, ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in list(p.items())[:5]))
     out = args.out or RESULTS / f"delta_rule_profile_{report['gpu'].replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
