@@ -72,7 +72,8 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, param_dtype: str,
                reduce_dtype: str, reshard_after_forward: str = "default") -> None:
-    """fully_shard every block, then the root (embeddings, final norm, output head).
+    """fully_shard every block, then the root (embeddings, final norm, output head); with one
+    process, the root alone.
 
     Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
     and fp32 gradient reduction. On CPU everything stays fp32."""
@@ -81,6 +82,13 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
         mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     else:
         mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    if dims.world_size == 1:
+        # One process: nothing to shard or reduce, so per-block units would only add hooks and
+        # copies on every block in forward and backward (host time the GPU waits for). One
+        # unit over the whole model keeps the same mixed precision: bf16 compute copies made
+        # once per micro-batch, fp32 master weights and gradients.
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        return
     # "default": free the gathered block after forward (re-gather in backward) except for the
     # last block, whose backward comes right after; with pure replication there is nothing to
     # free since every rank holds the whole parameter anyway.
