@@ -1,6 +1,7 @@
 """transformers classes: config keys, logits of flame's network vs the plain-PyTorch remote-code
 copy, generation with the recurrent cache vs recomputing the prefix, padded batches."""
 
+import copy
 import dataclasses
 import os
 
@@ -188,10 +189,15 @@ def test_gpu_kernels_match_reference_and_decode_from_cache(mixer):
         assert rel_err(flame_model(ids).logits, oracle) < 5e-3  # TF32 matmuls
         stepped, _, _ = _step_by_step(flame_model, ids, prefill=100)
         assert rel_err(stepped, oracle[:, 99:]) < 5e-3
+        # A network wholly in bf16 (embeddings and norms included) is a few percent off float64
+        # whatever its kernels (attention through SDPA measured 4.3%): flame's kernels must do no
+        # worse than the plain-PyTorch network in bf16, with 3e-2 as the floor.
+        ref_bf16_err = rel_err(copy.deepcopy(ref).to(torch.bfloat16)(ids).logits, oracle)
+        bound = max(3e-2, 1.5 * ref_bf16_err)
         bf16 = flame_model.to(torch.bfloat16)
-        assert rel_err(bf16(ids).logits, oracle) < 3e-2
+        assert rel_err(bf16(ids).logits, oracle) < bound
         stepped, _, _ = _step_by_step(bf16, ids, prefill=100)
-        assert rel_err(stepped, oracle[:, 99:]) < 3e-2
+        assert rel_err(stepped, oracle[:, 99:]) < bound
     out = bf16.generate(ids[:, :100], max_new_tokens=16, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 116)
 
