@@ -66,6 +66,7 @@ def linear_attention_reference(
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else scale
     dtype = _compute_dtype(q, k, v, g, initial_state)
+    out_dtype = torch.float64 if dtype == torch.float64 else q.dtype  # before q is converted
     if g.dim() == 3:
         g = g.unsqueeze(-1).expand(*g.shape, K)
     q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
@@ -82,7 +83,7 @@ def linear_attention_reference(
             states.append(ht_i)
         o, ht = torch.cat(outs, dim=1), torch.cat(states, dim=0)
     final = ht.to(torch.float64 if dtype == torch.float64 else torch.float32) if output_final_state else None
-    return o.to(q.dtype if dtype != torch.float64 else torch.float64), final
+    return o.to(out_dtype), final
 
 
 def linear_attention_recurrent(q, k, v, g, scale=None, initial_state=None, cu_seqlens=None):
