@@ -290,10 +290,11 @@ def bench_flame(batch, seq, steps, warmup, shape_overrides=(), variant="flame", 
     from flame import titan
     from flame.models import build_model
     from flame.parallel import apply_compile, parallelize
+    from flame.tensor_parallel import check_parallel_layout
 
     cfg = _flame_config(batch, seq, shape_overrides)
     rt = titan.init_distributed()
-    dims = titan.build_parallel_dims(cfg.parallelism, rt.world_size)
+    dims = titan.build_parallel_dims(*check_parallel_layout(cfg.parallelism, rt.world_size), rt.world_size)
     with flame_variant(variant):
         with torch.device("meta"):
             model = build_model(cfg.model)

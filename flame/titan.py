@@ -86,22 +86,9 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_parallel_dims(parallelism, world_size: int) -> ParallelDims:
-    """torchtitan's ParallelDims from the [parallelism] section; its mesh is built here."""
-    replicate = parallelism.data_parallel_replicate_degree
-    shard = parallelism.data_parallel_shard_degree
-    tp = parallelism.tensor_parallel_degree
-    if shard == -1:
-        if world_size % (replicate * tp):
-            raise ValueError(
-                f"parallelism.data_parallel_replicate_degree = {replicate} (x tensor_parallel_degree "
-                f"{tp}) does not divide the {world_size} processes")
-        shard = world_size // (replicate * tp)
-    if replicate * shard * tp != world_size:
-        raise ValueError(
-            f"parallelism: data_parallel_replicate_degree ({replicate}) x data_parallel_shard_degree "
-            f"({shard}) x tensor_parallel_degree ({tp}) = {replicate * shard * tp}, but "
-            f"{world_size} processes were started; make the product equal the process count")
+def build_parallel_dims(replicate: int, shard: int, tp: int, world_size: int) -> ParallelDims:
+    """torchtitan's ParallelDims for degrees already checked against the process count
+    (flame.tensor_parallel.check_parallel_layout); its mesh is built here."""
     dims = ParallelDims(dp_replicate=replicate, dp_shard=shard, cp=1, tp=tp, pp=1, ep=1, etp=1,
                         world_size=world_size)
     dims.build_mesh()

@@ -191,9 +191,9 @@ class Trainer:
         check_metric_backends(cfg)
         self.rt = titan.init_distributed()
         self.device = self.rt.device
-        check_parallel_layout(cfg.parallelism, self.rt.world_size)
+        degrees = check_parallel_layout(cfg.parallelism, self.rt.world_size)
         check_tensor_parallel(cfg.model, cfg.parallelism.tensor_parallel_degree, t.seq_len)
-        self.dims = titan.build_parallel_dims(cfg.parallelism, self.rt.world_size)
+        self.dims = titan.build_parallel_dims(*degrees, self.rt.world_size)
         # the ranks of a tensor-parallel group share one batch
         self.tp = cfg.parallelism.tensor_parallel_degree
         self.dp_rank, self.dp_size = titan.data_parallel_rank_and_size(self.dims)
