@@ -17,20 +17,20 @@ import contextlib
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
+from environment import environment  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
+from kernels import kernel_times  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -53,21 +53,6 @@ def inputs(gated, B, T, H=16, D=128):
             return fn(*leaves)[0]
 
     return fwd, fwdbwd
-
-
-def per_kernel(step, iters=5):
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    out = {}
-    for evt in prof.key_averages():
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if total:
-            out[evt.key[:50]] = round(total / 1000 / iters, 4)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 @contextlib.contextmanager
@@ -121,10 +106,7 @@ def main():
                         help="variant SPECs timed beside the default at every shape")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=RESULTS.parent).stdout.strip()
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": []}
+    report = {"environment": environment(), "rows": []}
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
         for gated in (False, True):
@@ -135,12 +117,12 @@ def main():
             torch.cuda.synchronize()
             row = {"kernel": name, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd),
-                   "profile_fwdbwd_ms": per_kernel(fwdbwd), "variants": {}}
+                   "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
             for spec in args.variants:
                 with variant(spec):
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
                     if spec == "prepare=blocks" and isinstance(entry["fwdbwd_ms"], float):
-                        entry["profile_fwdbwd_ms"] = per_kernel(fwdbwd)
+                        entry["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
                 row["variants"][spec] = entry
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -157,7 +139,8 @@ def main():
         for label, p in (("default", row["profile_fwdbwd_ms"]), ("blocks", prof)):
             if p:
                 print("   ", label, ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in list(p.items())[:5]))
-    out = args.out or RESULTS / f"delta_rule_profile_{report['gpu'].replace(' ', '_')}.json"
+    gpu = report["environment"]["gpu"]
+    out = args.out or RESULTS / f"delta_rule_profile_{gpu.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print("wrote", out)

@@ -144,22 +144,24 @@ def profile_kernel(fn, inputs, iters: int = 5) -> dict:
     do = torch.randn_like(inputs[2])
     steps = {"fwd": lambda: fn(*inputs)[0],
              "fwdbwd": lambda: torch.autograd.grad(fn(*leaves)[0], leaves, do)}
-    out = {}
-    for name, step in steps.items():
-        step()
+    return {name: kernel_times(step, iters) for name, step in steps.items()}
+
+
+def kernel_times(step, iters: int = 5) -> dict:
+    """CUDA time per call of `step` for each GPU kernel it launches, ms, largest first."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                step()
-            torch.cuda.synchronize()
-        times = {}
-        for evt in prof.key_averages():
-            if "CUDA" not in str(getattr(evt, "device_type", "")):
-                continue
-            total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-            times[evt.key[:60]] = total / 1000 / iters
-        out[name] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
-    return out
+    times = {}
+    for evt in prof.key_averages():
+        if "CUDA" not in str(getattr(evt, "device_type", "")):
+            continue
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        times[evt.key[:60]] = total / 1000 / iters
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def bench_sdpa(B, T, H, D):
