@@ -26,7 +26,7 @@ from flame.kernels.delta_rule_bwd import backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import chunk_span, max_num_chunks, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -107,19 +107,8 @@ def _prepare_kernel(
     b = bh // HV
     hv = bh % HV
     h = hv // (HV // H)
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * j)
-        i = tl.load(chunk_indices + 2 * j + 1)
-        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
-        valid = n < N
-        n = tl.minimum(n, N - 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
-        eos = tl.where(valid, eos, bos)
-    else:
-        i = j
-        bos = b * T
-        eos = bos + T
+    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
     r = tl.arange(0, 16)
     rows0 = bos + i * BT + r
     rows1 = rows0 + 16
@@ -287,19 +276,8 @@ def _prepare_substitution_kernel(
     b = bh // HV
     hv = bh % HV
     h = hv // (HV // H)
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * j)
-        i = tl.load(chunk_indices + 2 * j + 1)
-        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
-        valid = n < N
-        n = tl.minimum(n, N - 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
-        eos = tl.where(valid, eos, bos)
-    else:
-        i = j
-        bos = b * T
-        eos = bos + T
+    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
     r = tl.arange(0, 16)
     rows0 = bos + i * BT + r
     rows1 = rows0 + 16

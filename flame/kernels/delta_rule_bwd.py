@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import chunk_span, max_num_chunks, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -114,21 +114,10 @@ def _chunk_grad_kernel(
     b = bh // HV
     hv = bh % HV
     h = hv // (HV // H)
-    if IS_VARLEN:
-        n = tl.load(chunk_indices + 2 * j)
-        i = tl.load(chunk_indices + 2 * j + 1)
-        # Grids are sized for the most chunks any packing can have; spare programs (n = N) write nothing.
-        valid = n < N
-        n = tl.minimum(n, N - 1)
-        bos = tl.load(cu_seqlens + n).to(tl.int32)
-        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
-        eos = tl.where(valid, eos, bos)
-        slot = j.to(tl.int64)
-    else:
-        i = j
-        bos = b * T
-        eos = bos + T
-        slot = (b * tl.cdiv(T, BT) + j).to(tl.int64)
+    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    # this chunk's slot among the stored chunk states
+    slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     rows = bos + i * BT + r

@@ -7,6 +7,8 @@ real count see a sequence index equal to the number of sequences and return earl
 """
 
 import torch
+import triton
+import triton.language as tl
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -133,6 +135,27 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_s
     chunk = torch.where(seq < num_seqs, slots - first, torch.zeros_like(slots))
     chunk_indices = torch.stack([seq, chunk], dim=1).to(torch.int32).contiguous()
     return chunk_indices, chunk_offsets.to(torch.int32).contiguous()
+
+
+@triton.jit
+def chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Inside a chunk-parallel kernel: program j's chunk (index i within its sequence) and the
+    token range [bos, eos) of that sequence in the flattened batch. Packed (varlen): from
+    `prepare_chunk_indices`; spare programs past the real chunks get an empty range (eos = bos)
+    so that they load and write nothing. Otherwise sequence b, chunk j, T tokens."""
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + 2 * j)
+        i = tl.load(chunk_indices + 2 * j + 1)
+        valid = n < N
+        n = tl.minimum(n, N - 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int32)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+        eos = tl.where(valid, eos, bos)
+    else:
+        i = j
+        bos = b * T
+        eos = bos + T
+    return i, bos, eos
 
 
 def contiguous(*tensors):
