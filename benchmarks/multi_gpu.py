@@ -225,7 +225,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def resume_check(recipe, src: str, dst: str, args, workdir) -> tuple[list[dict], dict]:
+def resume_check(recipe, src: str, dst: str, args, workdir, src_row: dict) -> tuple[list[dict], dict]:
     """The SRC run (already finished, checkpoint at steps/2) resumed on the DST layout."""
     dump = workdir / f"{recipe_name(recipe)}_{src}"
     half = args.steps // 2
@@ -239,7 +239,6 @@ def resume_check(recipe, src: str, dst: str, args, workdir) -> tuple[list[dict],
     rows = []
     for r in (refused, resumed):
         rows += run_packed([r], gpu_count())
-    src_row = json.loads((workdir / f"{recipe_name(recipe)}_{src}.row.json").read_text())
     ref, res = rows
     result = {"recipe": recipe, "saved_on": src, "resumed_on": dst, "checkpoint_step": half,
               "refused_without_exclude": ref["rc"] != 0 and "data-parallel" in ref.get("log_tail", ""),
@@ -311,14 +310,15 @@ def main():
 
     def save_partial(row):
         # each finished run is kept at once, so a machine time limit loses only the runs in flight
-        (workdir / f"{row['name']}.row.json").write_text(json.dumps(row))
         done.append(row)
         out.write_text(json.dumps({"benchmark": "multi_gpu", "partial": True, "runs": done}, indent=1))
 
     rows = run_packed(runs, 0 if args.sequential else total, on_row=save_partial)
     resumes = []
     if args.resume:
-        resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir)
+        src_name = f"{recipe_name(args.recipes[0])}_{args.resume[0]}"
+        src_row = next(r for r in rows if r["name"] == src_name)
+        resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir, src_row)
         rows += resume_rows
         resumes.append(result)
     summary = summarise(rows)
