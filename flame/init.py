@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 # names that wrappers (activation checkpointing, compile) insert into parameter names
-_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module")
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod")
 
 
 def canonical_name(name: str) -> str:
