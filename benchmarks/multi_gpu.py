@@ -22,6 +22,12 @@ fit, to save machine time; each JSON row says which GPUs it had and with how man
 it shared the machine. Tokens/s per GPU compare directly since every GPU computes micro-batches
 of the same size: scaling efficiency = tokens/s per GPU at N GPUs / tokens/s on one GPU.
 
+--weak: every rank runs --micro-batches micro-batches per step whatever the layout (the global
+batch grows with the data-parallel degree), so each GPU does the same work per optimizer step and
+tokens/s per GPU measure scaling alone; the runs see different batches, so losses are not
+compared. Without it, a layout with fewer ranks accumulates more micro-batches per optimizer
+step, which spreads the per-step cost (optimizer, clipping) over more tokens.
+
 --resume SRC DST: the first recipe's SRC run also writes a checkpoint at step steps/2; then a
 DST run in the same dump folder first shows that loading it with another data-parallel degree is refused with
 a clear error (the data stream of one rank cannot be split), then resumes it with
@@ -91,7 +97,7 @@ class Run:
         self.dump = dump or workdir / self.name
         self.steps = steps or args.steps
         self.args = args
-        micro = args.micro_batches // dp
+        micro = args.micro_batches if args.weak else args.micro_batches // dp
         recipe_path = pathlib.Path(recipe) if recipe.endswith(".toml") else ROOT / "train_configs" / f"{recipe}.toml"
         config = workdir / f"{self.name}.toml"
         # the recipes stream their data from the hub; this benchmark reads the embedded corpus
@@ -101,7 +107,7 @@ class Run:
             "--config", str(config), "--job.dump_folder", str(self.dump),
             "--training.steps", str(args.steps), "--training.seq_len", str(args.seq),
             "--training.local_batch_size", str(args.batch),
-            "--training.global_batch_size", str(args.micro_batches * args.batch),
+            "--training.global_batch_size", str(micro * dp * args.batch),
             "--data.num_workers", str(micro),
             "--lr_scheduler.warmup_steps", str(max(1, args.steps // 5)),
             "--metrics.log_freq", "1",
@@ -202,7 +208,7 @@ def loss_match(run: dict, base: dict) -> dict:
             "matches": diffs[0] <= STEP1_TOLERANCE and statistics.mean(diffs) <= MEAN_TOLERANCE}
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], weak: bool = False) -> list[dict]:
     summary = []
     for recipe in sorted({r["recipe"] for r in rows}):
         by = {r["layout"]: r for r in rows if r["recipe"] == recipe and r["name"] == f"{recipe_name(recipe)}_{r['layout']}"}
@@ -215,6 +221,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             if base_tps and r.get("tokens_per_second_per_gpu"):
                 e["per_gpu_vs_1gpu"] = r["tokens_per_second_per_gpu"] / base_tps
             # losses against the one-GPU run, and against the next smaller layout
+            if weak:  # different global batches: no loss comparison
+                entry["layouts"][layout] = e
+                continue
             if layout != "1gpu" and "1gpu" in by:
                 e["loss_vs_1gpu"] = loss_match(r, by["1gpu"])
             smaller = [k for k in order[:i] if by[k]["gpus"] < r["gpus"]]
@@ -275,7 +284,10 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4, help="sequences per micro-batch")
     p.add_argument("--micro-batches", type=int, default=None,
-                   help="micro-batches per step in all (default: the largest data-parallel degree)")
+                   help="micro-batches per step in all (default: the largest data-parallel degree); "
+                        "with --weak, per rank (default 1)")
+    p.add_argument("--weak", action="store_true",
+                   help="the same micro-batches per rank on every layout (scaling only, no loss match)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", nargs=2, metavar=("SRC", "DST"), default=None,
                    help="resume SRC's mid-run checkpoint on the DST layout (first recipe only)")
@@ -286,9 +298,11 @@ def main():
     p.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
     args = p.parse_args()
     dps = [LAYOUTS[name][0] for name in args.layouts]
-    args.micro_batches = args.micro_batches or max(dps)
+    if args.weak and args.resume:
+        p.error("--resume compares losses with the source run: leave out --weak")
+    args.micro_batches = args.micro_batches or (1 if args.weak else max(dps))
     for name, dp in zip(args.layouts, dps):
-        if args.micro_batches % dp:
+        if not args.weak and args.micro_batches % dp:
             p.error(f"--micro-batches {args.micro_batches} is not a multiple of {name}'s data-parallel degree {dp}")
     total = gpu_count()
     if total and max(LAYOUTS[n][0] * LAYOUTS[n][1] for n in args.layouts) > total:
@@ -321,13 +335,15 @@ def main():
         resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir, src_row)
         rows += resume_rows
         resumes.append(result)
-    summary = summarise(rows)
+    summary = summarise(rows, args.weak)
     for s in summary + resumes:
         print(json.dumps(s))
     result = {"benchmark": "multi_gpu", "environment": {**bench_environment(), "gpus": total},
               "settings": {"steps": args.steps, "timed_after_step": args.skip, "seq_len": args.seq,
-                           "micro_batch": args.batch, "micro_batches_per_step": args.micro_batches,
-                           "tokens_per_step": args.micro_batches * args.batch * args.seq,
+                           "micro_batch": args.batch, "weak_scaling": args.weak,
+                           "micro_batches_per_step": args.micro_batches,
+                           "micro_batches_per_step_counts": "per rank" if args.weak else "over all ranks",
+                           "tokens_per_step": None if args.weak else args.micro_batches * args.batch * args.seq,
                            "compile": args.compile, "sequential": args.sequential, "data": "embedded default corpus, default tokenizer",
                            "loss_match": f"step-1 relative difference <= {STEP1_TOLERANCE} (same weights "
                                          f"and data) and mean relative difference over all steps <= "

@@ -31,7 +31,7 @@ __all__ = [
     "ParallelDims", "build_checkpointer", "build_lr_schedulers", "build_optimizers",
     "build_parallel_dims", "clip_grad_norm_", "data_parallel_mesh", "destroy_distributed", "fsdp_mesh",
     "init_distributed", "init_logger", "latest_complete_step", "logger", "peak_flops",
-    "all_reduce_scalars", "data_parallel_rank_and_size",
+    "data_parallel_rank_and_size", "will_save_checkpoint",
 ]
 
 CheckpointManager = _titan_checkpoint.CheckpointManager
@@ -145,12 +145,10 @@ class _ParamGroupOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, optimizer_kwargs)
 
 
-def build_optimizers(model: nn.Module, opt, device: torch.device) -> OptimizersContainer:
+def build_optimizers(model: nn.Module, opt) -> OptimizersContainer:
     if opt.name != "AdamW":
         raise ValueError(f"optimizer.name = {opt.name!r}: only 'AdamW' is available")
     impl = opt.implementation
-    if impl == "fused" and device.type == "cpu":
-        impl = "foreach"  # the fused kernel is for accelerators; same math
     kwargs = {"lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps,
               "weight_decay": opt.weight_decay, "fused": impl == "fused",
               "foreach": impl == "foreach"}
@@ -196,6 +194,11 @@ def build_checkpointer(ckpt, dump_folder: str, *, dataloader, model: nn.Module, 
         checkpoint_config=titan_cfg, sd_adapter=None, base_folder=dump_folder)
 
 
+def will_save_checkpoint(checkpointer: CheckpointManager, step: int, last_step: bool) -> bool:
+    """Whether checkpointer.save(step, last_step) writes a checkpoint."""
+    return checkpointer._should_save(step, last_step)
+
+
 def latest_complete_step(folder: str) -> int:
     """The newest step-N below `folder` whose save completed, or -1."""
     probe = CheckpointManager.__new__(CheckpointManager)
@@ -214,11 +217,3 @@ def peak_flops(device: torch.device) -> float | None:
     return get_peak_flops(torch.cuda.get_device_name(device))
 
 
-def all_reduce_scalars(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    """Host numbers summed (or maxed) over all ranks. One process returns them as they are:
-    the round trip through the device would make the host wait for the GPU's queue."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()

@@ -14,7 +14,6 @@ files of an earlier run.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
@@ -50,6 +49,35 @@ class TrainState:
         self.step = int(sd["step"])
         self.tokens_seen = int(sd["tokens_seen"])
         self.skipped_steps = int(sd["skipped_steps"])
+
+
+@dataclass
+class StepResult:
+    """What one queued step leaves for the host: its number, learning rate, tokens on this rank,
+    and [loss, grad norm, 1 if the update was applied] on their way to host memory."""
+    step: int
+    lr: float
+    tokens: int
+    scalars: torch.Tensor
+    tokens_seen: int = 0  # over all ranks, after this step
+
+    def __post_init__(self):
+        if self.scalars.is_cuda:
+            # a pinned copy and an event: values() waits for this step only, not for the
+            # steps queued after it
+            host = torch.empty(self.scalars.shape, dtype=self.scalars.dtype, pin_memory=True)
+            host.copy_(self.scalars, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+            self.scalars = host
+        else:
+            self.event = None
+
+    def values(self) -> tuple[float, float, bool]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, grad_norm, applied = self.scalars.tolist()
+        return loss, grad_norm, applied == 1.0
 
 
 def saved_dp_world_size(checkpoint_dir: str) -> int | None:
@@ -218,7 +246,7 @@ class Trainer:
         self.n_params = self.model.num_params(include_embeddings=True)
 
         # Optimizer, LR schedule, state, checkpoints
-        self.optimizers = titan.build_optimizers(self.model, cfg.optimizer, self.device)
+        self.optimizers = titan.build_optimizers(self.model, cfg.optimizer)
         self.lr_schedulers = titan.build_lr_schedulers(self.optimizers, cfg.lr_scheduler, t.steps)
         self.state = TrainState()
         self.checkpointer = titan.build_checkpointer(
@@ -302,26 +330,28 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _next_batches(self) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """The micro-batches of one step on the device, and their number of label tokens,
-        counted on the host copy so that nothing waits for the GPU."""
-        batches, label_tokens = [], 0
+    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one step, on their way to the device."""
+        batches = []
         for _ in range(self.grad_accum):
             try:
                 batch = next(self.data_iter)
             except StopIteration:
                 raise RuntimeError("the data loader ran out of batches") from None
-            label_tokens += int((batch["labels"] != -100).sum())
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches, label_tokens
+        return batches
 
-    def train_step(self) -> tuple[float, float, float, int]:
-        """One optimizer step over grad_accum micro-batches. Returns (loss, grad norm,
-        learning rate, tokens in this step on this rank). The loss is the mean over every label token of the
-        global batch, whatever the split into ranks and micro-batches."""
-        batches, local_tokens = self._next_batches()
-        (global_tokens,) = titan.all_reduce_scalars([local_tokens], self.device)
-        global_tokens = max(global_tokens / self.tp, 1.0)  # each TP group counted its batch tp times
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches, queued on the device without
+        waiting for it: the loss, gradient norm and skip decision stay on the device until
+        StepResult.values() reads them, so the host can prepare the next step meanwhile.
+        The loss is the mean over every label token of the global batch, whatever the split
+        into ranks and micro-batches."""
+        batches = self._next_batches()
+        label_tokens = sum((b["labels"] != -100).sum() for b in batches).float()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(label_tokens)
+        global_tokens = (label_tokens / self.tp).clamp(min=1.0)  # each TP group counted its batch tp times
         # FSDP averages gradients over the dp ranks; scale by dp_size so that the result is the
         # gradient of (sum of token losses) / (global label tokens).
         scale = self.dp_size / global_tokens
@@ -337,26 +367,65 @@ class Trainer:
         grad_norm = titan.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         if dist.get_world_size() > 1:
             dist.all_reduce(loss_sum)
-        loss_value = loss_sum.item() / self.tp / global_tokens
-        norm_value = float(grad_norm)
+        loss = loss_sum / self.tp / global_tokens
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
         lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
+        optimizer = self.optimizers.optimizers[0]
+        if optimizer.defaults.get("fused"):
+            # The fused AdamW kernel reads found_inf on the device and leaves parameters,
+            # moments and step counts untouched when it is 1: no host round trip.
+            optimizer.found_inf = (~finite).float()
             self.optimizers.step()
+            del optimizer.found_inf
+        elif finite:  # other implementations: the host decides, waiting for the device
+            self.optimizers.step()
+        self.lr_schedulers.step()
+        self.optimizers.zero_grad()
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        return StepResult(self.state.step + 1, lr, tokens,
+                          torch.stack([loss, grad_norm.float(), finite.float()]))
+
+    def _account(self, result: StepResult) -> None:
+        """A finished step's skip accounting and, on log steps, its metrics line."""
+        loss, grad_norm, finite = result.values()
+        if finite:
             self.consecutive_skips = 0
         else:
             self.state.skipped_steps += 1
             self.consecutive_skips += 1
-            logger.warning(f"step {self.state.step + 1}: loss {loss_value} / grad norm "
-                           f"{norm_value} is not finite: update skipped "
-                           f"({self.state.skipped_steps} skipped so far)")
+            logger.warning(f"step {result.step}: loss {loss} / grad norm {grad_norm} is not finite: "
+                           f"update skipped ({self.state.skipped_steps} skipped so far)")
             if self.consecutive_skips >= self.cfg.training.max_consecutive_skipped_steps:
                 raise RuntimeError(
                     f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
                     "norm; stopping (lower optimizer.lr, or raise "
                     "training.max_consecutive_skipped_steps)")
-        self.lr_schedulers.step()
-        self.optimizers.zero_grad()
-        return loss_value, norm_value, lr, sum(b["input_ids"].numel() for b in batches)
+        self.window_tokens += result.tokens
+        step, t = result.step, self.cfg.training
+        if not (step % self.cfg.metrics.log_freq == 0 or step == t.steps
+                or step == self.run_start_step + 1):
+            return
+        now = time.perf_counter()
+        tps = self.window_tokens / (now - self.window_start) / self.tp  # per device
+        mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
+        eta = (now - self.run_start) / (step - self.run_start_step) * (t.steps - step)
+        values = {
+            "step": step, "loss": loss, "grad_norm": grad_norm, "lr": result.lr,
+            "tokens_per_second": tps, "mfu": mfu,
+            "memory_gib": _memory_gib(self.device),
+            "tokens_seen": result.tokens_seen,
+            "skipped_steps": self.state.skipped_steps, "eta_seconds": eta,
+        }
+        self.metrics.log(values)
+        if self.rt.rank == 0:
+            mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "n/a"
+            logger.info(
+                f"step {step:>{len(str(t.steps))}}/{t.steps}  loss {loss:.4f}  "
+                f"grad_norm {grad_norm:.3f}  lr {result.lr:.2e}  "
+                f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
+                f"eta {_duration(eta)}"
+                + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else ""))
+        self.window_start, self.window_tokens = time.perf_counter(), 0
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -370,45 +439,32 @@ class Trainer:
                 f"training {self.n_params / 1e6:.2f}M parameters on {self.rt.world_size} x "
                 f"{self.device.type}; global batch {t.local_batch_size * self.dp_size * self.grad_accum}"
                 f" x {t.seq_len} tokens ({self.grad_accum} micro-batches); from step {self.state.step}")
-        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        run_start, run_start_step = window_start, self.state.step
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.run_start, self.run_start_step = self.window_start, self.state.step
+        # A step is accounted (skips, metrics) once the next one is queued: the host reads a
+        # step's results while the device works on the next, so the device never waits for it.
+        pending = None
         while self.state.step < t.steps:
             self.gc.run(self.state.step + 1)
-            loss, grad_norm, lr, tokens = self.train_step()
+            result = self.train_step()
             self.state.step += 1
-            self.state.tokens_seen += tokens * self.dp_size
-            window_tokens += tokens
-            window_steps += 1
+            self.state.tokens_seen += result.tokens * self.dp_size
+            result.tokens_seen = self.state.tokens_seen
             profiler.after_step(self.state.step)
+            if pending is not None:
+                self._account(pending)
+            pending = result
 
             step = self.state.step
-            if step % cfg.metrics.log_freq == 0 or step == t.steps or step == run_start_step + 1:
-                now = time.perf_counter()
-                tps = window_tokens / (now - window_start) / self.tp  # per device
-                mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
-                eta = (now - run_start) / (step - run_start_step) * (t.steps - step)
-                values = {
-                    "step": step, "loss": loss, "grad_norm": grad_norm,
-                    "lr": lr,
-                    "tokens_per_second": tps, "mfu": mfu,
-                    "memory_gib": _memory_gib(self.device),
-                    "tokens_seen": self.state.tokens_seen,
-                    "skipped_steps": self.state.skipped_steps, "eta_seconds": eta,
-                }
-                self.metrics.log(values)
-                if self.rt.rank == 0:
-                    mfu_text = f"{100 * mfu:5.1f}%" if mfu is not None else "n/a"
-                    logger.info(
-                        f"step {step:>{len(str(t.steps))}}/{t.steps}  loss {loss:.4f}  "
-                        f"grad_norm {grad_norm:.3f}  lr {values['lr']:.2e}  "
-                        f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
-                        f"eta {_duration(eta)}"
-                        + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else ""))
-                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-
-            self.checkpointer.save(step, last_step=(step == t.steps))
-            if step % cfg.checkpoint.interval == 0 or step == t.steps:
+            last = step == t.steps
+            if titan.will_save_checkpoint(self.checkpointer, step, last_step=last):
+                self._account(pending)  # the checkpoint holds this step's skip count
+                pending = None
+            self.checkpointer.save(step, last_step=last)
+            if step % cfg.checkpoint.interval == 0 or last:
                 self._save_config_beside_checkpoint(step)
+        if pending is not None:
+            self._account(pending)
         profiler.close()
         if cfg.checkpoint.export_hf and self.state.step == t.steps:
             self._export_hf(self.state.step)

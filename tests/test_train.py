@@ -202,7 +202,7 @@ SYNTHETIC_LAUNCHER = textwrap.dedent('''
 
     if len(sys.argv) > 2 and sys.argv[1] == "--nan-at-forward":
         # Poison the loss of one forward pass to exercise the skip of non-finite steps.
-        nan_at = int(sys.argv[2])
+        nan_at = {int(n) for n in sys.argv[2].split(",")}
         del sys.argv[1:3]
         import flame.models
 
@@ -215,7 +215,7 @@ SYNTHETIC_LAUNCHER = textwrap.dedent('''
             def poisoned(*args, **kwargs):
                 calls[0] += 1
                 loss = forward(*args, **kwargs)
-                return loss * float("nan") if calls[0] == nan_at else loss
+                return loss * float("nan") if calls[0] in nan_at else loss
 
             model.forward = poisoned
             return model
@@ -248,11 +248,14 @@ def test_fsdp_two_processes_and_accumulation_match_one_process(tmp_path):
     assert a[8]["loss"] < a[1]["loss"] - 0.3  # it learns, so the comparison means something
 
 
-def test_non_finite_step_is_skipped_counted_and_logged(tmp_path):
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_non_finite_step_is_skipped_counted_and_logged(tmp_path, implementation):
+    # fused: the optimizer skips the update on the device; foreach: the host decides.
     launcher = tmp_path / "synthetic_train.py"
     launcher.write_text(SYNTHETIC_LAUNCHER)
     cfg = tiny_config(tmp_path, model={"vocab_size": 256}, training={"steps": 6},
-                      lr_scheduler={"total_steps": 6}, checkpoint={"enable": False})
+                      lr_scheduler={"total_steps": 6}, checkpoint={"enable": False},
+                      optimizer={"implementation": implementation})
     out = run(["--nan-at-forward", "3", "--config", cfg], script=str(launcher))
     m = metrics(tmp_path / "run")
     assert [m[s]["skipped_steps"] for s in range(1, 7)] == [0, 0, 1, 1, 1, 1]
@@ -261,6 +264,28 @@ def test_non_finite_step_is_skipped_counted_and_logged(tmp_path):
                for s in (4, 5, 6))  # the poisoned gradients did not reach the weights
     log = out.stdout + out.stderr
     assert "step 3: loss nan" in log and "update skipped" in log
+
+    # The same run without the poisoned step: steps 1-2 agree exactly, and the skipped step
+    # left the weights and optimizer as they were, so step 4 starts from step 2's update.
+    clean = tmp_path / "clean"
+    run(["--config", cfg, "--job.dump_folder", str(clean)], script=str(launcher))
+    c = metrics(clean)
+    assert [c[s]["loss"] for s in (1, 2)] == [m[s]["loss"] for s in (1, 2)]
+    assert m[4]["loss"] != c[4]["loss"]  # a different batch order from there on
+    assert c[6]["skipped_steps"] == 0
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
+    launcher = tmp_path / "synthetic_train.py"
+    launcher.write_text(SYNTHETIC_LAUNCHER)
+    cfg = tiny_config(tmp_path, model={"vocab_size": 256}, training={"steps": 10,
+                      "max_consecutive_skipped_steps": 3}, lr_scheduler={"total_steps": 10},
+                      checkpoint={"enable": False}, metrics={"log_freq": 5})
+    out = run(["--nan-at-forward", "2,3,4,5,6,7", "--config", cfg], script=str(launcher), check=False)
+    assert out.returncode != 0
+    log = out.stdout + out.stderr
+    assert "3 consecutive steps had a non-finite loss" in log
+    assert "step 4: loss nan" in log and "step 5:" not in log  # stopped at the third
 
 
 def test_resume_with_another_process_count(tmp_path):
