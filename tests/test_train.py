@@ -45,7 +45,8 @@ def _free_port() -> int:
 
 def run(args, nproc=1, script="train.py", check=True):
     """Run the trainer as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1" if nproc > 1 else "2")
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1" if nproc > 1 else "2")
     env.pop("RANK", None)
     if nproc == 1:
         cmd = [sys.executable, script, *args]
