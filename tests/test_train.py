@@ -43,11 +43,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args, nproc=1, script="train.py", check=True):
-    """Run the trainer as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`."""
+def run(args, nproc=1, script="train.py", check=True, cpu=False):
+    """Run the trainer as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`;
+    cpu=True hides any GPU (the comparisons across process counts hold in float32 on CPU)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1" if nproc > 1 else "2")
     env.pop("RANK", None)
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if nproc == 1:
         cmd = [sys.executable, script, *args]
     else:
@@ -235,11 +238,11 @@ def test_fsdp_two_processes_and_accumulation_match_one_process(tmp_path):
     cfg = tiny_config(tmp_path, model={"vocab_size": 256}, training={"steps": 8},
                       lr_scheduler={"total_steps": 8}, checkpoint={"enable": False})
     one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
-    run(["--config", cfg, "--job.dump_folder", str(one)], script=str(launcher))
+    run(["--config", cfg, "--job.dump_folder", str(one)], script=str(launcher), cpu=True)
     run(["--config", cfg, "--job.dump_folder", str(two), "--training.local_batch_size", "2"],
-        nproc=2, script=str(launcher))
+        nproc=2, script=str(launcher), cpu=True)
     run(["--config", cfg, "--job.dump_folder", str(accum), "--training.local_batch_size", "2",
-         "--training.global_batch_size", "4"], script=str(launcher))
+         "--training.global_batch_size", "4"], script=str(launcher), cpu=True)
     a, b, c = metrics(one), metrics(two), metrics(accum)
     assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 9))
     for step in a:
@@ -292,17 +295,17 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path):
 def test_resume_with_another_process_count(tmp_path):
     cfg = tiny_config(tmp_path, training={"steps": 8}, checkpoint={"interval": 8})
     dump = tmp_path / "run"
-    run(["--config", cfg], nproc=2)
+    run(["--config", cfg], nproc=2, cpu=True)
     saved = tree_digest(dump / "checkpoint")
 
     # The packed data stream of each rank depends on the number of ranks: a clear refusal.
-    out = run(["--config", cfg, "--training.steps", "10"], check=False)
+    out = run(["--config", cfg, "--training.steps", "10"], check=False, cpu=True)
     assert out.returncode != 0
     assert "saved by 2 data-parallel ranks and this run has 1" in out.stderr
     assert tree_digest(dump / "checkpoint") == saved
 
     # Weights, optimizer and schedule reshard from 2 processes to 1; the data restarts.
-    run(["--config", cfg, "--training.steps", "10", "--checkpoint.exclude_from_loading", "dataloader"])
+    run(["--config", cfg, "--training.steps", "10", "--checkpoint.exclude_from_loading", "dataloader"], cpu=True)
     m = metrics(dump)
     assert m[8]["tokens_seen"] == 8 * (2 * 4 * 64)  # 8 steps of 2 ranks x 4 rows x 64 tokens
     assert m[9]["tokens_seen"] == m[8]["tokens_seen"] + 4 * 64

@@ -1,0 +1,100 @@
+"""Where one traced training step spends its GPU time: a torch.profiler chrome trace, summarised.
+
+The trainer writes one trace per rank with profiling enabled:
+
+    python train.py --config X.toml --profiling.enable_profiling true --profiling.profile_freq 10
+    python benchmarks/trace_summary.py <dump_folder>/profile_traces/iteration_10/rank0_trace.json [more ...]
+
+For each trace: the traced step's host span, the GPU time covered by any kernel (the union of
+kernel intervals over all streams), the time of the compute stream alone, the communication
+kernels (NCCL) and how much of them overlaps compute, and the kernels by total time. With two
+traces (e.g. one GPU and FSDP=2), a last table puts each kernel's time side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of (union of a) intersected with (union of b)."""
+    return _union(a) + _union(b) - _union(a + b)
+
+
+def summarise(path: str) -> dict:
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
+    if not kernels:
+        raise SystemExit(f"{path}: no GPU kernels in the trace")
+    comm = [e for e in kernels if "nccl" in e["name"].lower()]
+    compute = [e for e in kernels if "nccl" not in e["name"].lower()]
+    by_stream = defaultdict(float)
+    for e in compute:
+        by_stream[e.get("args", {}).get("stream")] += e["dur"]
+    main_stream = max(by_stream, key=by_stream.get)
+    span = lambda es: [(e["ts"], e["ts"] + e["dur"]) for e in es]  # noqa: E731
+    first = min(e["ts"] for e in kernels)
+    last = max(e["ts"] + e["dur"] for e in kernels)
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        acc = per_kernel[e["name"]]
+        acc[0] += e["dur"]
+        acc[1] += 1
+    ms = 1e-3
+    return {
+        "trace": path,
+        "host_step_ms": max((e["dur"] for e in steps), default=0.0) * ms,
+        "gpu_span_ms": (last - first) * ms,
+        "gpu_busy_ms": _union(span(kernels)) * ms,
+        "compute_busy_ms": _union(span(compute)) * ms,
+        "compute_kernel_sum_ms": sum(e["dur"] for e in compute) * ms,
+        "main_stream_kernel_ms": by_stream[main_stream] * ms,
+        "comm_kernel_ms": sum(e["dur"] for e in comm) * ms,
+        "comm_overlapping_compute_ms": _overlap(span(comm), span(compute)) * ms if comm else 0.0,
+        "kernels": sorted(((name, t * ms, n) for name, (t, n) in per_kernel.items()),
+                          key=lambda r: -r[1]),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None, help="also write the summaries here")
+    a = p.parse_args()
+    results = [summarise(t) for t in a.traces]
+    for r in results:
+        print(f"\n{r['trace']}")
+        for k in ("host_step_ms", "gpu_span_ms", "gpu_busy_ms", "compute_busy_ms",
+                  "compute_kernel_sum_ms", "main_stream_kernel_ms", "comm_kernel_ms",
+                  "comm_overlapping_compute_ms"):
+            print(f"  {k:30s} {r[k]:10.2f}")
+        for name, t, n in r["kernels"][:a.top]:
+            print(f"  {t:9.2f} ms {n:5d}x  {name[:100]}")
+    if len(results) == 2:
+        x, y = ({n: t for n, t, _ in r["kernels"]} for r in results)
+        names = sorted(set(x) | set(y), key=lambda n: -abs(y.get(n, 0) - x.get(n, 0)))
+        print("\nlargest differences (ms): first trace, second trace, second - first")
+        for n in names[:a.top]:
+            print(f"  {x.get(n, 0):9.2f} {y.get(n, 0):9.2f} {y.get(n, 0) - x.get(n, 0):+9.2f}  {n[:90]}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
