@@ -62,6 +62,7 @@ class StepResult:
     tokens_seen: int = 0  # over all ranks, after this step
 
     def __post_init__(self):
+        self.queued_at = time.perf_counter()
         if self.scalars.is_cuda:
             # a pinned copy and an event: values() waits for this step only, not for the
             # steps queued after it
@@ -74,8 +75,12 @@ class StepResult:
             self.event = None
 
     def values(self) -> tuple[float, float, bool]:
-        if self.event is not None:
+        """Waits for the step if the device is still on it. Sets done_at: when it finished, or
+        (already finished) when it was queued, the earliest it can have finished."""
+        self.done_at = self.queued_at
+        if self.event is not None and not self.event.query():
             self.event.synchronize()
+            self.done_at = time.perf_counter()
         loss, grad_norm, applied = self.scalars.tolist()
         return loss, grad_norm, applied == 1.0
 
@@ -387,7 +392,9 @@ class Trainer:
 
     def _account(self, result: StepResult) -> None:
         """A finished step's skip accounting and, on log steps, its metrics line."""
+        waited = time.perf_counter()
         loss, grad_norm, finite = result.values()
+        self.window_wait += time.perf_counter() - waited
         if finite:
             self.consecutive_skips = 0
         else:
@@ -405,8 +412,9 @@ class Trainer:
         if not (step % self.cfg.metrics.log_freq == 0 or step == t.steps
                 or step == self.run_start_step + 1):
             return
-        now = time.perf_counter()
-        tps = self.window_tokens / (now - self.window_start) / self.tp  # per device
+        # the window runs from the end of the last logged step to the end of this one
+        now, window = time.perf_counter(), max(result.done_at - self.window_start, 1e-9)
+        tps = self.window_tokens / window / self.tp  # per device
         mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
         eta = (now - self.run_start) / (step - self.run_start_step) * (t.steps - step)
         values = {
@@ -415,6 +423,9 @@ class Trainer:
             "memory_gib": _memory_gib(self.device),
             "tokens_seen": result.tokens_seen,
             "skipped_steps": self.state.skipped_steps, "eta_seconds": eta,
+            # share of the window the host spent waiting for the device's results: near 0, the
+            # device waited for the host instead (launch- or data-bound)
+            "device_wait_fraction": min(self.window_wait / window, 1.0),
         }
         self.metrics.log(values)
         if self.rt.rank == 0:
@@ -425,7 +436,7 @@ class Trainer:
                 f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
                 f"eta {_duration(eta)}"
                 + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else ""))
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.window_start, self.window_tokens, self.window_wait = result.done_at, 0, 0.0
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -439,7 +450,7 @@ class Trainer:
                 f"training {self.n_params / 1e6:.2f}M parameters on {self.rt.world_size} x "
                 f"{self.device.type}; global batch {t.local_batch_size * self.dp_size * self.grad_accum}"
                 f" x {t.seq_len} tokens ({self.grad_accum} micro-batches); from step {self.state.step}")
-        self.window_start, self.window_tokens = time.perf_counter(), 0
+        self.window_start, self.window_tokens, self.window_wait = time.perf_counter(), 0, 0.0
         self.run_start, self.run_start_step = self.window_start, self.state.step
         # A step is accounted (skips, metrics) once the next one is queued: the host reads a
         # step's results while the device works on the next, so the device never waits for it.

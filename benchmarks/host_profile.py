@@ -1,0 +1,80 @@
+"""Where the host's time goes while it queues training steps: cProfile around Trainer.train_step.
+
+The trainer queues each step on the GPU without waiting for it; when the GPU finishes before the
+host has queued the next step (metrics.jsonl's device_wait_fraction near 0), the host is the
+limit, and this shows which Python functions take its time. Same arguments as train.py:
+
+    torchrun --nproc_per_node=2 benchmarks/host_profile.py --config X.toml [--section.key value ...]
+        [--profile-steps 8:12] [--top 30]
+
+Rank 0 profiles the steps in [start, end) (after compilation) and prints the functions by own
+time and by cumulative time, and the host seconds per profiled step.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pop_option(argv: list[str], name: str, default: str) -> str:
+    if name in argv:
+        i = argv.index(name)
+        value = argv[i + 1]
+        del argv[i:i + 2]
+        return value
+    return default
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    start, end = (int(x) for x in pop_option(argv, "--profile-steps", "8:12").split(":"))
+    top = int(pop_option(argv, "--top", "30"))
+
+    from flame import titan
+    from flame.config import parse_args
+    from flame.train import Trainer
+
+    cfg, _, _ = parse_args(argv)
+    titan.init_logger()
+    trainer = Trainer(cfg)
+    profiler, seconds = cProfile.Profile(), []
+    rank0 = trainer.rt.rank == 0
+    queue_step = trainer.train_step
+
+    def profiled_step():
+        step = trainer.state.step + 1
+        if not (rank0 and start <= step < end):
+            return queue_step()
+        t0 = time.perf_counter()
+        profiler.enable()
+        try:
+            return queue_step()
+        finally:
+            profiler.disable()
+            seconds.append(time.perf_counter() - t0)
+
+    trainer.train_step = profiled_step
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        titan.destroy_distributed()
+    if rank0 and seconds:
+        print(f"\nhost seconds to queue each profiled step: {[round(s, 4) for s in seconds]}")
+        for key in ("tottime", "cumulative"):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
+            print(f"\n--- by {key} ---")
+            print(out.getvalue()[-12000:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
