@@ -192,7 +192,7 @@ def _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start
     return prev, doc, start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_docs"])
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr,
     n_rows, n_cols, n_docs, rows_per_program,
@@ -276,7 +276,7 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
     return prev, pending, dw, db, doc, start, end
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_docs"])
 def _conv_bwd_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
     n_rows, n_cols, n_docs, rows_per_program,

@@ -89,7 +89,7 @@ def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
              mask=rmask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
     k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -260,7 +260,7 @@ def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K:
         tl.store(gcum + rows * HV + hv, gc, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _prepare_substitution_kernel(
     k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,

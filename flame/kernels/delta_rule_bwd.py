@@ -101,7 +101,7 @@ def _state_grad_kernel(
         tl.store(dh0 + state_off, dS, mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _chunk_grad_kernel(
     q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
     cu_seqlens, chunk_indices, chunk_offsets, scale,

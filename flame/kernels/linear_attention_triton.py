@@ -43,7 +43,7 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
     return seq, t0, L
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_cumsum_kernel(
     g_ptr, b_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr, BK: tl.constexpr,
@@ -119,7 +119,7 @@ def _state_pass(
         tl.store(end_ptr + (i_n * H + i_h) * K * V + tile, h, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_state_kernel(
     k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
     cu_ptr, chunk_offsets_ptr, N, scale,
@@ -168,7 +168,7 @@ def _decay_matrix(b, rows, L, TRANSPOSED: tl.constexpr):
     return tl.exp(tl.where(causal, diff, float("-inf")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_output_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -206,7 +206,7 @@ def chunk_output_scalar_kernel(
     tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_backward_dv_scalar_kernel(
     q_ptr, k_ptr, b_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -241,7 +241,7 @@ def chunk_backward_dv_scalar_kernel(
     tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_backward_dqk_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr, dbl_ptr,
     cu_ptr, chunk_idx_ptr, N, T_total, scale,
@@ -297,7 +297,7 @@ def chunk_backward_dqk_scalar_kernel(
     tl.store(dbl_ptr + (i_k * (tl.num_programs(0) // NK) + i_c) * H + i_h, dbl)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
@@ -354,7 +354,7 @@ def chunk_backward_scalar_kernel(
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "slots"])
 def chunk_scalar_gate_grad_kernel(
     db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, T_total, slots,
     H: tl.constexpr, NK: tl.constexpr,
@@ -382,7 +382,7 @@ def chunk_scalar_gate_grad_kernel(
 # o = scale (q e^b) h + A v, dv = A^T do + (k e^{b_L - b}) dh, and the inter-chunk dq, dk.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
@@ -433,7 +433,7 @@ def chunk_gla_scores_kernel(
              (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_output_kernel(
     q_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -465,7 +465,7 @@ def chunk_gla_output_kernel(
     tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], o.to(dtype), mask=mv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_dv_kernel(
     k_ptr, b_ptr, a_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -498,7 +498,7 @@ def chunk_gla_dv_kernel(
     tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -581,7 +581,7 @@ def chunk_gla_intra_grad_kernel(
         tl.store(dki_ptr + p, dk, mask=mi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,

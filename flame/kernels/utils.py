@@ -4,6 +4,10 @@ Every bad input is a ValueError naming the argument. The varlen helpers turn `cu
 into per-chunk indices with tensor ops on the same device, so no host synchronisation is
 needed: grids are sized by an upper bound on the number of chunks, and programs past the
 real count see a sequence index equal to the number of sequences and return early.
+
+Kernel arguments that count documents (N, n_docs, slots) are marked `do_not_specialize`:
+Triton would otherwise compile a new variant the first time such a count is 1 or a multiple
+of 16, a stall of seconds at a random step of training.
 """
 
 import torch
