@@ -10,6 +10,8 @@ Triton would otherwise compile a new variant the first time such a count is 1 or
 of 16, a stall of seconds at a random step of training.
 """
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +123,13 @@ def max_num_chunks(total_len: int, num_seqs: int, chunk_size: int) -> int:
     return (total_len + chunk_size - 1) // chunk_size + num_seqs
 
 
+# The layers of a model all receive the same cu_seqlens tensor, in forward and in backward:
+# its chunk indices are built once and reused while that tensor lives and is not modified.
+# Keys hold a weak reference, so a freed tensor never matches a new one at the same address.
+_CHUNK_INDEX_CACHE: dict[tuple, tuple] = {}
+_CHUNK_INDEX_CACHE_SIZE = 8
+
+
 def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_slots: int):
     """Per-chunk (sequence, chunk-in-sequence) pairs and per-sequence first chunk slots.
 
@@ -128,6 +137,22 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_s
     (chunk_offsets[n] is the slot of sequence n's first chunk). Slots past the real number
     of chunks get sequence index N. All on cu_seqlens' device; nothing is read back.
     """
+    try:
+        key = (id(cu_seqlens), cu_seqlens._version, chunk_size, num_chunk_slots)
+    except RuntimeError:  # inference tensors keep no version counter: no reuse
+        return _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+    hit = _CHUNK_INDEX_CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    result = _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+    if not _is_fake(cu_seqlens):
+        if len(_CHUNK_INDEX_CACHE) >= _CHUNK_INDEX_CACHE_SIZE:
+            _CHUNK_INDEX_CACHE.pop(next(iter(_CHUNK_INDEX_CACHE)))
+        _CHUNK_INDEX_CACHE[key] = (weakref.ref(cu_seqlens), result)
+    return result
+
+
+def _chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_slots: int):
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
     chunks = (lengths + chunk_size - 1) // chunk_size
