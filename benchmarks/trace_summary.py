@@ -7,7 +7,8 @@ The trainer writes one trace per rank with profiling enabled:
 
 For each trace: the traced step's host span, the GPU time covered by any kernel (the union of
 kernel intervals over all streams), the time of the compute stream alone, the communication
-kernels (NCCL) and how much of them overlaps compute, and the kernels by total time. With two
+kernels (NCCL) and how much of them overlaps compute, the kernels by total time, and the host's
+CUDA runtime calls by total time (where the host blocks on the device). With two
 traces (e.g. one GPU and FSDP=2), a last table puts each kernel's time side by side.
 """
 
@@ -54,8 +55,18 @@ def summarise(path: str) -> dict:
         acc = per_kernel[e["name"]]
         acc[0] += e["dur"]
         acc[1] += 1
+    # host-side CUDA runtime calls: a long cudaStreamSynchronize / cudaEventSynchronize /
+    # cudaFree / cudaMalloc is the host blocked on the device
+    runtime = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e:
+            acc = runtime[e["name"]]
+            acc[0] += e["dur"]
+            acc[1] += 1
     ms = 1e-3
     return {
+        "runtime_calls": sorted(((name, t * ms, n) for name, (t, n) in runtime.items()),
+                                key=lambda r: -r[1]),
         "trace": path,
         "host_step_ms": max((e["dur"] for e in steps), default=0.0) * ms,
         "gpu_span_ms": (last - first) * ms,
@@ -84,6 +95,9 @@ def main():
                   "comm_overlapping_compute_ms"):
             print(f"  {k:30s} {r[k]:10.2f}")
         for name, t, n in r["kernels"][:a.top]:
+            print(f"  {t:9.2f} ms {n:5d}x  {name[:100]}")
+        print("  host CUDA runtime calls:")
+        for name, t, n in r["runtime_calls"][:8]:
             print(f"  {t:9.2f} ms {n:5d}x  {name[:100]}")
     if len(results) == 2:
         x, y = ({n: t for n, t, _ in r["kernels"]} for r in results)
