@@ -5,10 +5,12 @@ host has queued the next step (metrics.jsonl's device_wait_fraction near 0), the
 limit, and this shows which Python functions take its time. Same arguments as train.py:
 
     torchrun --nproc_per_node=2 benchmarks/host_profile.py --config X.toml [--section.key value ...]
-        [--profile-steps 8:12] [--top 30]
+        [--profile-steps 8:12] [--top 30] [--sync-debug]
 
 Rank 0 profiles the steps in [start, end) (after compilation) and prints the functions by own
-time and by cumulative time, and the host seconds per profiled step.
+time and by cumulative time, and the host seconds per profiled step. --sync-debug also turns on
+torch.cuda.set_sync_debug_mode("warn") for those steps and prints the stack of every operation
+that makes the host wait for the GPU (a queued step should have none).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import os
 import pstats
 import sys
 import time
+import traceback
+import warnings
+
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,6 +42,9 @@ def main() -> int:
     argv = sys.argv[1:]
     start, end = (int(x) for x in pop_option(argv, "--profile-steps", "8:12").split(":"))
     top = int(pop_option(argv, "--top", "30"))
+    sync_debug = "--sync-debug" in argv and torch.cuda.is_available()
+    if "--sync-debug" in argv:
+        argv.remove("--sync-debug")
 
     from flame import titan
     from flame.config import parse_args
@@ -53,14 +62,29 @@ def main() -> int:
         if not (rank0 and start <= step < end):
             return queue_step()
         t0 = time.perf_counter()
+        if sync_debug:
+            # every operation that makes the host wait for the GPU warns, with its stack
+            torch.cuda.set_sync_debug_mode("warn")
         profiler.enable()
         try:
             return queue_step()
         finally:
             profiler.disable()
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode("default")
             seconds.append(time.perf_counter() - t0)
 
     trainer.train_step = profiled_step
+    if sync_debug:
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            shown(message, category, filename, lineno, file, line)
+            if "synchroniz" in str(message):
+                print("".join(traceback.format_stack(limit=12)[:-1]), file=sys.stderr)
+
+        warnings.showwarning = show
     try:
         trainer.train()
     finally:
