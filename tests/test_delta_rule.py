@@ -194,6 +194,65 @@ def test_prepare_variant_rejected(monkeypatch):
         chunk_gated_delta_rule(q, k, v, g, beta)
 
 
+@pytest.mark.parametrize("case,gated", [("varlen", True), ("dense", False)], ids=["varlen-gated", "dense-plain"])
+def test_saved_backward(case, gated, monkeypatch):
+    """FLAME_DELTA_BACKWARD=saved: the forward keeps w, A, the chunk states and v' and the
+    backward reruns neither the prep kernel nor the chunk-to-chunk pass; the gradients are those
+    of the recomputing backward, bit for bit, and match float64."""
+    from flame.kernels import delta_rule
+
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    B, T, H, HV, K, V, cu = CASES[case]
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    prepare, calls = delta_rule._prepare, []
+    monkeypatch.setattr(delta_rule, "_prepare", lambda *a, **kw: calls.append(1) or prepare(*a, **kw))
+    results = {}
+    for mode in ("recompute", "saved"):
+        monkeypatch.setenv("FLAME_DELTA_BACKWARD", mode)
+        calls.clear()
+        results[mode] = run_public(*inputs, cu, gated, do, dht)
+        assert len(calls) == (2 if mode == "recompute" else 1), mode
+    o, ht, grads = results["saved"]
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    for name, grad, ref, again in zip(NAMES, grads, grads_ref, results["recompute"][2]):
+        if not gated and name == "g":
+            assert grad is None
+            continue
+        assert rel(grad, ref) < 1e-5, name
+        assert torch.equal(grad, again), name
+
+
+def test_saved_backward_traces_with_torch_compile(monkeypatch):
+    """The forward op's fake outputs in the saved mode have the shapes the kernels produce."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", "saved")
+    q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 2, 16, 16, 3, dtype=torch.float32)
+    cu = torch.tensor([0, 10, 50, 70], dtype=torch.int32)
+
+    def layer(q, k, v, g, beta, h0):
+        o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                       cu_seqlens=cu)
+        return (o * o).sum() + ht.sum()
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    loss = torch.compile(layer, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    eager = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    layer(*eager).backward()
+    for a, b in zip(leaves, eager):
+        assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_backward_mode_rejected(monkeypatch):
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", "keep")
+    q, k, v, g, beta, _ = make_inputs(1, 20, 1, 1, 16, 16, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="FLAME_DELTA_BACKWARD"):
+        chunk_gated_delta_rule(q.requires_grad_(), k, v, g, beta)
+
+
 def test_qk_l2norm_in_kernel_and_non_contiguous(monkeypatch):
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     q, k, v, g, beta, h0 = make_inputs(1, 40, 2, 2, 16, 16, 1, dtype=torch.float32)
@@ -290,9 +349,11 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["recompute", "saved"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_bf16_gpu(case, gated):
+def test_bf16_gpu(case, gated, backward, monkeypatch):
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
     B, T, H, HV, K, V, cu = GPU_CASES[case]
     cu = torch.tensor(cu, dtype=torch.int32, device="cuda") if cu is not None else None
     N = B if cu is None else len(cu) - 1

@@ -8,9 +8,10 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      products) and `_prepare_substitution_kernel` (the first one, the default until timed).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
-Backward (delta_rule_bwd.py) recomputes w, u, A and the per-chunk states with these two kernels,
-then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel for
-every other gradient (q, k, v, g, beta, initial_state).
+Backward (delta_rule_bwd.py) recomputes w, u, A and the per-chunk states with these two kernels
+(or, with FLAME_DELTA_BACKWARD=saved, takes them from the forward: `backward_mode`), then runs a
+reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel for every other
+gradient (q, k, v, g, beta, initial_state).
 
 Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
 """
@@ -521,9 +522,10 @@ def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     return BV
 
 
-def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states=False):
-    """The chunk-to-chunk pass. Returns (o, final state), or with store_states (no o) the states
-    entering each chunk [chunk slots, HV, K, V], v' [B, T, HV, V], chunk offsets and final state."""
+def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False):
+    """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
+    [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None); the
+    states and v' (store_states) are what the backward needs."""
     B, T, H, K = q.shape
     HV, V = u.shape[2], u.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -531,31 +533,53 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states
     o = hs = vn = chunk_offsets = None
     if store_states:
         if cu_seqlens is not None:
-            slots = max_num_chunks(T, N, CHUNK)
-            _, chunk_offsets = prepare_chunk_indices(cu_seqlens, CHUNK, slots)
-        else:
-            slots = B * triton.cdiv(T, CHUNK)
-        hs = torch.empty(slots, HV, K, V, dtype=q.dtype, device=q.device)
+            _, chunk_offsets = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
+        hs = torch.empty(_state_slots(B, T, N, cu_seqlens), HV, K, V, dtype=q.dtype, device=q.device)
         vn = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    else:
+    if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     BV = _state_block(q, N, HV, V)
     _state_output_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
         T, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
         USE_G=gcum is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
-        COMPUTE_O=not store_states, STORE_STATES=store_states,
+        COMPUTE_O=compute_o, STORE_STATES=store_states,
         num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2,
     )
-    if store_states:
-        return hs, vn, chunk_offsets, ht
-    return o, ht
+    return o, ht, hs, vn, chunk_offsets
 
 
-def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale):
-    w, u, gcum, _ = _prepare(k, v, g, beta, cu_seqlens)
-    o, ht = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale)
-    return o.to(v.dtype), ht
+def _state_slots(B: int, T: int, N: int, cu_seqlens) -> int:
+    """Chunk slots of the per-chunk states: every chunk of every sequence, or (packed) an upper
+    bound on their number."""
+    return max_num_chunks(T, N, CHUNK) if cu_seqlens is not None else B * triton.cdiv(T, CHUNK)
+
+
+BACKWARD_MODES = ("recompute", "saved")
+
+
+def backward_mode() -> str:
+    """What the backward gets from the forward: FLAME_DELTA_BACKWARD=recompute (default) or saved.
+
+    recompute: the backward reruns the prep kernel and the chunk-to-chunk pass from the inputs.
+    saved: the forward also writes A, the per-chunk states and v' (the pass computes o and
+    stores them at once) and keeps them with w and the gate cumsum, so the backward runs only
+    its two gradient kernels. The price is activation memory: per layer and token
+    2 * HV * (K + 64 + V) bytes plus the states (HV * K * V * 2 bytes per chunk of 64 tokens),
+    ~250 MB per layer at 8 x 4096 tokens, HV = 4, K = 128, V = 256."""
+    mode = os.environ.get("FLAME_DELTA_BACKWARD", "recompute")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"FLAME_DELTA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
+
+
+def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
+    """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v') for the
+    backward, or None."""
+    w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save)
+    o, ht, hs, vn, _ = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
+                                   store_states=save)
+    return o.to(v.dtype), ht, ((w, gcum, a, hs, vn) if save else None)
 
 
 def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
@@ -569,18 +593,26 @@ def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     return o, ht
 
 
+_SAVED = 5  # w, gate cumsum, A, chunk states, v': empty tensors when nothing is saved
+
+
 @torch.library.custom_op("flame::chunk_delta_rule_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
-    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float, save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # fp32 tiles of K > 128 exceed the H100's shared memory in the state kernel; the reference
     # handles that rare case (bf16/fp16 inputs, the training path, always take the kernels).
     fits = q.element_size() <= 2 or q.shape[-1] <= 128
     if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
-        return _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale)
+        o, ht, saved = _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save)
+        if saved is not None:
+            w, gcum, a, hs, vn = saved
+            return o, ht, w, gcum if gcum is not None else q.new_empty(0), a, hs, vn
+        return (o, ht) + tuple(q.new_empty(0) for _ in range(_SAVED))
+    # the reference path saves nothing: its backward differentiates a recomputation
     o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
-    return o.to(v.dtype), ht.to(_state_dtype(q))
+    return (o.to(v.dtype), ht.to(_state_dtype(q))) + tuple(q.new_empty(0) for _ in range(_SAVED))
 
 
 def _state_dtype(q: torch.Tensor) -> torch.dtype:
@@ -588,11 +620,17 @@ def _state_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @_forward_op.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return v.new_empty(B, T, HV, V), q.new_empty(N, HV, K, V, dtype=_state_dtype(q))
+    o, ht = v.new_empty(B, T, HV, V), q.new_empty(N, HV, K, V, dtype=_state_dtype(q))
+    fits = q.element_size() <= 2 or K <= 128
+    if not (save and use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda)):
+        return (o, ht) + tuple(q.new_empty(0) for _ in range(_SAVED))
+    gcum = q.new_empty(B, T, HV, dtype=torch.float32) if g is not None else q.new_empty(0)
+    return (o, ht, q.new_empty(B, T, HV, K), gcum, k.new_empty(B, T, HV, CHUNK),
+            q.new_empty(_state_slots(B, T, N, cu_seqlens), HV, K, V), q.new_empty(B, T, HV, V))
 
 
 @torch.library.custom_op("flame::chunk_delta_rule_bwd", mutates_args=())
@@ -600,12 +638,16 @@ def _backward_op(
     do: torch.Tensor, dht: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
+    w: torch.Tensor, gcum: torch.Tensor, a: torch.Tensor, hs: torch.Tensor, vn: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     fits = q.element_size() <= 2 or q.shape[-1] <= 128
     if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
+        saved = None
+        if hs.numel():  # the forward kept what the backward would otherwise recompute
+            saved = (w, gcum if g is not None else None, a, hs, vn)
         dq, dk, dv, dg, dbeta, dh0 = backward_triton(
             do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
-            state_block=_state_block, prepare=_prepare, state_pass=_state_pass)
+            state_block=_state_block, prepare=_prepare, state_pass=_state_pass, saved=saved)
         return (dq, dk, dv, dg if dg is not None else q.new_empty(0), dbeta,
                 dh0 if dh0 is not None else q.new_empty(0))
     dtype = compute_dtype(q)
@@ -633,25 +675,28 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale):
+def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, w, gcum, a, hs, vn):
     dg = torch.empty_like(g) if g is not None else q.new_empty(0)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(beta), dh0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, save = inputs
+    saved = output[2:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *saved)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, *unused):
+    q, k, v, g, beta, initial_state, cu_seqlens, *saved = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(v)
-    dq, dk, dv, dg, dbeta, dh0 = _backward_op(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale)
+    dq, dk, dv, dg, dbeta, dh0 = _backward_op(do, dht, q, k, v, g, beta, initial_state, cu_seqlens,
+                                              ctx.scale, *saved)
     return (dq, dk, dv, dg if g is not None else None, dbeta,
-            dh0 if initial_state is not None else None, None, None)
+            dh0 if initial_state is not None else None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -668,7 +713,10 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2no
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
-    o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale))
+    # keep the backward's inputs only when there will be a backward
+    save = (backward_mode() == "saved" and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)))
+    o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), save)[:2]
     return o, (ht if output_final_state else None)
 
 

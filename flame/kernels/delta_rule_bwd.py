@@ -236,16 +236,25 @@ def state_grad_warps(element_size: int) -> int:
     return 4
 
 
-def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare, state_pass):
+def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare,
+                    state_pass, saved=None):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
-    recompute the forward (delta_rule.py), `state_block` picks the V block of the serial passes."""
+    recompute the forward (delta_rule.py) unless `saved` brings (w, gate cumsum or None, A,
+    per-chunk states, v') from it; `state_block` picks the V block of the serial passes."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BK = _pow2(K)
-    w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
-    hs, vn, chunk_offsets, _ = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, store_states=True)
-    del u
+    if saved is None:
+        w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
+        _, _, hs, vn, chunk_offsets = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
+                                                 compute_o=False, store_states=True)
+        del u
+    else:
+        w, gcum, a, hs, vn = saved
+        chunk_offsets = None
+        if cu_seqlens is not None:
+            _, chunk_offsets = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
     # Cotangents may be expanded views (the gradient of a sum has stride 0): the kernels assume dense.
     do = do.contiguous()
     dht = dht.contiguous() if dht is not None else None
