@@ -25,7 +25,7 @@ of the same size: scaling efficiency = tokens/s per GPU at N GPUs / tokens/s on 
 --weak: every rank runs --micro-batches micro-batches per step whatever the layout (the global
 batch grows with the data-parallel degree), so each GPU does the same work per optimizer step and
 tokens/s per GPU measure scaling alone; the runs see different batches, so losses are not
-compared. Without it, a layout with fewer ranks accumulates more micro-batches per optimizer
+compared, and each rank keeps the recipe's data.num_workers. Without it, a layout with fewer ranks accumulates more micro-batches per optimizer
 step, which spreads the per-step cost (optimizer, clipping) over more tokens.
 
 --resume SRC DST: the first recipe's SRC run also writes a checkpoint at step steps/2; then a
@@ -108,7 +108,8 @@ class Run:
             "--training.steps", str(args.steps), "--training.seq_len", str(args.seq),
             "--training.local_batch_size", str(args.batch),
             "--training.global_batch_size", str(micro * dp * args.batch),
-            "--data.num_workers", str(micro),
+            # equal loader shares on every layout (the same batches); --weak keeps the recipe's
+            *([] if args.weak else ["--data.num_workers", str(micro)]),
             "--lr_scheduler.warmup_steps", str(max(1, args.steps // 5)),
             "--metrics.log_freq", "1",
             "--parallelism.data_parallel_shard_degree", str(dp),
@@ -156,6 +157,9 @@ class Run:
             mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
             row["mfu"] = statistics.median(mfu) if mfu else None
             row["memory_gib"] = max(r.get("memory_gib") or 0 for r in timed)
+            for key in ("device_wait_fraction", "data_wait_fraction"):  # what bounds the steps
+                if all(key in r for r in timed):
+                    row[key] = statistics.median(r[key] for r in timed)
         if rc != 0:
             row["log_tail"] = self.log_path.read_text()[-3000:]
         return row
@@ -217,7 +221,8 @@ def summarise(rows: list[dict], weak: bool = False) -> list[dict]:
         base_tps = by.get("1gpu", {}).get("tokens_per_second_per_gpu")
         for i, layout in enumerate(order):
             r = by[layout]
-            e = {k: r.get(k) for k in ("gpus", "tokens_per_second_per_gpu", "mfu", "memory_gib")}
+            e = {k: r.get(k) for k in ("gpus", "tokens_per_second_per_gpu", "mfu", "memory_gib",
+                                       "device_wait_fraction", "data_wait_fraction")}
             if base_tps and r.get("tokens_per_second_per_gpu"):
                 e["per_gpu_vs_1gpu"] = r["tokens_per_second_per_gpu"] / base_tps
             # losses against the one-GPU run, and against the next smaller layout

@@ -76,13 +76,26 @@ class StepResult:
 
     def values(self) -> tuple[float, float, bool]:
         """Waits for the step if the device is still on it. Sets done_at: when it finished, or
-        (already finished) when it was queued, the earliest it can have finished."""
-        self.done_at = self.queued_at
+        (already finished) when it was queued, the earliest it can have finished; and waited:
+        the seconds spent waiting."""
+        self.done_at, self.waited = self.queued_at, 0.0
         if self.event is not None and not self.event.query():
+            started = time.perf_counter()
             self.event.synchronize()
             self.done_at = time.perf_counter()
+            self.waited = self.done_at - started
         loss, grad_norm, applied = self.scalars.tolist()
         return loss, grad_norm, applied == 1.0
+
+
+@dataclass
+class _Window:
+    """What happened since the last logged step: its end (start of this window), tokens on this
+    rank, and the host's time blocked on the device and on the data loader."""
+    start: float
+    tokens: int = 0
+    device_wait: float = 0.0
+    data_wait: float = 0.0
 
 
 def saved_dp_world_size(checkpoint_dir: str) -> int | None:
@@ -339,10 +352,12 @@ class Trainer:
         """The micro-batches of one step, on their way to the device."""
         batches = []
         for _ in range(self.grad_accum):
+            started = time.perf_counter()
             try:
                 batch = next(self.data_iter)
             except StopIteration:
                 raise RuntimeError("the data loader ran out of batches") from None
+            self.window.data_wait += time.perf_counter() - started
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches
 
@@ -392,9 +407,8 @@ class Trainer:
 
     def _account(self, result: StepResult) -> None:
         """A finished step's skip accounting and, on log steps, its metrics line."""
-        waited = time.perf_counter()
         loss, grad_norm, finite = result.values()
-        self.window_wait += time.perf_counter() - waited
+        self.window.device_wait += result.waited
         if finite:
             self.consecutive_skips = 0
         else:
@@ -407,14 +421,15 @@ class Trainer:
                     f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
                     "norm; stopping (lower optimizer.lr, or raise "
                     "training.max_consecutive_skipped_steps)")
-        self.window_tokens += result.tokens
+        self.window.tokens += result.tokens
         step, t = result.step, self.cfg.training
         if not (step % self.cfg.metrics.log_freq == 0 or step == t.steps
                 or step == self.run_start_step + 1):
             return
         # the window runs from the end of the last logged step to the end of this one
-        now, window = time.perf_counter(), max(result.done_at - self.window_start, 1e-9)
-        tps = self.window_tokens / window / self.tp  # per device
+        w = self.window
+        now, seconds = time.perf_counter(), max(result.done_at - w.start, 1e-9)
+        tps = w.tokens / seconds / self.tp  # per device
         mfu = (tps * self.flops_per_token / self.peak_flops) if self.peak_flops else None
         eta = (now - self.run_start) / (step - self.run_start_step) * (t.steps - step)
         values = {
@@ -423,9 +438,11 @@ class Trainer:
             "memory_gib": _memory_gib(self.device),
             "tokens_seen": result.tokens_seen,
             "skipped_steps": self.state.skipped_steps, "eta_seconds": eta,
-            # share of the window the host spent waiting for the device's results: near 0, the
-            # device waited for the host instead (launch- or data-bound)
-            "device_wait_fraction": min(self.window_wait / window, 1.0),
+            # shares of the window the host spent waiting for the device's results (near 0:
+            # the device waited for the host instead) and for the data loader (well above 0:
+            # data-bound, give it more workers)
+            "device_wait_fraction": min(w.device_wait / seconds, 1.0),
+            "data_wait_fraction": min(w.data_wait / seconds, 1.0),
         }
         self.metrics.log(values)
         if self.rt.rank == 0:
@@ -436,7 +453,7 @@ class Trainer:
                 f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
                 f"eta {_duration(eta)}"
                 + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else ""))
-        self.window_start, self.window_tokens, self.window_wait = result.done_at, 0, 0.0
+        self.window = _Window(result.done_at)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -450,8 +467,8 @@ class Trainer:
                 f"training {self.n_params / 1e6:.2f}M parameters on {self.rt.world_size} x "
                 f"{self.device.type}; global batch {t.local_batch_size * self.dp_size * self.grad_accum}"
                 f" x {t.seq_len} tokens ({self.grad_accum} micro-batches); from step {self.state.step}")
-        self.window_start, self.window_tokens, self.window_wait = time.perf_counter(), 0, 0.0
-        self.run_start, self.run_start_step = self.window_start, self.state.step
+        self.window = _Window(time.perf_counter())
+        self.run_start, self.run_start_step = self.window.start, self.state.step
         # A step is accounted (skips, metrics) once the next one is queued: the host reads a
         # step's results while the device works on the next, so the device never waits for it.
         pending = None

@@ -156,6 +156,9 @@ def test_debug_config_loss_falls(tmp_path):
     for key in ("step", "loss", "grad_norm", "lr", "tokens_per_second", "mfu"):
         assert key in m[12]
     assert m[12]["mfu"] is None  # no peak FLOP/s on a CPU
+    assert all(0 <= m[s]["data_wait_fraction"] <= 1 and m[s]["device_wait_fraction"] == 0
+               for s in m)  # a CPU step is done when it is queued: no device wait
+    assert sum(m[s]["tokens_per_second"] for s in m) > 0
     assert os.path.isfile(dump / "config.toml")
 
 
