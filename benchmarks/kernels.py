@@ -160,7 +160,8 @@ def kernel_times(step, iters: int = 5) -> dict:
         if "CUDA" not in str(getattr(evt, "device_type", "")):
             continue
         total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        times[evt.key[:60]] = total / 1000 / iters
+        key = evt.key[:60]  # kernels whose names share this prefix are summed
+        times[key] = times.get(key, 0.0) + total / 1000 / iters
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 

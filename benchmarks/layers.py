@@ -20,7 +20,6 @@ norm's dx = dresidual does, which a model's non-leaf inputs never pay).
 import json
 import pathlib
 import sys
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,7 @@ from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
 
 from environment import environment  # noqa: E402
+from kernels import kernel_times  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -131,29 +131,13 @@ def fwd_bwd_call(fn, inputs):
     return run
 
 
-def kernel_times(run, iters: int = 20) -> tuple[float, dict]:
-    """(device ms per call summed over kernels, {kernel name: ms per call}) from torch.profiler."""
-    run()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            run()
-        torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for evt in prof.key_averages():
-        if "CUDA" not in str(getattr(evt, "device_type", "")):
-            continue
-        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        per_kernel[evt.key[:60]] += total / 1e3 / iters
-    return sum(per_kernel.values()), dict(sorted(per_kernel.items(), key=lambda kv: -kv[1])[:4])
-
-
 def measure(run, nbytes: int, copy_gbs: float, profile: bool = True) -> dict:
     ms = do_bench(run, warmup=25, rep=200, return_mode="median")
     entry = {"ms": ms, "GB/s": nbytes / ms / 1e6, "fraction_of_copy": nbytes / ms / 1e6 / copy_gbs}
     if profile:
         try:
-            gpu_ms, kernels = kernel_times(run)
+            per_kernel = kernel_times(run, iters=20)  # largest first
+            gpu_ms, kernels = sum(per_kernel.values()), dict(list(per_kernel.items())[:4])
             entry.update({"gpu_ms": gpu_ms, "gpu_fraction_of_copy": nbytes / gpu_ms / 1e6 / copy_gbs,
                           "kernels_ms": kernels})
         except Exception as e:  # the profiler is a diagnostic: keep the timing without it
