@@ -596,23 +596,32 @@ def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
 _SAVED = 5  # w, gate cumsum, A, chunk states, v': empty tensors when nothing is saved
 
 
+def _nothing_saved(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(q.new_empty(0) for _ in range(_SAVED))
+
+
+def _takes_kernels(q, k, v, g, beta, initial_state) -> bool:
+    """The Triton path, except for fp32 tiles of K > 128 on a GPU, which exceed the H100's shared
+    memory in the state kernel: the reference handles that rare case (bf16/fp16 inputs, the
+    training path, always take the kernels)."""
+    fits = q.element_size() <= 2 or q.shape[-1] <= 128
+    return use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda)
+
+
 @torch.library.custom_op("flame::chunk_delta_rule_fwd", mutates_args=())
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float, save: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # fp32 tiles of K > 128 exceed the H100's shared memory in the state kernel; the reference
-    # handles that rare case (bf16/fp16 inputs, the training path, always take the kernels).
-    fits = q.element_size() <= 2 or q.shape[-1] <= 128
-    if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
+    if _takes_kernels(q, k, v, g, beta, initial_state):
         o, ht, saved = _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save)
         if saved is not None:
             w, gcum, a, hs, vn = saved
             return o, ht, w, gcum if gcum is not None else q.new_empty(0), a, hs, vn
-        return (o, ht) + tuple(q.new_empty(0) for _ in range(_SAVED))
+        return (o, ht) + _nothing_saved(q)
     # the reference path saves nothing: its backward differentiates a recomputation
     o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
-    return (o.to(v.dtype), ht.to(_state_dtype(q))) + tuple(q.new_empty(0) for _ in range(_SAVED))
+    return (o.to(v.dtype), ht.to(_state_dtype(q))) + _nothing_saved(q)
 
 
 def _state_dtype(q: torch.Tensor) -> torch.dtype:
@@ -625,9 +634,8 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o, ht = v.new_empty(B, T, HV, V), q.new_empty(N, HV, K, V, dtype=_state_dtype(q))
-    fits = q.element_size() <= 2 or K <= 128
-    if not (save and use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda)):
-        return (o, ht) + tuple(q.new_empty(0) for _ in range(_SAVED))
+    if not (save and _takes_kernels(q, k, v, g, beta, initial_state)):
+        return (o, ht) + _nothing_saved(q)
     gcum = q.new_empty(B, T, HV, dtype=torch.float32) if g is not None else q.new_empty(0)
     return (o, ht, q.new_empty(B, T, HV, K), gcum, k.new_empty(B, T, HV, CHUNK),
             q.new_empty(_state_slots(B, T, N, cu_seqlens), HV, K, V), q.new_empty(B, T, HV, V))
@@ -640,8 +648,7 @@ def _backward_op(
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
     w: torch.Tensor, gcum: torch.Tensor, a: torch.Tensor, hs: torch.Tensor, vn: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    fits = q.element_size() <= 2 or q.shape[-1] <= 128
-    if use_triton(q, k, v, g, beta, initial_state) and (fits or not q.is_cuda):
+    if _takes_kernels(q, k, v, g, beta, initial_state):
         saved = None
         if hs.numel():  # the forward kept what the backward would otherwise recompute
             saved = (w, gcum if g is not None else None, a, hs, vn)
