@@ -485,11 +485,12 @@ class Trainer:
 
             step = self.state.step
             last = step == t.steps
-            if titan.will_save_checkpoint(self.checkpointer, step, last_step=last):
+            saves = titan.will_save_checkpoint(self.checkpointer, step, last_step=last)
+            if saves:
                 self._account(pending)  # the checkpoint holds this step's skip count
                 pending = None
             self.checkpointer.save(step, last_step=last)
-            if step % cfg.checkpoint.interval == 0 or last:
+            if saves:
                 self._save_config_beside_checkpoint(step)
         if pending is not None:
             self._account(pending)
@@ -500,7 +501,7 @@ class Trainer:
     def _save_config_beside_checkpoint(self, step: int) -> None:
         """The resolved config goes into each checkpoint folder, so a checkpoint is readable
         (e.g. converted to Hugging Face format) without the file that launched the run."""
-        if self.rt.rank != 0 or not self.cfg.checkpoint.enable:
+        if self.rt.rank != 0:
             return
         path = os.path.join(self.cfg.job.dump_folder, self.cfg.checkpoint.folder, f"step-{step}")
         os.makedirs(path, exist_ok=True)
