@@ -279,6 +279,24 @@ def resume_check(recipe, src: str, dst: str, args, workdir, src_row: dict) -> tu
     return rows, result
 
 
+def earlier_rows(paths: list[str], args) -> list[dict]:
+    """Rows of earlier result files, refused unless their settings equal this call's (the
+    losses and tokens/s would not be comparable otherwise)."""
+    rows = []
+    for path in paths:
+        data = json.loads(pathlib.Path(path).read_text())
+        settings = data.get("settings")
+        if settings is None:
+            raise SystemExit(f"--with-rows {path}: no settings (a partial file of an unfinished call?)")
+        ours = {"steps": args.steps, "seq_len": args.seq, "micro_batch": args.batch,
+                "weak_scaling": args.weak, "micro_batches_per_step": args.micro_batches}
+        differ = {k: (settings.get(k), v) for k, v in ours.items() if settings.get(k) != v}
+        if differ:
+            raise SystemExit(f"--with-rows {path}: settings differ from this call's (theirs, ours): {differ}")
+        rows += [dict(r, **{"from": path}) for r in data["runs"]]
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", default=["gated_deltanet_374M", "transformer_374M"],
@@ -299,6 +317,9 @@ def main():
     p.add_argument("--sequential", action="store_true",
                    help="one run at a time (timings free of other runs' compile and loader load)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    p.add_argument("--with-rows", nargs="+", default=[], metavar="JSON",
+                   help="runs of earlier calls of this script (same steps, shapes and micro-batches) "
+                        "to summarise beside this call's, e.g. the 1-GPU runs of a separate machine call")
     p.add_argument("--workdir", default="/tmp/flame_multi_gpu")
     p.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
     args = p.parse_args()
@@ -313,6 +334,7 @@ def main():
     if total and max(LAYOUTS[n][0] * LAYOUTS[n][1] for n in args.layouts) > total:
         p.error(f"a layout needs more than the {total} GPUs of this machine")
 
+    earlier = earlier_rows(args.with_rows, args)
     workdir = pathlib.Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -340,7 +362,7 @@ def main():
         resume_rows, result = resume_check(args.recipes[0], *args.resume, args, workdir, src_row)
         rows += resume_rows
         resumes.append(result)
-    summary = summarise(rows, args.weak)
+    summary = summarise(earlier + rows, args.weak)
     for s in summary + resumes:
         print(json.dumps(s))
     result = {"benchmark": "multi_gpu", "environment": {**bench_environment(), "gpus": total},
@@ -353,7 +375,9 @@ def main():
                            "loss_match": f"step-1 relative difference <= {STEP1_TOLERANCE} (same weights "
                                          f"and data) and mean relative difference over all steps <= "
                                          f"{MEAN_TOLERANCE} (bf16 runs drift apart slowly)"},
-              "summary": summary, "resume": resumes, "runs": rows}
+              "summary": summary, "resume": resumes, "runs": rows,
+              "earlier_runs_summarised": {path: [r["name"] for r in earlier if r["from"] == path]
+                                          for path in args.with_rows}}
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
 
