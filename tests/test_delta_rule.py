@@ -224,6 +224,15 @@ def test_saved_backward(case, gated, monkeypatch):
         assert torch.equal(grad, again), name
 
 
+def test_backward_mode_default_is_saved(monkeypatch):
+    from flame.kernels import delta_rule
+
+    monkeypatch.delenv("FLAME_DELTA_BACKWARD", raising=False)
+    assert delta_rule.backward_mode() == "saved"
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", "recompute")
+    assert delta_rule.backward_mode() == "recompute"
+
+
 def test_backward_mode_rejected(monkeypatch):
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", "keep")

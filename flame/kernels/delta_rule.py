@@ -8,10 +8,10 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      products) and `_prepare_substitution_kernel` (the first one, the default until timed).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
-Backward (delta_rule_bwd.py) recomputes w, u, A and the per-chunk states with these two kernels
-(or, with FLAME_DELTA_BACKWARD=saved, takes them from the forward: `backward_mode`), then runs a
-reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel for every other
-gradient (q, k, v, g, beta, initial_state).
+Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
+or recomputes them with these two kernels (FLAME_DELTA_BACKWARD=recompute; `backward_mode`),
+then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel
+for every other gradient (q, k, v, g, beta, initial_state).
 
 Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
 """
@@ -559,15 +559,17 @@ BACKWARD_MODES = ("recompute", "saved")
 
 
 def backward_mode() -> str:
-    """What the backward gets from the forward: FLAME_DELTA_BACKWARD=recompute (default) or saved.
+    """What the backward gets from the forward: FLAME_DELTA_BACKWARD=saved (default) or recompute.
 
-    recompute: the backward reruns the prep kernel and the chunk-to-chunk pass from the inputs.
     saved: the forward also writes A, the per-chunk states and v' (the pass computes o and
     stores them at once) and keeps them with w and the gate cumsum, so the backward runs only
-    its two gradient kernels. The price is activation memory: per layer and token
+    its two gradient kernels (H100, 8 x 4096 tokens, 16 heads of 128: gated fwd+bwd 6.10 ->
+    4.97 ms; benchmarks/notes_delta_rule.md).
+    recompute: the backward reruns the prep kernel and the chunk-to-chunk pass from the inputs,
+    for runs short of activation memory. The saved tensors cost per layer and token
     2 * HV * (K + 64 + V) bytes plus the states (HV * K * V * 2 bytes per chunk of 64 tokens),
     ~250 MB per layer at 8 x 4096 tokens, HV = 4, K = 128, V = 256."""
-    mode = os.environ.get("FLAME_DELTA_BACKWARD", "recompute")
+    mode = os.environ.get("FLAME_DELTA_BACKWARD", "saved")
     if mode not in BACKWARD_MODES:
         raise ValueError(f"FLAME_DELTA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
     return mode
