@@ -49,3 +49,14 @@ def test_chunk_indices_in_inference_mode():
     with torch.inference_mode():
         cu = torch.tensor([0, 3, 9], dtype=torch.int32)
         assert prepare_chunk_indices(cu, 64, 3)[0].tolist() == [[0, 0], [1, 0], [2, 0]]
+
+
+def test_host_integer_helpers_match_triton():
+    import triton
+
+    from flame.kernels.utils import cdiv, next_power_of_2
+
+    for a in range(0, 600):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 3, 16, 64, 128):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -177,3 +177,42 @@ def test_mamba2_equals_the_ssm_recurrence():
     y = torch.stack(ys).reshape(1, 8, H * P)
     ref = mixer.out_proj(mixer.norm(y * F.silu(z)))
     assert rel(out, ref) < 1e-10
+
+
+@pytest.mark.parametrize("name, kw", [("gated_deltanet", {"expand_v": 2.0}), ("deltanet", {}),
+                                      ("gla", {"use_short_conv": False}), ("retnet", {"use_short_conv": True})],
+                         ids=["gated_deltanet", "deltanet", "gla-no-conv", "retnet-conv"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_fused_qkv_projection_equals_three_calls(name, kw, packed, monkeypatch):
+    """Training computes q, k, v with one matmul and one convolution over the concatenated
+    channels: same values and parameter gradients as three projections and three convolutions."""
+    from flame.models.mixers import common
+
+    mixer = make(name, **kw)
+    B, T = (1, 13) if packed else (2, 9)
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32) if packed else None
+    x = torch.randn(B, T, 32, dtype=torch.float64)
+    results = []
+    for fusable in (True, False):
+        monkeypatch.setattr(common, "_fusable", lambda m, fusable=fusable: fusable)
+        mixer.zero_grad()
+        outs = common.project_qkv(mixer, x, cu, None, None)
+        sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
+            for i, o in enumerate(outs)).backward()
+        results.append(([o.detach().clone() for o in outs],
+                        {n: p.grad.clone() for n, p in mixer.named_parameters() if p.grad is not None}))
+    (fused, fused_grads), (three, three_grads) = results
+    for a, b in zip(fused, three):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_grads.keys() == three_grads.keys() and any("q_proj" in n for n in fused_grads)
+    for n in fused_grads:
+        assert torch.allclose(fused_grads[n], three_grads[n], rtol=1e-10, atol=1e-12), n
+
+
+def test_fused_qkv_projection_is_the_training_path():
+    from flame.models.mixers import common
+
+    mixer = make("gated_deltanet")
+    assert common._fusable(mixer)
+    mixer.k_conv.activation = None  # convolutions that differ keep their own calls
+    assert not common._fusable(mixer)

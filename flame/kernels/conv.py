@@ -15,6 +15,7 @@ import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
 from flame.kernels.norm import _num_programs
+from flame.kernels.utils import cdiv, next_power_of_2
 
 ACTIVATIONS = ("silu", None)
 
@@ -336,7 +337,7 @@ _THREAD_COLS = 4  # channels per thread: 8-byte (16-bit) or 16-byte (fp32) vecto
 
 def _channel_blocks(n_cols: int) -> tuple[int, int]:
     """(BLOCK_C, warps): up to 4 warps of 4 channels per thread."""
-    block = min(max(triton.next_power_of_2(n_cols), 32), 32 * _THREAD_COLS * 4)
+    block = min(max(next_power_of_2(n_cols), 32), 32 * _THREAD_COLS * 4)
     return block, max(1, block // (32 * _THREAD_COLS))
 
 
@@ -347,9 +348,9 @@ def _row_runs(kernel, args, constexprs: dict, warps: int, n_rows: int, c_blocks:
     is the one launched (Triton specialises integers on divisibility by 16)."""
     unit = max(rows, 16)
     resident = _num_programs(kernel, args(unit), constexprs, warps, n_tiles=1 << 30)
-    programs = max(1, min(triton.cdiv(n_rows, unit), resident // c_blocks))
-    per_program = triton.cdiv(triton.cdiv(n_rows, programs), unit) * unit
-    return triton.cdiv(n_rows, per_program), per_program
+    programs = max(1, min(cdiv(n_rows, unit), resident // c_blocks))
+    per_program = cdiv(cdiv(n_rows, programs), unit) * unit
+    return cdiv(n_rows, per_program), per_program
 
 
 def _cu_of(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -372,7 +373,7 @@ def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
     block, warps = _channel_blocks(n_cols)
-    c_blocks = triton.cdiv(n_cols, block)
+    c_blocks = cdiv(n_cols, block)
     constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
                       IS_SILU=activation == "silu", ROWS=_FWD_ROWS, BLOCK_C=block)
 
@@ -400,7 +401,7 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
         db = torch.zeros(n_cols, device=x.device, dtype=torch.float32)
     else:
         block, warps = _channel_blocks(n_cols)
-        c_blocks = triton.cdiv(n_cols, block)
+        c_blocks = cdiv(n_cols, block)
         constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
                           IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block)
 

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from flame.kernels.cross_entropy_ref import REDUCTIONS, logit_grad_ref_, logit_stats_ref
 from flame.kernels.dispatch import use_triton
+from flame.kernels.utils import cdiv, next_power_of_2
 
 CHUNK_BYTES = 512 * 2**20  # the logits buffer: the extra memory of a call besides the gradients
 
@@ -137,7 +138,7 @@ def _logit_stats_triton(logits, target_local, softcap, need_zsum):
     _logit_stats_kernel[(n,)](
         logits, logits.stride(0), target_local, lse, zt, zsum, v, softcap or 1.0,
         HAS_SOFTCAP=softcap is not None, HAS_ZSUM=need_zsum,
-        BLOCK=min(_BLOCK_V_STATS, triton.next_power_of_2(v)), num_warps=8,
+        BLOCK=min(_BLOCK_V_STATS, next_power_of_2(v)), num_warps=8,
     )
     return lse, zt, zsum
 
@@ -147,7 +148,7 @@ def _logit_grad_triton_(logits, target_local, lse, row_scale, label_smoothing, z
     _logit_grad_kernel[(n,)](
         logits, logits.stride(0), target_local, lse, row_scale.float().contiguous(), v,
         label_smoothing / vocab_size, 1.0 - label_smoothing, z_loss, softcap or 1.0,
-        HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+        HAS_SOFTCAP=softcap is not None, BLOCK=min(_BLOCK_V, next_power_of_2(v)), num_warps=8,
     )
     return logits
 
@@ -164,7 +165,7 @@ def _scale_(g, grad_out, triton_kernels):
         return g.mul_(grad_out.to(g.dtype))
     scale = grad_out.detach().to(torch.float32).reshape(1)
     n = g.numel()
-    grid = (max(1, min(triton.cdiv(n, _BLOCK_SCALE), _programs_for(g.device))),)
+    grid = (max(1, min(cdiv(n, _BLOCK_SCALE), _programs_for(g.device))),)
     _scale_unless_one_kernel[grid](g, scale, n, BLOCK=_BLOCK_SCALE, num_warps=4)
     return g
 

@@ -27,7 +27,7 @@ from flame.kernels.delta_rule_bwd import backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import chunk_span, max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import cdiv, chunk_span, max_num_chunks, next_power_of_2, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -472,7 +472,7 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
         grid = (chunk_indices.shape[0], HV)
     else:
         chunk_indices = None
-        grid = (triton.cdiv(T, CHUNK), B * HV)
+        grid = (cdiv(T, CHUNK), B * HV)
     if prepare_variant() == "blocks":
         # A passes through memory (every entry written, zeros included) even when not returned.
         a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
@@ -507,7 +507,7 @@ def state_warps(element_size: int) -> int:
 
 
 def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
@@ -517,7 +517,7 @@ def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
     # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
     # blocks give more programs so that every SM has one.
-    while BV > 16 and num_seqs * HV * triton.cdiv(V, BV) < 2 * _num_sms(q.device):
+    while BV > 16 and num_seqs * HV * cdiv(V, BV) < 2 * _num_sms(q.device):
         BV //= 2
     return BV
 
@@ -539,7 +539,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     BV = _state_block(q, N, HV, V)
-    _state_output_kernel[(triton.cdiv(V, BV), N * HV)](
+    _state_output_kernel[(cdiv(V, BV), N * HV)](
         q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
         T, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
         USE_G=gcum is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
@@ -552,7 +552,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
 def _state_slots(B: int, T: int, N: int, cu_seqlens) -> int:
     """Chunk slots of the per-chunk states: every chunk of every sequence, or (packed) an upper
     bound on their number."""
-    return max_num_chunks(T, N, CHUNK) if cu_seqlens is not None else B * triton.cdiv(T, CHUNK)
+    return max_num_chunks(T, N, CHUNK) if cu_seqlens is not None else B * cdiv(T, CHUNK)
 
 
 BACKWARD_MODES = ("recompute", "saved")

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import chunk_span, max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import cdiv, chunk_span, max_num_chunks, next_power_of_2, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -220,7 +220,7 @@ def _chunk_grad_kernel(
 
 
 def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
@@ -262,7 +262,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dv2 = torch.empty_like(vn)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     BV = state_block(q, N, HV, V)
-    _state_grad_kernel[(triton.cdiv(V, BV), N * HV)](
+    _state_grad_kernel[(cdiv(V, BV), N * HV)](
         q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
         T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
         USE_G=g is not None, USE_DHT=dht is not None, USE_H0=initial_state is not None,
@@ -274,7 +274,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         grid = (chunk_indices.shape[0], HV)
     else:
         chunk_indices = None
-        grid = (triton.cdiv(T, CHUNK), B * HV)
+        grid = (cdiv(T, CHUNK), B * HV)
     grad_dtype = torch.float32 if HV != H else q.dtype
     dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)

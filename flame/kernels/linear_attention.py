@@ -11,17 +11,18 @@ any other GLA kernel).
 """
 
 import torch
-import triton
 
 from flame.kernels import linear_attention_triton as kern
 from flame.kernels.dispatch import use_triton
 from flame.kernels.linear_attention_ref import linear_attention_reference
 from flame.kernels.utils import (
+    cdiv,
     check_cu_seqlens,
     check_head_dim,
     check_initial_state,
     default_cu_seqlens,
     max_num_chunks,
+    next_power_of_2,
     prepare_chunk_indices,
     require_floating,
     require_rank,
@@ -60,7 +61,7 @@ class _Chunks:
 def _cumsum(g, scalar_gate, H, K, chunks):
     # A scalar gate keeps one cumulative sum per head: [T, H, 1].
     b = torch.empty(g.shape[0], H, 1 if scalar_gate else K, dtype=torch.float32, device=g.device)
-    grid = (chunks.slots, H, 1 if scalar_gate else triton.cdiv(K, STATE_BLOCK))
+    grid = (chunks.slots, H, 1 if scalar_gate else cdiv(K, STATE_BLOCK))
     kern.chunk_cumsum_kernel[grid](
         g, b, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
         H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, num_warps=NUM_WARPS,
@@ -71,7 +72,7 @@ def _cumsum(g, scalar_gate, H, K, chunks):
 def _state_block(num_seqs, H, K, V, passes):
     # 64x64 tiles when the sequences and heads fill the GPU; else 32x32 tiles, four times
     # the programs, so few long sequences still run on most SMs.
-    tiles = triton.cdiv(K, STATE_BLOCK) * triton.cdiv(V, STATE_BLOCK)
+    tiles = cdiv(K, STATE_BLOCK) * cdiv(V, STATE_BLOCK)
     return STATE_BLOCK if num_seqs * H * tiles * passes >= STATE_PROGRAMS else STATE_BLOCK // 2
 
 
@@ -90,7 +91,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if backward and h0 is not None else None
     passes = int(forward) + int(backward)
     blk = _state_block(N, H, K, V, passes)
-    grid = (triton.cdiv(K, blk) * triton.cdiv(V, blk), H, N * passes)
+    grid = (cdiv(K, blk) * cdiv(V, blk), H, N * passes)
     dummy = h if h is not None else dh
     kern.chunk_state_kernel[grid](
         k, v, q, do if do is not None else v, b,
@@ -115,16 +116,16 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     if scalar_gate:
-        bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
-        grid = (chunks.slots * triton.cdiv(V, bv), H)
+        bv = min(next_power_of_2(V), CHUNK_BLOCK)
+        grid = (chunks.slots * cdiv(V, bv), H)
         kern.chunk_output_scalar_kernel[grid](
             q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None
     a = _gla_scores(q, k, b, scale, chunks)
-    bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
-    kern.chunk_gla_output_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+    bv = min(next_power_of_2(V), CHUNK_BLOCK)
+    kern.chunk_gla_output_kernel[(chunks.slots * cdiv(V, bv), H)](
         q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
@@ -132,7 +133,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
 
 
 def _gla_block(dim):
-    return min(triton.next_power_of_2(dim), GLA_BLOCK)
+    return min(next_power_of_2(dim), GLA_BLOCK)
 
 
 def _gla_scores(q, k, b, scale, chunks):
@@ -161,18 +162,18 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
     if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V),
+            H=H, K=K, V=V, BK=next_power_of_2(K), BV=next_power_of_2(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
         return dq, dk, dv, dg, dh0
     if scalar_gate:
-        bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
-        kern.chunk_backward_dv_scalar_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+        bv = min(next_power_of_2(V), CHUNK_BLOCK)
+        kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](
             q, k, b, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
-        bk = min(triton.next_power_of_2(K), CHUNK_BLOCK)
-        nk = triton.cdiv(K, bk)
+        bk = min(next_power_of_2(K), CHUNK_BLOCK)
+        nk = cdiv(K, bk)
         db = torch.empty(nk, T, H, dtype=torch.float32, device=q.device)
         dbl = torch.empty(nk, chunks.slots, H, dtype=torch.float32, device=q.device)
         kern.chunk_backward_dqk_scalar_kernel[(chunks.slots * nk, H)](
@@ -187,8 +188,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
         return dq, dk, dv, dg, dh0
     if a is None:
         a = _gla_scores(q, k, b, scale, chunks)
-    bv = min(triton.next_power_of_2(V), CHUNK_BLOCK)
-    kern.chunk_gla_dv_kernel[(chunks.slots * triton.cdiv(V, bv), H)](
+    bv = min(next_power_of_2(V), CHUNK_BLOCK)
+    kern.chunk_gla_dv_kernel[(chunks.slots * cdiv(V, bv), H)](
         k, b, a, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
         H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
@@ -199,7 +200,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
         H=H, K=K, V=V, BK=_gla_block(K), BV=_gla_block(V), num_warps=GLA_INTRA_WARPS,
     )
     bk = _gla_block(K)
-    kern.chunk_gla_grad_kernel[(chunks.slots * triton.cdiv(K, bk), H)](
+    kern.chunk_gla_grad_kernel[(chunks.slots * cdiv(K, bk), H)](
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
+from flame.kernels.utils import cdiv, next_power_of_2
 
 ACTIVATIONS = ("silu", "sigmoid")
 
@@ -172,7 +173,7 @@ def _rms_norm_bwd_kernel(
 
 
 def _block_and_warps(n_cols: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     if block > 65536:
         raise ValueError(f"rows of {n_cols} features are wider than the 65536 this kernel handles")
     return block, min(max(block // 256, 1), 16)
@@ -281,7 +282,7 @@ def _rms_norm_bwd_impl(dy, dresidual, x, gate, weight, rstd, activation):
         return (x2, gate2, weight, rstd, dy2, dres2, dx, dgate, dw_partial, n_rows, n_cols)
 
     programs = _num_programs(_rms_norm_bwd_kernel, args(rstd), constexprs, warps,
-                             triton.cdiv(n_rows, rows_per_tile))
+                             cdiv(n_rows, rows_per_tile))
     dw_partial = torch.empty(programs, n_cols, device=x.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](*args(dw_partial), **constexprs, num_warps=warps)
     dgate = dgate.view_as(x) if gate is not None else dgate

@@ -15,6 +15,7 @@ import triton.language as tl
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.dispatch import use_triton
 from flame.kernels.recurrent_ref import recurrent_ref
+from flame.kernels.utils import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -75,11 +76,11 @@ def _forward_triton(q, k, v, g, gk, gv, beta, initial_state, cu_seqlens, scale, 
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BK = max(16, triton.next_power_of_2(K))
-    BV = min(32, max(16, triton.next_power_of_2(V)))
+    BK = max(16, next_power_of_2(K))
+    BV = min(32, max(16, next_power_of_2(V)))
     o = torch.empty(B, T, HV, V, dtype=v.dtype, device=v.device)
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=v.device)
-    _recurrent_kernel[(triton.cdiv(V, BV), N * HV)](
+    _recurrent_kernel[(cdiv(V, BV), N * HV)](
         q, k, v, g, gk, gv, beta, o, initial_state, ht, cu_seqlens, scale,
         T, H, HV, K, V, BK=BK, BV=BV,
         USE_G=g is not None, USE_GK=gk is not None, USE_GV=gv is not None, DELTA=delta,

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
+from flame.kernels.utils import cdiv, next_power_of_2
 
 
 def rotary_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -67,9 +68,9 @@ def _rotate(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor,
         x3 = x3.contiguous()
     y = torch.empty(b * t, h, d, device=x.device, dtype=x.dtype)
     pos = position_ids.reshape(-1).contiguous()
-    block_d = triton.next_power_of_2(d // 2)
-    block_h = max(1, min(triton.next_power_of_2(h), 4096 // block_d))
-    grid = (b * t, triton.cdiv(h, block_h))
+    block_d = next_power_of_2(d // 2)
+    block_h = max(1, min(next_power_of_2(h), 4096 // block_d))
+    grid = (b * t, cdiv(h, block_h))
     _rotary_kernel[grid](
         x3, y, pos, inv_freq, h, d // 2, x3.stride(0), x3.stride(1), y.stride(0), y.stride(1),
         SIGN=sign, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,

@@ -16,6 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers (triton.cdiv goes through Triton's constexpr-function
+    wrapper, several microseconds per call on the host; grids are sized on every launch)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n for host integers (0 for 0, as triton.next_power_of_2; see cdiv)."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 CU_SEQLENS_DTYPES = (torch.int32, torch.int64)

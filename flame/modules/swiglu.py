@@ -6,6 +6,7 @@ import triton.language as tl
 from torch import nn
 
 from flame.kernels.dispatch import use_triton
+from flame.kernels.utils import cdiv
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,7 +42,7 @@ _BLOCK = 1024
 def _swiglu_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
     y = torch.empty_like(a)
-    _swiglu_fwd_kernel[(triton.cdiv(a.numel(), _BLOCK),)](a, b, y, a.numel(), BLOCK=_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(cdiv(a.numel(), _BLOCK),)](a, b, y, a.numel(), BLOCK=_BLOCK, num_warps=4)
     return y
 
 
@@ -54,7 +55,7 @@ def _(a, b):
 def _swiglu_bwd_op(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     a, b, dy = a.contiguous(), b.contiguous(), dy.contiguous()
     da, db = torch.empty_like(a), torch.empty_like(b)
-    _swiglu_bwd_kernel[(triton.cdiv(a.numel(), _BLOCK),)](a, b, dy, da, db, a.numel(), BLOCK=_BLOCK, num_warps=4)
+    _swiglu_bwd_kernel[(cdiv(a.numel(), _BLOCK),)](a, b, dy, da, db, a.numel(), BLOCK=_BLOCK, num_warps=4)
     return da, db
 
 

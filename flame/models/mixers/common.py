@@ -4,8 +4,11 @@ convolutions with their decoding caches, positions for rotary, and gate initiali
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
+
+from flame.kernels.conv import causal_conv1d
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
 CHUNK_SIZE = 64
@@ -74,12 +77,43 @@ def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
 def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state):
     """q, k, v projections of x, each through its short convolution when the mixer has them (the
     convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v)."""
+    if state is None and new_state is None and _fusable(mixer):
+        return _project_qkv_fused(mixer, x, cu_seqlens)
     q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
     if mixer.use_short_conv:
         q = apply_conv(mixer.q_conv, q, cu_seqlens, state, new_state, "conv_q")
         k = apply_conv(mixer.k_conv, k, cu_seqlens, state, new_state, "conv_k")
         v = apply_conv(mixer.v_conv, v, cu_seqlens, state, new_state, "conv_v")
     return q, k, v
+
+
+def _fusable(mixer: nn.Module) -> bool:
+    """Whether q, k and v can be computed as one matmul (and one convolution): plain weights
+    without biases (tensor-parallel weights are DTensors whose modules redistribute their
+    inputs and outputs, so they keep the three calls) and convolutions alike."""
+    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
+    if any(p.bias is not None or isinstance(p.weight, DTensor) for p in projs):
+        return False
+    if not mixer.use_short_conv:
+        return True
+    convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
+    return (len({(c.kernel_size, c.activation, c.bias is None) for c in convs}) == 1
+            and not any(isinstance(c.weight, DTensor) for c in convs))
+
+
+def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens):
+    """The training path of project_qkv: one matmul against the three weights side by side and
+    one convolution over the concatenated channels. Same values as three of each (the
+    convolution is depthwise, so channels do not mix); fewer kernel launches and op calls per
+    layer, which matters because a linear-attention layer's step is close to host-bound."""
+    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
+    qkv = F.linear(x, torch.cat([p.weight for p in projs]))
+    if mixer.use_short_conv:
+        convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
+        weight = torch.cat([c.weight for c in convs]).squeeze(1)
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        qkv, _ = causal_conv1d(qkv, weight, bias, convs[0].activation, cu_seqlens)
+    return qkv.split([p.out_features for p in projs], dim=-1)
 
 
 @torch.no_grad()
