@@ -1,7 +1,9 @@
-"""The varlen chunk indices: values, and their reuse across calls on the same cu_seqlens."""
+"""Kernel helpers: the varlen chunk indices (values, reuse across calls on the same
+cu_seqlens), host integer helpers, and the up-front compile of document-count-dependent variants."""
 
 import gc
 
+import pytest
 import torch
 
 from flame.kernels.utils import _chunk_indices, prepare_chunk_indices
@@ -60,3 +62,54 @@ def test_host_integer_helpers_match_triton():
         assert next_power_of_2(a) == triton.next_power_of_2(a), a
         for b in (1, 3, 16, 64, 128):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it is on the GPU, for the host logic of GPU-only helpers."""
+
+    is_cuda = True
+
+
+def test_compile_variants_compiles_each_option_once_per_argument_kind(monkeypatch):
+    from flame.kernels import utils
+
+    monkeypatch.setattr(utils, "_COMPILED_VARIANTS", set())
+    compiled = []
+
+    class Kernel:
+        class fn:  # noqa: N801 - the shape of a JITFunction's .fn
+            __name__ = "state_kernel"
+
+        def warmup(self, *args, grid, **options):
+            assert grid == (1,)
+            compiled.append((args[0].dtype, options))
+
+    x = torch.Tensor._make_subclass(_OnGpu, torch.zeros(4))
+    variants = [{"BV": 64, "num_stages": 2}, {"BV": 32, "num_stages": 2}, {"BV": 16, "num_stages": 2}]
+    utils.compile_variants(Kernel(), (x, 7), variants)
+    assert compiled == [(torch.float32, v) for v in variants]
+    utils.compile_variants(Kernel(), (x, 9), variants)  # another document count: nothing to compile
+    assert len(compiled) == 3
+    half = torch.Tensor._make_subclass(_OnGpu, torch.zeros(4, dtype=torch.float16))
+    utils.compile_variants(Kernel(), (half, 7), variants)  # another dtype: its own kernels
+    assert len(compiled) == 6
+    utils.compile_variants(Kernel(), (torch.zeros(4), 7), variants)  # CPU (interpreter): none
+    utils.compile_variants(Kernel(), (x, 7), variants[:1])  # one option: the launch compiles it
+    assert len(compiled) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("K,V", [(128, 128), (128, 256), (256, 256), (64, 64), (32, 16)])
+def test_state_block_choices_cover_every_document_count(dtype, K, V, monkeypatch):
+    """The delta rule's serial pass narrows its V block when few sequences must fill the GPU:
+    every block it can pick is among the ones compiled up front."""
+    from flame.kernels import delta_rule
+
+    monkeypatch.setattr(delta_rule, "_num_sms", lambda device: 132)
+    q = torch.empty(1, 1, 1, K, dtype=dtype)
+    choices = delta_rule.state_block_choices(q, V)
+    picked = {delta_rule._state_block(q, n, hv, V) for n in range(1, 300) for hv in (1, 2, 4, 8, 16)}
+    assert picked == set(choices)  # all covered, none compiled in vain
+    assert choices == sorted(choices, reverse=True) and choices[-1] == min(16, choices[0])
+    if dtype == torch.bfloat16 and (K, V) == (128, 256):  # the Gated DeltaNet recipes' heads
+        assert choices == [64, 32, 16]

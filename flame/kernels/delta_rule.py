@@ -27,7 +27,8 @@ from flame.kernels.delta_rule_bwd import backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import cdiv, chunk_span, max_num_chunks, next_power_of_2, prepare_chunk_indices
+from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks,
+                                next_power_of_2, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -522,6 +523,15 @@ def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     return BV
 
 
+def state_block_choices(q: torch.Tensor, V: int) -> list[int]:
+    """Every V block `_state_block` can pick for q's head size and dtype, whatever the number of
+    sequences: the widest and its halvings down to 16."""
+    choices = [_state_block(q, 1 << 30, 1, V)]
+    while choices[-1] > 16:
+        choices.append(choices[-1] // 2)
+    return choices
+
+
 def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False):
     """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
     [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None); the
@@ -539,13 +549,13 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     BV = _state_block(q, N, HV, V)
-    _state_output_kernel[(cdiv(V, BV), N * HV)](
-        q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
-        T, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
-        USE_G=gcum is not None, USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
-        COMPUTE_O=compute_o, STORE_STATES=store_states,
-        num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2,
-    )
+    args = (q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=initial_state is not None,
+                   IS_VARLEN=cu_seqlens is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
+                   num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
+    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
+        compile_variants(_state_output_kernel, args, [dict(options, BV=b) for b in state_block_choices(q, V)])
+    _state_output_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     return o, ht, hs, vn, chunk_offsets
 
 
@@ -656,7 +666,8 @@ def _backward_op(
             saved = (w, gcum if g is not None else None, a, hs, vn)
         dq, dk, dv, dg, dbeta, dh0 = backward_triton(
             do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
-            state_block=_state_block, prepare=_prepare, state_pass=_state_pass, saved=saved)
+            state_block=_state_block, state_block_choices=state_block_choices, prepare=_prepare,
+            state_pass=_state_pass, saved=saved)
         return (dq, dk, dv, dg if dg is not None else q.new_empty(0), dbeta,
                 dh0 if dh0 is not None else q.new_empty(0))
     dtype = compute_dtype(q)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import cdiv, chunk_span, max_num_chunks, next_power_of_2, prepare_chunk_indices
+from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks,
+                                next_power_of_2, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -236,11 +237,12 @@ def state_grad_warps(element_size: int) -> int:
     return 4
 
 
-def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block, prepare,
-                    state_pass, saved=None):
+def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block,
+                    state_block_choices, prepare, state_pass, saved=None):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
     recompute the forward (delta_rule.py) unless `saved` brings (w, gate cumsum or None, A,
-    per-chunk states, v') from it; `state_block` picks the V block of the serial passes."""
+    per-chunk states, v') from it; `state_block` picks the V block of the serial passes (one of
+    `state_block_choices`, all compiled at the first packed call)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -262,13 +264,13 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dv2 = torch.empty_like(vn)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     BV = state_block(q, N, HV, V)
-    _state_grad_kernel[(cdiv(V, BV), N * HV)](
-        q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
-        T, H, HV, K, V, BT=CHUNK, BK=BK, BV=BV,
-        USE_G=g is not None, USE_DHT=dht is not None, USE_H0=initial_state is not None,
-        IS_VARLEN=cu_seqlens is not None,
-        num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2,
-    )
+    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
+                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
+                   num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
+    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
+        compile_variants(_state_grad_kernel, args, [dict(options, BV=b) for b in state_block_choices(q, V)])
+    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
         grid = (chunk_indices.shape[0], HV)

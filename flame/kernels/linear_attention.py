@@ -18,6 +18,7 @@ from flame.kernels.linear_attention_ref import linear_attention_reference
 from flame.kernels.utils import (
     cdiv,
     check_cu_seqlens,
+    compile_variants,
     check_head_dim,
     check_initial_state,
     default_cu_seqlens,
@@ -51,8 +52,9 @@ NUM_WARPS = 4
 class _Chunks:
     """Chunk bookkeeping for one call, built on the device without reading it back."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, total_len: int):
+    def __init__(self, cu_seqlens: torch.Tensor, total_len: int, packed: bool = True):
         self.cu_seqlens = cu_seqlens
+        self.packed = packed  # the caller's cu_seqlens: the number of sequences varies by batch
         self.num_seqs = cu_seqlens.numel() - 1
         self.slots = max_num_chunks(total_len, self.num_seqs, kern.CHUNK_SIZE)
         self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.CHUNK_SIZE, self.slots)
@@ -93,17 +95,22 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     blk = _state_block(N, H, K, V, passes)
     grid = (cdiv(K, blk) * cdiv(V, blk), H, N * passes)
     dummy = h if h is not None else dh
-    kern.chunk_state_kernel[grid](
-        k, v, q, do if do is not None else v, b,
-        h0 if h0 is not None else dummy, dht if dht is not None else dummy,
-        dummy if h is None else h, dummy if dh is None else dh,
-        ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
-        chunks.cu_seqlens, chunks.offsets, N, scale,
-        SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FORWARD=forward, BACKWARD=backward,
-        HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
-        STORE_HT=ht is not None, STORE_DH0=dh0 is not None, BK=blk, BV=blk,
-        num_warps=NUM_WARPS, num_stages=STATE_STAGES if blk == STATE_BLOCK else STATE_STAGES_SMALL,
-    )
+    args = (k, v, q, do if do is not None else v, b,
+            h0 if h0 is not None else dummy, dht if dht is not None else dummy,
+            dummy if h is None else h, dummy if dh is None else dh,
+            ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
+            chunks.cu_seqlens, chunks.offsets, N, scale)
+    options = dict(SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FORWARD=forward, BACKWARD=backward,
+                   HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
+                   STORE_HT=ht is not None, STORE_DH0=dh0 is not None, num_warps=NUM_WARPS)
+
+    def tiles(blk):
+        return dict(BK=blk, BV=blk, num_stages=STATE_STAGES if blk == STATE_BLOCK else STATE_STAGES_SMALL)
+
+    if chunks.packed:  # blk follows the number of documents, which varies by batch
+        choices = (STATE_BLOCK, STATE_BLOCK // 2)
+        compile_variants(kern.chunk_state_kernel, args, [dict(options, **tiles(x)) for x in choices])
+    kern.chunk_state_kernel[grid](*args, **options, **tiles(blk))
     return h, dh, ht, dh0
 
 
@@ -220,7 +227,7 @@ def _flat(x):
 def _chunks_for(q, cu_seqlens):
     B, T = q.shape[:2]
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
-    return _Chunks(cu, B * T)
+    return _Chunks(cu, B * T, packed=cu_seqlens is not None)
 
 
 @torch.library.custom_op("flame::gated_linear_attention_fwd", mutates_args=())

@@ -7,7 +7,10 @@ real count see a sequence index equal to the number of sequences and return earl
 
 Kernel arguments that count documents (N, n_docs, slots) are marked `do_not_specialize`:
 Triton would otherwise compile a new variant the first time such a count is 1 or a multiple
-of 16, a stall of seconds at a random step of training.
+of 16, a stall of seconds at a random step of training. For the same reason, a block size
+chosen from the number of documents (the serial state passes narrow their tiles when few
+sequences must fill the GPU) has all its candidates compiled at the first packed call
+(`compile_variants`).
 """
 
 import weakref
@@ -25,6 +28,30 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n for host integers (0 for 0, as triton.next_power_of_2; see cdiv)."""
     return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
+_COMPILED_VARIANTS: set = set()
+
+
+def compile_variants(kernel, args: tuple, variants: list[dict]) -> None:
+    """Compile `kernel` for every option set in `variants` (constexprs and launch options, such
+    as a block size and its num_stages) with the arguments of the launch that follows, so that
+    launches with any of them find a compiled kernel. Used where the choice depends on the number
+    of packed documents, which changes from batch to batch: otherwise the first batch that picks
+    another option stalls training (and, with several ranks, every rank) for a compile of a few
+    seconds. Once per process for each kernel, argument dtypes and option list; GPU only (the
+    interpreter compiles nothing)."""
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    if not first.is_cuda or len(variants) < 2:
+        return
+    key = (kernel.fn.__name__, first.device.index,
+           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args),
+           tuple(tuple(sorted(v.items())) for v in variants))
+    if key in _COMPILED_VARIANTS:
+        return
+    for options in variants:
+        kernel.warmup(*args, **options, grid=(1,))
+    _COMPILED_VARIANTS.add(key)
 
 
 MIN_HEAD_DIM = 16
