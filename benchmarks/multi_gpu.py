@@ -82,6 +82,15 @@ def recipe_name(recipe: str) -> str:
     return name[:-len(".toml")] if name.endswith(".toml") else name
 
 
+def gpu_topology() -> str | None:
+    """`nvidia-smi topo -m`: how the GPUs are connected (NVLink or PCIe paths), which bounds the
+    collectives; None without nvidia-smi."""
+    try:
+        return subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def gpu_count() -> int:
     import torch
 
@@ -367,7 +376,8 @@ def main():
     summary = summarise(earlier + rows, args.weak)
     for s in summary + resumes:
         print(json.dumps(s))
-    result = {"benchmark": "multi_gpu", "environment": {**bench_environment(), "gpus": total},
+    result = {"benchmark": "multi_gpu", "environment": {**bench_environment(), "gpus": total,
+                                                        "gpu_topology": gpu_topology()},
               "settings": {"steps": args.steps, "timed_after_step": args.skip, "seq_len": args.seq,
                            "micro_batch": args.batch, "weak_scaling": args.weak,
                            "micro_batches_per_step": args.micro_batches,
