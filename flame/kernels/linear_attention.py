@@ -18,9 +18,9 @@ from flame.kernels.linear_attention_ref import linear_attention_reference
 from flame.kernels.utils import (
     cdiv,
     check_cu_seqlens,
-    compile_variants,
     check_head_dim,
     check_initial_state,
+    compile_variants,
     default_cu_seqlens,
     max_num_chunks,
     next_power_of_2,
