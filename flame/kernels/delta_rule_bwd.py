@@ -168,7 +168,6 @@ def _chunk_grad_kernel(
 
     causal = r[:, None] >= r[None, :]
     strict = r[:, None] > r[None, :]
-    qf = b_q.to(tl.float32)
     kf = b_k.to(tl.float32)
     if USE_G:
         e = tl.where(causal, tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0)), 0.0)
@@ -178,13 +177,26 @@ def _chunk_grad_kernel(
         e = tl.where(causal, 1.0, 0.0)
         gam = tl.full([BT], 1.0, tl.float32)
         kdec = tl.full([BT], 1.0, tl.float32)
+    # The gate gradient dgc (gradient of the in-chunk cumsum gc) is a sum of row reductions of
+    # tiles that the other gradients need too; each term is added as soon as its tile is final,
+    # so no [64, K] or [64, 64] tile stays alive to the end for it (fewer register spills).
+    dgc = tl.zeros([BT], dtype=tl.float32)
     # Output: o = scale (gam q S0 + tril(q k^T e) v').
     dPe = dP * e * scale
     dq_inter = dq_inter * (scale * gam)[:, None]
+    if USE_G:
+        Z = dPe * tl.dot(b_q, tl.trans(b_k))
+        dgc += tl.sum(dq_inter * b_q.to(tl.float32), 1) + tl.sum(Z, 1) - tl.sum(Z, 0)
     b_dq = dq_inter + tl.dot(dPe.to(dt), b_k)
+    tok_k = rows[:, None] * (HV * K) + hv * K + ck[None, :]
+    tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=kmask)
     b_dk = tl.dot(tl.trans(dPe).to(dt), b_q)
     # State update: S1 = exp(gl) S0 + (k exp(gl - gc))^T v'.
     dk_state = dk_state * kdec[:, None]
+    if USE_G:
+        ys = tl.sum(dk_state * kf, 1)
+        dgc -= ys
+        dgl_total = dgl * tl.exp(last) + tl.sum(ys, 0)
     b_dk += dk_state
     # WY: w = A (beta gam k), u = A (beta v).
     kb = kf * (b_beta * gam)[:, None]
@@ -193,6 +205,8 @@ def _chunk_grad_kernel(
     dkb = tl.dot(b_at.to(dt), dw.to(dt))
     b_dk += dkb * (b_beta * gam)[:, None]
     dbeta_acc = dbeta_v + tl.sum(dkb * kf, 1) * gam
+    if USE_G:
+        dgc += tl.sum(dkb * kb, 1)
     # A = (I + L)^-1: dL = -A^T dA A^T below the diagonal; L = beta_i k_i.k_j e_ij.
     dL = -tl.dot(tl.dot(b_at.to(dt), dA.to(dt)).to(dt), b_at.to(dt))
     dL = tl.where(strict, dL, 0.0)
@@ -202,17 +216,11 @@ def _chunk_grad_kernel(
     b_dk += tl.dot(dkk.to(dt), b_k) + tl.dot(tl.trans(dkk).to(dt), b_k)
     dbeta_acc += tl.sum(dLe * kk, 1)
     tl.store(dbeta + rows * HV + hv, dbeta_acc.to(dbeta.dtype.element_ty), mask=rmask)
-    tok_k = rows[:, None] * (HV * K) + hv * K + ck[None, :]
-    tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=kmask)
     tl.store(dk + tok_k, b_dk.to(dk.dtype.element_ty), mask=kmask)
     if USE_G:
-        # Gradient of the in-chunk cumsum gc, then of g by a reverse cumsum.
-        Z = dPe * tl.dot(b_q, tl.trans(b_k))
         G = dLe * kk * b_beta[:, None]
-        ZG = Z + G
-        ys = tl.sum(dk_state * kf, 1)
-        dgc = tl.sum(dq_inter * qf, 1) + tl.sum(ZG, 1) - tl.sum(ZG, 0) - ys + tl.sum(dkb * kb, 1)
-        dgl_total = dgl * tl.exp(last) + tl.sum(ys, 0)
+        dgc += tl.sum(G, 1) - tl.sum(G, 0)
+        # then of g, by a reverse cumsum; the chunk's last row also carries the state decay's
         last_row = tl.minimum(i * BT + BT, eos - bos) - 1 - i * BT
         dgc = tl.where(r == last_row, dgc + dgl_total, dgc)
         dgc = tl.where(rmask, dgc, 0.0)
