@@ -1,11 +1,11 @@
-"""Registers and spills of the delta-rule chunk-gradient kernel for sm_90, without a GPU.
+"""Registers and spills of the delta-rule kernels for sm_90, without a GPU.
 
 Triton compiles the kernel ahead of time for an H100 target and the ptxas bundled with Triton
 reports what it allocated: registers per thread and the bytes spilled to local memory (spill
 loads sit on the kernel's critical path). A kernel change that moves work around can be judged
 here before it is timed on the GPU.
 
-    python benchmarks/ptxas_report.py            # the GDN / DeltaNet recipe heads, bf16
+    python benchmarks/ptxas_report.py   # the Gated DeltaNet / DeltaNet recipe heads, bf16
 
 Needs Triton with its NVIDIA backend (3.6 is what the GPU host runs); no GPU, no CUDA driver.
 """
@@ -20,15 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_kernels():
-    """flame.kernels.delta_rule_bwd without flame/__init__ (which needs the whole stack)."""
+    """flame.kernels.delta_rule(_bwd) without flame/__init__ (which needs the whole stack)."""
     for name, path in (("flame", "flame"), ("flame.kernels", "flame/kernels")):
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(ROOT, path)]
             sys.modules[name] = module
+    import flame.kernels.delta_rule as fwd
     import flame.kernels.delta_rule_bwd as bwd
 
-    return bwd
+    return fwd, bwd
 
 
 def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str:
@@ -36,7 +37,7 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    scalars = {"T": "i32", "N": "i32", "scale": "fp32"}
+    scalars = {"T": "i32", "N": "i32", "scale": "fp32"}  # the rest are pointers
     int_pointers = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
     fp32_pointers = {"g", "gcum", "dg", "dbeta"}
     signature = {}
@@ -62,13 +63,25 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str
 
 
 def main() -> None:
-    bwd = import_kernels()
+    fwd, bwd = import_kernels()
+    K, V, HV = 128, 256, 4  # the Gated DeltaNet recipes' heads
+    heads = dict(H=HV, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=True)
     for gated in (True, False):
-        for K, V in ((128, 256), (128, 128)):
-            BV, warps = bwd.chunk_grad_config(2, K, V)
-            constexprs = dict(H=4, HV=4, K=K, V=V, BT=64, BK=K, BV=BV, USE_G=gated, IS_VARLEN=True)
-            print(f"_chunk_grad_kernel gated={gated!s:5} K={K} V={V} BV={BV} warps={warps}: "
-                  f"{report(bwd._chunk_grad_kernel, constexprs, warps)}")
+        BV, warps = bwd.chunk_grad_config(2, K, V)
+        rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(heads, BV=BV, USE_G=gated), warps)]
+        for V2 in (128,):  # also square heads
+            BV2, warps2 = bwd.chunk_grad_config(2, K, V2)
+            rows.append((f"_chunk_grad_kernel V={V2}", bwd._chunk_grad_kernel,
+                         dict(heads, V=V2, BV=BV2, USE_G=gated), warps2))
+        state = dict(heads, BV=64, USE_G=gated, USE_H0=False)
+        rows.append(("_state_output_kernel (o and saved states)", fwd._state_output_kernel,
+                     dict(state, COMPUTE_O=True, STORE_STATES=True), fwd.state_warps(2)))
+        rows.append(("_state_grad_kernel", bwd._state_grad_kernel, dict(state, USE_DHT=False),
+                     bwd.state_grad_warps(2)))
+        rows.append(("_prepare_substitution_kernel", fwd._prepare_substitution_kernel,
+                     dict(heads, BV=V, USE_G=gated, STORE_A=True), 4))
+        for name, kernel, constexprs, warps in rows:
+            print(f"gated={gated!s:5} {name}, {warps} warps: {report(kernel, constexprs, warps)}")
 
 
 if __name__ == "__main__":
