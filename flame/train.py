@@ -389,8 +389,8 @@ class Trainer:
             dist.all_reduce(loss_sum)
         loss = loss_sum / self.tp / global_tokens
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        lr = self.optimizers.optimizers[0].param_groups[0]["lr"]
         optimizer = self.optimizers.optimizers[0]
+        lr = optimizer.param_groups[0]["lr"]
         if optimizer.defaults.get("fused"):
             # The fused AdamW kernel reads found_inf on the device and leaves parameters,
             # moments and step counts untouched when it is 1: no host round trip.

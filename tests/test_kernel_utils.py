@@ -77,25 +77,26 @@ def test_compile_variants_compiles_each_option_once_per_argument_kind(monkeypatc
     compiled = []
 
     class Kernel:
-        class fn:  # noqa: N801 - the shape of a JITFunction's .fn
-            __name__ = "state_kernel"
-
         def warmup(self, *args, grid, **options):
             assert grid == (1,)
             compiled.append((args[0].dtype, options))
 
+    kernel = Kernel()
     x = torch.Tensor._make_subclass(_OnGpu, torch.zeros(4))
-    variants = [{"BV": 64, "num_stages": 2}, {"BV": 32, "num_stages": 2}, {"BV": 16, "num_stages": 2}]
-    utils.compile_variants(Kernel(), (x, 7), variants)
-    assert compiled == [(torch.float32, v) for v in variants]
-    utils.compile_variants(Kernel(), (x, 9), variants)  # another document count: nothing to compile
+    options = {"USE_G": True, "num_stages": 2}
+    variants = [{"BV": 64}, {"BV": 32}, {"BV": 16}]
+    utils.compile_variants(kernel, (x, 7), options, variants)
+    assert compiled == [(torch.float32, dict(options, **v)) for v in variants]
+    utils.compile_variants(kernel, (x, 9), options, variants)  # another document count: nothing to compile
     assert len(compiled) == 3
     half = torch.Tensor._make_subclass(_OnGpu, torch.zeros(4, dtype=torch.float16))
-    utils.compile_variants(Kernel(), (half, 7), variants)  # another dtype: its own kernels
+    utils.compile_variants(kernel, (half, 7), options, variants)  # another dtype: its own kernels
     assert len(compiled) == 6
-    utils.compile_variants(Kernel(), (torch.zeros(4), 7), variants)  # CPU (interpreter): none
-    utils.compile_variants(Kernel(), (x, 7), variants[:1])  # one option: the launch compiles it
-    assert len(compiled) == 6
+    utils.compile_variants(kernel, (x, 7), dict(options, USE_G=False), variants)  # other constexprs
+    assert len(compiled) == 9
+    utils.compile_variants(kernel, (torch.zeros(4), 7), options, variants)  # CPU (interpreter): none
+    utils.compile_variants(kernel, (x, 7), options, variants[:1])  # one option: the launch compiles it
+    assert len(compiled) == 9
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -554,7 +554,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
                    IS_VARLEN=cu_seqlens is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
                    num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
     if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
-        compile_variants(_state_output_kernel, args, [dict(options, BV=b) for b in state_block_choices(q, V)])
+        compile_variants(_state_output_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
     _state_output_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     return o, ht, hs, vn, chunk_offsets
 

@@ -277,7 +277,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
                    USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
     if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
-        compile_variants(_state_grad_kernel, args, [dict(options, BV=b) for b in state_block_choices(q, V)])
+        compile_variants(_state_grad_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
     _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))

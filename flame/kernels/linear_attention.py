@@ -109,7 +109,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
 
     if chunks.packed:  # blk follows the number of documents, which varies by batch
         choices = (STATE_BLOCK, STATE_BLOCK // 2)
-        compile_variants(kern.chunk_state_kernel, args, [dict(options, **tiles(x)) for x in choices])
+        compile_variants(kern.chunk_state_kernel, args, options, [tiles(x) for x in choices])
     kern.chunk_state_kernel[grid](*args, **options, **tiles(blk))
     return h, dh, ht, dh0
 

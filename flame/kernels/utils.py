@@ -33,24 +33,24 @@ def next_power_of_2(n: int) -> int:
 _COMPILED_VARIANTS: set = set()
 
 
-def compile_variants(kernel, args: tuple, variants: list[dict]) -> None:
-    """Compile `kernel` for every option set in `variants` (constexprs and launch options, such
-    as a block size and its num_stages) with the arguments of the launch that follows, so that
-    launches with any of them find a compiled kernel. Used where the choice depends on the number
-    of packed documents, which changes from batch to batch: otherwise the first batch that picks
-    another option stalls training (and, with several ranks, every rank) for a compile of a few
-    seconds. Once per process for each kernel, argument dtypes and option list; GPU only (the
-    interpreter compiles nothing)."""
-    first = next(a for a in args if isinstance(a, torch.Tensor))
+def compile_variants(kernel, args: tuple, options: dict, variants: list[dict]) -> None:
+    """Compile `kernel` for each option set in `variants` (on top of the fixed `options`:
+    constexprs and launch options) with the arguments of the launch that follows, so that a
+    launch with any of them finds a compiled kernel. Used where the choice (a block size and
+    its num_stages) depends on the number of packed documents, which changes from batch to
+    batch: otherwise the first batch that picks another option stalls training (and, with
+    several ranks, every rank) for a compile of a few seconds. Once per process for each
+    kernel, argument dtypes and options; on every later call only a set lookup (this sits on
+    the launch path). GPU only: the interpreter compiles nothing."""
+    first = args[0]
     if not first.is_cuda or len(variants) < 2:
         return
-    key = (kernel.fn.__name__, first.device.index,
-           tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in args),
-           tuple(tuple(sorted(v.items())) for v in variants))
+    key = (kernel, first.device.index, tuple(getattr(a, "dtype", None) for a in args),
+           tuple(options.items()), tuple(tuple(v.items()) for v in variants))
     if key in _COMPILED_VARIANTS:
         return
-    for options in variants:
-        kernel.warmup(*args, **options, grid=(1,))
+    for variant in variants:
+        kernel.warmup(*args, **options, **variant, grid=(1,))
     _COMPILED_VARIANTS.add(key)
 
 
