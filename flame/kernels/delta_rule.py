@@ -23,12 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_bwd import backward_triton
+from flame.kernels.delta_rule_bwd import _pow2, backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks,
-                                next_power_of_2, prepare_chunk_indices)
+from flame.kernels.utils import cdiv, chunk_span, compile_variants, max_num_chunks, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -505,10 +504,6 @@ def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
 def state_warps(element_size: int) -> int:
     """Warps of the chunk-to-chunk pass (the H100 sweep in benchmarks/delta_rule_profile.py)."""
     return 4
-
-
-def _pow2(d: int) -> int:
-    return max(16, next_power_of_2(d))
 
 
 def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:

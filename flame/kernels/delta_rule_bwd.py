@@ -229,6 +229,7 @@ def _chunk_grad_kernel(
 
 
 def _pow2(d: int) -> int:
+    """Tile size for a head dimension (also the forward's, delta_rule.py)."""
     return max(16, next_power_of_2(d))
 
 
