@@ -120,6 +120,8 @@ def throughput(args, selected, workdir):
                 row["mfu"] = statistics.median(mfus) if mfus else None
                 row["memory_gib"] = max(r.get("memory_gib") or 0 for r in timed)
                 row["final_loss"] = records[-1]["loss"]
+                # every step's rate, so stalls (a compile, a slow batch) show beside the median
+                row["tokens_per_second_by_step"] = {r["step"]: round(r["tokens_per_second"]) for r in records}
             else:
                 row["error"] = log
             rows.append(row)
