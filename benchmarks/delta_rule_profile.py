@@ -4,10 +4,9 @@ beside the default in the same process.
 
     python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--variants SPEC ...] [--out PATH]
 
-A variant SPEC is comma-separated key=value: prepare=substitution|blocks (FLAME_DELTA_PREPARE),
-prep_warps=N (blocks kernel), state_warps=N, state_grad_warps=N, chunk_grad=BVxWARPS. Every
-variant is timed at every shape; the per-kernel profile is taken for the default and for
-prepare=blocks.
+A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
+chunk_grad=BVxWARPS. Every variant is timed at every shape; the per-kernel profile is taken for
+the default.
 
 H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
@@ -15,7 +14,6 @@ H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/resu
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import sys
 import time
@@ -59,14 +57,11 @@ def inputs(gated, B, T, H=16, D=128):
 def variant(spec: str):
     """Applies a variant SPEC (see the module docstring) for the duration of the block."""
     saved = {"prepare_config": fwd_mod.prepare_config, "state_warps": fwd_mod.state_warps,
-             "state_grad_warps": bwd.state_grad_warps, "chunk_grad_config": bwd.chunk_grad_config,
-             "env": os.environ.get("FLAME_DELTA_PREPARE")}
+             "state_grad_warps": bwd.state_grad_warps, "chunk_grad_config": bwd.chunk_grad_config}
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
-            if key == "prepare":
-                os.environ["FLAME_DELTA_PREPARE"] = value
-            elif key == "prep_warps":
+            if key == "prep_warps":
                 default = saved["prepare_config"]
                 fwd_mod.prepare_config = lambda *a, n=int(value), d=default: (d(*a)[0], n)
             elif key == "state_warps":
@@ -84,10 +79,6 @@ def variant(spec: str):
         fwd_mod.state_warps = saved["state_warps"]
         bwd.state_grad_warps = saved["state_grad_warps"]
         bwd.chunk_grad_config = saved["chunk_grad_config"]
-        if saved["env"] is None:
-            os.environ.pop("FLAME_DELTA_PREPARE", None)
-        else:
-            os.environ["FLAME_DELTA_PREPARE"] = saved["env"]
 
 
 def timed(fn):
@@ -101,8 +92,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=["8x4096", "1x32768"])
     parser.add_argument("--variants", nargs="*",
-                        default=["prepare=blocks", "prepare=blocks,prep_warps=4", "state_warps=8",
-                                 "state_grad_warps=8", "prepare=blocks,state_warps=8,state_grad_warps=8"],
+                        default=["prep_warps=8", "state_warps=8", "state_grad_warps=8"],
                         help="variant SPECs timed beside the default at every shape")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
@@ -120,10 +110,7 @@ def main():
                    "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
             for spec in args.variants:
                 with variant(spec):
-                    entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
-                    if spec == "prepare=blocks" and isinstance(entry["fwdbwd_ms"], float):
-                        entry["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
-                row["variants"][spec] = entry
+                    row["variants"][spec] = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     print(f"{'kernel':18s} {'shape':8s} {'variant':50s} {'fwd':>7s} {'f+b':>7s}")
@@ -135,10 +122,8 @@ def main():
             f = f"{f:7.3f}" if isinstance(f, float) else "   err"
             fb = f"{fb:7.3f}" if isinstance(fb, float) else "   err"
             print(f"{row['kernel']:18s} {shape:8s} {spec:50s} {f} {fb}")
-        prof = row["variants"].get("prepare=blocks", {}).get("profile_fwdbwd_ms", {})
-        for label, p in (("default", row["profile_fwdbwd_ms"]), ("blocks", prof)):
-            if p:
-                print("   ", label, ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in list(p.items())[:5]))
+        profile = list(row["profile_fwdbwd_ms"].items())[:5]
+        print("    default:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
     gpu = report["environment"]["gpu"]
     out = args.out or RESULTS / f"delta_rule_profile_{gpu.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ def environment() -> dict:
         "commit": commit,
         "dirty": bool(status) if status is not None else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        # kernel choices made through the environment (FLAME_BACKEND, FLAME_DELTA_PREPARE,
+        # kernel choices made through the environment (FLAME_BACKEND,
         # FLAME_DELTA_BACKWARD): a result is only comparable with one run under the same ones
         "flame_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLAME_") and k != "FLAME_COMMIT"},
     }

@@ -78,8 +78,8 @@ def main() -> None:
                      dict(state, COMPUTE_O=True, STORE_STATES=True), fwd.state_warps(2)))
         rows.append(("_state_grad_kernel", bwd._state_grad_kernel, dict(state, USE_DHT=False),
                      bwd.state_grad_warps(2)))
-        rows.append(("_prepare_substitution_kernel", fwd._prepare_substitution_kernel,
-                     dict(heads, BV=V, USE_G=gated, STORE_A=True), 4))
+        BC, prep_warps = fwd.prepare_config(2, K, V)
+        rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated), prep_warps))
         for name, kernel, constexprs, warps in rows:
             print(f"gated={gated!s:5} {name}, {warps} warps: {report(kernel, constexprs, warps)}")
 

@@ -3,9 +3,8 @@
 Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for the maths):
   1. the prep kernel, parallel over (chunk, value head): the in-chunk gate cumsum, the
      triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and w = A beta Gamma k,
-     u = A beta v, written per token. Two versions (`prepare_variant`): `_prepare_kernel`
-     (blocks: doubling for the 16x16 diagonal blocks, A through memory, [64, 64] tensor-core
-     products) and `_prepare_substitution_kernel` (the first one, the default until timed).
+     u = A beta v, written per token (`_prepare_kernel`: doubling for the 16x16 diagonal
+     blocks, A through memory, [64, 64] tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
 Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
@@ -39,7 +38,7 @@ def _invert_unit_lower(L, BS: tl.constexpr):
     L is nilpotent (L^16 = 0), so (I + L)^-1 = sum_p (-L)^p = (I - L)(I + L^2)(I + L^4)(I + L^8):
     six small dots instead of fifteen serial row eliminations. With nearly parallel keys the
     powers of L grow large and cancel (rounding errors ~1e-5 in fp32); one Newton step,
-    X += X (I - (I + L) X), brings the error back to the substitution's (~1e-6)."""
+    X += X (I - (I + L) X), brings the error back to that of row-by-row substitution (~1e-6)."""
     r = tl.arange(0, BS)
     eye = (r[:, None] == r[None, :]).to(tl.float32)
     P = -L
@@ -205,158 +204,6 @@ def _prepare_kernel(
 
 
 @triton.jit
-def _invert_by_substitution(A, BS: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular [BS, BS] tile, by forward substitution."""
-    r = tl.arange(0, BS)
-    Ti = (r[:, None] == r[None, :]).to(tl.float32)
-    for ii in range(1, BS):
-        a_row = tl.sum(tl.where(r[:, None] == ii, A, 0.0), 0)
-        step = tl.sum(a_row[:, None] * Ti, 0)
-        Ti = tl.where(r[:, None] == ii, Ti - step[None, :], Ti)
-    return Ti
-
-
-@triton.jit
-def _load_block(k, v, g, beta, rows, rmask, h, hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :],
-                  mask=rmask[:, None] & (ck[None, :] < K), other=0.0)
-    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :],
-                  mask=rmask[:, None] & (cv[None, :] < V), other=0.0)
-    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-    if USE_G:
-        b_g = tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-    else:
-        b_g = tl.zeros_like(b_beta)
-    return b_k, b_v, b_beta, b_g
-
-
-@triton.jit
-def _kk_block_live(k_i, k_j, beta_i, gc_i, gc_j, USE_G: tl.constexpr, DIAG: tl.constexpr):
-    """beta_i k_i.k_j Gamma_i / Gamma_j for one [BS, BS] block of the chunk (strictly lower on the diagonal)."""
-    A = tl.dot(k_i, tl.trans(k_j)) * beta_i[:, None]
-    if DIAG:
-        r = tl.arange(0, k_i.shape[0])
-        lower = r[:, None] > r[None, :]
-        if USE_G:
-            A = A * tl.exp(tl.where(lower, gc_i[:, None] - gc_j[None, :], 0.0))
-        A = tl.where(lower, A, 0.0)
-    elif USE_G:
-        A = A * tl.exp(gc_i[:, None] - gc_j[None, :])
-    return A
-
-
-@triton.jit
-def _store_block(w, u, gcum, b_w, b_u, gc, rows, rmask, hv, HV: tl.constexpr, K: tl.constexpr,
-                 V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, USE_G: tl.constexpr):
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    tl.store(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], b_w.to(w.dtype.element_ty),
-             mask=rmask[:, None] & (ck[None, :] < K))
-    tl.store(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_u.to(u.dtype.element_ty),
-             mask=rmask[:, None] & (cv[None, :] < V))
-    if USE_G:
-        tl.store(gcum + rows * HV + hv, gc, mask=rmask)
-
-
-@triton.jit(do_not_specialize=["N"])
-def _prepare_substitution_kernel(
-    k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
-    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_A: tl.constexpr,
-):
-    # The first prep kernel, kept beside _prepare_kernel until the H100 timing decides between them
-    # (FLAME_DELTA_PREPARE): four live 16-row blocks of k and v, the diagonal blocks of (I + A)
-    # inverted by row substitution, w and u from twenty [16, 16] x [16, K] products.
-    tl.static_assert(BT == 64)
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HV
-    hv = bh % HV
-    h = hv // (HV // H)
-    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
-    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
-    r = tl.arange(0, 16)
-    rows0 = bos + i * BT + r
-    rows1 = rows0 + 16
-    rows2 = rows0 + 32
-    rows3 = rows0 + 48
-    m0 = rows0 < eos
-    m1 = rows1 < eos
-    m2 = rows2 < eos
-    m3 = rows3 < eos
-    k0, v0, be0, g0 = _load_block(k, v, g, beta, rows0, m0, h, hv, H, HV, K, V, BK, BV, USE_G)
-    k1, v1, be1, g1 = _load_block(k, v, g, beta, rows1, m1, h, hv, H, HV, K, V, BK, BV, USE_G)
-    k2, v2, be2, g2 = _load_block(k, v, g, beta, rows2, m2, h, hv, H, HV, K, V, BK, BV, USE_G)
-    k3, v3, be3, g3 = _load_block(k, v, g, beta, rows3, m3, h, hv, H, HV, K, V, BK, BV, USE_G)
-    gc0 = tl.cumsum(g0, 0)
-    gc1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-    gc2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
-    gc3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-    D0 = _invert_by_substitution(_kk_block_live(k0, k0, be0, gc0, gc0, USE_G, True), 16)
-    D1 = _invert_by_substitution(_kk_block_live(k1, k1, be1, gc1, gc1, USE_G, True), 16)
-    D2 = _invert_by_substitution(_kk_block_live(k2, k2, be2, gc2, gc2, USE_G, True), 16)
-    D3 = _invert_by_substitution(_kk_block_live(k3, k3, be3, gc3, gc3, USE_G, True), 16)
-    A10 = _kk_block_live(k1, k0, be1, gc1, gc0, USE_G, False)
-    A20 = _kk_block_live(k2, k0, be2, gc2, gc0, USE_G, False)
-    A21 = _kk_block_live(k2, k1, be2, gc2, gc1, USE_G, False)
-    A30 = _kk_block_live(k3, k0, be3, gc3, gc0, USE_G, False)
-    A31 = _kk_block_live(k3, k1, be3, gc3, gc1, USE_G, False)
-    A32 = _kk_block_live(k3, k2, be3, gc3, gc2, USE_G, False)
-    # X_ij = -D_i sum_{j <= m < i} A_im X_mj, X_jj = D_j; fp32 throughout (small dots).
-    X10 = -tl.dot(D1, tl.dot(A10, D0, input_precision="ieee"), input_precision="ieee")
-    X21 = -tl.dot(D2, tl.dot(A21, D1, input_precision="ieee"), input_precision="ieee")
-    X32 = -tl.dot(D3, tl.dot(A32, D2, input_precision="ieee"), input_precision="ieee")
-    X20 = -tl.dot(D2, tl.dot(A20, D0, input_precision="ieee") + tl.dot(A21, X10, input_precision="ieee"),
-                  input_precision="ieee")
-    X31 = -tl.dot(D3, tl.dot(A31, D1, input_precision="ieee") + tl.dot(A32, X21, input_precision="ieee"),
-                  input_precision="ieee")
-    X30 = -tl.dot(D3, tl.dot(A30, D0, input_precision="ieee") + tl.dot(A31, X10, input_precision="ieee")
-                  + tl.dot(A32, X20, input_precision="ieee"), input_precision="ieee")
-    dt = k0.dtype
-    if USE_G:
-        kb0 = (k0.to(tl.float32) * (be0 * tl.exp(gc0))[:, None]).to(dt)
-        kb1 = (k1.to(tl.float32) * (be1 * tl.exp(gc1))[:, None]).to(dt)
-        kb2 = (k2.to(tl.float32) * (be2 * tl.exp(gc2))[:, None]).to(dt)
-        kb3 = (k3.to(tl.float32) * (be3 * tl.exp(gc3))[:, None]).to(dt)
-    else:
-        kb0 = (k0.to(tl.float32) * be0[:, None]).to(dt)
-        kb1 = (k1.to(tl.float32) * be1[:, None]).to(dt)
-        kb2 = (k2.to(tl.float32) * be2[:, None]).to(dt)
-        kb3 = (k3.to(tl.float32) * be3[:, None]).to(dt)
-    vb0 = (v0.to(tl.float32) * be0[:, None]).to(dt)
-    vb1 = (v1.to(tl.float32) * be1[:, None]).to(dt)
-    vb2 = (v2.to(tl.float32) * be2[:, None]).to(dt)
-    vb3 = (v3.to(tl.float32) * be3[:, None]).to(dt)
-    D0, D1, D2, D3 = D0.to(dt), D1.to(dt), D2.to(dt), D3.to(dt)
-    X10, X20, X21, X30, X31, X32 = X10.to(dt), X20.to(dt), X21.to(dt), X30.to(dt), X31.to(dt), X32.to(dt)
-    if STORE_A:
-        # The backward pass differentiates through A = (I + L)^-1 (zero above the diagonal).
-        # Blocks above the diagonal are zero: the buffer is zero-filled.
-        _store_a(a, D0, rows0, m0, hv, HV, 0)
-        _store_a(a, X10, rows1, m1, hv, HV, 0)
-        _store_a(a, D1, rows1, m1, hv, HV, 1)
-        _store_a(a, X20, rows2, m2, hv, HV, 0)
-        _store_a(a, X21, rows2, m2, hv, HV, 1)
-        _store_a(a, D2, rows2, m2, hv, HV, 2)
-        _store_a(a, X30, rows3, m3, hv, HV, 0)
-        _store_a(a, X31, rows3, m3, hv, HV, 1)
-        _store_a(a, X32, rows3, m3, hv, HV, 2)
-        _store_a(a, D3, rows3, m3, hv, HV, 3)
-    _store_block(w, u, gcum, tl.dot(D0, kb0), tl.dot(D0, vb0), gc0, rows0, m0, hv, HV, K, V, BK, BV, USE_G)
-    _store_block(w, u, gcum, tl.dot(X10, kb0) + tl.dot(D1, kb1), tl.dot(X10, vb0) + tl.dot(D1, vb1),
-                 gc1, rows1, m1, hv, HV, K, V, BK, BV, USE_G)
-    _store_block(w, u, gcum, tl.dot(X20, kb0) + tl.dot(X21, kb1) + tl.dot(D2, kb2),
-                 tl.dot(X20, vb0) + tl.dot(X21, vb1) + tl.dot(D2, vb2), gc2, rows2, m2, hv, HV, K, V, BK, BV, USE_G)
-    _store_block(w, u, gcum, tl.dot(X30, kb0) + tl.dot(X31, kb1) + tl.dot(X32, kb2) + tl.dot(D3, kb3),
-                 tl.dot(X30, vb0) + tl.dot(X31, vb1) + tl.dot(X32, vb2) + tl.dot(D3, vb3),
-                 gc3, rows3, m3, hv, HV, K, V, BK, BV, USE_G)
-
-
-@triton.jit
 def _state_output_kernel(
     q, k, w, u, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -442,21 +289,6 @@ def _num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-PREPARE_VARIANTS = ("substitution", "blocks")
-
-
-def prepare_variant() -> str:
-    """Which prep kernel runs: FLAME_DELTA_PREPARE=substitution (default) or blocks.
-
-    "blocks" (_prepare_kernel) inverts the diagonal blocks by doubling and forms w and u with
-    [64, 64] x [64, BC] tensor-core products; it replaces "substitution" once the H100 timing
-    (benchmarks/delta_rule_profile.py) confirms it is faster."""
-    variant = os.environ.get("FLAME_DELTA_PREPARE", "substitution")
-    if variant not in PREPARE_VARIANTS:
-        raise ValueError(f"FLAME_DELTA_PREPARE must be one of {PREPARE_VARIANTS}, got {variant!r}")
-    return variant
-
-
 def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     """w, u, the in-chunk gate cumsum (or None) and, with store_a (the backward differentiates
     through it), the inverse A [B, T, HV, 64], zero above the diagonal."""
@@ -473,32 +305,24 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     else:
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
-    if prepare_variant() == "blocks":
-        # A passes through memory (every entry written, zeros included) even when not returned.
-        a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
-        BC, warps = prepare_config(k.element_size(), _pow2(K), _pow2(V))
-        _prepare_kernel[grid](
-            k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
-            T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
-            USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-            num_warps=warps,
-        )
-        return w, u, gcum, (a if store_a else None)
-    # Blocks above the diagonal are never written: the buffer is zero-filled.
-    a = torch.zeros(B, T, HV, CHUNK, dtype=k.dtype, device=k.device) if store_a else None
-    _prepare_substitution_kernel[grid](
+    # A passes through memory (every entry written, zeros included) even when not returned.
+    a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
+    BC, warps = prepare_config(k.element_size(), _pow2(K), _pow2(V))
+    _prepare_kernel[grid](
         k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
-        T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=_pow2(V),
-        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, STORE_A=store_a,
-        num_warps=4,
+        T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=warps,
     )
-    return w, u, gcum, a
+    return w, u, gcum, (a if store_a else None)
 
 
 def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
     """(column block, warps) of _prepare_kernel's w and u products. For K = 128 (bf16) ptxas
-    reports ~170 bytes of spills per thread at 4 warps and none at 8."""
-    return min(64, BK, BV), 8 if BK >= 128 else 4
+    reports ~170 bytes of spills per thread at 4 warps and none at 8, yet 4 warps are faster on
+    the H100 (8x4096, K = V = 128: 0.55 against 0.93 ms per call, delta_rule_profile_v2_h100.json):
+    twice the programs per SM hide the serial doubling steps."""
+    return min(64, BK, BV), 4
 
 
 def state_warps(element_size: int) -> int:
