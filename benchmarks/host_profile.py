@@ -5,12 +5,13 @@ host has queued the next step (metrics.jsonl's device_wait_fraction near 0), the
 limit, and this shows which Python functions take its time. Same arguments as train.py:
 
     torchrun --nproc_per_node=2 benchmarks/host_profile.py --config X.toml [--section.key value ...]
-        [--profile-steps 8:12] [--top 30] [--sync-debug]
+        [--profile-steps 8:12] [--top 30] [--sync-debug] [--dump STATS_FILE]
 
 Rank 0 profiles the steps in [start, end) (after compilation) and prints the functions by own
 time and by cumulative time, and the host seconds per profiled step. --sync-debug also turns on
 torch.cuda.set_sync_debug_mode("warn") for those steps and prints the stack of every operation
-that makes the host wait for the GPU (a queued step should have none).
+that makes the host wait for the GPU (a queued step should have none). --dump writes the pstats
+file, so two layouts can be compared function by function (`pstats.Stats(path)`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> int:
     argv = sys.argv[1:]
     start, end = (int(x) for x in pop_option(argv, "--profile-steps", "8:12").split(":"))
     top = int(pop_option(argv, "--top", "30"))
+    dump = pop_option(argv, "--dump", "")
     sync_debug = "--sync-debug" in argv and torch.cuda.is_available()
     if "--sync-debug" in argv:
         argv.remove("--sync-debug")
@@ -91,6 +93,8 @@ def main() -> int:
         trainer.close()
         titan.destroy_distributed()
     if rank0 and seconds:
+        if dump:
+            profiler.dump_stats(dump)
         print(f"\nhost seconds to queue each profiled step: {[round(s, 4) for s in seconds]}")
         for key in ("tottime", "cumulative"):
             out = io.StringIO()
