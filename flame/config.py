@@ -123,6 +123,9 @@ class ParallelismConfig:
     data_parallel_replicate_degree: int = 1
     data_parallel_shard_degree: int = -1
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
+    # Consecutive blocks gathered and reduced as one FSDP unit: fewer units, less host work per
+    # step, more gathered parameters held at once.
+    fsdp_blocks_per_unit: int = 1
     tensor_parallel_degree: int = 1
 
     def validate(self) -> None:
@@ -133,6 +136,9 @@ class ParallelismConfig:
         if self.tensor_parallel_degree < 1:
             raise ValueError(
                 f"parallelism.tensor_parallel_degree = {self.tensor_parallel_degree}: must be >= 1")
+        if self.fsdp_blocks_per_unit < 1:
+            raise ValueError(
+                f"parallelism.fsdp_blocks_per_unit = {self.fsdp_blocks_per_unit}: must be >= 1")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from flame.tensor_parallel import apply_tensor_parallel
-from flame.titan import ParallelDims, fsdp_mesh
+from flame.titan import ParallelDims, fsdp_mesh, logger
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -28,7 +28,8 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device)
         apply_compile(model, cfg.compile.backend)
     apply_fsdp(model, dims, device, param_dtype=cfg.training.mixed_precision_param,
                reduce_dtype=cfg.training.mixed_precision_reduce,
-               reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward)
+               reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
+               blocks_per_unit=cfg.parallelism.fsdp_blocks_per_unit)
     return model
 
 
@@ -71,9 +72,15 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, param_dtype: str,
-               reduce_dtype: str, reshard_after_forward: str = "default") -> None:
-    """fully_shard every block, then the root (embeddings, final norm, output head); with one
+               reduce_dtype: str, reshard_after_forward: str = "default", blocks_per_unit: int = 1) -> None:
+    """fully_shard every block (or every run of `blocks_per_unit` consecutive blocks, gathered
+    and reduced together), then the root (embeddings, final norm, output head); with one
     process, the root alone.
+
+    Each unit costs the host a fixed amount of work per step (hooks, collective launches, copies
+    in and out of the communication buffers, per-parameter bookkeeping in forward and backward).
+    Blocks with many small parameters (the linear-attention mixers have 15-20 each) can leave the
+    GPU waiting for the host; fewer, larger units trade that for a larger gathered working set.
 
     Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
     and fp32 gradient reduction. On CPU everything stays fp32."""
@@ -92,13 +99,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
     # "default": free the gathered block after forward (re-gather in backward) except for the
     # last block, whose backward comes right after; with pure replication there is nothing to
     # free since every rank holds the whole parameter anyway.
-    n = len(model.layers)
-    for i, block in enumerate(model.layers):
+    blocks = list(model.layers)
+    units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    for i, unit in enumerate(units):
         if reshard_after_forward == "default":
-            reshard = i < n - 1
+            reshard = i < len(units) - 1
         else:
             reshard = reshard_after_forward == "always"
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    logger.info(f"FSDP2: {len(units)} units of up to {blocks_per_unit} block(s) over {len(blocks)} blocks, "
+                "plus the root")
     # The root's parameters are used last in forward and first in backward: keep them.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
 

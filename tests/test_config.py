@@ -124,6 +124,7 @@ def test_cli_overrides_are_typed(tmp_path):
     (["--traning.steps", "5"], "did you mean 'training'"),
     (["steps=5"], "overrides look like"),
     (["--training.seq_len", "0"], r"training\.seq_len"),
+    (["--parallelism.fsdp_blocks_per_unit", "0"], r"parallelism\.fsdp_blocks_per_unit = 0: must be >= 1"),
 ])
 def test_bad_cli_overrides(args, needle):
     with pytest.raises(ValueError, match=needle):

@@ -246,8 +246,20 @@ def test_fsdp_two_processes_and_accumulation_match_one_process(tmp_path):
         nproc=2, script=str(launcher), cpu=True)
     run(["--config", cfg, "--job.dump_folder", str(accum), "--training.local_batch_size", "2",
          "--training.global_batch_size", "4"], script=str(launcher), cpu=True)
+    # Three blocks in FSDP units of two (the last unit holds one): the same training.
+    grouped = tmp_path / "grouped"
+    out = run(["--config", cfg, "--job.dump_folder", str(grouped), "--training.local_batch_size", "2",
+               "--model.n_layers", "3", "--parallelism.fsdp_blocks_per_unit", "2"],
+              nproc=2, script=str(launcher), cpu=True)
+    assert "FSDP2: 2 units of up to 2 block(s) over 3 blocks" in out.stdout + out.stderr
+    three = tmp_path / "three"
+    run(["--config", cfg, "--job.dump_folder", str(three), "--model.n_layers", "3"], script=str(launcher), cpu=True)
     a, b, c = metrics(one), metrics(two), metrics(accum)
-    assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 9))
+    d, e = metrics(three), metrics(grouped)
+    assert sorted(a) == sorted(b) == sorted(c) == sorted(d) == sorted(e) == list(range(1, 9))
+    for step in d:
+        assert e[step]["loss"] == pytest.approx(d[step]["loss"], rel=1e-5), step
+        assert e[step]["grad_norm"] == pytest.approx(d[step]["grad_norm"], rel=1e-4), step
     for step in a:
         for other in (b, c):
             assert other[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
