@@ -47,6 +47,7 @@ import json
 import os
 import pathlib
 import shutil
+import shlex
 import socket
 import statistics
 import subprocess
@@ -331,6 +332,9 @@ def main():
     p.add_argument("--with-rows", nargs="+", default=[], metavar="JSON",
                    help="runs of earlier calls of this script (same steps, shapes and micro-batches) "
                         "to summarise beside this call's, e.g. the 1-GPU runs of a separate machine call")
+    p.add_argument("--trainer-args", default="",
+                   help="more train.py overrides for every run, one string, e.g. "
+                        "'--parallelism.fsdp_blocks_per_unit 2' (recorded in each run's command)")
     p.add_argument("--workdir", default="/tmp/flame_multi_gpu")
     p.add_argument("--out", default=str(RESULTS / "multi_gpu.json"))
     args = p.parse_args()
@@ -352,9 +356,9 @@ def main():
     runs = []
     for recipe in args.recipes:
         for layout in args.layouts:
-            extra = []
+            extra = shlex.split(args.trainer_args)
             if args.resume and layout == args.resume[0] and recipe == args.recipes[0]:
-                extra = checkpoint_args(args.steps // 2)
+                extra += checkpoint_args(args.steps // 2)
             runs.append(Run(recipe, layout, args, workdir, extra=extra))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -383,7 +387,7 @@ def main():
                            "micro_batches_per_step": args.micro_batches,
                            "micro_batches_per_step_counts": "per rank" if args.weak else "over all ranks",
                            "tokens_per_step": None if args.weak else args.micro_batches * args.batch * args.seq,
-                           "compile": args.compile, "sequential": args.sequential, "data": "embedded default corpus, default tokenizer",
+                           "compile": args.compile, "trainer_args": args.trainer_args, "sequential": args.sequential, "data": "embedded default corpus, default tokenizer",
                            "loss_match": f"step-1 relative difference <= {STEP1_TOLERANCE} (same weights "
                                          f"and data) and mean relative difference over all steps <= "
                                          f"{MEAN_TOLERANCE} (bf16 runs drift apart slowly)"},
