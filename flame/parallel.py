@@ -96,21 +96,38 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
         # once per micro-batch, fp32 master weights and gradients.
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         return
-    # "default": free the gathered block after forward (re-gather in backward) except for the
-    # last block, whose backward comes right after; with pure replication there is nothing to
-    # free since every rank holds the whole parameter anyway.
     blocks = list(model.layers)
     units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    keep_gathered = reshard_after_forward == "never" or (
+        reshard_after_forward == "default" and gathered_blocks_fit(blocks, mp.param_dtype, device))
     for i, unit in enumerate(units):
-        if reshard_after_forward == "default":
-            reshard = i < len(units) - 1
-        else:
-            reshard = reshard_after_forward == "always"
+        # Resharding frees a unit's gathered parameters after its forward and gathers them again
+        # in backward: less memory, but a second all-gather and its host work per unit and step.
+        # The last unit's backward comes right after its forward, so it is never resharded
+        # unless asked ("always").
+        reshard = reshard_after_forward == "always" or (not keep_gathered and i < len(units) - 1)
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     logger.info(f"FSDP2: {len(units)} units of up to {blocks_per_unit} block(s) over {len(blocks)} blocks, "
-                "plus the root")
+                f"plus the root; gathered blocks {'kept' if keep_gathered else 'freed'} after forward")
     # The root's parameters are used last in forward and first in backward: keep them.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
+
+
+# Share of a GPU's memory the blocks' gathered compute copies may take for "default" to keep them.
+GATHERED_MEMORY_SHARE = 1 / 16
+
+
+def gathered_blocks_fit(blocks: list[nn.Module], param_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether "default" keeps every block gathered from forward to backward: when the blocks'
+    parameters in the compute dtype take at most GATHERED_MEMORY_SHARE of the GPU's memory (up to
+    ~2.5B parameters in bf16 on an 80 GB card). The second all-gather per block and step then
+    goes away; on 2 H200s this raised gated_deltanet_374M from 110k to 135k tokens/s per GPU,
+    whose steps wait on the host (benchmarks/notes_multi_gpu.md). On CPU: never."""
+    if device.type != "cuda":
+        return False
+    numel = sum(p.numel() for block in blocks for p in block.parameters())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return numel * param_dtype.itemsize <= GATHERED_MEMORY_SHARE * total
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -246,12 +246,14 @@ def test_fsdp_two_processes_and_accumulation_match_one_process(tmp_path):
         nproc=2, script=str(launcher), cpu=True)
     run(["--config", cfg, "--job.dump_folder", str(accum), "--training.local_batch_size", "2",
          "--training.global_batch_size", "4"], script=str(launcher), cpu=True)
-    # Three blocks in FSDP units of two (the last unit holds one): the same training.
+    # Three blocks in FSDP units of two (the last unit holds one), kept gathered from forward to
+    # backward: the same training.
     grouped = tmp_path / "grouped"
     out = run(["--config", cfg, "--job.dump_folder", str(grouped), "--training.local_batch_size", "2",
-               "--model.n_layers", "3", "--parallelism.fsdp_blocks_per_unit", "2"],
+               "--model.n_layers", "3", "--parallelism.fsdp_blocks_per_unit", "2",
+               "--parallelism.fsdp_reshard_after_forward", "never"],
               nproc=2, script=str(launcher), cpu=True)
-    assert "FSDP2: 2 units of up to 2 block(s) over 3 blocks" in out.stdout + out.stderr
+    assert "FSDP2: 2 units of up to 2 block(s) over 3 blocks, plus the root; gathered blocks kept" in out.stdout + out.stderr
     three = tmp_path / "three"
     run(["--config", cfg, "--job.dump_folder", str(three), "--model.n_layers", "3"], script=str(launcher), cpu=True)
     a, b, c = metrics(one), metrics(two), metrics(accum)
