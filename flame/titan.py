@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,6 +26,8 @@ from torchtitan.distributed.parallel_dims import ParallelDims
 from torchtitan.distributed.utils import clip_grad_norm_ as _titan_clip_grad_norm_
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.tools.utils import GarbageCollection, get_peak_flops
+
+from flame.optim import AdamW
 
 __all__ = [
     "CheckpointManager", "GarbageCollection", "LRSchedulersContainer", "OptimizersContainer",
@@ -152,7 +155,7 @@ def build_optimizers(model: nn.Module, opt) -> OptimizersContainer:
     kwargs = {"lr": opt.lr, "betas": (opt.beta1, opt.beta2), "eps": opt.eps,
               "weight_decay": opt.weight_decay, "fused": impl == "fused",
               "foreach": impl == "foreach"}
-    return _ParamGroupOptimizersContainer(model, torch.optim.AdamW, kwargs, opt.weight_decay)
+    return _ParamGroupOptimizersContainer(model, AdamW, kwargs, opt.weight_decay)
 
 
 def build_lr_schedulers(optimizers: OptimizersContainer, sched, training_steps: int) -> LRSchedulersContainer:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flame import titan
+from flame import optim, titan
 from flame.config import Config
 from flame.parallel import parallelize, set_gradient_sync
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
@@ -384,7 +384,7 @@ class Trainer:
             (loss * scale).backward()
             loss_sum += loss.detach().float()
 
-        grad_norm = titan.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
+        grad_norm = optim.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         if dist.get_world_size() > 1:
             dist.all_reduce(loss_sum)
         loss = loss_sum / self.tp / global_tokens
