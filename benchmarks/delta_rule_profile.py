@@ -1,12 +1,17 @@
 """Delta-rule kernels on one GPU: per-kernel CUDA times (torch.profiler) of forward+backward, and
-forward / forward+backward times of variants (prep kernel, launch configurations), each timed
-beside the default in the same process.
+forward / forward+backward times of variants (prep kernel, launch configurations, split passes),
+each timed beside the default in the same process. The forward is timed twice: for inference
+(fwd_ms, nothing kept for a backward) and for training (fwd_save_ms, what the backward needs kept).
 
-    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--variants SPEC ...] [--out PATH]
+    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--variants SPEC ...]
+                                            [--profile-variants] [--out PATH]
 
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
-chunk_grad=BVxWARPS. Every variant is timed at every shape; the per-kernel profile is taken for
-the default.
+chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
+pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
+reverse serial pass), local_dv=BVxWARPS (that kernel's launch). Every variant is timed at every
+shape; the per-kernel profile is taken for the default, and with --profile-variants for each
+variant too.
 
 H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
@@ -50,14 +55,20 @@ def inputs(gated, B, T, H=16, D=128):
         with torch.no_grad():
             return fn(*leaves)[0]
 
-    return fwd, fwdbwd
+    def fwd_save():
+        # the training forward: it also keeps what the backward needs (where split_output acts)
+        return fn(*leaves)[0]
+
+    return fwd, fwd_save, fwdbwd
 
 
 @contextlib.contextmanager
 def variant(spec: str):
     """Applies a variant SPEC (see the module docstring) for the duration of the block."""
-    saved = {"prepare_config": fwd_mod.prepare_config, "state_warps": fwd_mod.state_warps,
-             "state_grad_warps": bwd.state_grad_warps, "chunk_grad_config": bwd.chunk_grad_config}
+    modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod,
+               "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
+               "split_dv_local": bwd, "local_dv_config": bwd}
+    saved = {name: getattr(module, name) for name, module in modules.items()}
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -71,14 +82,22 @@ def variant(spec: str):
             elif key == "chunk_grad":
                 bv, warps = (int(x) for x in value.split("x"))
                 bwd.chunk_grad_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            elif key == "split_output":
+                fwd_mod.split_output = lambda on=bool(int(value)): on
+            elif key == "output":
+                bv, warps = (int(x) for x in value.split("x"))
+                fwd_mod.output_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            elif key == "split_dv":
+                bwd.split_dv_local = lambda on=bool(int(value)): on
+            elif key == "local_dv":
+                bv, warps = (int(x) for x in value.split("x"))
+                bwd.local_dv_config = lambda *a, bv=bv, warps=warps: (bv, warps)
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield
     finally:
-        fwd_mod.prepare_config = saved["prepare_config"]
-        fwd_mod.state_warps = saved["state_warps"]
-        bwd.state_grad_warps = saved["state_grad_warps"]
-        bwd.chunk_grad_config = saved["chunk_grad_config"]
+        for name, module in modules.items():
+            setattr(module, name, saved[name])
 
 
 def timed(fn):
@@ -92,8 +111,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shapes", nargs="+", default=["8x4096", "1x32768"])
     parser.add_argument("--variants", nargs="*",
-                        default=["prep_warps=8", "state_warps=8", "state_grad_warps=8"],
+                        default=["prep_warps=8", "state_warps=8", "state_grad_warps=8",
+                                 "split_output=0,split_dv=0", "split_output=1", "split_dv=1",
+                                 "split_output=1,split_dv=1"],
                         help="variant SPECs timed beside the default at every shape")
+    parser.add_argument("--profile-variants", action="store_true",
+                        help="also take the per-kernel profile of every variant")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     report = {"environment": environment(), "rows": []}
@@ -101,27 +124,36 @@ def main():
         B, T = (int(x) for x in shape.split("x"))
         for gated in (False, True):
             name = "gated_delta_rule" if gated else "delta_rule"
-            fwd, fwdbwd = inputs(gated, B, T)
+            fwd, fwd_save, fwdbwd = inputs(gated, B, T)
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
             row = {"kernel": name, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
-                   "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd),
+                   "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
                    "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
             for spec in args.variants:
                 with variant(spec):
-                    row["variants"][spec] = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
+                    row["variants"][spec] = {"fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save),
+                                             "fwdbwd_ms": timed(fwdbwd)}
+                    if args.profile_variants:
+                        row["variants"][spec]["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
-    print(f"{'kernel':18s} {'shape':8s} {'variant':50s} {'fwd':>7s} {'f+b':>7s}")
+    print(f"{'kernel':18s} {'shape':8s} {'variant':50s} {'fwd':>7s} {'fwd(sv)':>7s} {'f+b':>7s}")
+
+    def ms(x):
+        return f"{x:7.3f}" if isinstance(x, float) else "    err"
+
     for row in report["rows"]:
         shape = f"{row['B']}x{row['T']}"
-        print(f"{row['kernel']:18s} {shape:8s} {'default':50s} {row['fwd_ms']:7.3f} {row['fwdbwd_ms']:7.3f}")
+        print(f"{row['kernel']:18s} {shape:8s} {'default':50s} {ms(row['fwd_ms'])} {ms(row['fwd_save_ms'])} "
+              f"{ms(row['fwdbwd_ms'])}")
         for spec, entry in row["variants"].items():
-            f, fb = entry["fwd_ms"], entry["fwdbwd_ms"]
-            f = f"{f:7.3f}" if isinstance(f, float) else "   err"
-            fb = f"{fb:7.3f}" if isinstance(fb, float) else "   err"
-            print(f"{row['kernel']:18s} {shape:8s} {spec:50s} {f} {fb}")
+            print(f"{row['kernel']:18s} {shape:8s} {spec:50s} {ms(entry['fwd_ms'])} {ms(entry['fwd_save_ms'])} "
+                  f"{ms(entry['fwdbwd_ms'])}")
+            if "profile_fwdbwd_ms" in entry:
+                profile = list(entry["profile_fwdbwd_ms"].items())[:7]
+                print("       ", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
         profile = list(row["profile_fwdbwd_ms"].items())[:5]
         print("    default:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
     gpu = report["environment"]["gpu"]

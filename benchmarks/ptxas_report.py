@@ -5,7 +5,7 @@ reports what it allocated: registers per thread and the bytes spilled to local m
 loads sit on the kernel's critical path). A kernel change that moves work around can be judged
 here before it is timed on the GPU.
 
-    python benchmarks/ptxas_report.py   # the Gated DeltaNet / DeltaNet recipe heads, bf16
+    python benchmarks/ptxas_report.py   # the recipe heads (K=128, V=256) and K=V=128, bf16
 
 Needs Triton with its NVIDIA backend (3.6 is what the GPU host runs); no GPU, no CUDA driver.
 """
@@ -39,7 +39,8 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str
 
     scalars = {"T": "i32", "N": "i32", "scale": "fp32"}  # the rest are pointers
     int_pointers = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
-    fp32_pointers = {"g", "gcum", "dg", "dbeta"}
+    # u (v' = u - w S cancels), the states and their gradients are fp32 buffers
+    fp32_pointers = {"g", "gcum", "dg", "dbeta", "u", "h0", "ht", "dht", "dh0"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -62,26 +63,39 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str
                       if "registers" in line or "spill" in line)
 
 
+def rows_for(fwd, bwd, gated: bool, K: int, V: int, HV: int, state_blocks: tuple[int, ...]) -> list:
+    """(name, kernel, constexprs, warps) of every delta-rule kernel at one head shape; the serial
+    passes at each V block in state_blocks (64 with many sequences, 16 or 32 with few)."""
+    heads = dict(H=HV, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=True)
+    BV, warps = bwd.chunk_grad_config(2, K, V)
+    rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(heads, BV=BV, USE_G=gated), warps)]
+    BC, prep_warps = fwd.prepare_config(2, K, V)
+    rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated), prep_warps))
+    BVO, out_warps = fwd.output_config(2, K, V)
+    rows.append((f"_output_kernel BV={BVO}", fwd._output_kernel, dict(heads, BV=BVO, USE_G=gated), out_warps))
+    BVL, local_warps = bwd.local_dv_config(2, K, V)
+    rows.append((f"_local_dv_kernel BV={BVL}", bwd._local_dv_kernel, dict(heads, BV=BVL, USE_G=gated), local_warps))
+    for BVS in state_blocks:
+        state = dict(heads, BV=BVS, USE_G=gated, USE_H0=False)
+        rows.append((f"_state_output_kernel BV={BVS} (o and saved states)", fwd._state_output_kernel,
+                     dict(state, COMPUTE_O=True, STORE_STATES=True), fwd.state_warps(2)))
+        rows.append((f"_state_output_kernel BV={BVS} (saved states only: split_output)", fwd._state_output_kernel,
+                     dict(state, COMPUTE_O=False, STORE_STATES=True), fwd.state_warps(2)))
+        for local_dv in (False, True):
+            label = " (LOCAL_DV: split_dv_local)" if local_dv else ""
+            rows.append((f"_state_grad_kernel BV={BVS}{label}", bwd._state_grad_kernel,
+                         dict(state, USE_DHT=False, LOCAL_DV=local_dv), bwd.state_grad_warps(2)))
+    return rows
+
+
 def main() -> None:
     fwd, bwd = import_kernels()
-    K, V, HV = 128, 256, 4  # the Gated DeltaNet recipes' heads
-    heads = dict(H=HV, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=True)
-    for gated in (True, False):
-        BV, warps = bwd.chunk_grad_config(2, K, V)
-        rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(heads, BV=BV, USE_G=gated), warps)]
-        for V2 in (128,):  # also square heads
-            BV2, warps2 = bwd.chunk_grad_config(2, K, V2)
-            rows.append((f"_chunk_grad_kernel V={V2}", bwd._chunk_grad_kernel,
-                         dict(heads, V=V2, BV=BV2, USE_G=gated), warps2))
-        state = dict(heads, BV=64, USE_G=gated, USE_H0=False)
-        rows.append(("_state_output_kernel (o and saved states)", fwd._state_output_kernel,
-                     dict(state, COMPUTE_O=True, STORE_STATES=True), fwd.state_warps(2)))
-        rows.append(("_state_grad_kernel", bwd._state_grad_kernel, dict(state, USE_DHT=False),
-                     bwd.state_grad_warps(2)))
-        BC, prep_warps = fwd.prepare_config(2, K, V)
-        rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated), prep_warps))
-        for name, kernel, constexprs, warps in rows:
-            print(f"gated={gated!s:5} {name}, {warps} warps: {report(kernel, constexprs, warps)}")
+    # The Gated DeltaNet recipes' heads (K = 128, V = 256, 4 value heads), then square heads.
+    for K, V, HV in ((128, 256, 4), (128, 128, 16)):
+        for gated in (True, False):
+            for name, kernel, constexprs, warps in rows_for(fwd, bwd, gated, K, V, HV, (64, 16)):
+                print(f"K={K} V={V} gated={gated!s:5} {name}, {warps} warps: {report(kernel, constexprs, warps)}",
+                      flush=True)
 
 
 if __name__ == "__main__":

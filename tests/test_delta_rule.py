@@ -200,6 +200,65 @@ def test_saved_backward(case, gated, monkeypatch):
         assert torch.equal(grad, again), name
 
 
+def force_splits(monkeypatch, output: bool, dv_local: bool):
+    """Sets the switches of the chunk-parallel output kernel and of the in-chunk dv' kernel;
+    returns a list that records each use of them."""
+    from flame.kernels import delta_rule, delta_rule_bwd
+
+    uses = []
+    output_fn, config_fn = delta_rule._output, delta_rule_bwd.local_dv_config
+    monkeypatch.setattr(delta_rule, "split_output", lambda: output)
+    monkeypatch.setattr(delta_rule_bwd, "split_dv_local", lambda: dv_local)
+    monkeypatch.setattr(delta_rule, "_output", lambda *a: uses.append("output") or output_fn(*a))
+    monkeypatch.setattr(delta_rule_bwd, "local_dv_config", lambda *a: uses.append("dv_local") or config_fn(*a))
+    return uses
+
+
+@pytest.mark.parametrize("case,gated", [("varlen_grouped", True), ("dense", False)],
+                         ids=["varlen-grouped-gated", "dense-plain"])
+def test_split_passes(case, gated, monkeypatch):
+    """split_output (o from the stored chunk states, after the serial pass) and split_dv_local
+    (the in-chunk term of dv' before the reverse serial pass): float64 within the tolerances of
+    the single passes, and the same results as those up to fp32 rounding."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", "saved")
+    B, T, H, HV, K, V, cu = CASES[case]
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    results = {}
+    for split in (False, True):
+        uses = force_splits(monkeypatch, split, split)
+        results[split] = run_public(*inputs, cu, gated, do, dht)
+        assert uses == (["output", "dv_local"] if split else []), uses
+    (o, ht, grads), (o1, ht1, grads1) = results[True], results[False]
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    assert rel(o, o1) < 1e-6 and torch.equal(ht, ht1)
+    for name, grad, ref, single in zip(NAMES, grads, grads_ref, grads1):
+        if not gated and name == "g":
+            assert grad is None
+            continue
+        assert rel(grad, ref) < 1e-5, name
+        assert rel(grad, single) < 1e-6, name
+
+
+def test_split_dv_local_recompute(monkeypatch):
+    """The in-chunk dv' kernel with the recomputing backward (the forward's split does not apply:
+    nothing is stored)."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", "recompute")
+    B, T, H, HV, K, V, cu = CASES["varlen"]
+    cu = torch.tensor(cu, dtype=torch.int32)
+    inputs = make_inputs(B, T, H, HV, K, V, len(cu) - 1, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, True)
+    uses = force_splits(monkeypatch, True, True)
+    o, ht, grads = run_public(*inputs, cu, True, do, dht)
+    assert uses == ["dv_local"], uses
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    for name, grad, ref in zip(NAMES, grads, grads_ref):
+        assert rel(grad, ref) < 1e-5, name
+
+
 def test_backward_mode_default_is_saved(monkeypatch):
     from flame.kernels import delta_rule
 
@@ -316,11 +375,15 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["single", "split"])
 @pytest.mark.parametrize("backward", ["recompute", "saved"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_bf16_gpu(case, gated, backward, monkeypatch):
+def test_bf16_gpu(case, gated, backward, split, monkeypatch):
+    # split: o by the chunk-parallel output kernel (saved backward, K <= 128) and the in-chunk
+    # dv' term before the reverse serial pass, whatever the defaults of those switches are
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
+    force_splits(monkeypatch, split, split)
     B, T, H, HV, K, V, cu = GPU_CASES[case]
     cu = torch.tensor(cu, dtype=torch.int32, device="cuda") if cu is not None else None
     N = B if cu is None else len(cu) - 1
@@ -339,6 +402,7 @@ def test_bf16_gpu(case, gated, backward, monkeypatch):
     for name, grad, ref in zip(NAMES, grads, grads_ref):
         if gated or name != "g":
             errors["d" + name] = rel(grad, ref)
-    print(case, "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
+    print(case, "gated" if gated else "plain", backward, "split" if split else "single",
+          {n: f"{e:.2e}" for n, e in errors.items()})
     assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
     assert all(e < 2e-2 for n, e in errors.items() if n.startswith("d")), errors

@@ -104,6 +104,40 @@ def test_triton_matches_reference_cpu(case, triton_backend):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+# Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
+# code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
+# scratch or from reductions, split diagonal gradient terms, several K tiles per program.
+GLA_INTRA_VARIANTS = {
+    "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
+    "scratch": dict(scores_unroll=2, grad_unroll=2, grad_scratch=True),
+    "split": dict(grad_unroll=8, grad_split=True),
+}
+GLA_VARIANT_CASES = [
+    ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
+    ("gla", 1, 70, 1, 32, 16, None, True),
+]
+
+
+def use_gla_variant(monkeypatch, name):
+    from flame.kernels import linear_attention
+
+    default = linear_attention.gla_intra_config()
+    variant = {**default, **GLA_INTRA_VARIANTS[name]}
+    assert variant.keys() == default.keys()
+    monkeypatch.setattr(linear_attention, "gla_intra_config", lambda: dict(variant))
+
+
+@pytest.mark.parametrize("variant", list(GLA_INTRA_VARIANTS))
+@pytest.mark.parametrize("case", GLA_VARIANT_CASES, ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_gla_intra_variants_cpu(case, variant, triton_backend, monkeypatch):
+    use_gla_variant(monkeypatch, variant)
+    _, B, T, H, K, V, cu, with_h0 = case
+    errors = compare("gla", chunk_gla, False, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
 def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
     # The separate dv / dqk kernels serve K or V above the fused kernel's tile.
     from flame.kernels import linear_attention
@@ -230,19 +264,33 @@ def _record(name, errors):
         json.dump(data, f, indent=2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
-def test_triton_matches_reference_gpu_bf16(case, monkeypatch):
-    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+def _check_gpu_bf16(case, suffix=""):
     kernel, B, T, H, K, V, cu, with_h0 = case
     fn, scalar_gate = KERNELS[kernel]
-    name = f"{kernel}-B{B}-T{T}-H{H}-K{K}-V{V}-{'varlen' if cu else 'fixed'}"
+    name = f"{kernel}-B{B}-T{T}-H{H}-K{K}-V{V}-{'varlen' if cu else 'fixed'}{suffix}"
     errors = compare(name, fn, scalar_gate, B, T, H, K, V, cu, with_h0, torch.bfloat16, "cuda")
     _record(name, errors)
     assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
     for key in ("dq", "dk", "dv", "dg", "dh0"):
         if key in errors:
             assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_triton_matches_reference_gpu_bf16(case, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    _check_gpu_bf16(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GLA_INTRA_VARIANTS))
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] == "gla"],
+                         ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_gla_intra_variants_gpu_bf16(case, variant, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    use_gla_variant(monkeypatch, variant)
+    _check_gpu_bf16(case, f"-{variant}")
 
 
 @pytest.mark.gpu

@@ -7,6 +7,9 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      blocks, A through memory, [64, 64] tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
+  With `split_output()`, when the forward keeps the per-chunk states for the backward anyway,
+  the serial pass only stores them (and v'), and `_output_kernel`, parallel over (chunk, V block,
+  value head), computes o from them: the serial pass keeps two of its five products per chunk.
 Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
 or recomputes them with these two kernels (FLAME_DELTA_BACKWARD=recompute; `backward_mode`),
 then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_bwd import _pow2, backward_triton
+from flame.kernels.delta_rule_bwd import _chunk_gates, _pow2, backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
@@ -211,8 +214,9 @@ def _state_output_kernel(
     USE_G: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
     COMPUTE_O: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
-    # STORE_STATES (backward recomputation): the state entering each chunk goes to hs
-    # [chunk slots, HV, K, V] and the corrected values v' to vn [B, T, HV, V]; o is then skipped.
+    # STORE_STATES (for the backward): the state entering each chunk goes to hs
+    # [chunk slots, HV, K, V] and the corrected values v' to vn [B, T, HV, V]. Without COMPUTE_O
+    # (the backward's recomputation, or split_output()) no q is read and no o written.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -278,6 +282,54 @@ def _state_output_kernel(
     tl.store(ht + state_off, S, mask=smask)
 
 
+@triton.jit(do_not_specialize=["N"])
+def _output_kernel(
+    q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
+    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # o = scale (exp(gc) q S0 + tril(q k^T e) v') for one chunk and V block, from the state S0
+    # entering the chunk and v' as the serial pass stored them. Those are in q's dtype, the dtype
+    # the serial pass casts its fp32 state and v' to for the same two products: o is the same.
+    j = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    # this chunk's slot among the stored chunk states
+    slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    rows = bos + i * BT + r
+    rmask = rows < eos
+    kmask = rmask[:, None] & (ck[None, :] < K)
+    vmask = rmask[:, None] & (cv[None, :] < V)
+    # Spare programs of a packed batch (no rows) would read state slots nobody wrote.
+    smask = (ck[:, None] < K) & (cv[None, :] < V) & (ck[:, None] * 0 + bos + i * BT < eos)
+    b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    dt = b_q.dtype
+    causal = r[:, None] >= r[None, :]
+    qk = tl.dot(b_q, tl.trans(b_k))
+    if USE_G:
+        gc, _ = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+        qk = qk * tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0))
+        b_qs = (b_q.to(tl.float32) * tl.exp(gc)[:, None]).to(dt)
+    else:
+        b_qs = b_q
+    qk = tl.where(causal, qk, 0.0)
+    b_h = tl.load(hs + slot * (HV * K * V) + hv * K * V + ck[:, None] * V + cv[None, :], mask=smask, other=0.0)
+    tok = rows[:, None] * (HV * V) + hv * V + cv[None, :]
+    b_vn = tl.load(vn + tok, mask=vmask, other=0.0)
+    b_o = (tl.dot(b_qs, b_h) + tl.dot(qk.to(dt), b_vn)) * scale
+    tl.store(o + tok, b_o.to(o.dtype.element_ty), mask=vmask)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -323,6 +375,33 @@ def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
     the H100 (8x4096, K = V = 128: 0.55 against 0.93 ms per call, delta_rule_profile_v2_h100.json):
     twice the programs per SM hide the serial doubling steps."""
     return min(64, BK, BV), 4
+
+
+def split_output() -> bool:
+    """Whether a forward that keeps the per-chunk states for the backward computes o in
+    `_output_kernel` after the serial pass (True) rather than inside it (False). The split
+    shortens the serial chain (two products per chunk instead of five) for one more launch that
+    reads the stored states and v' back; it pays where few long sequences leave the serial pass
+    latency-bound (benchmarks/delta_rule_profile.py, variant split_output=0|1). One H200 run,
+    H=16, K=V=128, gated: training forward 2.59 -> 2.27 ms at 1x32768 (serial pass 1.92 ->
+    0.91, output kernel 0.69) but 1.39 -> 1.60 at 8x4096 (output kernel 0.63 ms); plain
+    1.68 -> 1.66 and 1.24 -> 1.17."""
+    return False
+
+
+def output_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
+    """(V block, warps) of `_output_kernel` (K <= 128, see `_splits_output`). ptxas (sm_90,
+    bf16, K = 128, gated): 0 spills at 64 x 8 warps, 76-152 bytes at 64 x 4 and 160-420 at 128
+    (the [64, 64] q k^T tile, its decay and the fp32 o tile live together). Each V block
+    recomputes q k^T: cheap beside the bytes of the state it reads."""
+    return min(BVF, 64), 8
+
+
+def _splits_output(q: torch.Tensor) -> bool:
+    """split_output(), for heads of K <= 128 only: at K = 256 (bf16, H100/H200, Triton 3.6) the
+    output kernel gave wrong values or an illegal memory access at both 32 x 4 and 32 x 8, while
+    the interpreter's results were exact; the single pass serves those heads."""
+    return split_output() and q.shape[-1] <= 128
 
 
 def state_warps(element_size: int) -> int:
@@ -378,6 +457,29 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     return o, ht, hs, vn, chunk_offsets
 
 
+def _output(q, k, gcum, hs, vn, cu_seqlens, scale):
+    """o [B, T, HV, V] (q's dtype) from the states entering each chunk and v' (`_state_pass`
+    with store_states), chunk-parallel."""
+    B, T, H, K = q.shape
+    HV, V = vn.shape[2], vn.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
+    if cu_seqlens is not None:
+        chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
+        chunks, heads = chunk_indices.shape[0], HV
+    else:
+        chunk_indices = None
+        chunks, heads = cdiv(T, CHUNK), B * HV
+    BV, warps = output_config(q.element_size(), _pow2(K), _pow2(V))
+    _output_kernel[(chunks, cdiv(V, BV), heads)](
+        q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
+        T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
+        USE_G=gcum is not None, IS_VARLEN=cu_seqlens is not None,
+        num_warps=warps,
+    )
+    return o
+
+
 def _state_slots(B: int, T: int, N: int, cu_seqlens) -> int:
     """Chunk slots of the per-chunk states: every chunk of every sequence, or (packed) an upper
     bound on their number."""
@@ -391,7 +493,8 @@ def backward_mode() -> str:
     """What the backward gets from the forward: FLAME_DELTA_BACKWARD=saved (default) or recompute.
 
     saved: the forward also writes A, the per-chunk states and v' (the pass computes o and
-    stores them at once) and keeps them with w and the gate cumsum, so the backward runs only
+    stores them at once; with split_output() o follows from what it stored) and keeps them
+    with w and the gate cumsum, so the backward runs only
     its two gradient kernels (H100, 8 x 4096 tokens, 16 heads of 128: gated fwd+bwd 6.10 ->
     4.97 ms; benchmarks/notes_delta_rule.md).
     recompute: the backward reruns the prep kernel and the chunk-to-chunk pass from the inputs,
@@ -408,8 +511,12 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v') for the
     backward, or None."""
     w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save)
+    split = save and _splits_output(q)
     o, ht, hs, vn, _ = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
-                                   store_states=save)
+                                   compute_o=not split, store_states=save)
+    if split:
+        del u
+        o = _output(q, k, gcum, hs, vn, cu_seqlens, scale)
     return o.to(v.dtype), ht, ((w, gcum, a, hs, vn) if save else None)
 
 

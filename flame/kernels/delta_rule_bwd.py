@@ -11,6 +11,9 @@ pass, storing the state entering each chunk and v'). Then:
      reverse: dv' = scale tril(q k^T e)^T do + k exp(gl - gc) dS1 (stored), the state gradient
      dS0 = exp(gl) dS1 + scale (exp(gc) q)^T do - w^T dv', and the gradient of the state leaving
      each chunk (stored); dS0 of the first chunk is the initial-state gradient.
+     With `split_dv_local()`, the first term of dv', which needs no state gradient, comes from
+     `_local_dv_kernel` (chunk-parallel, written into the dv' buffer) before the serial pass,
+     which then only adds the state term: two of its five products per chunk leave the chain.
   2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
      stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
      reverse cumsum of the gate gradient within the chunk.
@@ -31,7 +34,8 @@ CHUNK = 64
 def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.constexpr, USE_G: tl.constexpr):
     """In-chunk gate cumsum (padded rows take the last value, so that no exponent grows) and its last value."""
     if USE_G:
-        last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv)
+        # a spare program of a packed batch (eos = bos) has no last row to read
+        last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv, mask=eos > bos, other=0.0)
         gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
         gc = tl.where(rmask, gc, last)
     else:
@@ -40,13 +44,55 @@ def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.co
     return gc, last
 
 
+@triton.jit(do_not_specialize=["N"])
+def _local_dv_kernel(
+    q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale,
+    T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # The in-chunk term of dv' = scale tril(q k^T e)^T do, for one chunk and V block; the serial
+    # pass (LOCAL_DV) reads it back from dv2 and adds the state term.
+    j = tl.program_id(0)
+    iv = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    rows = bos + i * BT + r
+    rmask = rows < eos
+    kmask = rmask[:, None] & (ck[None, :] < K)
+    vmask = rmask[:, None] & (cv[None, :] < V)
+    b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+    tok = rows[:, None] * (HV * V) + hv * V + cv[None, :]
+    b_do = tl.load(do + tok, mask=vmask, other=0.0)
+    # [j, i]: token j's value reaches token i's output for i >= j.
+    causal_t = r[:, None] <= r[None, :]
+    kq = tl.dot(b_k, tl.trans(b_q))
+    if USE_G:
+        gc, _ = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+        kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
+    kq = tl.where(causal_t, kq, 0.0) * scale
+    b_dv = tl.dot(kq.to(b_q.dtype), b_do)
+    tl.store(dv2 + tok, b_dv.to(dv2.dtype.element_ty), mask=vmask)
+
+
 @triton.jit
 def _state_grad_kernel(
     q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOCAL_DV: tl.constexpr,
 ):
+    # LOCAL_DV: dv2 already holds the in-chunk term of dv' (`_local_dv_kernel`); each chunk reads
+    # it and overwrites it with the whole dv' (same program, same tile: the read comes first).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -84,16 +130,21 @@ def _state_grad_kernel(
         b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
         dt = b_q.dtype
         gc, last = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
-        kq = tl.dot(b_k, tl.trans(b_q))
         if USE_G:
-            kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
             b_kd = (b_k.to(tl.float32) * tl.exp(last - gc)[:, None]).to(dt)
             b_qs = (b_q.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
         else:
             b_kd = b_k
             b_qs = (b_q.to(tl.float32) * scale).to(dt)
-        kq = tl.where(causal_t, kq, 0.0) * scale
-        b_dv = tl.dot(kq.to(dt), b_do) + tl.dot(b_kd, dS.to(dt))
+        if LOCAL_DV:
+            b_local = tl.load(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+            b_dv = b_local.to(tl.float32) + tl.dot(b_kd, dS.to(dt))
+        else:
+            kq = tl.dot(b_k, tl.trans(b_q))
+            if USE_G:
+                kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
+            kq = tl.where(causal_t, kq, 0.0) * scale
+            b_dv = tl.dot(kq.to(dt), b_do) + tl.dot(b_kd, dS.to(dt))
         tl.store(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_dv.to(dv2.dtype.element_ty), mask=vmask)
         if USE_G:
             dS = dS * tl.exp(last)
@@ -241,6 +292,27 @@ def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     return BV, 8 if BK >= 128 else 4
 
 
+def split_dv_local() -> bool:
+    """Whether the in-chunk term of dv' is computed by `_local_dv_kernel` before the reverse
+    serial pass (True) rather than inside it (False). The split takes the [64, 64] q k^T tile and
+    its product with do off the serial chain, for one more launch and a write and read of dv2
+    (benchmarks/delta_rule_profile.py, variant split_dv=0|1). One H200 run, H=16, K=V=128,
+    gated: reverse pass 1.81 -> 1.33 ms plus 0.23 for the local kernel at 1x32768, 0.61 ->
+    0.50 plus 0.18 at 8x4096; plain: the reverse pass got slower (1.10 -> 1.26 at 1x32768).
+
+    The term goes through dv2 itself, in q's dtype, rather than an fp32 buffer: dv' is stored
+    and multiplied in that dtype anyway, so the one extra rounding of its in-chunk part is of the
+    size of the rounding already there, and the round trip moves half the bytes."""
+    return False
+
+
+def local_dv_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
+    """(V block, warps) of `_local_dv_kernel`: wide V blocks, since each recomputes the q k^T
+    tile; ptxas (sm_90, bf16, K = 128): no spills at 128 x 8 warps (128-190 registers)."""
+    wide = element_size > 2 or BK > 128
+    return min(BVF, 64 if wide else 128), 8
+
+
 def state_grad_warps(element_size: int) -> int:
     """Warps of the reverse chunk-to-chunk pass (the H100 sweep in benchmarks/delta_rule_profile.py)."""
     return 4
@@ -272,20 +344,29 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dhs = torch.empty_like(hs)
     dv2 = torch.empty_like(vn)
     dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    BV = state_block(q, N, HV, V)
-    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
-    options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
-                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
-                   num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
-    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
-        compile_variants(_state_grad_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
-    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
         grid = (chunk_indices.shape[0], HV)
     else:
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
+    local_dv = split_dv_local()
+    if local_dv:
+        BVL, warps = local_dv_config(q.element_size(), BK, _pow2(V))
+        _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](
+            q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale,
+            T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVL,
+            USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+            num_warps=warps,
+        )
+    BV = state_block(q, N, HV, V)
+    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
+                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None, LOCAL_DV=local_dv,
+                   num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
+    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
+        compile_variants(_state_grad_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
+    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
     grad_dtype = torch.float32 if HV != H else q.dtype
     dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)

@@ -45,6 +45,29 @@ GLA_INTRA_WARPS = 4  # the GLA kernels on BC-row blocks (scores, intra-chunk gra
 NUM_WARPS = 4
 
 
+def gla_intra_config() -> dict:
+    """Launch choices of the two GLA kernels on BC-row blocks (scores, intra-chunk gradients).
+
+    scores_unroll, grad_unroll: partner rows of the diagonal block per step of their serial
+    loop (1, 2, 4, 8 or 16); several let the rows' loads issue ahead of their math.
+    scores_split: the diagonal block's scores kept in their own [BC, BC] tile.
+    grad_scratch: the diagonal block of dA read by row and column from a per-program scratch
+    in global memory instead of being picked out of the dA tiles by cross-warp reductions.
+    grad_split: the diagonal block's dq, dk terms summed in their own tiles, in the layout of
+    the elementwise math, instead of being converted to the dot layout row by row, with one
+    exp per element for both (half the exps).
+    scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
+    scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
+    Benchmarks replace this function to time alternatives in one process.
+    """
+    return dict(warps=GLA_INTRA_WARPS, scores_unroll=1, scores_split=False, scores_stages=None, scores_bk=None,
+                grad_unroll=1, grad_scratch=False, grad_split=False, grad_stages=None, grad_bk=None)
+
+
+def _stages(num_stages):
+    return {} if num_stages is None else {"num_stages": num_stages}
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton launches. Tensors are flattened to [T_total, H, D] (contiguous), cu_seqlens given.
 
@@ -143,14 +166,27 @@ def _gla_block(dim):
     return min(next_power_of_2(dim), GLA_BLOCK)
 
 
+def _intra_block(K, block):
+    return _gla_block(K) if block is None else min(next_power_of_2(K), block)
+
+
+def _unroll(rows):
+    if rows < 1 or kern.SUB_CHUNK_SIZE % rows:
+        raise ValueError(f"partner rows per step must divide {kern.SUB_CHUNK_SIZE}, got {rows}")
+    return rows
+
+
 def _gla_scores(q, k, b, scale, chunks):
     """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
     grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
+    cfg = gla_intra_config()
     kern.chunk_gla_scores_kernel[grid](
         q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, BK=_gla_block(K), num_warps=GLA_INTRA_WARPS,
+        H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
+        SPLIT_DIAG=bool(cfg["scores_split"]),
+        num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
 
@@ -202,9 +238,17 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    kern.chunk_gla_intra_grad_kernel[(chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)](
-        q, k, v, b, do, dq_intra, dk_intra, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=_gla_block(K), BV=_gla_block(V), num_warps=GLA_INTRA_WARPS,
+    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
+    cfg = gla_intra_config()
+    # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
+    bc = kern.SUB_CHUNK_SIZE
+    scratch = (torch.empty(grid[0] * grid[1] * bc * bc, dtype=torch.float32, device=q.device)
+               if cfg["grad_scratch"] else dq_intra)
+    kern.chunk_gla_intra_grad_kernel[grid](
+        q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
+        UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
+        num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
     kern.chunk_gla_grad_kernel[(chunks.slots * cdiv(K, bk), H)](

@@ -385,13 +385,15 @@ def chunk_scalar_gate_grad_kernel(
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
     Keys in earlier blocks: one dot through the reference row r = the block's first row,
     (q_t e^{b_t - r}) . (k_s e^{r - b_s}), both exponents <= 0. Keys in block i: exact per pair,
-    one key row at a time.
+    one key row at a time, UNROLL rows per loop step (their loads can then issue before the
+    math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
+    from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
     """
     NC: tl.constexpr = BT // BC
     i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
@@ -402,11 +404,13 @@ def chunk_gla_scores_kernel(
         return
     dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
-    rows_i = i_i * BC + tl.arange(0, BC)
+    cols_i = tl.arange(0, BC)
+    rows_i = i_i * BC + cols_i
     valid_i = rows_i < L
     before = rows < i_i * BC
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
+    diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
@@ -420,17 +424,29 @@ def chunk_gla_scores_kernel(
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         acc += tl.dot(q_r, tl.trans(k_r))
-        for j in range(0, BC):
-            s = i_i * BC + j
-            ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
-            k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-            b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-            pair = (rows_i >= s) & valid_i
-            e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
-            a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
-            acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-    tl.store(a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT + rows[None, :],
-             (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+        for j0 in range(0, BC, UNROLL):
+            for u in tl.static_range(UNROLL):
+                j = j0 + u
+                s = i_i * BC + j
+                ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+                k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                pair = (rows_i >= s) & valid_i
+                e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+                a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
+                if SPLIT_DIAG:
+                    diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
+                else:
+                    acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
+    if SPLIT_DIAG:
+        # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
+        outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
+        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty),
+                 mask=valid_i[:, None] & outside[None, :])
+        tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+    else:
+        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -498,16 +514,76 @@ def chunk_gla_dv_kernel(
     tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
 
 
+@triton.jit
+def _partner_row(q_ptr, k_ptr, b_ptr, t0, s, L, i_h, ck, H: tl.constexpr, K: tl.constexpr):
+    """Row s of the chunk: q_s, k_s (fp32) and b_s; zeros for a row past the sequence."""
+    ms = ck < tl.where(s < L, K, 0)
+    off = ((t0 + s) * H + i_h) * K + ck
+    q_s = tl.load(q_ptr + off, mask=ms, other=0.0).to(tl.float32)
+    k_s = tl.load(k_ptr + off, mask=ms, other=0.0).to(tl.float32)
+    b_s = tl.load(b_ptr + off, mask=ms, other=0.0)
+    return q_s, k_s, b_s
+
+
+@triton.jit
+def _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH: tl.constexpr, BC: tl.constexpr):
+    """(dA[t, s] for t in the block, dA[s, u] for u in the block) of partner row s = block row j."""
+    if SCRATCH:
+        da_t = tl.load(slot + cols_i * BC + j)
+        da_u = tl.load(slot + j * BC + cols_i)
+    else:
+        pick = rows[None, :] == s
+        da_t = tl.sum(tl.where(pick, da_row, 0.0), axis=1)
+        da_u = tl.sum(tl.where(pick, da_col, 0.0), axis=1)
+    return da_t, da_u
+
+
+@triton.jit
+def _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
+                     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                     UNROLL: tl.constexpr, SCRATCH: tl.constexpr):
+    """dq, dk terms of the pairs inside block i, in tiles of their own (the layout of this
+    elementwise math, not the dot layout). One exp per element serves both terms of a partner
+    row s: e^{b_t - b_s} on rows t >= s (dq) and e^{b_s - b_u} on rows u <= s (dk), both
+    exponents <= 0 where the masks keep them.
+    """
+    rows = tl.arange(0, BT)
+    cols_i = tl.arange(0, BC)
+    rows_i = i_i * BC + cols_i
+    valid_i = rows_i < L
+    dq = tl.zeros([BC, BK], dtype=tl.float32)
+    dk = tl.zeros([BC, BK], dtype=tl.float32)
+    for j0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            j = j0 + u
+            s = i_i * BC + j
+            q_s, k_s, b_s = _partner_row(q_ptr, k_ptr, b_ptr, t0, s, L, i_h, ck, H, K)
+            da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
+            later = (rows_i >= s) & valid_i
+            earlier = (rows_i <= s) & (rows_i < tl.where(s < L, L, 0))
+            e = tl.exp(tl.where((rows_i >= s)[:, None], b_i - b_s[None, :], b_s[None, :] - b_i))
+            dq += da_t[:, None] * k_s[None, :] * tl.where(later[:, None], e, 0.0)
+            dk += da_u[:, None] * q_s[None, :] * tl.where(earlier[:, None], e, 0.0)
+    return dq, dk
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
 
     dq_t = sum_{s <= t} dA_ts k_s e^{b_t - b_s}: keys before the block through its first row;
     dk_s = sum_{t >= s} dA_ts q_t e^{b_t - b_s}: queries after the block through its last row;
-    pairs inside the block exact, one partner row at a time.
+    pairs inside the block exact, one partner row at a time, UNROLL rows per loop step.
+    Each partner row s needs column s and row s of the diagonal block of dA. By default they
+    are picked out of the [BC, BT] dA tiles with a masked sum, a reduction across warps per
+    row; with SCRATCH the [BC, BC] diagonal block is written once to this program's slot of
+    scratch (fp32, BC * BC per program; it stays in cache) and read back by row and column.
+    By default each row's terms are added to dq, dk in the dot layout (a layout conversion
+    per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
     """
     NC: tl.constexpr = BT // BC
     i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
@@ -518,7 +594,8 @@ def chunk_gla_intra_grad_kernel(
         return
     dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
-    rows_i = i_i * BC + tl.arange(0, BC)
+    cols_i = tl.arange(0, BC)
+    rows_i = i_i * BC + cols_i
     valid = rows < L
     valid_i = rows_i < L
     before = rows < i_i * BC
@@ -542,12 +619,21 @@ def chunk_gla_intra_grad_kernel(
     da_col = da_col * scale
     da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
     da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
+    slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
+    if SCRATCH:
+        # The diagonal block of dA: the block's own columns of da_row.
+        diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
+        tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
+        tl.debug_barrier()  # every thread reads entries other threads wrote
 
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
         mi = valid_i[:, None] & mck[None, :]
         b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
+            dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
+                                          H, K, BK, UNROLL, SCRATCH)
         r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
         r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
         mb = before[:, None] & mck[None, :]
@@ -560,22 +646,26 @@ def chunk_gla_intra_grad_kernel(
         b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
         dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
-        for j in range(0, BC):
-            s = i_i * BC + j
-            in_seq = s < L
-            ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
-            k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-            q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-            b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-            pick = rows[None, :] == s
-            da_t = tl.sum(tl.where(pick, da_row, 0.0), axis=1)  # dA[t, s] for t in the block
-            da_u = tl.sum(tl.where(pick, da_col, 0.0), axis=1)  # dA[s, u] for u in the block
-            later = (rows_i >= s) & valid_i
-            earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
-            e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
-            e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
-            dq += da_t[:, None] * k_s[None, :] * e_q
-            dk += da_u[:, None] * q_s[None, :] * e_k
+        if SPLIT_DIAG:
+            dq += dq_d
+            dk += dk_d
+        else:
+            for j0 in range(0, BC, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    j = j0 + u
+                    s = i_i * BC + j
+                    in_seq = s < L
+                    ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
+                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                    q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                    da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
+                    later = (rows_i >= s) & valid_i
+                    earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
+                    e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
+                    e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
+                    dq += da_t[:, None] * k_s[None, :] * e_q
+                    dk += da_u[:, None] * q_s[None, :] * e_k
         p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
         tl.store(dqi_ptr + p, dq, mask=mi)
         tl.store(dki_ptr + p, dk, mask=mi)

@@ -1,0 +1,190 @@
+"""chunk_gla and chunk_simple_gla on one GPU: first call, forward and forward+backward times,
+per-kernel CUDA times (torch.profiler) of forward+backward, and the same for variants of the
+two GLA kernels on 16-row blocks, each timed beside the default in the same process.
+
+    python benchmarks/linear_attention_profile.py [--shapes 8x4096 1x32768] [--kernels gla simple_gla]
+                                                  [--variants SPEC ...] [--out PATH]
+
+A variant SPEC is comma-separated key=value over the keys of
+`flame.kernels.linear_attention.gla_intra_config()` (integers; 0/1 for the switches, None for
+a default), e.g. `grad_unroll=4,grad_scratch=1,grad_split=1`; `default` names the default
+itself (a second timing of it, for the spread). The variants only change the GLA kernels, so
+they are timed for gla alone. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
+benchmarks/results/ and prints a table last.
+"""
+
+import argparse
+import contextlib
+import json
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flame.kernels.linear_attention as la  # noqa: E402
+from environment import environment  # noqa: E402
+from flame.kernels import chunk_gla, chunk_simple_gla  # noqa: E402
+from kernels import kernel_times  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+INTRA_KERNELS = ("chunk_gla_scores_kernel", "chunk_gla_intra_grad_kernel")
+DEFAULT_VARIANTS = [
+    "default",
+    "scores_unroll=4,scores_split=1",
+    "scores_unroll=8,scores_split=1",
+    "scores_unroll=4,scores_split=1,scores_bk=32",
+    "scores_unroll=16,scores_split=1",
+    "grad_scratch=1",
+    "grad_unroll=4,grad_scratch=1",
+    "grad_scratch=1,grad_split=1",
+    "grad_unroll=2,grad_scratch=1,grad_split=1",
+    "grad_unroll=4,grad_scratch=1,grad_split=1",
+    "grad_unroll=4,grad_scratch=1,grad_split=1,grad_bk=32",
+    "grad_unroll=4,grad_scratch=1,grad_split=1,grad_stages=1",
+    "scores_unroll=4,scores_split=1,grad_unroll=2,grad_scratch=1,grad_split=1",
+    "scores_unroll=4,scores_split=1,scores_bk=32,grad_unroll=4,grad_scratch=1,grad_split=1,grad_bk=32",
+]
+
+
+def parse_spec(spec: str, default: dict) -> dict:
+    """Config of a variant SPEC: the default with the named keys replaced."""
+    config = dict(default)
+    for item in filter(None, spec.split(",")):
+        if item == "default":
+            continue
+        key, value = item.split("=")
+        if key not in config:
+            raise ValueError(f"unknown key {key!r} in {spec!r}; keys: {', '.join(config)}")
+        config[key] = None if value == "None" else int(value)
+    return config
+
+
+@contextlib.contextmanager
+def variant(spec: str):
+    """Runs the block with `gla_intra_config` answering the SPEC's config."""
+    saved = la.gla_intra_config
+    config = parse_spec(spec, saved())
+    la.gla_intra_config = lambda: dict(config)
+    try:
+        yield
+    finally:
+        la.gla_intra_config = saved
+
+
+def inputs(kernel, B, T, H=16, D=128):
+    """Closures running the forward and the forward+backward (gradients of q, k, v, g)."""
+    dev, bf = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, D, device=dev, dtype=bf)
+    k = torch.randn(B, T, H, D, device=dev, dtype=bf)
+    v = torch.randn(B, T, H, D, device=dev, dtype=bf)
+    if kernel == "gla":
+        g = F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / 16  # as benchmarks/kernels.py
+        fn = chunk_gla
+    else:
+        g = F.logsigmoid(torch.randn(B, T, H, device=dev))
+        fn = chunk_simple_gla
+    leaves = [x.requires_grad_() for x in (q, k, v, g)]
+    do = torch.randn_like(v)
+
+    def fwdbwd():
+        return torch.autograd.grad(fn(*leaves)[0], leaves, do)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*leaves)[0]
+
+    return fwd, fwdbwd
+
+
+def timed(fn):
+    try:
+        return round(do_bench(fn, return_mode="median"), 4)
+    except Exception as e:  # noqa: BLE001 - e.g. out of registers or shared memory; recorded
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+def profiled(fn):
+    try:
+        return {k: round(v, 4) for k, v in kernel_times(fn).items()}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def intra_times(profile: dict) -> dict:
+    """CUDA ms per fwd+bwd call of the two 16-row-block kernels (None where not launched)."""
+    times = {}
+    for name in INTRA_KERNELS:
+        found = [v for k, v in profile.items() if k.startswith(name) and isinstance(v, float)]
+        times[name] = round(sum(found), 4) if found else None
+    return times
+
+
+def fmt(x, width=7):
+    if x is None:
+        return f"{'-':>{width}s}"
+    return f"{x:{width}.3f}" if isinstance(x, float) else f"{'err':>{width}s}"
+
+
+def print_table(rows):
+    print(f"{'kernel':11s} {'shape':8s} {'variant':92s} {'fwd':>7s} {'f+b':>7s} {'scores':>7s} {'intra':>7s}")
+    for row in rows:
+        shape = f"{row['B']}x{row['T']}"
+        entries = [("default", row)] + list(row["variants"].items())
+        for spec, entry in entries:
+            intra = entry.get("intra_kernels_fwdbwd_ms", {})
+            print(f"{row['kernel']:11s} {shape:8s} {spec:92s} {fmt(entry['fwd_ms'])} {fmt(entry['fwdbwd_ms'])} "
+                  f"{fmt(intra.get(INTRA_KERNELS[0]))} {fmt(intra.get(INTRA_KERNELS[1]))}")
+        profile = list(row["profile_fwdbwd_ms"].items())[:6]
+        print("    default f+b:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile
+                                         if isinstance(v, float)))
+    print("scores: the forward's chunk_gla_scores_kernel per call (the backward reuses A); "
+          "intra: chunk_gla_intra_grad_kernel; both ms from the fwd+bwd profile.")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["8x4096", "1x32768"])
+    parser.add_argument("--kernels", nargs="+", default=["gla", "simple_gla"], choices=["gla", "simple_gla"])
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
+                        help="variant SPECs timed beside the default for gla at every shape")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    for spec in args.variants:  # fail on a typo before any GPU work
+        parse_spec(spec, la.gla_intra_config())
+    report = {"environment": environment(), "default_config": la.gla_intra_config(), "rows": []}
+    for shape in args.shapes:
+        B, T = (int(x) for x in shape.split("x"))
+        for kernel in args.kernels:
+            fwd, fwdbwd = inputs(kernel, B, T)
+            start = time.perf_counter()
+            fwdbwd()
+            torch.cuda.synchronize()
+            row = {"kernel": kernel, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
+                   "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
+            row["profile_fwdbwd_ms"] = profiled(fwdbwd)
+            row["intra_kernels_fwdbwd_ms"] = intra_times(row["profile_fwdbwd_ms"])
+            row["variants"] = {}
+            for spec in args.variants if kernel == "gla" else []:
+                with variant(spec):
+                    entry = {"config": la.gla_intra_config(), "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
+                    entry["intra_kernels_fwdbwd_ms"] = intra_times(profiled(fwdbwd))
+                row["variants"][spec] = entry
+            report["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            del fwd, fwdbwd
+            torch.cuda.empty_cache()
+    print_table(report["rows"])
+    gpu = report["environment"]["gpu"] or "cpu"
+    out = args.out or RESULTS / f"linear_attention_profile_{gpu.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
