@@ -33,11 +33,17 @@ def _layout(x: torch.Tensor):
 
 def _shards_alike(param: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether the elementwise update of `param` by `grad` can run on local shards: same layout,
-    and no pending reduction (Partial) in it."""
-    layout = _layout(param)
-    if layout != _layout(grad):
+    and no pending reduction (Partial) in it. Runs for every parameter at every step: cheap
+    checks first."""
+    if not isinstance(param, DTensor):
+        return not isinstance(grad, DTensor)
+    if not isinstance(grad, DTensor):
         return False
-    return layout is None or not any(p.is_partial() for p in layout[1])
+    placements = param.placements
+    if grad.placements != placements or not (grad.device_mesh is param.device_mesh
+                                             or grad.device_mesh == param.device_mesh):
+        return False
+    return not any(p.is_partial() for p in placements)
 
 
 class AdamW(torch.optim.AdamW):
