@@ -645,6 +645,10 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
         every = int(cfg.activation_checkpoint.selective_ac_option)
         per_layer = (17 * m.dim * (every - 1) + m.dim) / every
     act_b = tokens * m.n_layers * per_layer * act_bytes / tp  # TP splits heads and the sequence
+    # The compute copies of the blocks gathered by FSDP: all of them from forward to backward when
+    # kept (reshard_after_forward "never", or "default" for blocks within 1/16 of the GPU's
+    # memory), else about one block's at a time.
+    gathered_b = act_bytes * n_body / tp * (1 - 1 / shard) if shard > 1 else 0.0
     # Logits are never materialised in full: the fused linear cross-entropy works in chunks.
     gib = 1024 ** 3
     lines = [
@@ -661,5 +665,7 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
         f"  optimizer states (fp32)  {optim_b / gib:8.2f} GiB",
         f"  activations (rough, AC={cfg.activation_checkpoint.mode}) {act_b / gib:8.2f} GiB",
         f"  total                    {(params_b + grads_b + optim_b + act_b) / gib:8.2f} GiB",
+        f"  + gathered blocks ({'bf16' if bf16 else 'fp32'})  {gathered_b / gib:8.2f} GiB while kept from forward to "
+        "backward (parallelism.fsdp_reshard_after_forward)",
     ]
     return "\n".join(lines)

@@ -185,3 +185,7 @@ def test_dry_run_numbers_match_the_model():
     assert "FSDP degree 4" in report
     # fp32 AdamW moments sharded four ways
     assert f"{8 * total / 4 / 1024 ** 3:8.2f} GiB" in report
+    # the other three quarters of the blocks' bf16 compute copies, while kept gathered
+    body = model.num_params(include_embeddings=False)
+    assert cfg.training.mixed_precision_param == "bfloat16"
+    assert f"gathered blocks (bf16)  {2 * body * 3 / 4 / 1024 ** 3:8.2f} GiB" in report

@@ -5,8 +5,9 @@ value at the chunk's last token, e_ij = exp(gc_i - gc_j) for i >= j:
     v' = u - w S0,  o = scale (exp(gc) q S0 + tril(q k^T e) v'),
     S1 = exp(gl) S0 + (k exp(gl - gc))^T v',  w = A (beta exp(gc) k),  u = A (beta v).
 
-The forward is recomputed first (delta_rule.py: the prep kernel, also storing A, and the state
-pass, storing the state entering each chunk and v'). Then:
+w, A, the gate cumsum, the state entering each chunk and v' come from the forward (the default,
+`backward_mode` "saved") or are recomputed first (delta_rule.py: the prep kernel, also storing A,
+and the state pass, storing the states and v'). Then:
   1. `_state_grad_kernel`, parallel over (sequence, value head, V block), serial over chunks in
      reverse: dv' = scale tril(q k^T e)^T do + k exp(gl - gc) dS1 (stored), the state gradient
      dS0 = exp(gl) dS1 + scale (exp(gc) q)^T do - w^T dv', and the gradient of the state leaving
