@@ -19,39 +19,42 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_kernels():
-    """flame.kernels.delta_rule(_bwd) without flame/__init__ (which needs the whole stack)."""
+def import_flame_modules(*names: str) -> list:
+    """flame.kernels.<name> modules without flame/__init__ (which needs the whole stack)."""
+    import importlib
+
     for name, path in (("flame", "flame"), ("flame.kernels", "flame/kernels")):
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(ROOT, path)]
             sys.modules[name] = module
-    import flame.kernels.delta_rule as fwd
-    import flame.kernels.delta_rule_bwd as bwd
-
-    return fwd, bwd
+    return [importlib.import_module(f"flame.kernels.{name}") for name in names]
 
 
-def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str:
+def import_kernels():
+    return import_flame_modules("delta_rule", "delta_rule_bwd")
+
+
+def compile_sm90(kernel, constexprs: dict, scalars: dict, int_pointers: set, fp32_pointers: set,
+                 options: dict, aligned: bool = False):
+    """(compiled kernel, ptxas -v output, cubin bytes) for an H100 target; pointers not named
+    are bf16; aligned: every pointer 16-byte aligned, as torch allocations are."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    scalars = {"T": "i32", "N": "i32", "scale": "fp32"}  # the rest are pointers
-    int_pointers = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
-    # u (v' = u - w S cancels), the states and their gradients are fp32 buffers
-    fp32_pointers = {"g", "gcum", "dg", "dbeta", "u", "h0", "ht", "dht", "dh0"}
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in scalars:
             signature[name] = scalars[name]
         else:
             signature[name] = "*i32" if name in int_pointers else "*fp32" if name in fp32_pointers else "*bf16"
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 64),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+            if aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 64), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
@@ -59,7 +62,16 @@ def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str
             f.write(compiled.asm["ptx"])
         out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
                              capture_output=True, text=True, check=True)
-    return " | ".join(line.split("info    :")[-1].strip() for line in out.stderr.splitlines()
+    return compiled, out.stderr
+
+
+def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str:
+    # u (v' = u - w S cancels), the states and their gradients are fp32 buffers
+    _, info = compile_sm90(kernel, constexprs, {"T": "i32", "N": "i32", "scale": "fp32"},
+                           {"cu_seqlens", "chunk_indices", "chunk_offsets"},
+                           {"g", "gcum", "dg", "dbeta", "u", "h0", "ht", "dht", "dh0"},
+                           {"num_warps": num_warps, "num_stages": num_stages})
+    return " | ".join(line.split("info    :")[-1].strip() for line in info.splitlines()
                       if "registers" in line or "spill" in line)
 
 

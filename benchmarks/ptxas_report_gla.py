@@ -21,11 +21,9 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
-import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ptxas_report import compile_sm90, import_flame_modules
 DEFAULT_VARIANTS = [  # those of benchmarks/linear_attention_profile.py
     "scores_unroll=4,scores_split=1",
     "scores_unroll=8,scores_split=1",
@@ -42,16 +40,7 @@ DEFAULT_VARIANTS = [  # those of benchmarks/linear_attention_profile.py
 
 
 def import_modules():
-    """flame.kernels.linear_attention(_triton) without flame/__init__ (which needs the whole stack)."""
-    for name, path in (("flame", "flame"), ("flame.kernels", "flame/kernels")):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__path__ = [os.path.join(ROOT, path)]
-            sys.modules[name] = module
-    import flame.kernels.linear_attention as launch
-    import flame.kernels.linear_attention_triton as kern
-
-    return launch, kern
+    return import_flame_modules("linear_attention", "linear_attention_triton")
 
 
 def parse_spec(spec: str, default: dict) -> dict:
@@ -66,48 +55,33 @@ def parse_spec(spec: str, default: dict) -> dict:
 
 
 def compile_report(kernel, constexprs: dict, fp32_pointers: set, num_warps: int, num_stages, ttgir_path=None) -> str:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    scalars = {"N": "i32", "scale": "fp32"}
-    int_pointers = {"cu_ptr", "chunk_idx_ptr"}
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in scalars:
-            signature[name] = scalars[name]
-        else:
-            signature[name] = "*i32" if name in int_pointers else "*fp32" if name in fp32_pointers else "*bf16"
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 64), options=options)
+    compiled, info = compile_sm90(kernel, constexprs, {"N": "i32", "scale": "fp32"}, {"cu_ptr", "chunk_idx_ptr"},
+                                  fp32_pointers, options, aligned=True)
     if ttgir_path:
         with open(ttgir_path, "w") as f:
             f.write(compiled.asm["ttgir"])
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    nvdisasm = os.path.join(os.path.dirname(triton_file()), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True)
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", cubin],
-                              capture_output=True, text=True, check=True).stdout
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out.stderr)
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     loop = row_loop(sass)
     return (f"{regs.group(1) if regs else '?'} regs, spill st/ld {spill.group(1)}/{spill.group(2)} B, "
             f"smem {compiled.metadata.shared} B; partner-row loop: {len(loop)} instructions, "
             f"{sum('BAR.SYNC' in x for x in loop)} BAR.SYNC, {sum('SHFL' in x for x in loop)} SHFL, "
             f"{sum('MUFU.EX2' in x for x in loop)} MUFU.EX2, {sum('LDG' in x for x in loop)} LDG")
+
+
+def triton_file() -> str:
+    import triton
+
+    return triton.__file__
 
 
 def row_loop(sass: str) -> list:
