@@ -5,13 +5,18 @@ host has queued the next step (metrics.jsonl's device_wait_fraction near 0), the
 limit, and this shows which Python functions take its time. Same arguments as train.py:
 
     torchrun --nproc_per_node=2 benchmarks/host_profile.py --config X.toml [--section.key value ...]
-        [--profile-steps 8:12] [--top 30] [--sync-debug] [--dump STATS_FILE]
+        [--profile-steps 8:12] [--top 30] [--sync-debug] [--dump STATS_FILE] [--stub-kernels]
 
 Rank 0 profiles the steps in [start, end) (after compilation) and prints the functions by own
 time and by cumulative time, and the host seconds per profiled step. --sync-debug also turns on
 torch.cuda.set_sync_debug_mode("warn") for those steps and prints the stack of every operation
 that makes the host wait for the GPU (a queued step should have none). --dump writes the pstats
 file, so two layouts can be compared function by function (`pstats.Stats(path)`).
+
+--stub-kernels (CPU, no GPU needed): flame's Triton kernels are launched through the
+interpreter's entry point but not run, so a small model of the same structure (same blocks and
+parameters per block, small widths) shows the host's Python work per step of a GPU run
+without the kernels' CPU time: compare call counts per step, layouts and code versions.
 """
 
 from __future__ import annotations
@@ -25,7 +30,20 @@ import time
 import traceback
 import warnings
 
-import torch
+if "--stub-kernels" in sys.argv:
+    # before anything imports triton: the interpreter's launch becomes a counted no-op
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["FLAME_BACKEND"] = "triton"
+    import triton.runtime.interpreter as _interpreter
+
+    STUBBED_LAUNCHES = [0]
+
+    def _count_launch(self, *args, **kwargs):
+        STUBBED_LAUNCHES[0] += 1
+
+    _interpreter.InterpretedFunction.run = _count_launch
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,6 +65,8 @@ def main() -> int:
     sync_debug = "--sync-debug" in argv and torch.cuda.is_available()
     if "--sync-debug" in argv:
         argv.remove("--sync-debug")
+    if "--stub-kernels" in argv:
+        argv.remove("--stub-kernels")
 
     from flame import titan
     from flame.config import parse_args
@@ -96,6 +116,10 @@ def main() -> int:
         if dump:
             profiler.dump_stats(dump)
         print(f"\nhost seconds to queue each profiled step: {[round(s, 4) for s in seconds]}")
+        calls = pstats.Stats(profiler).total_calls
+        print(f"Python calls per profiled step: {calls / len(seconds):.0f}")
+        if "STUBBED_LAUNCHES" in globals():
+            print(f"stubbed Triton launches in the run: {STUBBED_LAUNCHES[0]}")
         for key in ("tottime", "cumulative"):
             out = io.StringIO()
             pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(top)
