@@ -25,7 +25,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,7 +32,7 @@ import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
 from environment import environment  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
-from kernels import kernel_times  # noqa: E402
+from kernels import kernel_times, timed  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -99,12 +98,6 @@ def variant(spec: str):
         for name, module in modules.items():
             setattr(module, name, saved[name])
 
-
-def timed(fn):
-    try:
-        return round(do_bench(fn, return_mode="median"), 4)
-    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory; recorded
-        return f"{type(e).__name__}: {e}"[:200]
 
 
 def main():

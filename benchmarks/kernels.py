@@ -165,6 +165,15 @@ def kernel_times(step, iters: int = 5) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def timed(fn):
+    """Median do_bench time of fn in ms, or the error's text (e.g. out of registers or shared
+    memory) so that one failing variant does not stop a sweep."""
+    try:
+        return round(do_bench(fn, return_mode="median"), 4)
+    except Exception as e:  # noqa: BLE001 - recorded in the results
+        return f"{type(e).__name__}: {e}"[:200]
+
+
 def bench_sdpa(B, T, H, D):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -22,46 +22,18 @@ import time
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.linear_attention as la  # noqa: E402
 from environment import environment  # noqa: E402
 from flame.kernels import chunk_gla, chunk_simple_gla  # noqa: E402
-from kernels import kernel_times  # noqa: E402
+from kernels import kernel_times, timed  # noqa: E402
+from ptxas_report_gla import VARIANTS, parse_spec  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INTRA_KERNELS = ("chunk_gla_scores_kernel", "chunk_gla_intra_grad_kernel")
-DEFAULT_VARIANTS = [
-    "default",
-    "scores_unroll=4,scores_split=1",
-    "scores_unroll=8,scores_split=1",
-    "scores_unroll=4,scores_split=1,scores_bk=32",
-    "scores_unroll=16,scores_split=1",
-    "grad_scratch=1",
-    "grad_unroll=4,grad_scratch=1",
-    "grad_scratch=1,grad_split=1",
-    "grad_unroll=2,grad_scratch=1,grad_split=1",
-    "grad_unroll=4,grad_scratch=1,grad_split=1",
-    "grad_unroll=4,grad_scratch=1,grad_split=1,grad_bk=32",
-    "grad_unroll=4,grad_scratch=1,grad_split=1,grad_stages=1",
-    "scores_unroll=4,scores_split=1,grad_unroll=2,grad_scratch=1,grad_split=1",
-    "scores_unroll=4,scores_split=1,scores_bk=32,grad_unroll=4,grad_scratch=1,grad_split=1,grad_bk=32",
-]
-
-
-def parse_spec(spec: str, default: dict) -> dict:
-    """Config of a variant SPEC: the default with the named keys replaced."""
-    config = dict(default)
-    for item in filter(None, spec.split(",")):
-        if item == "default":
-            continue
-        key, value = item.split("=")
-        if key not in config:
-            raise ValueError(f"unknown key {key!r} in {spec!r}; keys: {', '.join(config)}")
-        config[key] = None if value == "None" else int(value)
-    return config
+DEFAULT_VARIANTS = ["default"] + VARIANTS  # the default twice: the spread of one setting
 
 
 @contextlib.contextmanager
@@ -100,12 +72,6 @@ def inputs(kernel, B, T, H=16, D=128):
 
     return fwd, fwdbwd
 
-
-def timed(fn):
-    try:
-        return round(do_bench(fn, return_mode="median"), 4)
-    except Exception as e:  # noqa: BLE001 - e.g. out of registers or shared memory; recorded
-        return f"{type(e).__name__}: {e}"[:200]
 
 
 def profiled(fn):

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host integers (triton.cdiv goes through Triton's constexpr-function
     wrapper, several microseconds per call on the host; grids are sized on every launch)."""
