@@ -4,10 +4,11 @@ Under FSDP2 (and tensor parallelism) every parameter, gradient and optimizer sta
 The AdamW update and the scaling by the clip coefficient are elementwise, and the squared norm is
 a sum, so both can run on the local shards whenever a gradient is laid out like its parameter.
 Handing DTensors to the fused / foreach kernels instead makes DTensor propagate placements for
-each of the hundreds of tensors of every call: on the host that is ~80 ms per step for AdamW over
-435 tensors on this repository's CPU test machine, against 3 ms on the local shards (GDN recipes
-have ~18 parameters per block). The trainer's step waits on the host (benchmarks/notes_multi_gpu.md),
-so this time is the GPU's.
+the hundreds of tensors of every call. On this repository's CPU test machine, over 435 tensors
+(GDN recipes have ~18 parameters per block): a fused AdamW step takes ~13 ms of host time with
+DTensors against ~6 ms on the local shards, the clipping ~6 ms against 3-6 ms
+(benchmarks/optimizer_host.py, results/optimizer_host_cpu.json). The trainer's step waits on the
+host (benchmarks/notes_multi_gpu.md), so this time is the GPU's.
 
 Anything else (a Partial gradient, placements that differ from the parameter's) takes the DTensor
 path unchanged.
