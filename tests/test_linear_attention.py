@@ -106,12 +106,14 @@ def test_triton_matches_reference_cpu(case, triton_backend):
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
-# scratch or from reductions, split diagonal gradient terms, several K tiles per program.
+# scratch or from reductions, split diagonal gradient terms, several K tiles per program. Each
+# names every switch, so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
+    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False),
     "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
                           grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
-    "scratch": dict(scores_unroll=2, grad_unroll=2, grad_scratch=True),
-    "split": dict(grad_unroll=8, grad_split=True),
+    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False),
+    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
