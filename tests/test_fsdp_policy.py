@@ -23,3 +23,32 @@ def test_default_keeps_gathered_blocks_only_when_they_are_small(monkeypatch):
     assert not parallel.gathered_blocks_fit(blocks, torch.float32, cuda)  # twice the bytes
     # CPU runs keep the resharding default
     assert not parallel.gathered_blocks_fit(blocks, torch.bfloat16, torch.device("cpu"))
+
+
+class _RecordingModel:
+    """Stands in for an FSDP-wrapped model: records the per-micro-batch settings it receives."""
+
+    def __init__(self, keeps_gathered_blocks):
+        if keeps_gathered_blocks is not None:
+            self.keeps_gathered_blocks = keeps_gathered_blocks
+        self.calls = []
+
+    def set_requires_gradient_sync(self, enabled):
+        self.calls.append(("sync", enabled))
+
+    def set_reshard_after_backward(self, enabled):
+        self.calls.append(("reshard_after_backward", enabled))
+
+
+def test_gathered_blocks_stay_gathered_between_micro_batches_only_where_kept_after_forward():
+    kept = _RecordingModel(True)
+    for last in (False, False, True):
+        parallel.set_gradient_sync(kept, last)
+    assert kept.calls == [("sync", False), ("reshard_after_backward", False),
+                          ("sync", False), ("reshard_after_backward", False),
+                          ("sync", True), ("reshard_after_backward", True)]
+    for keeps in (False, None):  # blocks freed after forward, or a model built elsewhere
+        freed = _RecordingModel(keeps)
+        parallel.set_gradient_sync(freed, False)
+        parallel.set_gradient_sync(freed, True)
+        assert freed.calls == [("sync", False), ("sync", True)]

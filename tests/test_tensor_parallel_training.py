@@ -142,9 +142,12 @@ def test_tp2_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path):
     train(1, base + ["--job.dump_folder", d["one_from_tp2"]])
     assert_same_losses(_losses(d["one_from_tp2"]), {s: one[s] for s in (3, 4)}, "TP=1 resumed from TP=2")
 
-    # FSDP over 2 ranks (one loader worker each: the same documents), started by the SLURM script
+    # FSDP over 2 ranks (one loader worker each: the same documents), started by the SLURM script;
+    # two micro-batches of one sequence per rank, with the gathered blocks kept from one
+    # micro-batch to the next
     job = slurm_job(tmp_path, base + ["--job.dump_folder", d["fsdp2"], "--data.num_workers", "1",
-                                      "--checkpoint.enable", "false"])
+                                      "--checkpoint.enable", "false", "--training.local_batch_size", "1",
+                                      "--parallelism.fsdp_reshard_after_forward", "never"])
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert_same_losses(_losses(d["fsdp2"]), one, "FSDP=2 (launched by slurm.sbatch)")
     record = os.path.join(d["fsdp2"], "launch", "4242")
