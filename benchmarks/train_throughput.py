@@ -12,6 +12,7 @@ own FLOPs per token (`LanguageModel.flops_per_token`) over the GPU's peak dense 
 
     python benchmarks/train_throughput.py                          # all recipes, seq 2048/4096/16384
     python benchmarks/train_throughput.py --sizes 340M --seqs 4096 16384 --steps 12
+    python benchmarks/train_throughput.py --archs gated_deltanet --sizes 340M --seqs 4096 --micro-batches 16
     python benchmarks/train_throughput.py --mode loss --sizes 340M  # 200 steps each, loss must fall
 
 --mode loss trains each selected recipe for --loss-steps steps (default 200) at seq 4096 with
@@ -70,8 +71,9 @@ def micro_batch(recipe, seq_len):
     return max(1, table[4096] * 4096 // seq_len)
 
 
-def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, log_freq=1):
-    """One training run; returns (rc, metric records, seconds, log tail)."""
+def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, log_freq=1, micro_batches=1):
+    """One training run of `micro_batches` micro-batches of `batch` sequences per optimizer step;
+    returns (rc, metric records, seconds, log tail)."""
     dump = pathlib.Path(workdir) / f"{recipe['arch']}_{recipe['size']}_{seq_len}"
     # The recipe's data section streams from the hub; benchmarks use the embedded corpus.
     override = pathlib.Path(workdir) / f"{dump.name}.toml"
@@ -84,7 +86,7 @@ def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, 
         'kind = "default"\n')
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(override),
            "--training.steps", str(steps), "--training.seq_len", str(seq_len),
-           "--training.local_batch_size", str(batch), "--training.global_batch_size", str(batch),
+           "--training.local_batch_size", str(batch), "--training.global_batch_size", str(batch * micro_batches),
            "--lr_scheduler.warmup_steps", str(min(20, steps // 4)),
            "--checkpoint.enable", "false", "--metrics.log_freq", str(log_freq),
            "--compile.enable", "true" if compile_model else "false",
@@ -109,10 +111,12 @@ def throughput(args, selected, workdir):
         for recipe in selected:
             batch = micro_batch(recipe, seq_len)
             rc, records, seconds, log, cmd = run_trainer(recipe, seq_len, args.steps, batch, workdir,
-                                                         args.timeout, not args.no_compile)
+                                                         args.timeout, not args.no_compile,
+                                                         micro_batches=args.micro_batches)
             timed = [r for r in records if r["step"] > args.skip]
             row = {"recipe": os.path.basename(recipe["path"]), "arch": recipe["arch"], "size": recipe["size"],
-                   "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch, "tokens_per_step": batch * seq_len,
+                   "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch, "micro_batches_per_step": args.micro_batches,
+                   "tokens_per_step": batch * seq_len * args.micro_batches,
                    "steps": args.steps, "rc": rc, "wall_seconds": round(seconds, 1), "command": cmd}
             if rc == 0 and timed:
                 row["tokens_per_second"] = statistics.median(r["tokens_per_second"] for r in timed)
@@ -178,6 +182,9 @@ def main():
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 4096, 16384])
     p.add_argument("--steps", type=int, default=12, help="training steps per throughput run")
     p.add_argument("--skip", type=int, default=4, help="first steps left out of the timing")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation; the recipes' global batch of "
+                        "128 sequences of 4096 is 16 micro-batches of the 340M micro-batch on one GPU)")
     p.add_argument("--loss-steps", type=int, default=200)
     p.add_argument("--loss-batch", type=int, default=4, help="sequences of 4096 per step in --mode loss")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
