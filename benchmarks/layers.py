@@ -161,20 +161,25 @@ def sweep(copy_gbs: float) -> dict:
     out = {}
     settings = [("short_conv", conv_kernels, "_FWD_ROWS", v) for v in (4, 16)]
     settings += [("short_conv", conv_kernels, "_BWD_ROWS", v) for v in (4, 16)]
+    settings += [("short_conv", conv_kernels, ("_BWD_PREFETCH", "_BWD_ROWS"), (True, r)) for r in (8, 4)]
     settings += [(n, norm_kernels, "_BWD_TILE_ELEMENTS", v) for n in ("rms_norm", "gated_rms_norm") for v in (4096,)]
     for name, module, attr, value in settings:
         inputs, ours, _, fwd_bytes, fwd_bwd_bytes = all_cases[name]
-        saved = getattr(module, attr)
-        setattr(module, attr, value)
+        attrs, values = (attr, value) if isinstance(attr, tuple) else ((attr,), (value,))
+        saved = [getattr(module, a) for a in attrs]
+        for a, v in zip(attrs, values):
+            setattr(module, a, v)
         try:
             entry = {"fwd": measure(fwd_call(ours, inputs), fwd_bytes, copy_gbs, profile=False),
                      "fwd_bwd": measure(fwd_bwd_call(ours, inputs), fwd_bwd_bytes, copy_gbs)}
         except Exception as e:
             entry = {"error": f"{type(e).__name__}: {e}"}
         finally:
-            setattr(module, attr, saved)
-        out[f"{name} {attr}={value}"] = entry
-        print(row(f"{name} {attr}={value}", "flame", entry), flush=True)
+            for a, v in zip(attrs, saved):
+                setattr(module, a, v)
+        label = f"{name} " + ",".join(f"{a}={v}" for a, v in zip(attrs, values))
+        out[label] = entry
+        print(row(label, "flame", entry), flush=True)
     return out
 
 

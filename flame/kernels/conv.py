@@ -277,12 +277,25 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
     return prev, pending, dw, db, doc, start, end
 
 
+@triton.jit
+def _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, ROWS: tl.constexpr):
+    """Rows t0 .. t0 + ROWS - 1 of x and dy (zeros past the last row), as tuples."""
+    xs = ()
+    dys = ()
+    for j in tl.static_range(ROWS):
+        t = t0 + j
+        off = t.to(tl.int64) * n_cols + cols
+        xs = xs + (tl.load(x_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+        dys = dys + (tl.load(dy_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+    return xs, dys
+
+
 @triton.jit(do_not_specialize=["n_docs"])
 def _conv_bwd_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
     n_rows, n_cols, n_docs, rows_per_program,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Row t's pre-activation gradient dpre[t] = dy[t] * act'(pre[t]) goes to the weight gradient,
     # dw[i] += dpre[t] * tap(K-1-i), and to dx[t - b] += w[K-1-b] * dpre[t] for each tap b that
@@ -307,14 +320,15 @@ def _conv_bwd_kernel(
     for i in tl.static_range(K):
         dw = dw + (zero,)
     db = zero
+    # PREFETCH: the next step's rows are loaded before this step's math, so that their loads are
+    # in flight while it runs (at the cost of the registers that hold them).
+    if PREFETCH:
+        xs, dys = _bwd_rows(x_ptr, dy_ptr, r0, n_rows, cols, cmask, n_cols, ROWS)
     for t0 in range(r0, r1 + K - 1, ROWS):
-        xs = ()
-        dys = ()
-        for j in tl.static_range(ROWS):
-            t = t0 + j
-            off = t.to(tl.int64) * n_cols + cols
-            xs = xs + (tl.load(x_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
-            dys = dys + (tl.load(dy_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+        if PREFETCH:
+            next_xs, next_dys = _bwd_rows(x_ptr, dy_ptr, t0 + ROWS, n_rows, cols, cmask, n_cols, ROWS)
+        else:
+            xs, dys = _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, ROWS)
         doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
         # most steps lie inside one document and the program's rows: those skip the masks
         if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1) & (t0 - (K - 1) >= r0):
@@ -325,6 +339,8 @@ def _conv_bwd_kernel(
             prev, pending, dw, db, doc, start, end = _bwd_step(
                 dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1,
                 n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, False)
+        if PREFETCH:
+            xs, dys = next_xs, next_dys
     for i in tl.static_range(K):
         tl.store(dw_ptr + pid_t.to(tl.int64) * n_cols * K + cols * K + i, dw[i], mask=cmask)
     tl.store(db_ptr + pid_t.to(tl.int64) * n_cols + cols, db, mask=cmask)
@@ -332,6 +348,7 @@ def _conv_bwd_kernel(
 
 _MAX_KERNEL = 8  # taps the kernels take (K - 1 rows of x and of dx stay in registers)
 _FWD_ROWS, _BWD_ROWS = 8, 8  # rows loaded per step of a program's walk
+_BWD_PREFETCH = False  # the backward loads the next step's rows before this step's math
 _THREAD_COLS = 4  # channels per thread: 8-byte (16-bit) or 16-byte (fp32) vectors
 
 
@@ -403,7 +420,8 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
         block, warps = _channel_blocks(n_cols)
         c_blocks = cdiv(n_cols, block)
         constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-                          IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block)
+                          IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block,
+                          PREFETCH=_BWD_PREFETCH)
 
         def args(dw_partial, db_partial, rows_per_program):
             return (xf, dyf, w, bias if bias is not None else w, cache if cache is not None else xf, cu,
