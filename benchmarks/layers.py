@@ -162,6 +162,9 @@ def sweep(copy_gbs: float) -> dict:
     settings = [("short_conv", conv_kernels, "_FWD_ROWS", v) for v in (4, 16)]
     settings += [("short_conv", conv_kernels, "_BWD_ROWS", v) for v in (4, 16)]
     settings += [("short_conv", conv_kernels, ("_BWD_PREFETCH", "_BWD_ROWS"), (True, r)) for r in (8, 4)]
+    settings += [("short_conv", conv_kernels, ("_FWD_PREFETCH", "_FWD_ROWS"), (True, r)) for r in (8, 4)]
+    settings += [(name, conv_kernels, ("_FWD_PREFETCH", "_FWD_ROWS", "_BWD_PREFETCH", "_BWD_ROWS"), (True, 4, True, 4))
+                 for name in ("short_conv", "short_conv_packed")]
     settings += [(n, norm_kernels, "_BWD_TILE_ELEMENTS", v) for n in ("rms_norm", "gated_rms_norm") for v in (4096,)]
     for name, module, attr, value in settings:
         inputs, ours, _, fwd_bytes, fwd_bwd_bytes = all_cases[name]
@@ -170,7 +173,7 @@ def sweep(copy_gbs: float) -> dict:
         for a, v in zip(attrs, values):
             setattr(module, a, v)
         try:
-            entry = {"fwd": measure(fwd_call(ours, inputs), fwd_bytes, copy_gbs, profile=False),
+            entry = {"fwd": measure(fwd_call(ours, inputs), fwd_bytes, copy_gbs),
                      "fwd_bwd": measure(fwd_bwd_call(ours, inputs), fwd_bwd_bytes, copy_gbs)}
         except Exception as e:
             entry = {"error": f"{type(e).__name__}: {e}"}
