@@ -159,12 +159,10 @@ def sweep(copy_gbs: float) -> dict:
     sizes: each setting's fwd / fwd+bwd (module constants changed in place, then restored)."""
     all_cases = cases()
     out = {}
-    settings = [("short_conv", conv_kernels, "_FWD_ROWS", v) for v in (4, 16)]
-    settings += [("short_conv", conv_kernels, "_BWD_ROWS", v) for v in (4, 16)]
-    settings += [("short_conv", conv_kernels, ("_BWD_PREFETCH", "_BWD_ROWS"), (True, r)) for r in (8, 4)]
-    settings += [("short_conv", conv_kernels, ("_FWD_PREFETCH", "_FWD_ROWS"), (True, r)) for r in (8, 4)]
-    settings += [(name, conv_kernels, ("_FWD_PREFETCH", "_FWD_ROWS", "_BWD_PREFETCH", "_BWD_ROWS"), (True, 4, True, 4))
-                 for name in ("short_conv", "short_conv_packed")]
+    settings = [("short_conv", conv_kernels, "_FWD_ROWS", v) for v in (8, 16)]
+    settings += [("short_conv", conv_kernels, ("_BWD_PREFETCH", "_BWD_ROWS"), (p, r))
+                 for p, r in ((False, 8), (False, 4), (True, 8))]
+
     settings += [(n, norm_kernels, "_BWD_TILE_ELEMENTS", v) for n in ("rms_norm", "gated_rms_norm") for v in (4096,)]
     for name, module, attr, value in settings:
         inputs, ours, _, fwd_bytes, fwd_bwd_bytes = all_cases[name]

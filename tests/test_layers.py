@@ -196,12 +196,11 @@ def test_short_conv_packed_documents(monkeypatch, backend, dtype, tol, with_stat
                          ids=["k4-silu-initial-state", "k3-linear"])
 def test_short_conv_kernels_over_many_tiles(monkeypatch, k, activation, with_state, prefetch):
     """Documents that cross the edges of the programs' row runs (4 runs in the interpreter: 64,
-    64, 64 and 8 rows, walked 8 rows a step), one-token documents, steps inside and across
-    documents; both kernels with and without loading the next step's rows ahead."""
+    64, 64 and 8 rows, walked 4 rows a step), one-token documents, steps inside and across
+    documents; the backward with and without loading the next step's rows ahead."""
     from flame.kernels import conv
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    monkeypatch.setattr(conv, "_FWD_PREFETCH", prefetch)
     monkeypatch.setattr(conv, "_BWD_PREFETCH", prefetch)
     cu = torch.tensor([0, 2, 57, 59, 60, 130, 170, 200])
     n = len(cu) - 1
