@@ -290,8 +290,9 @@ def _output_kernel(
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     # o = scale (exp(gc) q S0 + tril(q k^T e) v') for one chunk and V block, from the state S0
-    # entering the chunk and v' as the serial pass stored them. Those are in q's dtype, the dtype
-    # the serial pass casts its fp32 state and v' to for the same two products: o is the same.
+    # entering the chunk and v' as the serial pass stored them (in q's dtype). The K dimension is
+    # walked in BK blocks (q S0 and q k^T accumulate in fp32), so that one K block's loads overlap
+    # the previous one's products; the gate scales the [BT, BV] and [BT, BT] results, not q.
     j = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2)
@@ -303,30 +304,32 @@ def _output_kernel(
     # this chunk's slot among the stored chunk states
     slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
     r = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
     cv = iv * BV + tl.arange(0, BV)
     rows = bos + i * BT + r
     rmask = rows < eos
-    kmask = rmask[:, None] & (ck[None, :] < K)
     vmask = rmask[:, None] & (cv[None, :] < V)
     # Spare programs of a packed batch (no rows) would read state slots nobody wrote.
-    smask = (ck[:, None] < K) & (cv[None, :] < V) & (ck[:, None] * 0 + bos + i * BT < eos)
-    b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-    b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-    dt = b_q.dtype
+    live = (cv[None, :] * 0 + bos + i * BT) < eos
+    qs = tl.zeros([BT, BV], dtype=tl.float32)
+    qk = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        kmask = rmask[:, None] & (ck[None, :] < K)
+        b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        smask = (ck[:, None] < K) & (cv[None, :] < V) & live
+        b_h = tl.load(hs + slot * (HV * K * V) + hv * K * V + ck[:, None] * V + cv[None, :], mask=smask, other=0.0)
+        qs += tl.dot(b_q, b_h)
+        qk += tl.dot(b_q, tl.trans(b_k))
     causal = r[:, None] >= r[None, :]
-    qk = tl.dot(b_q, tl.trans(b_k))
     if USE_G:
         gc, _ = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+        qs = qs * tl.exp(gc)[:, None]
         qk = qk * tl.exp(tl.where(causal, gc[:, None] - gc[None, :], 0.0))
-        b_qs = (b_q.to(tl.float32) * tl.exp(gc)[:, None]).to(dt)
-    else:
-        b_qs = b_q
     qk = tl.where(causal, qk, 0.0)
-    b_h = tl.load(hs + slot * (HV * K * V) + hv * K * V + ck[:, None] * V + cv[None, :], mask=smask, other=0.0)
     tok = rows[:, None] * (HV * V) + hv * V + cv[None, :]
     b_vn = tl.load(vn + tok, mask=vmask, other=0.0)
-    b_o = (tl.dot(b_qs, b_h) + tl.dot(qk.to(dt), b_vn)) * scale
+    b_o = (qs + tl.dot(qk.to(vn.dtype.element_ty), b_vn)) * scale
     tl.store(o + tok, b_o.to(o.dtype.element_ty), mask=vmask)
 
 
@@ -391,9 +394,11 @@ def split_output() -> bool:
 
 def output_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     """(V block, warps) of `_output_kernel` (K <= 128, see `_splits_output`). ptxas (sm_90,
-    bf16, K = 128, gated): 0 spills at 64 x 8 warps, 76-152 bytes at 64 x 4 and 160-420 at 128
-    (the [64, 64] q k^T tile, its decay and the fp32 o tile live together). Each V block
-    recomputes q k^T: cheap beside the bytes of the state it reads."""
+    Triton 3.6, bf16, K = V = 128, gated, K walked in blocks of 64): 79 registers at 64 x 8
+    warps (three programs per SM; 145 when the whole K was loaded at once and q scaled by the
+    gate before the product), 113 at 128 x 8 (two per SM, but q and k read once instead of
+    twice), 153 at 64 x 4. Each V block recomputes q k^T: cheap beside the bytes of the state
+    it reads."""
     return min(BVF, 64), 8
 
 
@@ -473,7 +478,7 @@ def _output(q, k, gcum, hs, vn, cu_seqlens, scale):
     BV, warps = output_config(q.element_size(), _pow2(K), _pow2(V))
     _output_kernel[(chunks, cdiv(V, BV), heads)](
         q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
-        T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BV=BV,
+        T, N, H, HV, K, V, BT=CHUNK, BK=min(64, _pow2(K)), BV=BV,
         USE_G=gcum is not None, IS_VARLEN=cu_seqlens is not None,
         num_warps=warps,
     )
