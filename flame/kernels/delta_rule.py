@@ -392,6 +392,9 @@ def split_output() -> bool:
     return False
 
 
+OUTPUT_K_BLOCK = 64  # columns of q and k per step of `_output_kernel`'s walk over K
+
+
 def output_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     """(V block, warps) of `_output_kernel` (K <= 128, see `_splits_output`). ptxas (sm_90,
     Triton 3.6, bf16, K = V = 128, gated, K walked in blocks of 64): 79 registers at 64 x 8
@@ -478,7 +481,7 @@ def _output(q, k, gcum, hs, vn, cu_seqlens, scale):
     BV, warps = output_config(q.element_size(), _pow2(K), _pow2(V))
     _output_kernel[(chunks, cdiv(V, BV), heads)](
         q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
-        T, N, H, HV, K, V, BT=CHUNK, BK=min(64, _pow2(K)), BV=BV,
+        T, N, H, HV, K, V, BT=CHUNK, BK=min(OUTPUT_K_BLOCK, _pow2(K)), BV=BV,
         USE_G=gcum is not None, IS_VARLEN=cu_seqlens is not None,
         num_warps=warps,
     )
