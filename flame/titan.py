@@ -84,8 +84,13 @@ def init_distributed(timeout_s: int = 600) -> Runtime:
     return Runtime(device, backend, dist.get_rank(), local_rank, dist.get_world_size())
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = False) -> None:
+    """Tear down the process group. barrier (after a run that ended normally on every rank):
+    wait for all ranks first, so that no rank closes its connections while another still has a
+    collective in flight (a gloo rank then aborts in its transport thread)."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

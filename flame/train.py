@@ -556,10 +556,11 @@ def main(argv: list[str]) -> int:
             trainer.train()
         finally:
             trainer.close()
+        titan.destroy_distributed(barrier=True)
     except ValueError as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        titan.destroy_distributed()
+        titan.destroy_distributed()  # after an error: no barrier, the other ranks may be gone
     return 0
