@@ -58,7 +58,8 @@ def run(args, nproc=1, script="train.py", check=True, cpu=False):
                f"--master_port={_free_port()}", script, *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\n{out.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\nstdout:\n{out.stdout[-2000:]}\n"
+                             f"stderr:\n{out.stderr[-4000:]}")
     return out
 
 
