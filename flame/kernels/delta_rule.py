@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_bwd import _chunk_gates, _pow2, backward_triton
+from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import cdiv, chunk_span, compile_variants, max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import cdiv, compile_variants, max_num_chunks, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -107,11 +107,7 @@ def _prepare_kernel(
     tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HV
-    hv = bh % HV
-    h = hv // (HV // H)
-    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
-    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     r = tl.arange(0, 16)
     rows0 = bos + i * BT + r
     rows1 = rows0 + 16
@@ -296,11 +292,7 @@ def _output_kernel(
     j = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // HV
-    hv = bh % HV
-    h = hv // (HV // H)
-    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
-    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
     slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
     r = tl.arange(0, BT)

@@ -45,6 +45,19 @@ def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.co
     return gc, last
 
 
+@triton.jit
+def _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H: tl.constexpr, HV: tl.constexpr,
+                   BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A chunk-parallel program's (batch row, value head, its q/k head) from grid index bh, and
+    its chunk (`chunk_span`): (b, hv, h, i, bos, eos). Grids are sized for the most chunks any
+    packing can have; spare programs get an empty range and write nothing."""
+    b = bh // HV
+    hv = bh % HV
+    h = hv // (HV // H)
+    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    return b, hv, h, i, bos, eos
+
+
 @triton.jit(do_not_specialize=["N"])
 def _local_dv_kernel(
     q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale,
@@ -57,11 +70,7 @@ def _local_dv_kernel(
     j = tl.program_id(0)
     iv = tl.program_id(1)
     bh = tl.program_id(2)
-    b = bh // HV
-    hv = bh % HV
-    h = hv // (HV // H)
-    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
-    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = iv * BV + tl.arange(0, BV)
@@ -164,11 +173,7 @@ def _chunk_grad_kernel(
 ):
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HV
-    hv = bh % HV
-    h = hv // (HV // H)
-    # Grids are sized for the most chunks any packing can have; spare programs write nothing.
-    i, bos, eos = chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT, IS_VARLEN)
+    b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
     slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
     r = tl.arange(0, BT)
