@@ -32,7 +32,7 @@ import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
 from environment import environment  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
-from kernels import kernel_times, timed  # noqa: E402
+from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -45,20 +45,8 @@ def inputs(gated, B, T, H=16, D=128):
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda"))
     leaves = [x.requires_grad_() for x in ((q, k, v, g, beta) if gated else (q, k, v, beta))]
     fn = chunk_gated_delta_rule if gated else chunk_delta_rule
-    do = torch.randn_like(v)
-
-    def fwdbwd():
-        return torch.autograd.grad(fn(*leaves)[0], leaves, do)
-
-    def fwd():
-        with torch.no_grad():
-            return fn(*leaves)[0]
-
-    def fwd_save():
-        # the training forward: it also keeps what the backward needs (where split_output acts)
-        return fn(*leaves)[0]
-
-    return fwd, fwd_save, fwdbwd
+    # fwd_save, the training forward, also keeps what the backward needs (where split_output acts)
+    return autograd_calls(fn, leaves, torch.randn_like(v))
 
 
 @contextlib.contextmanager

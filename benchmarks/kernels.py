@@ -165,6 +165,24 @@ def kernel_times(step, iters: int = 5) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def autograd_calls(fn, leaves, do):
+    """(fwd, fwd_save, fwdbwd) closures over fn(*leaves)[0]: the inference forward (no graph
+    kept), the training forward (what the backward needs kept), and the forward with the
+    gradients of every leaf for the output gradient do."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*leaves)[0]
+
+    def fwd_save():
+        return fn(*leaves)[0]
+
+    def fwdbwd():
+        return torch.autograd.grad(fn(*leaves)[0], leaves, do)
+
+    return fwd, fwd_save, fwdbwd
+
+
 def timed(fn):
     """Median do_bench time of fn in ms, or the error's text (e.g. out of registers or shared
     memory) so that one failing variant does not stop a sweep."""

@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flame.kernels.linear_attention as la  # noqa: E402
 from environment import environment  # noqa: E402
 from flame.kernels import chunk_gla, chunk_simple_gla  # noqa: E402
-from kernels import kernel_times, timed  # noqa: E402
+from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 from ptxas_report_gla import VARIANTS, parse_spec  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -61,15 +61,7 @@ def inputs(kernel, B, T, H=16, D=128):
         g = F.logsigmoid(torch.randn(B, T, H, device=dev))
         fn = chunk_simple_gla
     leaves = [x.requires_grad_() for x in (q, k, v, g)]
-    do = torch.randn_like(v)
-
-    def fwdbwd():
-        return torch.autograd.grad(fn(*leaves)[0], leaves, do)
-
-    def fwd():
-        with torch.no_grad():
-            return fn(*leaves)[0]
-
+    fwd, _, fwdbwd = autograd_calls(fn, leaves, torch.randn_like(v))
     return fwd, fwdbwd
 
 
