@@ -3,17 +3,21 @@ forward / forward+backward times of variants (prep kernel, launch configurations
 each timed beside the default in the same process. The forward is timed twice: for inference
 (fwd_ms, nothing kept for a backward) and for training (fwd_save_ms, what the backward needs kept).
 
-    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768] [--variants SPEC ...]
-                                            [--profile-variants] [--out PATH]
+    python benchmarks/delta_rule_profile.py [--shapes 8x4096 1x32768 8x4096x4x128x256]
+                                            [--kernels delta_rule gated_delta_rule]
+                                            [--variants SPEC ...] [--profile-variants] [--out PATH]
+
+A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Gated DeltaNet
+374M recipe's micro-batch of one layer).
 
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
 pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
-reverse serial pass), local_dv=BVxWARPS (that kernel's launch). Every variant is timed at every
-shape; the per-kernel profile is taken for the default, and with --profile-variants for each
-variant too.
+reverse serial pass), local_dv=BVxWARPS (that kernel's launch). Every variant is timed at
+every shape; the per-kernel profile is taken for the default, and with --profile-variants for
+each variant too.
 
-H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
+bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
 
 import argparse
@@ -37,10 +41,10 @@ from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-def inputs(gated, B, T, H=16, D=128):
-    q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-    k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(torch.bfloat16)
-    v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+def inputs(gated, B, T, H=16, K=128, V=128):
+    q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(torch.bfloat16)
+    v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda"))
     leaves = [x.requires_grad_() for x in ((q, k, v, g, beta) if gated else (q, k, v, beta))]
@@ -96,20 +100,25 @@ def main():
                                  "split_output=0,split_dv=0", "split_output=1", "split_dv=1",
                                  "split_output=1,split_dv=1"],
                         help="variant SPECs timed beside the default at every shape")
+    parser.add_argument("--kernels", nargs="+", default=["delta_rule", "gated_delta_rule"],
+                        choices=["delta_rule", "gated_delta_rule"])
     parser.add_argument("--profile-variants", action="store_true",
                         help="also take the per-kernel profile of every variant")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     report = {"environment": environment(), "rows": []}
     for shape in args.shapes:
-        B, T = (int(x) for x in shape.split("x"))
-        for gated in (False, True):
-            name = "gated_delta_rule" if gated else "delta_rule"
-            fwd, fwd_save, fwdbwd = inputs(gated, B, T)
+        dims = [int(x) for x in shape.split("x")]
+        B, T, H, K, V = dims + [16, 128, 128][len(dims) - 2:] if len(dims) in (2, 5) else (None,) * 5
+        if B is None:
+            raise ValueError(f"--shapes: {shape!r} is neither BxT nor BxTxHxKxV")
+        for name in args.kernels:
+            gated = name == "gated_delta_rule"
+            fwd, fwd_save, fwdbwd = inputs(gated, B, T, H, K, V)
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
-            row = {"kernel": name, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
+            row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V, "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
                    "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
             for spec in args.variants:
@@ -120,17 +129,18 @@ def main():
                         row["variants"][spec]["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
-    print(f"{'kernel':18s} {'shape':8s} {'variant':50s} {'fwd':>7s} {'fwd(sv)':>7s} {'f+b':>7s}")
+    print(f"{'kernel':18s} {'shape':17s} {'variant':50s} {'fwd':>7s} {'fwd(sv)':>7s} {'f+b':>7s}")
 
     def ms(x):
         return f"{x:7.3f}" if isinstance(x, float) else "    err"
 
     for row in report["rows"]:
-        shape = f"{row['B']}x{row['T']}"
-        print(f"{row['kernel']:18s} {shape:8s} {'default':50s} {ms(row['fwd_ms'])} {ms(row['fwd_save_ms'])} "
+        shape = f"{row['B']}x{row['T']}" + ("" if (row["H"], row["K"], row["V"]) == (16, 128, 128)
+                                              else f"x{row['H']}x{row['K']}x{row['V']}")
+        print(f"{row['kernel']:18s} {shape:17s} {'default':50s} {ms(row['fwd_ms'])} {ms(row['fwd_save_ms'])} "
               f"{ms(row['fwdbwd_ms'])}")
         for spec, entry in row["variants"].items():
-            print(f"{row['kernel']:18s} {shape:8s} {spec:50s} {ms(entry['fwd_ms'])} {ms(entry['fwd_save_ms'])} "
+            print(f"{row['kernel']:18s} {shape:17s} {spec:50s} {ms(entry['fwd_ms'])} {ms(entry['fwd_save_ms'])} "
                   f"{ms(entry['fwdbwd_ms'])}")
             if "profile_fwdbwd_ms" in entry:
                 profile = list(entry["profile_fwdbwd_ms"].items())[:7]

@@ -7,9 +7,10 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      blocks, A through memory, [64, 64] tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
-  With `split_output()`, when the forward keeps the per-chunk states for the backward anyway,
-  the serial pass only stores them (and v'), and `_output_kernel`, parallel over (chunk, V block,
-  value head), computes o from them: the serial pass keeps two of its five products per chunk.
+  With `split_output()` (the default, heads of K <= 128), when the forward keeps the per-chunk
+  states for the backward anyway, the serial pass only stores them (and v'), and
+  `_output_kernel`, parallel over (chunk, V block, value head), computes o from them: the
+  serial pass keeps two of its five products per chunk.
 Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
 or recomputes them with these two kernels (FLAME_DELTA_BACKWARD=recompute; `backward_mode`),
 then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel
@@ -376,25 +377,25 @@ def split_output() -> bool:
     """Whether a forward that keeps the per-chunk states for the backward computes o in
     `_output_kernel` after the serial pass (True) rather than inside it (False). The split
     shortens the serial chain (two products per chunk instead of five) for one more launch that
-    reads the stored states and v' back; it pays where few long sequences leave the serial pass
-    latency-bound (benchmarks/delta_rule_profile.py, variant split_output=0|1). One H200 run,
-    H=16, K=V=128, gated: training forward 2.59 -> 2.27 ms at 1x32768 (serial pass 1.92 ->
-    0.91, output kernel 0.69) but 1.39 -> 1.60 at 8x4096 (output kernel 0.63 ms); plain
-    1.68 -> 1.66 and 1.24 -> 1.17."""
-    return False
+    reads the stored states and v' back (benchmarks/delta_rule_profile.py, variant
+    split_output=0|1). H100, bf16, gated, training forward / forward+backward in ms:
+    H=16, K=V=128 at 8x4096 1.43 / 4.02 -> 1.34 / 3.93, at 1x32768 2.59 / 6.35 -> 1.93 / 5.69;
+    the Gated DeltaNet recipe's layer (8x4096, 4 heads, K=128, V=256) 0.74 / 2.04 -> 0.65 / 1.97
+    (results/delta_rule_split_v2_h100.json)."""
+    return True
 
 
 OUTPUT_K_BLOCK = 64  # columns of q and k per step of `_output_kernel`'s walk over K
 
 
 def output_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
-    """(V block, warps) of `_output_kernel` (K <= 128, see `_splits_output`). ptxas (sm_90,
-    Triton 3.6, bf16, K = V = 128, gated, K walked in blocks of 64): 79 registers at 64 x 8
-    warps (three programs per SM; 145 when the whole K was loaded at once and q scaled by the
-    gate before the product), 113 at 128 x 8 (two per SM, but q and k read once instead of
-    twice), 153 at 64 x 4. Each V block recomputes q k^T: cheap beside the bytes of the state
-    it reads."""
-    return min(BVF, 64), 8
+    """(V block, warps) of `_output_kernel` (K <= 128, see `_splits_output`). H100, bf16,
+    gated, ms per call at 8x4096 with H=16, K=V=128 / 4 heads of K=128, V=256: 0.29 / 0.13 at
+    128 x 8 warps (q and k read once per 128 columns of v), 0.31 / 0.15 at 64 x 8, 0.30 / 0.14 at
+    64 x 4. ptxas (sm_90, Triton 3.6): 113 registers at 128 x 8 (two programs per SM), 79 at
+    64 x 8. Each V block recomputes q k^T: cheap beside the bytes of the state it reads. fp32
+    inputs keep 64 columns (twice the bytes per tile)."""
+    return min(BVF, 64 if element_size > 2 else 128), 8
 
 
 def _splits_output(q: torch.Tensor) -> bool:
