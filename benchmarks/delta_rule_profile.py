@@ -13,9 +13,9 @@ A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Ga
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
 pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
-reverse serial pass), local_dv=BVxWARPS (that kernel's launch). Every variant is timed at
-every shape; the per-kernel profile is taken for the default, and with --profile-variants for
-each variant too.
+reverse serial pass), local_dv=BVxWARPS (that kernel's launch), grad_stages=N (pipeline stages
+of the chunk gradient kernel's V loop). Every variant is timed at every shape; the per-kernel
+profile is taken for the default, and with --profile-variants for each variant too.
 
 bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
@@ -58,6 +58,7 @@ def variant(spec: str):
     """Applies a variant SPEC (see the module docstring) for the duration of the block."""
     modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
+               "chunk_grad_stages": bwd,
                "split_dv_local": bwd, "local_dv_config": bwd}
     saved = {name: getattr(module, name) for name, module in modules.items()}
     try:
@@ -78,6 +79,8 @@ def variant(spec: str):
             elif key == "output":
                 bv, warps = (int(x) for x in value.split("x"))
                 fwd_mod.output_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            elif key == "grad_stages":
+                bwd.chunk_grad_stages = lambda *a, n=int(value): n
             elif key == "split_dv":
                 bwd.split_dv_local = lambda on=bool(int(value)): on
             elif key == "local_dv":
@@ -118,7 +121,8 @@ def main():
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
-            row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V, "first_call_s": round(time.perf_counter() - start, 2),
+            row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V,
+                   "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
                    "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
             for spec in args.variants:

@@ -3,8 +3,9 @@
 Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for the maths):
   1. the prep kernel, parallel over (chunk, value head): the in-chunk gate cumsum, the
      triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and w = A beta Gamma k,
-     u = A beta v, written per token (`_prepare_kernel`: doubling for the 16x16 diagonal
-     blocks, A through memory, [64, 64] tensor-core products).
+     u = A beta v, written per token (`_prepare_kernel`: L from one [64, K] x [K, 64] product
+     through an fp32 scratch, doubling for the 16x16 diagonal blocks of the inverse, A through
+     memory, [64, 64] tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
   With `split_output()` (the default, heads of K <= 128), when the forward keeps the per-chunk
@@ -58,31 +59,10 @@ def _invert_unit_lower(L, BS: tl.constexpr):
 
 
 @triton.jit
-def _load_gate(g, rows, rmask, hv, HV: tl.constexpr, USE_G: tl.constexpr):
-    if USE_G:
-        return tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-    return tl.zeros([16], dtype=tl.float32)
-
-
-@triton.jit
-def _kk_block(k, rows_i, mask_i, rows_j, mask_j, h, beta_i, gc_i, gc_j, H: tl.constexpr, K: tl.constexpr,
-              BK: tl.constexpr, USE_G: tl.constexpr, DIAG: tl.constexpr):
-    """beta_i k_i.k_j Gamma_i / Gamma_j for one [16, 16] block of the chunk (strictly lower on the diagonal)."""
-    ck = tl.arange(0, BK)
-    k_i = tl.load(k + rows_i[:, None] * (H * K) + h * K + ck[None, :],
-                  mask=mask_i[:, None] & (ck[None, :] < K), other=0.0)
-    k_j = tl.load(k + rows_j[:, None] * (H * K) + h * K + ck[None, :],
-                  mask=mask_j[:, None] & (ck[None, :] < K), other=0.0)
-    A = tl.dot(k_i, tl.trans(k_j)) * beta_i[:, None]
-    if DIAG:
-        r = tl.arange(0, 16)
-        lower = r[:, None] > r[None, :]
-        if USE_G:
-            A = A * tl.exp(tl.where(lower, gc_i[:, None] - gc_j[None, :], 0.0))
-        A = tl.where(lower, A, 0.0)
-    elif USE_G:
-        A = A * tl.exp(gc_i[:, None] - gc_j[None, :])
-    return A
+def _load_l(lbuf, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
+    """One 16x16 block (column block COL) of L from the program's fp32 scratch [T, HV, 64]."""
+    c = COL * 16 + tl.arange(0, 16)
+    return tl.load(lbuf + rows[:, None] * (HV * 64) + hv * 64 + c[None, :], mask=rmask[:, None], other=0.0)
 
 
 @triton.jit
@@ -95,20 +75,38 @@ def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
-    k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
+    k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # Two phases per (chunk, value head). 1: the inverse A = (I + L)^-1 of the chunk of 64 by
-    # blocks of 16 (diagonal blocks by doubling, the rest by block forward substitution, all small
-    # fp32 dots), written to `a`. 2: after a barrier, A is read back as one [64, 64] tile (the
+    # Two phases per (chunk, value head). 1: the gate cumsum, L, and the inverse A = (I + L)^-1
+    # of the chunk of 64 by blocks of 16 (diagonal blocks by doubling, the rest by block forward
+    # substitution, all small fp32 dots), written to `a`. 2: after a barrier, A is read back as one [64, 64] tile (the
     # program's own writes) for two tensor-core products w = A (beta Gamma k), u = A (beta v),
     # over column blocks of BC so that no [64, K] accumulator has to live in registers whole.
     tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
+    rr = tl.arange(0, BT)
+    rows = bos + i * BT + rr
+    rmask = rows < eos
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    strict = rr[:, None] > rr[None, :]
+    # L = beta k k^T Gamma_i / Gamma_j (strictly lower) for the whole chunk in one
+    # [64, K] x [K, 64] product, written to an fp32 scratch from which the 16x16 blocks are read
+    # back (the program's own writes, from cache).
+    ck = tl.arange(0, BK)
+    b_kf = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :],
+                   mask=rmask[:, None] & (ck[None, :] < K), other=0.0)
+    L = tl.dot(b_kf, tl.trans(b_kf)) * b_beta[:, None]
+    if USE_G:
+        b_gc = tl.cumsum(tl.load(g + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32), 0)
+        tl.store(gcum + rows * HV + hv, b_gc, mask=rmask)
+        L = L * tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0))
+    L = tl.where(strict, L, 0.0)
+    tl.store(lbuf + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], L, mask=rmask[:, None])
     r = tl.arange(0, 16)
     rows0 = bos + i * BT + r
     rows1 = rows0 + 16
@@ -118,34 +116,17 @@ def _prepare_kernel(
     m1 = rows1 < eos
     m2 = rows2 < eos
     m3 = rows3 < eos
-    g0 = _load_gate(g, rows0, m0, hv, HV, USE_G)
-    g1 = _load_gate(g, rows1, m1, hv, HV, USE_G)
-    g2 = _load_gate(g, rows2, m2, hv, HV, USE_G)
-    g3 = _load_gate(g, rows3, m3, hv, HV, USE_G)
-    be0 = tl.load(beta + rows0 * HV + hv, mask=m0, other=0.0).to(tl.float32)
-    be1 = tl.load(beta + rows1 * HV + hv, mask=m1, other=0.0).to(tl.float32)
-    be2 = tl.load(beta + rows2 * HV + hv, mask=m2, other=0.0).to(tl.float32)
-    be3 = tl.load(beta + rows3 * HV + hv, mask=m3, other=0.0).to(tl.float32)
-    gc0 = tl.cumsum(g0, 0)
-    gc1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-    gc2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
-    gc3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-    if USE_G:
-        tl.store(gcum + rows0 * HV + hv, gc0, mask=m0)
-        tl.store(gcum + rows1 * HV + hv, gc1, mask=m1)
-        tl.store(gcum + rows2 * HV + hv, gc2, mask=m2)
-        tl.store(gcum + rows3 * HV + hv, gc3, mask=m3)
-    # The 16-row blocks of k are read again for each product (from cache) rather than kept live.
-    D0 = _invert_unit_lower(_kk_block(k, rows0, m0, rows0, m0, h, be0, gc0, gc0, H, K, BK, USE_G, True), 16)
-    D1 = _invert_unit_lower(_kk_block(k, rows1, m1, rows1, m1, h, be1, gc1, gc1, H, K, BK, USE_G, True), 16)
-    D2 = _invert_unit_lower(_kk_block(k, rows2, m2, rows2, m2, h, be2, gc2, gc2, H, K, BK, USE_G, True), 16)
-    D3 = _invert_unit_lower(_kk_block(k, rows3, m3, rows3, m3, h, be3, gc3, gc3, H, K, BK, USE_G, True), 16)
-    A10 = _kk_block(k, rows1, m1, rows0, m0, h, be1, gc1, gc0, H, K, BK, USE_G, False)
-    A20 = _kk_block(k, rows2, m2, rows0, m0, h, be2, gc2, gc0, H, K, BK, USE_G, False)
-    A21 = _kk_block(k, rows2, m2, rows1, m1, h, be2, gc2, gc1, H, K, BK, USE_G, False)
-    A30 = _kk_block(k, rows3, m3, rows0, m0, h, be3, gc3, gc0, H, K, BK, USE_G, False)
-    A31 = _kk_block(k, rows3, m3, rows1, m1, h, be3, gc3, gc1, H, K, BK, USE_G, False)
-    A32 = _kk_block(k, rows3, m3, rows2, m2, h, be3, gc3, gc2, H, K, BK, USE_G, False)
+    tl.debug_barrier()
+    D0 = _invert_unit_lower(_load_l(lbuf, rows0, m0, hv, HV, 0), 16)
+    D1 = _invert_unit_lower(_load_l(lbuf, rows1, m1, hv, HV, 1), 16)
+    D2 = _invert_unit_lower(_load_l(lbuf, rows2, m2, hv, HV, 2), 16)
+    D3 = _invert_unit_lower(_load_l(lbuf, rows3, m3, hv, HV, 3), 16)
+    A10 = _load_l(lbuf, rows1, m1, hv, HV, 0)
+    A20 = _load_l(lbuf, rows2, m2, hv, HV, 0)
+    A21 = _load_l(lbuf, rows2, m2, hv, HV, 1)
+    A30 = _load_l(lbuf, rows3, m3, hv, HV, 0)
+    A31 = _load_l(lbuf, rows3, m3, hv, HV, 1)
+    A32 = _load_l(lbuf, rows3, m3, hv, HV, 2)
     # X_ij = -D_i sum_{j <= m < i} A_im X_mj, X_jj = D_j; fp32 throughout (small dots).
     X10 = -tl.dot(D1, tl.dot(A10, D0, input_precision="ieee"), input_precision="ieee")
     X21 = -tl.dot(D2, tl.dot(A21, D1, input_precision="ieee"), input_precision="ieee")
@@ -175,14 +156,9 @@ def _prepare_kernel(
     _store_a(a, D3, rows3, m3, hv, HV, 3)
     # Every thread's part of A is written before any thread reads the whole tile back.
     tl.debug_barrier()
-    rr = tl.arange(0, BT)
-    rows = bos + i * BT + rr
-    rmask = rows < eos
     b_a = tl.load(a + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], mask=rmask[:, None], other=0.0)
     dt = b_a.dtype
-    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
     if USE_G:
-        b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
         kscale = b_beta * tl.exp(b_gc)
     else:
         kscale = b_beta
@@ -356,8 +332,10 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     # A passes through memory (every entry written, zeros included) even when not returned.
     a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
     BC, warps = prepare_config(k.element_size(), _pow2(K), _pow2(V))
+    # L = beta k k^T Gamma, fp32, read back by the program that wrote it (16x16 blocks)
+    lbuf = torch.empty(B, T, HV, CHUNK, dtype=torch.float32, device=k.device)
     _prepare_kernel[grid](
-        k, v, g, beta, w, u, gcum, a, cu_seqlens, chunk_indices,
+        k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
         T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
         num_warps=warps,
