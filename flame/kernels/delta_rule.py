@@ -8,10 +8,10 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
      memory, [64, 64] tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
      corrected values v' = u - w S, the output o, and the state update.
-  With `split_output()` (the default, heads of K <= 128), when the forward keeps the per-chunk
-  states for the backward anyway, the serial pass only stores them (and v'), and
-  `_output_kernel`, parallel over (chunk, V block, value head), computes o from them: the
-  serial pass keeps two of its five products per chunk.
+  With `split_output()` (the default, heads of K <= 128), the serial pass only stores the
+  per-chunk states (and v'), which the backward keeps anyway, and `_output_kernel`, parallel
+  over (chunk, V block, value head), computes o from them: the serial pass keeps two of its
+  five products per chunk.
 Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
 or recomputes them with these two kernels (FLAME_DELTA_BACKWARD=recompute; `backward_mode`),
 then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel
@@ -352,14 +352,16 @@ def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
 
 
 def split_output() -> bool:
-    """Whether a forward that keeps the per-chunk states for the backward computes o in
-    `_output_kernel` after the serial pass (True) rather than inside it (False). The split
-    shortens the serial chain (two products per chunk instead of five) for one more launch that
-    reads the stored states and v' back (benchmarks/delta_rule_profile.py, variant
-    split_output=0|1). H100, bf16, gated, training forward / forward+backward in ms:
+    """Whether the forward computes o in `_output_kernel` after the serial pass (True) rather
+    than inside it (False). The split shortens the serial chain (two products per chunk instead
+    of five) for one more launch that reads the stored states and v' back; a forward that keeps
+    nothing for a backward stores them for that launch only (benchmarks/delta_rule_profile.py,
+    variant split_output=0|1). H100, bf16, gated, training forward / forward+backward in ms:
     H=16, K=V=128 at 8x4096 1.43 / 4.02 -> 1.34 / 3.93, at 1x32768 2.59 / 6.35 -> 1.93 / 5.69;
     the Gated DeltaNet recipe's layer (8x4096, 4 heads, K=128, V=256) 0.74 / 2.04 -> 0.65 / 1.97
-    (results/delta_rule_split_v2_h100.json)."""
+    (results/delta_rule_split_v2_h100.json). The forward without a backward ran the single pass
+    at 1.26 ms (8x4096) and 2.41 (1x32768) against 1.24 and 1.81 split
+    (results/kernels_delta_rule_h100.json, delta_rule_prep_full_h100.json)."""
     return True
 
 
@@ -490,9 +492,10 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v') for the
     backward, or None."""
     w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save)
-    split = save and _splits_output(q)
+    split = _splits_output(q)
+    # Split, the states and v' are stored even when no backward keeps them (then only until o is out).
     o, ht, hs, vn, _ = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
-                                   compute_o=not split, store_states=save)
+                                   compute_o=not split, store_states=save or split)
     if split:
         del u
         o = _output(q, k, gcum, hs, vn, cu_seqlens, scale)
