@@ -140,25 +140,27 @@ def _state_grad_kernel(
         b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
         dt = b_q.dtype
         gc, last = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
+        # The gates scale the [64, BV] side of each product (rows of do or of a result), not the
+        # [64, K] tiles of q and k: the serial chain's elementwise work is per V column.
+        k_dS = tl.dot(b_k, dS.to(dt))
         if USE_G:
-            b_kd = (b_k.to(tl.float32) * tl.exp(last - gc)[:, None]).to(dt)
-            b_qs = (b_q.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
+            k_dS = k_dS * tl.exp(last - gc)[:, None]  # (k exp(gl - gc)) dS1
+            b_dos = (b_do.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
         else:
-            b_kd = b_k
-            b_qs = (b_q.to(tl.float32) * scale).to(dt)
+            b_dos = (b_do.to(tl.float32) * scale).to(dt)
         if LOCAL_DV:
             b_local = tl.load(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-            b_dv = b_local.to(tl.float32) + tl.dot(b_kd, dS.to(dt))
+            b_dv = b_local.to(tl.float32) + k_dS
         else:
             kq = tl.dot(b_k, tl.trans(b_q))
             if USE_G:
                 kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
             kq = tl.where(causal_t, kq, 0.0) * scale
-            b_dv = tl.dot(kq.to(dt), b_do) + tl.dot(b_kd, dS.to(dt))
+            b_dv = tl.dot(kq.to(dt), b_do) + k_dS
         tl.store(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_dv.to(dv2.dtype.element_ty), mask=vmask)
         if USE_G:
             dS = dS * tl.exp(last)
-        dS = dS + tl.dot(tl.trans(b_qs), b_do) - tl.dot(tl.trans(b_w), b_dv.to(dt))
+        dS = dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(dt))  # (scale gam q)^T do
     if USE_H0:
         tl.store(dh0 + state_off, dS, mask=smask)
 
