@@ -207,6 +207,68 @@ def test_torch_compile_fullgraph(monkeypatch, backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# Grouped heads (simple GLA): q, k with H heads, each shared by HV / H value heads.
+
+
+def compare_grouped(B, T, HQ, HV, K, V, cu_seqlens, with_h0, dtype, device):
+    """chunk_simple_gla on q, k [B, T, HQ, K] and v, g with HV heads against the float64 reference
+    on q, k repeated for each value head (gradients summed over each group by autograd)."""
+    num_seqs = B if cu_seqlens is None else len(cu_seqlens) - 1
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(B, T, HQ, K, generator=gen) for _ in range(2))
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0)
+    h0 = torch.randn(num_seqs, HV, K, V, generator=gen).to(device) if with_h0 else None
+    q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
+    g = g.to(device)
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=device)
+    do = torch.randn(B, T, HV, V, generator=gen).to(device)
+    dht = torch.randn(num_seqs, HV, K, V, generator=gen).to(device)
+
+    def expanded_reference(q, k, v, g, **kwargs):
+        groups = HV // HQ
+        return linear_attention_reference(q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2),
+                                          v, g, K ** -0.5, kwargs["initial_state"], True, kwargs["cu_seqlens"])
+
+    o, ht, grads = forward_backward(chunk_simple_gla, q, k, v, g, h0, cu, do, dht)
+    ro, rht, rgrads = forward_backward(expanded_reference, q, k, v, g, h0, cu, do, dht, torch.float64)
+    assert grads[0].shape == q.shape and grads[1].shape == k.shape
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dh0"]
+    errors = dict(zip(names, [rel_err(o, ro), rel_err(ht, rht)] + [rel_err(a, b) for a, b in zip(grads, rgrads)]))
+    print("simple_gla grouped", {key: f"{val:.2e}" for key, val in errors.items()})
+    return errors
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-backward", "unfused-backward"])
+def test_simple_gla_grouped_heads_cpu(fused, triton_backend, monkeypatch):
+    from flame.kernels import linear_attention
+
+    monkeypatch.setattr(linear_attention, "FUSED_SCALAR_BACKWARD", fused)
+    errors = compare_grouped(1, 90, 2, 6, 16, 32, [0, 7, 70, 90], True, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def test_simple_gla_grouped_heads_torch_backend(monkeypatch):
+    monkeypatch.setenv("FLAME_BACKEND", "torch")
+    errors = compare_grouped(2, 40, 1, 3, 16, 16, None, False, torch.float32, "cpu")
+    for key, err in errors.items():
+        assert err < 1e-6, f"{key}: relative error {err:.2e}"
+
+
+def test_simple_gla_grouped_matches_recurrent(triton_backend):
+    from flame.kernels import fused_recurrent_simple_gla
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 20, 1, 16, generator=gen) for _ in range(2))
+    v = torch.randn(1, 20, 4, 16, generator=gen)
+    g = F.logsigmoid(torch.randn(1, 20, 4, generator=gen))
+    o, ht = chunk_simple_gla(q, k, v, g, output_final_state=True)
+    ro, rht = fused_recurrent_simple_gla(q, k, v, g, output_final_state=True)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rht) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input.
 
 
@@ -222,6 +284,8 @@ def _bad_input_cases():
         ("v", chunk_gla, dict(q=q, k=q, v=torch.randn(1, 8, 3, 16), g=gk)),
         ("g", chunk_gla, dict(q=q, k=q, v=v, g=gs)),
         ("g", chunk_simple_gla, dict(q=q, k=q, v=v, g=gk)),
+        ("or a multiple of H value heads", chunk_simple_gla, dict(q=q, k=q, v=torch.randn(1, 8, 3, 16), g=gs)),
+        ("one decay per value head", chunk_simple_gla, dict(q=q, k=q, v=torch.randn(1, 8, 4, 16), g=gs)),
         ("head dim", chunk_gla, dict(q=torch.randn(1, 8, 2, 8), k=torch.randn(1, 8, 2, 8), v=v, g=torch.randn(1, 8, 2, 8))),
         ("head dim", chunk_simple_gla, dict(q=q, k=q, v=torch.randn(1, 8, 2, 512), g=gs)),
         ("cu_seqlens must start at 0", chunk_gla, dict(q=q, k=q, v=v, g=gk, cu_seqlens=torch.tensor([1, 3, 8]))),
@@ -252,6 +316,8 @@ GPU_CASES = [
     ("gla", 1, 1500, 4, 256, 64, [0, 37, 600, 1100, 1500], True),
     ("gla", 1, 700, 2, 48, 80, [0, 300, 301, 700], False),
 ]
+# Mamba2-like grouping: one q/k head shared by every value head.
+GPU_GROUPED_CASES = [(1, 1500, 1, 8, 128, 64, [0, 37, 600, 1100, 1500], True), (2, 700, 2, 8, 64, 128, None, False)]
 
 
 def _record(name, errors):
@@ -293,6 +359,18 @@ def test_gla_intra_variants_gpu_bf16(case, variant, monkeypatch):
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
     use_gla_variant(monkeypatch, variant)
     _check_gpu_bf16(case, f"-{variant}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GROUPED_CASES, ids=lambda c: f"HQ{c[2]}-HV{c[3]}-K{c[4]}-V{c[5]}")
+def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    errors = compare_grouped(*case, torch.bfloat16, "cuda")
+    _record(f"simple_gla-grouped-HQ{case[2]}-HV{case[3]}", errors)
+    assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
+    for key in ("dq", "dk", "dv", "dg", "dh0"):
+        if key in errors:
+            assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
 
 
 @pytest.mark.gpu

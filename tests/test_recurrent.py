@@ -46,7 +46,7 @@ KERNELS = {
     "delta_rule": (fused_recurrent_delta_rule, ("beta",), dict(delta=True)),
     "gated_delta_rule": (fused_recurrent_gated_delta_rule, ("g", "beta"), dict(delta=True)),
 }
-GROUPED = {"delta_rule", "gated_delta_rule"}
+GROUPED = {"simple_gla", "delta_rule", "gated_delta_rule"}  # value heads sharing q/k heads
 
 
 def call(name, x, cu_seqlens=None, **kwargs):
@@ -145,7 +145,7 @@ def test_bad_input():
         fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"])
     x = make_inputs(1, 5, 2, 4, 16, 16, 1)
     with pytest.raises(ValueError, match="same number of heads"):
-        fused_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"])
+        fused_recurrent_gla(x["q"], x["k"], x["v"], gk=x["gk"])
     with pytest.raises(ValueError, match="gk"):
         fused_recurrent_gla(x["q"], x["k"], x["v"][:, :, :2], gk=x["gk"][..., :8])
     with pytest.raises(ValueError, match="cu_seqlens"):

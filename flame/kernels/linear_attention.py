@@ -107,12 +107,13 @@ def _state_block(num_seqs, H, K, V, passes):
 
 
 def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_state, chunks):
-    """Chunk-entry states h and/or chunk-exit state gradients dh, [slots, H, K, V] in q's dtype.
+    """Chunk-entry states h and/or chunk-exit state gradients dh, [slots, H, K, V] in q's dtype,
+    H the value heads (q and k may have fewer, each shared by a group of value heads).
 
     Returns (h, dh, ht, dh0); ht fp32 if output_final_state, dh0 fp32 if h0 is given.
     """
-    _, H, K = q.shape
-    V = v.shape[-1]
+    HQ, K = q.shape[1:]
+    H, V = v.shape[1:]
     N = chunks.num_seqs
     shape = (chunks.slots, H, K, V)
     h = torch.empty(shape, dtype=q.dtype, device=q.device) if forward else None
@@ -128,7 +129,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
             dummy if h is None else h, dummy if dh is None else dh,
             ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
             chunks.cu_seqlens, chunks.offsets, N, scale)
-    options = dict(SCALAR_GATE=b.shape[-1] == 1, H=H, K=K, V=V, FORWARD=forward, BACKWARD=backward,
+    options = dict(SCALAR_GATE=b.shape[-1] == 1, H=H, HQ=HQ, K=K, V=V, FORWARD=forward, BACKWARD=backward,
                    HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
                    STORE_HT=ht is not None, STORE_DH0=dh0 is not None, num_warps=NUM_WARPS)
 
@@ -144,8 +145,8 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     """Returns (o, ht, A): A the GLA score matrix, kept for the backward (None for a scalar gate)."""
-    T, H, K = q.shape
-    V = v.shape[-1]
+    T, HQ, K = q.shape
+    H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
     b = _cumsum(g, scalar_gate, H, K, chunks)
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
@@ -155,7 +156,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
         grid = (chunks.slots * cdiv(V, bv), H)
         kern.chunk_output_scalar_kernel[grid](
             q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+            H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None
     a = _gla_scores(q, k, b, scale, chunks)
@@ -196,29 +197,39 @@ def _gla_scores(q, k, b, scale, chunks):
     return a
 
 
+def _group_sum(x, groups):
+    """[T, H, K] gradients of value heads -> [T, groups, K]: each group's heads summed (fp32 sum)."""
+    T, H, K = x.shape
+    if groups == H:
+        return x
+    return x.view(T, groups, H // groups, K).sum(2, dtype=torch.float32).to(x.dtype)
+
+
 def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
-    """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate)."""
-    T, H, K = q.shape
-    V = v.shape[-1]
+    """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate). With q and k
+    shared by groups of value heads (scalar gate), dq and dk are formed per value head and
+    summed over each group."""
+    T, HQ, K = q.shape
+    H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
     b = _cumsum(g, scalar_gate, H, K, chunks)
     h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
     # fp32 tiles of the fused kernel would pass the shared memory of one SM.
     if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, K=K, V=V, BK=next_power_of_2(K), BV=next_power_of_2(V),
+            H=H, HQ=HQ, K=K, V=V, BK=next_power_of_2(K), BV=next_power_of_2(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
-        return dq, dk, dv, dg, dh0
+        return _group_sum(dq, HQ), _group_sum(dk, HQ), dv, dg, dh0
     if scalar_gate:
         bv = min(next_power_of_2(V), CHUNK_BLOCK)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](
             q, k, b, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+            H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         bk = min(next_power_of_2(K), CHUNK_BLOCK)
         nk = cdiv(K, bk)
@@ -227,13 +238,13 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
         kern.chunk_backward_dqk_scalar_kernel[(chunks.slots * nk, H)](
             q, k, v, b, do, h, dh, dq, dk, db, dbl,
             chunks.cu_seqlens, chunks.indices, chunks.num_seqs, T, scale,
-            H=H, K=K, V=V, BK=bk, BV=CHUNK_BLOCK_K, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+            H=H, HQ=HQ, K=K, V=V, BK=bk, BV=CHUNK_BLOCK_K, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         kern.chunk_scalar_gate_grad_kernel[(chunks.slots, H)](
             db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, T, chunks.slots,
             H=H, NK=nk, num_warps=NUM_WARPS,
         )
-        return dq, dk, dv, dg, dh0
+        return _group_sum(dq, HQ), _group_sum(dk, HQ), dv, dg, dh0
     if a is None:
         a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
@@ -294,6 +305,7 @@ def _fwd_op(
     """Returns (o, final state or empty, GLA score matrix [B, T, H, 64] for the backward or empty)."""
     empty = q.new_empty(0, dtype=torch.float32)
     if not triton_backend:
+        q, k = _expand_heads(q, k, v.shape[2])
         o, ht = linear_attention_reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
         return o, ht if ht is not None else empty, q.new_empty(0)
     B, T = q.shape[:2]
@@ -305,7 +317,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _(q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend):
-    B, T, H, K = q.shape
+    B, T, _, K = q.shape
+    H = v.shape[2]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = q.new_empty(B, T, H, v.shape[-1])
     ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
@@ -342,9 +355,18 @@ def _bwd_op(
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape), dh0
 
 
+def _expand_heads(q, k, heads):
+    """q, k with each of their heads repeated for the group of value heads that shares it."""
+    if q.shape[2] == heads:
+        return q, k
+    groups = heads // q.shape[2]
+    return q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+
+
 def _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     # Inside a custom op autograd is off below the dispatcher; torch.func does not need it.
     def forward(q, k, v, g, *h0):
+        q, k = _expand_heads(q, k, v.shape[2])  # the expansion's vjp sums each group's gradients
         return linear_attention_reference(q, k, v, g, scale, h0[0] if h0 else None, True, cu_seqlens)
 
     primals = (q, k, v, g) + ((initial_state,) if initial_state is not None else ())
@@ -392,11 +414,15 @@ def _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate):
     require_rank(k, "k", 4, "[B, T, H, K]")
     require_shape(k, "k", (B, T, H, K), "[B, T, H, K] like q")
     require_rank(v, "v", 4, "[B, T, H, V]")
-    if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v must have shape [B, T, H, V] with B, T, H = {(B, T, H)} like q, got {tuple(v.shape)}")
+    if scalar_gate and tuple(v.shape[:2]) == (B, T) and v.shape[2] % H == 0:
+        H = v.shape[2]  # grouped: each q/k head shared by v.shape[2] // q.shape[2] value heads
+    elif tuple(v.shape[:3]) != (B, T, H):
+        grouped = " or a multiple of H value heads" if scalar_gate else ""
+        raise ValueError(f"v must have shape [B, T, H, V] with B, T, H = {(B, T, H)} like q{grouped}, "
+                         f"got {tuple(v.shape)}")
     if scalar_gate:
-        require_rank(g, "g", 3, "[B, T, H]")
-        require_shape(g, "g", (B, T, H), "[B, T, H]")
+        require_rank(g, "g", 3, "[B, T, HV]")
+        require_shape(g, "g", (B, T, H), "[B, T, HV] (one decay per value head)")
     else:
         require_rank(g, "g", 4, "[B, T, H, K]")
         require_shape(g, "g", (B, T, H, K), "[B, T, H, K]")
@@ -438,13 +464,15 @@ def chunk_simple_gla(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ):
-    """Linear attention with one log decay per head and token, g [B, T, H] (None: no decay).
+    """Linear attention with one log decay per head and token, g [B, T, HV] (None: no decay).
 
-    q, k [B, T, H, K], v [B, T, H, V]; returns (o [B, T, H, V], final state fp32 [N, H, K, V]
-    or None). With cu_seqlens (B = 1) each packed sequence starts from its own state.
+    q, k [B, T, H, K], v [B, T, HV, V] with HV a multiple of H (each q/k head shared by HV / H
+    value heads, as Mamba2's B and C are by all its heads); returns (o [B, T, HV, V], final
+    state fp32 [N, HV, K, V] or None). With cu_seqlens (B = 1) each packed sequence starts from
+    its own state.
     """
-    if g is None and isinstance(q, torch.Tensor) and q.dim() == 4:
-        g = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    if g is None and isinstance(v, torch.Tensor) and v.dim() == 4:
+        g = torch.zeros(v.shape[:3], dtype=torch.float32, device=v.device)
     return _chunk_linear_attention(
         "chunk_simple_gla", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, True
     )

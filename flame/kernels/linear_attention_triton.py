@@ -69,7 +69,7 @@ def chunk_cumsum_kernel(
 @triton.jit
 def _state_pass(
     x_ptr, y_ptr, b_ptr, start_ptr, states_ptr, end_ptr, i_n, i_h, i_k, i_v, bos, eos, first, num_chunks, scale,
-    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """One [BK, BV] tile of the recurrence over a sequence's chunks, state kept in fp32 registers.
@@ -77,6 +77,7 @@ def _state_pass(
     Forward (x, y = k, v): states[c] = h entering chunk c; h <- e^{b_L} h + (k e^{b_L - b})^T v.
     REVERSE (x, y = q, do): states[c] = dh leaving chunk c; dh <- e^{b_L} dh + scale (q e^{b})^T do.
     The chunk tiles do not depend on h, so their loads are pipelined ahead of the update.
+    x has HQ heads (q/k heads), shared by H // HQ consecutive value heads.
     """
     rows = tl.arange(0, BT)
     ck = i_k * BK + tl.arange(0, BK)
@@ -94,7 +95,7 @@ def _state_pass(
         L = tl.minimum(eos - t0, BT).to(tl.int32)
         tl.store(states_ptr + (slot * H + i_h) * K * V + tile, h.to(states_ptr.dtype.element_ty), mask=mask)
         mk = (rows[:, None] < L) & (ck[None, :] < K)
-        x = tl.load(x_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        x = tl.load(x_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
         y = tl.load(y_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
                     mask=(rows[:, None] < L) & (cv[None, :] < V), other=0.0)
         if SCALAR_GATE:
@@ -123,7 +124,7 @@ def _state_pass(
 def chunk_state_kernel(
     k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
     cu_ptr, chunk_offsets_ptr, N, scale,
-    SCALAR_GATE: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    SCALAR_GATE: tl.constexpr, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     FORWARD: tl.constexpr, BACKWARD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_HT: tl.constexpr, STORE_DH0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -150,10 +151,10 @@ def chunk_state_kernel(
     num_chunks = (tl.load(chunk_offsets_ptr + i_n + 1) - first).to(tl.int32)
     if reverse:
         _state_pass(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
-                    num_chunks, scale, SCALAR_GATE, H, K, V, True, HAS_DHT, STORE_DH0, BK, BV)
+                    num_chunks, scale, SCALAR_GATE, H, HQ, K, V, True, HAS_DHT, STORE_DH0, BK, BV)
     else:
         _state_pass(k_ptr, v_ptr, b_ptr, h0_ptr, h_ptr, ht_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
-                    num_chunks, 1.0, SCALAR_GATE, H, K, V, False, HAS_H0, STORE_HT, BK, BV)
+                    num_chunks, 1.0, SCALAR_GATE, H, HQ, K, V, False, HAS_H0, STORE_HT, BK, BV)
 
 
 @triton.jit
@@ -171,7 +172,7 @@ def _decay_matrix(b, rows, L, TRANSPOSED: tl.constexpr):
 @triton.jit(do_not_specialize=["N"])
 def chunk_output_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Scalar gate, one whole chunk per program: o = scale [(q k^T * D) v + e^{b} (q h)].
 
@@ -194,8 +195,8 @@ def chunk_output_scalar_kernel(
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = valid[:, None] & (ck[None, :] < K)
-        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
         h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                     mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
         a += tl.dot(q, tl.trans(k))
@@ -209,7 +210,7 @@ def chunk_output_scalar_kernel(
 @triton.jit(do_not_specialize=["N"])
 def chunk_backward_dv_scalar_kernel(
     q_ptr, k_ptr, b_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Scalar gate: dv = scale (k q^T * D^T) do + (k e^{b_L - b}) dh, one chunk and V tile."""
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -229,8 +230,8 @@ def chunk_backward_dv_scalar_kernel(
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = valid[:, None] & (ck[None, :] < K)
-        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
         dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                      mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
         at += tl.dot(k, tl.trans(q))
@@ -245,7 +246,7 @@ def chunk_backward_dv_scalar_kernel(
 def chunk_backward_dqk_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, db_ptr, dbl_ptr,
     cu_ptr, chunk_idx_ptr, N, T_total, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Scalar gate: dq, dk of one chunk and K tile, and this tile's part of the gate gradient.
 
@@ -281,8 +282,8 @@ def chunk_backward_dqk_scalar_kernel(
         dq += tl.dot(do, tl.trans(h.to(dtype)))
         dk += tl.dot(v, tl.trans(dh.to(dtype)))
         hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
-    q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-    k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+    q = tl.load(q_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
+    k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :], mask=mk, other=0.0)
     dq = dq * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]
     dk = dk * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]
     dbl = tl.sum(tl.sum(k.to(tl.float32) * dk, axis=1), axis=0) + tl.exp(b_last) * tl.sum(hdh, axis=0)
@@ -301,7 +302,7 @@ def chunk_backward_dqk_scalar_kernel(
 def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """Scalar gate, K <= BK and V <= BV: dq, dk, dv and dg of one whole chunk in one program.
 
@@ -321,13 +322,14 @@ def chunk_backward_scalar_kernel(
     mk = valid[:, None] & (ck[None, :] < K)
     mv = valid[:, None] & (cv[None, :] < V)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
     pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
     ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
     b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
     b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
-    q = tl.load(q_ptr + pk, mask=mk, other=0.0)
-    k = tl.load(k_ptr + pk, mask=mk, other=0.0)
+    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
     do = tl.load(do_ptr + pv, mask=mv, other=0.0)
     dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
     decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)

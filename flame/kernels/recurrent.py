@@ -209,9 +209,10 @@ def fused_recurrent_simple_gla(
     reverse: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t. q, k, v [B, T, H, D]; g [B, T, H]."""
+    """S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t. q, k [B, T, H, K]; v [B, T, HV, V];
+    g [B, T, HV]; HV a multiple of H (each q/k head shared by HV / H value heads)."""
     return _run(q, k, v, g=g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                reverse=reverse, cu_seqlens=cu_seqlens, grouped_heads=False)
+                reverse=reverse, cu_seqlens=cu_seqlens)
 
 
 def fused_recurrent_gla(

@@ -8,9 +8,9 @@ linear attention.
     y_t            = S_t^T C_t + D * x_t
     out            = W_out RMSNorm(y * SiLU(z))                      (Mamba2's gated norm, norm after gate)
 
-That is `chunk_simple_gla(q=C, k=dt*B, v=x, g=-exp(A_log)*dt, scale=1)`; decoding a few tokens
-from a state runs `fused_recurrent_simple_gla`. In ModelConfig terms N = head_dim and
-P = head_dim * expand_v.
+That is `chunk_simple_gla(q=C, k=B, v=dt*x, g=-exp(A_log)*dt, scale=1)` with one q/k head
+shared by all H value heads; decoding a few tokens from a state runs `fused_recurrent_simple_gla`.
+In ModelConfig terms N = head_dim and P = head_dim * expand_v.
 
 Decoding state (`use_cache=True`): {"recurrent": [N_seq, H, N, P] float32,
 "conv": [N_seq, H*P + 2N, W-1]}.
@@ -71,15 +71,17 @@ class Mamba2(nn.Module):
         gate_dtype = torch.promote_types(u.dtype, torch.float32)  # gates in at least fp32
         dt = F.softplus(dt.to(gate_dtype) + local(self.dt_bias).to(gate_dtype))     # [B, T, H]
         g = -local(self.A_log).to(gate_dtype).exp() * dt
-        q = c.unsqueeze(2).expand(Bsz, T, H, N)
-        k = (b.unsqueeze(2).to(gate_dtype) * dt.unsqueeze(-1)).to(x.dtype)         # [B, T, H, N]
-        v = x.view(Bsz, T, H, P)
+        # B and C are shared by every head: one q/k head for H value heads, and dt moves onto
+        # the values, (dt B) x^T = B (dt x)^T, so that nothing is repeated per head.
+        q, k = c.unsqueeze(2), b.unsqueeze(2)                                      # [B, T, 1, N]
+        x = x.view(Bsz, T, H, P)
+        v = (x.to(gate_dtype) * dt.unsqueeze(-1)).to(x.dtype)                      # [B, T, H, P]
 
         rule = kernels.fused_recurrent_simple_gla if use_recurrent_kernel(state, T) else kernels.chunk_simple_gla
         y, final = rule(q, k, v, g, scale=1.0, initial_state=None if state is None else state["recurrent"],
                         output_final_state=use_cache, cu_seqlens=cu_seqlens)
         if use_cache:
             new_state["recurrent"] = final
-        y = y + v * local(self.D).view(H, 1).to(v.dtype)
+        y = y + x * local(self.D).view(H, 1).to(x.dtype)
         y = self.norm(y.reshape(Bsz, T, self.d_inner) * F.silu(z))
         return self.out_proj(y), new_state
