@@ -374,6 +374,14 @@ def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("K,V", [(64, 32), (32, 32), (64, 64), (128, 32)])
+def test_simple_gla_small_heads_gpu_bf16(K, V, monkeypatch):
+    # Heads below 64 run the torch reference on a GPU (the Triton launches were wrong there).
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    _check_gpu_bf16(("simple_gla", 1, 600, 4, K, V, [0, 100, 101, 600], True), "-small")
+
+
+@pytest.mark.gpu
 def test_torch_compile_fullgraph_gpu(monkeypatch):
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
     q, k, v, g, h0 = make_inputs(1, 300, 2, 64, 64, True, 2, torch.bfloat16, "cuda")

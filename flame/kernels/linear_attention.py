@@ -441,6 +441,19 @@ def _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate):
         require_floating(initial_state, "initial_state")
 
 
+SCALAR_GATE_MIN_CUDA_HEAD_DIM = 64
+
+
+def _triton_takes(q, v, scalar_gate):
+    """Whether the Triton kernels serve these heads. On the H100 (Triton 3.6) the scalar-gate
+    kernels gave wrong outputs at K = 64, V = 32 and an illegal memory access at K = V = 32
+    (exact in the interpreter; K = 128, V = 32 and K = V = 64 were right): heads below 64 on a
+    GPU run the torch reference instead (correct, slower) until those launches are fixed."""
+    if not (scalar_gate and q.is_cuda):
+        return True
+    return min(q.shape[-1], v.shape[-1]) >= SCALAR_GATE_MIN_CUDA_HEAD_DIM
+
+
 def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, scalar_gate):
     _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -449,7 +462,7 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
         initial_state = initial_state.contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-    triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
+    triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens) and _triton_takes(q, v, scalar_gate)
     o, ht, _ = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
     return o, (ht if output_final_state else None)
 
