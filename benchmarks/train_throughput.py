@@ -115,7 +115,8 @@ def throughput(args, selected, workdir):
                                                          micro_batches=args.micro_batches)
             timed = [r for r in records if r["step"] > args.skip]
             row = {"recipe": os.path.basename(recipe["path"]), "arch": recipe["arch"], "size": recipe["size"],
-                   "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch, "micro_batches_per_step": args.micro_batches,
+                   "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch,
+                   "micro_batches_per_step": args.micro_batches,
                    "tokens_per_step": batch * seq_len * args.micro_batches,
                    "steps": args.steps, "rc": rc, "wall_seconds": round(seconds, 1), "command": cmd}
             if rc == 0 and timed:

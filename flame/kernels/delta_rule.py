@@ -82,9 +82,10 @@ def _prepare_kernel(
 ):
     # Two phases per (chunk, value head). 1: the gate cumsum, L, and the inverse A = (I + L)^-1
     # of the chunk of 64 by blocks of 16 (diagonal blocks by doubling, the rest by block forward
-    # substitution, all small fp32 dots), written to `a`. 2: after a barrier, A is read back as one [64, 64] tile (the
-    # program's own writes) for two tensor-core products w = A (beta Gamma k), u = A (beta v),
-    # over column blocks of BC so that no [64, K] accumulator has to live in registers whole.
+    # substitution, all small fp32 dots), written to `a`. 2: after a barrier, A is read back as
+    # one [64, 64] tile (the program's own writes) for two tensor-core products
+    # w = A (beta Gamma k), u = A (beta v), over column blocks of BC so that no [64, K]
+    # accumulator has to live in registers whole.
     tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks,
-                                next_power_of_2, prepare_chunk_indices)
+                                next_power_of_2, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
 
@@ -398,8 +398,8 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         num_warps=warps, num_stages=chunk_grad_stages(q.element_size()),
     )
     if HV != H:
-        dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
-        dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
+        dq = sum_head_groups(dq, H).to(q.dtype)
+        dk = sum_head_groups(dk, H).to(k.dtype)
     dg = dg.to(g.dtype) if g is not None else None
     dh0 = dh0.to(initial_state.dtype) if initial_state is not None else None
     return dq, dk, dv, dg, dbeta.to(beta.dtype), dh0

@@ -28,6 +28,7 @@ from flame.kernels.utils import (
     require_floating,
     require_rank,
     require_shape,
+    sum_head_groups,
 )
 
 STATE_BLOCK = 64  # K and V tile of the state passes (halved when they would leave SMs idle)
@@ -197,14 +198,6 @@ def _gla_scores(q, k, b, scale, chunks):
     return a
 
 
-def _group_sum(x, groups):
-    """[T, H, K] gradients of value heads -> [T, groups, K]: each group's heads summed (fp32 sum)."""
-    T, H, K = x.shape
-    if groups == H:
-        return x
-    return x.view(T, groups, H // groups, K).sum(2, dtype=torch.float32).to(x.dtype)
-
-
 def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
     """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate). With q and k
     shared by groups of value heads (scalar gate), dq and dk are formed per value head and
@@ -224,7 +217,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
             H=H, HQ=HQ, K=K, V=V, BK=next_power_of_2(K), BV=next_power_of_2(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
-        return _group_sum(dq, HQ), _group_sum(dk, HQ), dv, dg, dh0
+        return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:
         bv = min(next_power_of_2(V), CHUNK_BLOCK)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](
@@ -244,7 +237,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
             db, dbl, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, T, chunks.slots,
             H=H, NK=nk, num_warps=NUM_WARPS,
         )
-        return _group_sum(dq, HQ), _group_sum(dk, HQ), dv, dg, dh0
+        return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if a is None:
         a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)

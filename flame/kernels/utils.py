@@ -226,5 +226,13 @@ def chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT: tl.constexpr, IS_VARLE
     return i, bos, eos
 
 
+def sum_head_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[..., H, D] -> [..., groups, D]: the gradients of value heads that share a q/k head (each
+    group H / groups consecutive heads) summed in fp32, returned in x's dtype."""
+    if x.shape[-2] == groups:
+        return x
+    return x.unflatten(-2, (groups, -1)).sum(-2, dtype=torch.float32).to(x.dtype)
+
+
 def contiguous(*tensors):
     return tuple(t.contiguous() if t is not None else None for t in tensors)
