@@ -8,10 +8,11 @@ the final state and every gradient:
 
     python benchmarks/small_heads.py [--kernels simple_gla,gla,...] [--jobs 8] [--out PATH]
 
-Variants (linear-attention kernels) set one module attribute of flame/kernels/linear_attention.py:
-CHUNK_STAGES (the whole-chunk kernels' num_stages), CHUNK_BLOCK_K (their reduction tile),
-FUSED_SCALAR_BACKWARD, or "tiles>=64", which pads every tile that follows a head size to at
-least 64 (masked loads and stores). The forward's errors are printed before the backward runs,
+Variants set module attributes of flame/kernels/linear_attention.py (CHUNK_STAGES: the
+whole-chunk kernels' num_stages; CHUNK_BLOCK_K: their reduction tile; CHUNK_MIN_BLOCK: their
+narrowest tile, 16 as before the fix; FUSED_SCALAR_BACKWARD; "tiles>=64" pads every tile that
+follows a head size to at least 64) or of the delta-rule modules (tiles of at least 64; one
+pipeline stage in the chunk-gradient kernel). The forward's errors are printed before the backward runs,
 so a backward that fails still leaves them.
 """
 
@@ -30,8 +31,14 @@ DTYPES = {"simple_gla": ["bfloat16", "float32"], "gla": ["bfloat16"], "delta_rul
 VARIANTS = {"default": {}, "tiles>=64": {"next_power_of_2": "at_least_64"},
             "chunk_stages=1": {"CHUNK_STAGES": 1}, "chunk_block_k=32": {"CHUNK_BLOCK_K": 32},
             "unfused_backward": {"FUSED_SCALAR_BACKWARD": False},
-            "unfused_backward,tiles>=64": {"FUSED_SCALAR_BACKWARD": False, "next_power_of_2": "at_least_64"}}
-LINEAR_ATTENTION_VARIANTS = {"simple_gla": list(VARIANTS), "gla": ["default", "tiles>=64"]}
+            "unfused_backward,tiles>=64": {"FUSED_SCALAR_BACKWARD": False, "next_power_of_2": "at_least_64"},
+            "min_block=16": {"CHUNK_MIN_BLOCK": 16},
+            "min_block=16,unfused_backward": {"CHUNK_MIN_BLOCK": 16, "FUSED_SCALAR_BACKWARD": False},
+            "delta_tiles>=64": {"delta_rule._pow2": "at_least_64", "delta_rule_bwd._pow2": "at_least_64"},
+            "delta_grad_stages=1": {"delta_rule_bwd.chunk_grad_stages": "returns_1"}}
+KERNEL_VARIANTS = {"simple_gla": ["default", "unfused_backward", "min_block=16", "min_block=16,unfused_backward"],
+                   "delta_rule": ["default", "delta_tiles>=64", "delta_grad_stages=1"],
+                   "gated_delta_rule": ["default", "delta_tiles>=64", "delta_grad_stages=1"]}
 
 CASE = """
 import json, sys, torch, torch.nn.functional as F
@@ -40,10 +47,17 @@ from flame.kernels import linear_attention
 from flame.kernels import chunk_simple_gla, chunk_gla, chunk_delta_rule, chunk_gated_delta_rule
 from flame.kernels.linear_attention_ref import linear_attention_reference
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
-linear_attention.SCALAR_GATE_MIN_CUDA_HEAD_DIM = 0  # the Triton path at every size
-pow2 = linear_attention.next_power_of_2
+from flame.kernels import delta_rule, delta_rule_bwd
+modules = dict(linear_attention=linear_attention, delta_rule=delta_rule, delta_rule_bwd=delta_rule_bwd)
+def patched(old, value):
+    if value == "at_least_64":
+        return lambda n: max(64, old(n))
+    if value == "returns_1":
+        return lambda *args: 1
+    return value
 for name, value in {variant!r}.items():
-    setattr(linear_attention, name, (lambda n: max(64, pow2(n))) if value == "at_least_64" else value)
+    module, attr = name.split(".") if "." in name else ("linear_attention", name)
+    setattr(modules[module], attr, patched(getattr(modules[module], attr), value))
 kernel, K, V, H, T, dtype = {kernel!r}, {K}, {V}, 4, 300, torch.{dtype}
 gen = torch.Generator().manual_seed(0)
 q, k = (torch.randn(2, T, H, K, generator=gen) for _ in range(2))
@@ -98,7 +112,7 @@ def cases(kernels):
     for kernel in kernels:
         for dtype in DTYPES[kernel]:
             for K, V in HEADS:
-                for variant in LINEAR_ATTENTION_VARIANTS.get(kernel, ["default"]) if dtype == "bfloat16" else ["default"]:
+                for variant in KERNEL_VARIANTS.get(kernel, ["default"]) if dtype == "bfloat16" else ["default"]:
                     yield kernel, dtype, K, V, variant
 
 

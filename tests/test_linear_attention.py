@@ -373,12 +373,26 @@ def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
             assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
 
 
+SMALL_HEADS = [(16, 16), (32, 32), (64, 32), (32, 64), (128, 32)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V", [(64, 32), (32, 32), (64, 64), (128, 32)])
-def test_simple_gla_small_heads_gpu_bf16(K, V, monkeypatch):
-    # Heads below 64 run the torch reference on a GPU (the Triton launches were wrong there).
-    monkeypatch.delenv("FLAME_BACKEND", raising=False)
-    _check_gpu_bf16(("simple_gla", 1, 600, 4, K, V, [0, 100, 101, 600], True), "-small")
+@pytest.mark.parametrize("K,V", SMALL_HEADS)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_small_heads_gpu_bf16(kernel, K, V, monkeypatch):
+    # Tiles of 16 or 32 gave wrong scalar-gate kernels on Hopper (CHUNK_MIN_BLOCK).
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    _check_gpu_bf16((kernel, 1, 600, 4, K, V, [0, 100, 101, 600], True), "-small")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,V", SMALL_HEADS)
+def test_simple_gla_small_heads_gpu_fp32(K, V, monkeypatch):
+    # fp32 takes the unfused scalar-gate backward (three kernels).
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    errors = compare(f"simple_gla-fp32-K{K}-V{V}", chunk_simple_gla, True, 1, 600, 4, K, V, [0, 100, 101, 600],
+                     True, torch.float32, "cuda")
+    assert max(errors.values()) < 5e-3, errors
 
 
 @pytest.mark.gpu

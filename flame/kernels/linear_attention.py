@@ -36,6 +36,11 @@ STATE_PROGRAMS = 512  # state-pass programs below which the tile is halved
 STATE_STAGES = 3  # chunk tiles in flight ahead of the serial state update, 64x64 tiles
 STATE_STAGES_SMALL = 3  # the same for 32x32 tiles (few programs, latency-bound)
 CHUNK_BLOCK = 128  # widest V (K) tile of the scalar-gate whole-chunk kernels
+# Narrowest tile of those kernels: with 16- or 32-wide tiles Triton 3.6 built wrong kernels on
+# the H100/H200 (wrong o at K = 64, V = 32; an illegal memory access at K = V = 32; exact in the
+# interpreter), so smaller heads run in 64-wide tiles with masked loads and stores
+# (benchmarks/small_heads.py, results/small_heads*.json).
+CHUNK_MIN_BLOCK = 64
 CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
@@ -153,7 +158,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     if scalar_gate:
-        bv = min(next_power_of_2(V), CHUNK_BLOCK)
+        bv = _scalar_block(V)
         grid = (chunks.slots * cdiv(V, bv), H)
         kern.chunk_output_scalar_kernel[grid](
             q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
@@ -167,6 +172,11 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
         H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, ht, a
+
+
+def _scalar_block(dim):
+    """Tile of a head dim in the scalar-gate whole-chunk kernels."""
+    return min(max(next_power_of_2(dim), CHUNK_MIN_BLOCK), CHUNK_BLOCK)
 
 
 def _gla_block(dim):
@@ -214,17 +224,17 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
     if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, HQ=HQ, K=K, V=V, BK=next_power_of_2(K), BV=next_power_of_2(V),
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:
-        bv = min(next_power_of_2(V), CHUNK_BLOCK)
+        bv = _scalar_block(V)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](
             q, k, b, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
-        bk = min(next_power_of_2(K), CHUNK_BLOCK)
+        bk = _scalar_block(K)
         nk = cdiv(K, bk)
         db = torch.empty(nk, T, H, dtype=torch.float32, device=q.device)
         dbl = torch.empty(nk, chunks.slots, H, dtype=torch.float32, device=q.device)
@@ -434,19 +444,6 @@ def _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate):
         require_floating(initial_state, "initial_state")
 
 
-SCALAR_GATE_MIN_CUDA_HEAD_DIM = 64
-
-
-def _triton_takes(q, v, scalar_gate):
-    """Whether the Triton kernels serve these heads. On the H100 (Triton 3.6) the scalar-gate
-    kernels gave wrong outputs at K = 64, V = 32 and an illegal memory access at K = V = 32
-    (exact in the interpreter; K = 128, V = 32 and K = V = 64 were right): heads below 64 on a
-    GPU run the torch reference instead (correct, slower) until those launches are fixed."""
-    if not (scalar_gate and q.is_cuda):
-        return True
-    return min(q.shape[-1], v.shape[-1]) >= SCALAR_GATE_MIN_CUDA_HEAD_DIM
-
-
 def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, scalar_gate):
     _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -455,7 +452,7 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
         initial_state = initial_state.contiguous()
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
-    triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens) and _triton_takes(q, v, scalar_gate)
+    triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
     o, ht, _ = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
     return o, (ht if output_final_state else None)
 
