@@ -287,9 +287,15 @@ def _chunk_grad_kernel(
         tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
 
 
+MIN_TILE = 64
+
+
 def _pow2(d: int) -> int:
-    """Tile size for a head dimension (also the forward's, delta_rule.py)."""
-    return max(16, next_power_of_2(d))
+    """Tile size for a head dimension (also the forward's, delta_rule.py). At least MIN_TILE:
+    with 32-wide K tiles Triton 3.6 built a wrong chunk-gradient kernel on Hopper (plain rule,
+    K = 32, V = 64, equal-length sequences: dk and dbeta off by ~50%; exact in the interpreter;
+    benchmarks/small_heads.py), so smaller heads run in 64-wide tiles with masked loads."""
+    return max(MIN_TILE, next_power_of_2(d))
 
 
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
