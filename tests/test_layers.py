@@ -217,6 +217,21 @@ def test_short_conv_kernels_over_many_tiles(monkeypatch, k, activation, with_sta
 
 
 @pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_short_conv_reads_a_channel_slice_in_place(monkeypatch, backend, dtype, tol):
+    # x the middle channels of a wider projection output: rows C + 7 apart in memory
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    wide, w, b = randn(1, 25, C + 7, seed=0), randn(C, K, seed=1), randn(C, seed=2)
+
+    def ours(wide, w, b):
+        return causal_conv1d(wide[..., 3 : 3 + C], w, b, "silu", CU, None, output_final_state=True)
+
+    def ref(wide, w, b):
+        return conv_per_document(wide[..., 3 : 3 + C], w, b, None, CU)
+
+    check(ours, ref, [wide, w, b], dtype, tol)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
 def test_short_conv_batch_rows_are_documents(monkeypatch, backend, dtype, tol):
     monkeypatch.setenv("FLAME_BACKEND", backend)
     x, w = randn(3, 11, C, seed=0), randn(C, K, seed=1)
@@ -344,6 +359,11 @@ def test_gpu_layers_bf16_against_float64():
     xc, wc, bc, sc = randn(1, 300, 256, seed=5), randn(256, 4, seed=6), randn(256, seed=7), randn(4, 256, 3, seed=8)
     check(lambda x, w, b, s: causal_conv1d(x, w, b, "silu", cu.cuda(), s, output_final_state=True),
           lambda x, w, b, s: conv_per_document(x, w, b, s, cu), [xc, wc, bc, sc], torch.bfloat16, tol, "cuda")
+    wide = randn(2, 300, 256 + 96, seed=11)  # the convolution over a channel slice, read in place
+    check(lambda x, w: causal_conv1d(x[..., 32:288], w, None, "silu")[0],
+          lambda x, w: conv_per_document(x[..., 32:288].reshape(1, 600, 256), w, None, None,
+                                         torch.tensor([0, 300, 600]))[0].reshape(2, 300, 256),
+          [wide, wc], torch.bfloat16, tol, "cuda")
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
 
 

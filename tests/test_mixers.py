@@ -179,13 +179,16 @@ def test_mamba2_equals_the_ssm_recurrence():
     assert rel(out, ref) < 1e-10
 
 
-@pytest.mark.parametrize("name, kw", [("gated_deltanet", {"expand_v": 2.0}), ("deltanet", {}),
-                                      ("gla", {"use_short_conv": False}), ("retnet", {"use_short_conv": True})],
+@pytest.mark.parametrize("name, kw, extra", [("gated_deltanet", {"expand_v": 2.0}, ("a_proj", "b_proj")),
+                                             ("deltanet", {}, ("b_proj",)),
+                                             ("gla", {"use_short_conv": False}, ("gk_down",)),
+                                             ("retnet", {"use_short_conv": True}, ())],
                          ids=["gated_deltanet", "deltanet", "gla-no-conv", "retnet-conv"])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_fused_qkv_projection_equals_three_calls(name, kw, packed, monkeypatch):
-    """Training computes q, k, v with one matmul and one convolution over the concatenated
-    channels: same values and parameter gradients as three projections and three convolutions."""
+def test_fused_qkv_projection_equals_three_calls(name, kw, extra, packed, monkeypatch):
+    """Training computes q, k, v and the mixer's narrow projections of x with one matmul and
+    one convolution over the q, k, v channels: same values and parameter gradients as separate
+    projections and three convolutions."""
     from flame.models.mixers import common
 
     mixer = make(name, **kw)
@@ -194,9 +197,10 @@ def test_fused_qkv_projection_equals_three_calls(name, kw, packed, monkeypatch):
     x = torch.randn(B, T, 32, dtype=torch.float64)
     results = []
     for fusable in (True, False):
-        monkeypatch.setattr(common, "_fusable", lambda m, fusable=fusable: fusable)
+        monkeypatch.setattr(common, "_fusable", lambda m, extra, fusable=fusable: fusable)
         mixer.zero_grad()
-        outs = common.project_qkv(mixer, x, cu, None, None)
+        outs = common.project_qkv(mixer, x, cu, None, None, extra)
+        assert len(outs) == 3 + len(extra)
         sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum()
             for i, o in enumerate(outs)).backward()
         results.append(([o.detach().clone() for o in outs],
@@ -205,14 +209,22 @@ def test_fused_qkv_projection_equals_three_calls(name, kw, packed, monkeypatch):
     for a, b in zip(fused, three):
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-10, atol=1e-12)
     assert fused_grads.keys() == three_grads.keys() and any("q_proj" in n for n in fused_grads)
+    assert all(any(e in n for n in fused_grads) for e in extra)
     for n in fused_grads:
         assert torch.allclose(fused_grads[n], three_grads[n], rtol=1e-10, atol=1e-12), n
 
 
-def test_fused_qkv_projection_is_the_training_path():
+def test_fused_qkv_projection_is_the_training_path(monkeypatch):
     from flame.models.mixers import common
 
+    calls = []
+    fused = common._project_qkv_fused
+    monkeypatch.setattr(common, "_project_qkv_fused", lambda m, x, cu, extra: calls.append(extra) or fused(m, x, cu, extra))
+    for name in ("gated_deltanet", "deltanet", "gla"):
+        mixer = make(name)
+        mixer(torch.randn(1, 5, 32, dtype=next(mixer.parameters()).dtype))
+    assert calls == [("a_proj", "b_proj"), ("b_proj",), ("gk_down",)]
     mixer = make("gated_deltanet")
-    assert common._fusable(mixer)
+    assert common._fusable(mixer, ()) and common._fusable(mixer, ("a_proj", "b_proj"))
     mixer.k_conv.activation = None  # convolutions that differ keep their own calls
-    assert not common._fusable(mixer)
+    assert not common._fusable(mixer, ())

@@ -154,12 +154,12 @@ def _weights(w_ptr, b_ptr, cols, cmask, K: tl.constexpr, HAS_BIAS: tl.constexpr)
 
 
 @triton.jit
-def _rows_before(x_ptr, r0, cols, cmask, n_cols, K: tl.constexpr):
+def _rows_before(x_ptr, r0, cols, cmask, x_stride, K: tl.constexpr):
     """x[r0 - 1], x[r0 - 2], ..., x[r0 - (K-1)] (nearest first) in fp32, zero before row 0."""
     prev = ()
     for b in tl.static_range(1, K):
         row = r0 - b
-        prev = prev + (tl.load(x_ptr + row.to(tl.int64) * n_cols + cols, mask=tl.where(row >= 0, cmask, False),
+        prev = prev + (tl.load(x_ptr + row.to(tl.int64) * x_stride + cols, mask=tl.where(row >= 0, cmask, False),
                                other=0.0).to(tl.float32),)
     return prev
 
@@ -194,19 +194,19 @@ def _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start
 
 
 @triton.jit
-def _fwd_rows(x_ptr, t0, r1, cols, cmask, n_cols, ROWS: tl.constexpr):
+def _fwd_rows(x_ptr, t0, r1, cols, cmask, x_stride, ROWS: tl.constexpr):
     """Rows t0 .. t0 + ROWS - 1 of x (zeros from row r1 on), as a tuple."""
     xs = ()
     for j in tl.static_range(ROWS):
         t = t0 + j
-        xs = xs + (tl.load(x_ptr + t.to(tl.int64) * n_cols + cols, mask=tl.where(t < r1, cmask, False), other=0.0),)
+        xs = xs + (tl.load(x_ptr + t.to(tl.int64) * x_stride + cols, mask=tl.where(t < r1, cmask, False), other=0.0),)
     return xs
 
 
 @triton.jit(do_not_specialize=["n_docs"])
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr,
-    n_rows, n_cols, n_docs, rows_per_program,
+    n_rows, n_cols, x_stride, n_docs, rows_per_program,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -215,12 +215,12 @@ def _conv_fwd_kernel(
     r0 = tl.program_id(0) * rows_per_program
     r1 = tl.minimum(r0 + rows_per_program, n_rows)
     w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
-    prev = _rows_before(x_ptr, r0, cols, cmask, n_cols, K)
+    prev = _rows_before(x_ptr, r0, cols, cmask, x_stride, K)
     doc = _first_document(cu_ptr, n_docs, r0)
     start = tl.load(cu_ptr + doc)
     end = tl.load(cu_ptr + doc + 1)
     for t0 in range(r0, r1, ROWS):
-        xs = _fwd_rows(x_ptr, t0, r1, cols, cmask, n_cols, ROWS)
+        xs = _fwd_rows(x_ptr, t0, r1, cols, cmask, x_stride, ROWS)
         doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
         # most steps lie inside one document: those skip the per-row masks and document walk
         if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1):
@@ -285,22 +285,22 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
 
 
 @triton.jit
-def _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, ROWS: tl.constexpr):
+def _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, x_stride, ROWS: tl.constexpr):
     """Rows t0 .. t0 + ROWS - 1 of x and dy (zeros past the last row), as tuples."""
     xs = ()
     dys = ()
     for j in tl.static_range(ROWS):
         t = t0 + j
-        off = t.to(tl.int64) * n_cols + cols
-        xs = xs + (tl.load(x_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
-        dys = dys + (tl.load(dy_ptr + off, mask=tl.where(t < n_rows, cmask, False), other=0.0),)
+        mask = tl.where(t < n_rows, cmask, False)
+        xs = xs + (tl.load(x_ptr + t.to(tl.int64) * x_stride + cols, mask=mask, other=0.0),)
+        dys = dys + (tl.load(dy_ptr + t.to(tl.int64) * n_cols + cols, mask=mask, other=0.0),)
     return xs, dys
 
 
 @triton.jit(do_not_specialize=["n_docs"])
 def _conv_bwd_kernel(
     x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
-    n_rows, n_cols, n_docs, rows_per_program,
+    n_rows, n_cols, x_stride, n_docs, rows_per_program,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
 ):
@@ -315,7 +315,7 @@ def _conv_bwd_kernel(
     r0 = pid_t * rows_per_program
     r1 = tl.minimum(r0 + rows_per_program, n_rows)
     w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
-    prev = _rows_before(x_ptr, r0, cols, cmask, n_cols, K)
+    prev = _rows_before(x_ptr, r0, cols, cmask, x_stride, K)
     doc = _first_document(cu_ptr, n_docs, r0)
     start = tl.load(cu_ptr + doc)
     end = tl.load(cu_ptr + doc + 1)
@@ -330,12 +330,12 @@ def _conv_bwd_kernel(
     # PREFETCH: the next step's rows are loaded before this step's math, so that their loads are
     # in flight while it runs (at the cost of the registers that hold them).
     if PREFETCH:
-        xs, dys = _bwd_rows(x_ptr, dy_ptr, r0, n_rows, cols, cmask, n_cols, ROWS)
+        xs, dys = _bwd_rows(x_ptr, dy_ptr, r0, n_rows, cols, cmask, n_cols, x_stride, ROWS)
     for t0 in range(r0, r1 + K - 1, ROWS):
         if PREFETCH:
-            next_xs, next_dys = _bwd_rows(x_ptr, dy_ptr, t0 + ROWS, n_rows, cols, cmask, n_cols, ROWS)
+            next_xs, next_dys = _bwd_rows(x_ptr, dy_ptr, t0 + ROWS, n_rows, cols, cmask, n_cols, x_stride, ROWS)
         else:
-            xs, dys = _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, ROWS)
+            xs, dys = _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, x_stride, ROWS)
         doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
         # most steps lie inside one document and the program's rows: those skip the masks
         if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1) & (t0 - (K - 1) >= r0):
@@ -393,12 +393,19 @@ def _cu_of(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     return cu_seqlens.to(torch.int32)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, C] with unit channel stride; the rows may be further apart than C (x a slice
+    of the channels of a wider projection output is read in place, not copied)."""
+    xf = x.reshape(-1, x.shape[-1])
+    return xf if xf.stride(-1) == 1 else xf.contiguous()
+
+
 def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
-    xf = x.reshape(-1, x.shape[-1]).contiguous()
+    xf = _rows(x)
     n_rows, n_cols = xf.shape
-    y = torch.empty_like(xf)
+    y = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if n_rows == 0:
-        return y.view_as(x)
+        return y.view(x.shape)
     k = weight.shape[-1]
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
@@ -409,23 +416,23 @@ def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
 
     def args(rows_per_program):
         return (xf, w, bias if bias is not None else w, cache if cache is not None else xf, cu, y,
-                n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
+                n_rows, n_cols, xf.stride(0), cu.shape[0] - 1, rows_per_program)
 
     programs_t, per_program = _row_runs(_conv_fwd_kernel, args, constexprs, warps, n_rows,
                                         c_blocks, _FWD_ROWS)
     _conv_fwd_kernel[(programs_t, c_blocks)](*args(per_program), **constexprs, num_warps=warps)
-    return y.view_as(x)
+    return y.view(x.shape)
 
 
 def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
     n_cols = x.shape[-1]
     k = weight.shape[-1]
-    xf = x.reshape(-1, n_cols).contiguous()
+    xf = _rows(x)
     dyf = dy.reshape(-1, n_cols).contiguous()
     n_rows = xf.shape[0]
     w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
-    dx = torch.empty_like(xf)
+    dx = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if n_rows == 0:
         dw = torch.zeros(n_cols, k, device=x.device, dtype=torch.float32)
         db = torch.zeros(n_cols, device=x.device, dtype=torch.float32)
@@ -438,7 +445,7 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
 
         def args(dw_partial, db_partial, rows_per_program):
             return (xf, dyf, w, bias if bias is not None else w, cache if cache is not None else xf, cu,
-                    dx, dw_partial, db_partial, n_rows, n_cols, cu.shape[0] - 1, rows_per_program)
+                    dx, dw_partial, db_partial, n_rows, n_cols, xf.stride(0), cu.shape[0] - 1, rows_per_program)
 
         scratch = xf.new_empty(0, dtype=torch.float32)
         programs_t, per_program = _row_runs(_conv_bwd_kernel, lambda rows: args(scratch, scratch, rows), constexprs,
@@ -452,7 +459,7 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
     else:
         d_state = x.new_empty(0)
-    return dx.view_as(x), dw.to(weight.dtype), db, d_state
+    return dx.view(x.shape), dw.to(weight.dtype), db, d_state
 
 
 def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
@@ -490,7 +497,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 @_conv_fwd.register_fake
 def _(x, weight, bias, cu, initial_state, activation):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, whatever x's row stride
 
 
 @torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=())
@@ -503,7 +510,7 @@ def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: tor
 @_conv_bwd.register_fake
 def _(dy, x, weight, bias, cu, initial_state, activation):
     d_state = torch.empty_like(initial_state, dtype=x.dtype) if initial_state is not None else x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(weight),
+    return (x.new_empty(x.shape), torch.empty_like(weight),
             x.new_empty(x.shape[-1], dtype=torch.float32), d_state)
 
 

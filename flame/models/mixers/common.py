@@ -74,24 +74,25 @@ def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
     return y
 
 
-def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state):
+def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[str, ...] = ()):
     """q, k, v projections of x, each through its short convolution when the mixer has them (the
-    convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v)."""
-    if state is None and new_state is None and _fusable(mixer):
-        return _project_qkv_fused(mixer, x, cu_seqlens)
+    convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v), followed by
+    the projections of x named in extra (attributes of the mixer, e.g. "b_proj")."""
+    if state is None and new_state is None and _fusable(mixer, extra):
+        return _project_qkv_fused(mixer, x, cu_seqlens, extra)
     q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
     if mixer.use_short_conv:
         q = apply_conv(mixer.q_conv, q, cu_seqlens, state, new_state, "conv_q")
         k = apply_conv(mixer.k_conv, k, cu_seqlens, state, new_state, "conv_k")
         v = apply_conv(mixer.v_conv, v, cu_seqlens, state, new_state, "conv_v")
-    return q, k, v
+    return (q, k, v) + tuple(getattr(mixer, name)(x) for name in extra)
 
 
-def _fusable(mixer: nn.Module) -> bool:
-    """Whether q, k and v can be computed as one matmul (and one convolution): plain weights
-    without biases (tensor-parallel weights are DTensors whose modules redistribute their
-    inputs and outputs, so they keep the three calls) and convolutions alike."""
-    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
+def _fusable(mixer: nn.Module, extra: tuple[str, ...]) -> bool:
+    """Whether the projections can be computed as one matmul (and q, k, v as one convolution):
+    plain weights without biases (tensor-parallel weights are DTensors whose modules
+    redistribute their inputs and outputs, so they keep separate calls) and convolutions alike."""
+    projs = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + [getattr(mixer, name) for name in extra]
     if any(p.bias is not None or isinstance(p.weight, DTensor) for p in projs):
         return False
     if not mixer.use_short_conv:
@@ -101,19 +102,26 @@ def _fusable(mixer: nn.Module) -> bool:
             and not any(isinstance(c.weight, DTensor) for c in convs))
 
 
-def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens):
-    """The training path of project_qkv: one matmul against the three weights side by side and
-    one convolution over the concatenated channels. Same values as three of each (the
-    convolution is depthwise, so channels do not mix); fewer kernel launches and op calls per
-    layer, which matters because a linear-attention layer's step is close to host-bound."""
-    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
-    qkv = F.linear(x, torch.cat([p.weight for p in projs]))
+def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...]):
+    """The training path of project_qkv: one matmul against all the weights side by side and one
+    convolution over the q, k, v channels of its output (read in place). Same values as separate
+    calls (the convolution is depthwise, so channels do not mix); fewer kernel launches and op
+    calls per layer, which matters because a linear-attention layer's step is close to
+    host-bound, and the narrow projections (a few outputs per head, e.g. beta's) join a wide
+    matmul instead of running as small, inefficient ones, forward and backward, each with its
+    own add into x's gradient."""
+    qkv_projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
+    projs = qkv_projs + tuple(getattr(mixer, name) for name in extra)
+    out = F.linear(x, torch.cat([p.weight for p in projs]))
+    qkv_width = sum(p.out_features for p in qkv_projs)
+    qkv = out[..., :qkv_width]
     if mixer.use_short_conv:
         convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
         weight = torch.cat([c.weight for c in convs]).squeeze(1)
         bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
         qkv, _ = causal_conv1d(qkv, weight, bias, convs[0].activation, cu_seqlens)
-    return qkv.split([p.out_features for p in projs], dim=-1)
+    q, k, v = qkv.split([p.out_features for p in qkv_projs], dim=-1)
+    return (q, k, v) + tuple(out[..., qkv_width:].split([p.out_features for p in projs[3:]], dim=-1))
 
 
 @torch.no_grad()

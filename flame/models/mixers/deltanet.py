@@ -57,13 +57,13 @@ class DeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
+        q, k, v, b = project_qkv(self, x, cu_seqlens, state, new_state, extra=("b_proj",))
         if not self.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6)
         k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6)
         v = v.view(B, T, H, V)
-        beta = self.b_proj(x).sigmoid()
+        beta = b.sigmoid()
 
         rule = kernels.fused_recurrent_delta_rule if use_recurrent_kernel(state, T) else kernels.chunk_delta_rule
         o, final = rule(q, k, v, beta, scale=K ** -0.5,

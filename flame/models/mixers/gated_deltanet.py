@@ -68,16 +68,16 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
+        q, k, v, a, b = project_qkv(self, x, cu_seqlens, state, new_state, extra=("a_proj", "b_proj"))
         if not self.use_short_conv:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6)
         k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6)
         v = v.view(B, T, H, V)
-        beta = self.b_proj(x).sigmoid()
+        beta = b.sigmoid()
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # gates in at least fp32
         g = -local(self.A_log).to(gate_dtype).exp() * F.softplus(
-            self.a_proj(x).to(gate_dtype) + local(self.dt_bias).to(gate_dtype))
+            a.to(gate_dtype) + local(self.dt_bias).to(gate_dtype))
 
         rule = (kernels.fused_recurrent_gated_delta_rule if use_recurrent_kernel(state, T)
                 else kernels.chunk_gated_delta_rule)

@@ -61,8 +61,8 @@ class GatedLinearAttention(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v = project_qkv(self, x, cu_seqlens, state, new_state)
-        gk = F.logsigmoid(self.gk_up(self.gk_down(x)).to(torch.promote_types(x.dtype, torch.float32))) / self.gate_logit_normalizer
+        q, k, v, gk_low = project_qkv(self, x, cu_seqlens, state, new_state, extra=("gk_down",))
+        gk = F.logsigmoid(self.gk_up(gk_low).to(torch.promote_types(x.dtype, torch.float32))) / self.gate_logit_normalizer
 
         rule = kernels.fused_recurrent_gla if use_recurrent_kernel(state, T) else kernels.chunk_gla
         o, final = rule(q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V), gk.view(B, T, H, K),
