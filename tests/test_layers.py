@@ -10,7 +10,7 @@ from flame.kernels.conv import causal_conv1d
 from flame.kernels.norm import gated_rms_norm, rms_norm
 from flame.kernels.rotary import apply_rotary
 from flame.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
-from flame.modules.swiglu import swiglu
+from flame.modules.swiglu import swiglu, swiglu_packed
 
 BACKENDS = [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)]
 BACKEND_IDS = ["torch-fp64", "triton-interpreted-fp32"]
@@ -310,11 +310,28 @@ def test_swiglu(monkeypatch, backend, dtype, tol):
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(5, 33, seed=0), randn(5, 33, seed=1)], dtype, tol)
 
 
-def test_swiglu_module():
-    mlp = SwiGLU(8, 24).double()
-    x = torch.randn(3, 8, dtype=torch.float64)
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_swiglu_packed_halves(monkeypatch, backend, dtype, tol):
+    # rows past one program's 4 and a half width past one 512-column block, not a multiple of it
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    check(swiglu_packed, lambda ab: F.silu(ab[..., :600]) * ab[..., 600:], [randn(2, 5, 1200, seed=0)], dtype, tol)
+    with pytest.raises(ValueError, match="even"):
+        swiglu_packed(torch.randn(3, 7))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_module(monkeypatch, backend):
+    # one matmul for gate and up: same output and weight gradients as the three separate layers
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    mlp = SwiGLU(8, 24).to(dtype)
+    x = torch.randn(3, 8, dtype=dtype)
     want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-    assert rel(mlp(x), want) < 1e-12
+    grads_want = torch.autograd.grad(want.square().sum(), [mlp.gate_proj.weight, mlp.up_proj.weight])
+    got = mlp(x)
+    grads = torch.autograd.grad(got.square().sum(), [mlp.gate_proj.weight, mlp.up_proj.weight])
+    tol = 1e-12 if backend == "torch" else 1e-5
+    assert rel(got, want) < tol and all(rel(a, b) < tol for a, b in zip(grads, grads_want))
     assert mlp.gate_proj.bias is None and mlp.down_proj.weight.shape == (8, 24)
 
 
@@ -365,6 +382,8 @@ def test_gpu_layers_bf16_against_float64():
                                          torch.tensor([0, 300, 600]))[0].reshape(2, 300, 256),
           [wide, wc], torch.bfloat16, tol, "cuda")
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
+    check(swiglu_packed, lambda ab: F.silu(ab[:, :2816]) * ab[:, 2816:], [randn(64, 5632, seed=12)], torch.bfloat16, tol,
+          "cuda")
 
 
 @pytest.mark.gpu
