@@ -190,9 +190,11 @@ def main():
     p.add_argument("--loss-batch", type=int, default=4, help="sequences of 4096 per step in --mode loss")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
     p.add_argument("--no-compile", action="store_true", help="run eagerly (faster start, slower steps)")
+    p.add_argument("--no-transformer", action="store_true",
+                   help="leave out the Transformer baseline (A/B runs of one recipe)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train_<mode>.json)")
     args = p.parse_args()
-    if args.mode == "throughput" and "transformer" not in args.archs:
+    if args.mode == "throughput" and "transformer" not in args.archs and not args.no_transformer:
         args.archs.append("transformer")
 
     selected = recipes(args.archs, args.sizes)
