@@ -108,17 +108,19 @@ print(json.dumps(result), flush=True)
 """
 
 
-def cases(kernels):
+def cases(kernels, variants=None):
     for kernel in kernels:
         for dtype in DTYPES[kernel]:
             for K, V in HEADS:
                 for variant in KERNEL_VARIANTS.get(kernel, ["default"]) if dtype == "bfloat16" else ["default"]:
-                    yield kernel, dtype, K, V, variant
+                    if variants is None or variant in variants:
+                        yield kernel, dtype, K, V, variant
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     parser.add_argument("--jobs", type=int, default=4, help="cases run at once (each its own process)")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results" / "small_heads.json")
     args = parser.parse_args()
@@ -138,7 +140,7 @@ def main():
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda c: case(*c), list(cases(args.kernels.split(",")))))
+        rows = list(pool.map(lambda c: case(*c), list(cases(args.kernels.split(","), args.variants and args.variants.split(",")))))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from environment import environment
 

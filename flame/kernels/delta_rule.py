@@ -31,7 +31,7 @@ from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, ba
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import cdiv, compile_variants, max_num_chunks, prepare_chunk_indices
+from flame.kernels.utils import cdiv, compile_variants, max_num_chunks, next_power_of_2, prepare_chunk_indices
 
 CHUNK = 64
 
@@ -393,8 +393,10 @@ def state_warps(element_size: int) -> int:
 
 
 def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
-    # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory.
-    BK, BVF = _pow2(q.shape[-1]), _pow2(V)
+    # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory. The
+    # V block follows V itself (down to 16), not the 64-wide minimum of the other tiles: a
+    # block wider than V would only add masked columns to the serial pass.
+    BK, BVF = _pow2(q.shape[-1]), max(16, next_power_of_2(V))
     wide = q.element_size() > 2
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
     # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
