@@ -103,26 +103,29 @@ def swiglu_packed_ref(ab: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_packed_fwd_kernel(ab_ptr, y_ptr, n_rows, H, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _packed_tile(ab_ptr, n_rows, H, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The program's [ROWS, BLOCK] tile of both halves, fp32, with its mask and the offsets of
+    its a half in ab and of its outputs in a [rows, H] tensor."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
     a_off = rows[:, None].to(tl.int64) * (2 * H) + cols[None, :]
     a = tl.load(ab_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(ab_ptr + a_off + H, mask=mask, other=0.0).to(tl.float32)
+    return a, b, mask, a_off, rows[:, None].to(tl.int64) * H + cols[None, :]
+
+
+@triton.jit
+def _swiglu_packed_fwd_kernel(ab_ptr, y_ptr, n_rows, H, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    a, b, mask, _, y_off = _packed_tile(ab_ptr, n_rows, H, ROWS, BLOCK)
     y = a / (1.0 + tl.exp(-a)) * b
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_packed_bwd_kernel(ab_ptr, dy_ptr, dab_ptr, n_rows, H, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
-    a_off = rows[:, None].to(tl.int64) * (2 * H) + cols[None, :]
-    a = tl.load(ab_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(ab_ptr + a_off + H, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, b, mask, a_off, y_off = _packed_tile(ab_ptr, n_rows, H, ROWS, BLOCK)
+    dy = tl.load(dy_ptr + y_off, mask=mask, other=0.0).to(tl.float32)
     s = 1.0 / (1.0 + tl.exp(-a))
     tl.store(dab_ptr + a_off, (dy * b * s * (1.0 + a * (1.0 - s))).to(dab_ptr.dtype.element_ty), mask=mask)
     tl.store(dab_ptr + a_off + H, (dy * a * s).to(dab_ptr.dtype.element_ty), mask=mask)
