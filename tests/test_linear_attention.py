@@ -380,7 +380,7 @@ SMALL_HEADS = [(16, 16), (32, 32), (64, 32), (32, 64), (128, 32)]
 @pytest.mark.parametrize("K,V", SMALL_HEADS)
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_small_heads_gpu_bf16(kernel, K, V, monkeypatch):
-    # Tiles of 16 or 32 gave wrong scalar-gate kernels on Hopper (CHUNK_MIN_BLOCK).
+    # Tiles of 16 or 32 gave wrong scalar-gate kernels on Hopper (utils.MIN_DOT_TILE).
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     _check_gpu_bf16((kernel, 1, 600, 4, K, V, [0, 100, 101, 600], True), "-small")
 

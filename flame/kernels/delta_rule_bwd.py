@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks,
+from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
                                 next_power_of_2, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
@@ -287,15 +287,10 @@ def _chunk_grad_kernel(
         tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
 
 
-MIN_TILE = 64
-
-
 def _pow2(d: int) -> int:
-    """Tile size for a head dimension (also the forward's, delta_rule.py). At least MIN_TILE:
-    with 32-wide K tiles Triton 3.6 built a wrong chunk-gradient kernel on Hopper (plain rule,
-    K = 32, V = 64, equal-length sequences: dk and dbeta off by ~50%; exact in the interpreter;
-    benchmarks/small_heads.py), so smaller heads run in 64-wide tiles with masked loads."""
-    return max(MIN_TILE, next_power_of_2(d))
+    """Tile size for a head dimension (also the forward's, delta_rule.py): at least
+    MIN_DOT_TILE (utils: narrower tiles built a wrong chunk-gradient kernel on Hopper)."""
+    return max(MIN_DOT_TILE, next_power_of_2(d))
 
 
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from flame.kernels import linear_attention_triton as kern
 from flame.kernels.dispatch import use_triton
 from flame.kernels.linear_attention_ref import linear_attention_reference
 from flame.kernels.utils import (
+    MIN_DOT_TILE,
     cdiv,
     check_cu_seqlens,
     check_head_dim,
@@ -36,11 +37,7 @@ STATE_PROGRAMS = 512  # state-pass programs below which the tile is halved
 STATE_STAGES = 3  # chunk tiles in flight ahead of the serial state update, 64x64 tiles
 STATE_STAGES_SMALL = 3  # the same for 32x32 tiles (few programs, latency-bound)
 CHUNK_BLOCK = 128  # widest V (K) tile of the scalar-gate whole-chunk kernels
-# Narrowest tile of those kernels: with 16- or 32-wide tiles Triton 3.6 built wrong kernels on
-# the H100/H200 (wrong o at K = 64, V = 32; an illegal memory access at K = V = 32; exact in the
-# interpreter), so smaller heads run in 64-wide tiles with masked loads and stores
-# (benchmarks/small_heads.py, results/small_heads*.json).
-CHUNK_MIN_BLOCK = 64
+CHUNK_MIN_BLOCK = MIN_DOT_TILE  # narrowest tile of those kernels (why: utils.MIN_DOT_TILE)
 CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel

@@ -226,6 +226,14 @@ def chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT: tl.constexpr, IS_VARLE
     return i, bos, eos
 
 
+# Narrowest head-dim tile of the chunk kernels' products. With 16- or 32-wide tiles in a tl.dot,
+# Triton 3.6 built wrong kernels on Hopper (H100, H200) that are exact in the interpreter:
+# chunk_simple_gla's output at K = 64, V = 32 and an illegal memory access at K = V = 32; the
+# plain delta rule's dk and dbeta at K = 32, V = 64. Smaller heads run in tiles of this width
+# with masked loads and stores (benchmarks/small_heads.py, results/small_heads*.json).
+MIN_DOT_TILE = 64
+
+
 def sum_head_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[..., H, D] -> [..., groups, D]: the gradients of value heads that share a q/k head (each
     group H / groups consecutive heads) summed in fp32, returned in x's dtype."""
