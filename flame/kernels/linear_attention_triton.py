@@ -356,6 +356,85 @@ def chunk_backward_scalar_kernel(
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit(do_not_specialize=["N"])
+def chunk_backward_scalar_group_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+    cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, HQ: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate with q and k shared by groups of value heads (Mamba2: one q/k head for all):
+    dq, dk, dv and dg of one whole chunk and G value heads of one group per program.
+
+    The fused kernel above, run per value head, forms the same q k^T for every head of a group
+    and writes dq, dk per value head for a later sum over the group. Here q k^T is formed once
+    and the heads' dq, dk are summed in registers: the intra-chunk terms through the sum of the
+    heads' W = scale (do v^T * D) (one matmul each for dq and dk), the state terms as matmuls
+    into the same accumulators. The gate gradient needs each head's sum_k (q dq - k dk) per
+    row, which is rewritten so that no per-head [BT, K] tile is formed:
+        sum_k q_t (W k)_t = sum_s (W * q k^T)_ts          sum_k k_s (W^T q)_s = sum_t (W * q k^T)_ts
+        sum_k q_t (do h^T)_t = sum_v do_t (q h)_t          sum_k k_s (v dh^T)_s = sum_v v_s (k dh)_s
+    dq, dk are stored per program, [T, H // G, K]: summed over the group's programs by the caller
+    when G is less than the group.
+    """
+    i_c, i_g = tl.program_id(0), tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    pq = ((t0 + rows[:, None]) * HQ + (i_g * G) // (H // HQ)) * K + ck[None, :]
+    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
+    qk = tl.dot(q, tl.trans(k))  # [t, s]
+    kq = tl.dot(k, tl.trans(q))  # [s, t]
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    w_sum = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(0, G):
+        i_h = i_g * G + j
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+        b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+        decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
+        decay_in = tl.where(valid, tl.exp(b) * scale, 0.0)
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh)
+        kdh = tl.dot(k, dh)
+        at = (kq * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+        dv = tl.dot(at, do) + kdh * decay_out[:, None]
+        tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+        w = tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale
+        wqk = w * qk
+        qh = tl.dot(q, h)
+        k_side = tl.sum(v.to(tl.float32) * kdh, axis=1) * decay_out
+        db = (tl.sum(do.to(tl.float32) * qh, axis=1) * decay_in + tl.sum(wqk, axis=1)
+              - k_side - tl.sum(wqk, axis=0))
+        dbl = tl.sum(k_side, axis=0) + tl.exp(b_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1),
+                                                                axis=0)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+        tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+        dq = tl.dot((do * decay_in[:, None]).to(dtype), tl.trans(h), dq)
+        dk = tl.dot((v * decay_out[:, None]).to(dtype), tl.trans(dh), dk)
+        w_sum += w
+    w_sum = w_sum.to(dtype)
+    dq = tl.dot(w_sum, k, dq)
+    dk = tl.dot(tl.trans(w_sum), q, dk)
+    pk = ((t0 + rows[:, None]) * (H // G) + i_g) * K + ck[None, :]
+    tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
+    tl.store(dk_ptr + pk, dk.to(dtype), mask=mk)
+
+
 @triton.jit(do_not_specialize=["N", "slots"])
 def chunk_scalar_gate_grad_kernel(
     db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, T_total, slots,
