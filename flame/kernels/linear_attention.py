@@ -42,10 +42,6 @@ CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
-GROUPED_BACKWARD = True  # q/k shared by value heads: the grouped fused backward (else per value head)
-GROUP_HEADS = None  # value heads per program of the grouped fused backward (None: _group_heads)
-GROUP_PROGRAMS = 1024  # fewest programs _group_heads aims for
-GROUP_WARPS = 8
 CHUNK_STAGES = 2
 GLA_BLOCK = 64  # K and V tiles of the per-key-dim (GLA) kernels
 GLA_INTRA_WARPS = 4  # the GLA kernels on BC-row blocks (scores, intra-chunk gradients)
@@ -175,21 +171,6 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     return o, ht, a
 
 
-def _group_heads(T, H, HQ):
-    """Value heads per program of the grouped fused backward: the whole group (each q/k head's
-    dq, dk formed once) unless that leaves fewer than GROUP_PROGRAMS programs, then the largest
-    divisor of the group that reaches it. From the token count, not from the number of chunks
-    (which varies with the documents of a packed batch), so a launch never recompiles by batch."""
-    group = H // HQ
-    if GROUP_HEADS is not None:
-        if group % GROUP_HEADS:
-            raise ValueError(f"GROUP_HEADS = {GROUP_HEADS} must divide the value heads per q/k head ({group})")
-        return GROUP_HEADS
-    chunks = cdiv(T, kern.CHUNK_SIZE)
-    fits = [g for g in range(1, group + 1) if group % g == 0 and chunks * (H // g) >= GROUP_PROGRAMS]
-    return max(fits, default=1)
-
-
 def _scalar_block(dim):
     """Tile of a head dim in the scalar-gate whole-chunk kernels."""
     return min(max(next_power_of_2(dim), CHUNK_MIN_BLOCK), CHUNK_BLOCK)
@@ -226,28 +207,18 @@ def _gla_scores(q, k, b, scale, chunks):
 
 def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
     """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate). With q and k
-    shared by groups of value heads (scalar gate), dq and dk are summed over each group: in the
-    grouped fused kernel's registers, else formed per value head and summed afterwards."""
+    shared by groups of value heads (scalar gate), dq and dk are formed per value head and
+    summed over each group."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
     b = _cumsum(g, scalar_gate, H, K, chunks)
     h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
+    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
     # fp32 tiles of the fused kernel would pass the shared memory of one SM.
-    fused = scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda)
-    if fused and HQ < H and GROUPED_BACKWARD:
-        G = _group_heads(T, H, HQ)
-        dq, dk = (torch.empty(T, H // G, K, dtype=q.dtype, device=q.device) for _ in range(2))
-        kern.chunk_backward_scalar_group_kernel[(chunks.slots, H // G)](
-            q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, HQ=HQ, G=G, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
-            num_warps=GROUP_WARPS, num_stages=1,
-        )
-        return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
-    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
-    if fused:
+    if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
