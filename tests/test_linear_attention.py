@@ -159,6 +159,62 @@ def test_strong_decay_stays_finite_and_exact(kernel, triton_backend):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
+def test_backward_modes_cpu(kernel, triton_backend, monkeypatch):
+    """FLAME_GLA_BACKWARD=saved: the forward keeps its chunk states and gate cumsums and the
+    backward runs only the reverse state pass; recompute: the backward runs both passes again.
+    Same gradients either way; a forward without grad keeps nothing."""
+    from flame.kernels import linear_attention
+
+    calls = []
+    states, cumsum = linear_attention._states, linear_attention._cumsum
+
+    def spy_states(*args):
+        calls.append(("states", args[8], args[9]))  # (forward, backward) passes
+        return states(*args)
+
+    def spy_cumsum(*args):
+        calls.append(("cumsum",))
+        return cumsum(*args)
+
+    monkeypatch.setattr(linear_attention, "_states", spy_states)
+    monkeypatch.setattr(linear_attention, "_cumsum", spy_cumsum)
+    fn, scalar_gate = KERNELS[kernel]
+    q, k, v, g, h0 = make_inputs(1, 100, 2, 16, 32, scalar_gate, 2, torch.float32, "cpu")
+    cu = torch.tensor([0, 30, 100], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(1, 100, 2, 32, generator=gen), torch.randn(2, 2, 16, 32, generator=gen)
+    results, expected = {}, {"saved": [("cumsum",), ("states", True, False), ("states", False, True)],
+                             "recompute": [("cumsum",), ("states", True, False), ("cumsum",), ("states", True, True)]}
+    for mode in ("saved", "recompute"):
+        monkeypatch.setenv("FLAME_GLA_BACKWARD", mode)
+        calls.clear()
+        results[mode] = forward_backward(fn, q, k, v, g, h0, cu, do, dht)
+        assert calls == expected[mode], mode
+    o, ht, grads = results["saved"]
+    ro, rht, rgrads = results["recompute"]
+    assert torch.equal(o, ro) and torch.equal(ht, rht)
+    for a, b in zip(grads, rgrads):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("FLAME_GLA_BACKWARD", "saved")
+    fwd_op, saves = linear_attention._fwd_op, []
+
+    def spy_fwd_op(*args):
+        saves.append(args[-1])
+        return fwd_op(*args)
+
+    monkeypatch.setattr(linear_attention, "_fwd_op", spy_fwd_op)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    with torch.no_grad():
+        fn(*leaves)
+    fn(q, k, v, g)  # no input needs a gradient
+    fn(*leaves)
+    assert saves == [False, False, True]
+    monkeypatch.setenv("FLAME_GLA_BACKWARD", "keep")
+    with pytest.raises(ValueError, match="FLAME_GLA_BACKWARD"):
+        fn(*leaves)
+
+
 def test_torch_backend_matches_reference(monkeypatch):
     monkeypatch.setenv("FLAME_BACKEND", "torch")
     errors = compare("gla", chunk_gla, False, 1, 50, 2, 16, 24, [0, 20, 50], True, torch.float32, "cpu")

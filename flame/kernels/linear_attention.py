@@ -4,11 +4,13 @@ RetNet, Mamba2-SSD, lightning attention) and `chunk_gla` (one per key dim, g [B,
 Both run on one pair of `torch.library` custom ops (forward, backward) so that
 `torch.compile(fullgraph=True)` traces them; inside, the Triton kernels of
 `linear_attention_triton.py` or the torch reference of `linear_attention_ref.py` run,
-as `dispatch.use_triton` decides. The backward recomputes the chunk states instead of
-keeping them, so a layer's saved activations are its inputs and, for GLA, the intra-chunk
-score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs more than
-any other GLA kernel).
+as `dispatch.use_triton` decides. A layer's saved activations are its inputs, for GLA the
+intra-chunk score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs
+more than any other GLA kernel), and by default the chunk states and the gate's cumulative
+sums that the forward computed anyway (`backward_mode`).
 """
+
+import os
 
 import torch
 
@@ -147,7 +149,9 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
 
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
-    """Returns (o, ht, A): A the GLA score matrix, kept for the backward (None for a scalar gate)."""
+    """Returns (o, ht, A, h, b): A the GLA score matrix, kept for the backward (None for a scalar
+    gate); h the chunk-entry states [slots, H, K, V] and b the gate's chunk-local cumulative sums,
+    which the backward takes instead of recomputing them when they are kept."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
@@ -161,14 +165,14 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
             q, k, v, b, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
-        return o, ht, None
+        return o, ht, None, h, b
     a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     kern.chunk_gla_output_kernel[(chunks.slots * cdiv(V, bv), H)](
         q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
-    return o, ht, a
+    return o, ht, a, h, b
 
 
 def _scalar_block(dim):
@@ -205,15 +209,20 @@ def _gla_scores(q, k, b, scale, chunks):
     return a
 
 
-def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks):
-    """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate). With q and k
+def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
+    """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate); h, b: the
+    forward's chunk states and gate cumsums if it kept them (else recomputed here). With q and k
     shared by groups of value heads (scalar gate), dq and dk are formed per value head and
     summed over each group."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
-    b = _cumsum(g, scalar_gate, H, K, chunks)
-    h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
+    if b is None:
+        b = _cumsum(g, scalar_gate, H, K, chunks)
+    if h is None:
+        h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
+    else:
+        _, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
     dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
@@ -301,29 +310,40 @@ def _fwd_op(
     cu_seqlens: torch.Tensor | None,
     output_final_state: bool,
     triton_backend: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (o, final state or empty, GLA score matrix [B, T, H, 64] for the backward or empty)."""
-    empty = q.new_empty(0, dtype=torch.float32)
+    save: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (o, final state or empty, GLA score matrix [B, T, H, 64] for the backward or empty,
+    chunk states [slots, H, K, V] and gate cumsums [B * T, H, 1 or K] if save, else empty)."""
+    def empty(dtype=q.dtype):  # a new one per output: outputs must not alias each other
+        return q.new_empty(0, dtype=dtype)
+
     if not triton_backend:
         q, k = _expand_heads(q, k, v.shape[2])
         o, ht = linear_attention_reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        return o, ht if ht is not None else empty, q.new_empty(0)
+        return o, ht if ht is not None else empty(torch.float32), empty(), empty(), empty(torch.float32)
     B, T = q.shape[:2]
     chunks = _chunks_for(q, cu_seqlens)
-    o, ht, a = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, output_final_state, chunks)
-    a = q.new_empty(0) if a is None else a.view(B, T, *a.shape[1:])
-    return o.view(B, T, *o.shape[1:]), ht if ht is not None else empty, a
+    o, ht, a, h, b = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state,
+                                     output_final_state, chunks)
+    a = empty() if a is None else a.view(B, T, *a.shape[1:])
+    if not save:
+        h, b = empty(), empty(torch.float32)
+    return o.view(B, T, *o.shape[1:]), ht if ht is not None else empty(torch.float32), a, h, b
 
 
 @_fwd_op.register_fake
-def _(q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend):
+def _(q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend, save):
     B, T, _, K = q.shape
-    H = v.shape[2]
+    H, V = v.shape[2:]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    o = q.new_empty(B, T, H, v.shape[-1])
-    ht = q.new_empty(N, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
+    o = q.new_empty(B, T, H, V)
+    ht = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else q.new_empty(0, dtype=torch.float32)
     a = q.new_empty(B, T, H, kern.CHUNK_SIZE) if triton_backend and g.dim() == 4 else q.new_empty(0)
-    return o, ht, a
+    if not (triton_backend and save):
+        return o, ht, a, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    h = q.new_empty(max_num_chunks(B * T, N, kern.CHUNK_SIZE), H, K, V)
+    b = q.new_empty(B * T, H, 1 if g.dim() == 3 else K, dtype=torch.float32)
+    return o, ht, a, h, b
 
 
 @torch.library.custom_op("flame::gated_linear_attention_bwd", mutates_args=())
@@ -338,6 +358,8 @@ def _bwd_op(
     do: torch.Tensor,
     dht: torch.Tensor | None,
     a: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
     triton_backend: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if not triton_backend:
@@ -347,6 +369,7 @@ def _bwd_op(
     dq, dk, dv, dg, dh0 = _triton_backward(
         _flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state, _flat(do), dht,
         _flat(a) if a.numel() else None, chunks,
+        h if h.numel() else None, b if b.numel() else None,
     )
     if dh0 is None:
         dh0 = q.new_empty(0, dtype=torch.float32)
@@ -377,28 +400,28 @@ def _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
 
 
 @_bwd_op.register_fake
-def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, a, triton_backend):
+def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, a, h, b, triton_backend):
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend = inputs
-    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, output[2])
+    q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend, _save = inputs
+    ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *output[2:])
     ctx.scale = scale
     ctx.triton_backend = triton_backend
     ctx.output_final_state = output_final_state
 
 
-def _backward(ctx, do, dht, _da):
-    q, k, v, g, initial_state, cu_seqlens, a = ctx.saved_tensors
+def _backward(ctx, do, dht, _da, _dh, _db):
+    q, k, v, g, initial_state, cu_seqlens, a, h, b = ctx.saved_tensors
     if not ctx.output_final_state:
         dht = None
     dq, dk, dv, dg, dh0 = _bwd_op(
         q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
-        None if dht is None else dht.contiguous(), a, ctx.triton_backend,
+        None if dht is None else dht.contiguous(), a, h, b, ctx.triton_backend,
     )
-    return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None
+    return dq, dk, dv, dg, None, dh0 if initial_state is not None else None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -406,6 +429,25 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------------------------------
 # Public functions.
+
+
+BACKWARD_MODES = ("recompute", "saved")
+
+
+def backward_mode() -> str:
+    """What the backward gets from the forward: FLAME_GLA_BACKWARD=saved (default) or recompute.
+
+    saved: the forward keeps the chunk-entry states and the gate's cumulative sums it computed
+    for its own output, so the backward runs only the reverse state pass (H100, 8 x 4096 tokens,
+    16 heads of 128: the backward's state kernel ran both passes, 0.42 ms of chunk_simple_gla's
+    2.27 ms forward+backward). They cost per layer and chunk of 64 tokens H * K * V * 2 bytes
+    (bf16; twice v's bytes at K = 128) plus 4 bytes per token, head and gate column.
+    recompute: the backward reruns the gate cumsum and the forward state pass, for runs short of
+    activation memory."""
+    mode = os.environ.get("FLAME_GLA_BACKWARD", "saved")
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"FLAME_GLA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
 
 
 def _validate(name, q, k, v, g, scale, initial_state, cu_seqlens, scalar_gate):
@@ -450,7 +492,10 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.contiguous()
     triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
-    o, ht, _ = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend)
+    # keep the states for the backward only when there will be one
+    save = (backward_mode() == "saved" and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (q, k, v, g, initial_state)))
+    o, ht = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend, save)[:2]
     return o, (ht if output_final_state else None)
 
 
