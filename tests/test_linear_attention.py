@@ -209,7 +209,9 @@ def test_backward_modes_cpu(kernel, triton_backend, monkeypatch):
         fn(*leaves)
     fn(q, k, v, g)  # no input needs a gradient
     fn(*leaves)
-    assert saves == [False, False, True]
+    monkeypatch.setenv("FLAME_GLA_BACKWARD", "auto")  # the default: kept for GLA only
+    fn(*leaves)
+    assert saves == [False, False, True, not scalar_gate]
     monkeypatch.setenv("FLAME_GLA_BACKWARD", "keep")
     with pytest.raises(ValueError, match="FLAME_GLA_BACKWARD"):
         fn(*leaves)

@@ -6,8 +6,8 @@ Both run on one pair of `torch.library` custom ops (forward, backward) so that
 `linear_attention_triton.py` or the torch reference of `linear_attention_ref.py` run,
 as `dispatch.use_triton` decides. A layer's saved activations are its inputs, for GLA the
 intra-chunk score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs
-more than any other GLA kernel), and by default the chunk states and the gate's cumulative
-sums that the forward computed anyway (`backward_mode`).
+more than any other GLA kernel), and for GLA by default the chunk states and the gate's
+cumulative sums that the forward computed anyway (`backward_mode`).
 """
 
 import os
@@ -431,20 +431,24 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # Public functions.
 
 
-BACKWARD_MODES = ("recompute", "saved")
+BACKWARD_MODES = ("auto", "recompute", "saved")
 
 
 def backward_mode() -> str:
-    """What the backward gets from the forward: FLAME_GLA_BACKWARD=saved (default) or recompute.
+    """What the backward gets from the forward: FLAME_GLA_BACKWARD=auto (default), saved or
+    recompute.
 
     saved: the forward keeps the chunk-entry states and the gate's cumulative sums it computed
-    for its own output, so the backward runs only the reverse state pass (H100, 8 x 4096 tokens,
-    16 heads of 128: the backward's state kernel ran both passes, 0.42 ms of chunk_simple_gla's
-    2.27 ms forward+backward). They cost per layer and chunk of 64 tokens H * K * V * 2 bytes
-    (bf16; twice v's bytes at K = 128) plus 4 bytes per token, head and gate column.
-    recompute: the backward reruns the gate cumsum and the forward state pass, for runs short of
-    activation memory."""
-    mode = os.environ.get("FLAME_GLA_BACKWARD", "saved")
+    for its own output, so the backward runs only the reverse state pass and no cumsum. They
+    cost per layer and chunk of 64 tokens H * K * V * 2 bytes (bf16; twice v's bytes at K = 128)
+    plus 4 bytes per token, head and gate column (one column for a scalar gate).
+    recompute: the backward reruns the gate cumsum and the forward state pass.
+    auto: saved for chunk_gla, recompute for chunk_simple_gla. H100, bf16, 340M recipes at
+    4096 x 8 x 16 micro-batches, one call: GLA 159,709 -> 163,700 tokens/s with the states kept
+    (+5.4 GiB); for a scalar gate the reverse pass alone took as long as both passes together
+    (chunk_simple_gla 8 x 4096, 16 heads of 128: 2.27 ms recomputing, 2.59 keeping), and Mamba2
+    and RetNet trained no faster (benchmarks/notes_linear_attention.md)."""
+    mode = os.environ.get("FLAME_GLA_BACKWARD", "auto")
     if mode not in BACKWARD_MODES:
         raise ValueError(f"FLAME_GLA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
     return mode
@@ -493,7 +497,8 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
         cu_seqlens = cu_seqlens.contiguous()
     triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
     # keep the states for the backward only when there will be one
-    save = (backward_mode() == "saved" and torch.is_grad_enabled()
+    mode = backward_mode()
+    save = ((mode == "saved" or (mode == "auto" and not scalar_gate)) and torch.is_grad_enabled()
             and any(x is not None and x.requires_grad for x in (q, k, v, g, initial_state)))
     o, ht = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend, save)[:2]
     return o, (ht if output_final_state else None)
