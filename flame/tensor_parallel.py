@@ -180,9 +180,11 @@ class GatheringRMSNorm(ReplicatedRMSNorm):
     the vocab-parallel loss needs on every rank."""
 
     def forward(self, x, residual=None):
-        if residual is not None:
-            raise ValueError("the final norm under tensor parallelism takes no residual")
-        return _gather_sequence(super().forward(x), self.weight.device_mesh)
+        """The normalised sequence, gathered (and this rank's slice of x + residual when given)."""
+        if residual is None:
+            return _gather_sequence(super().forward(x), self.weight.device_mesh)
+        y, summed = super().forward(x, residual)
+        return _gather_sequence(y, self.weight.device_mesh), summed
 
 
 class ReplicatedGatedRMSNorm(modules.GatedRMSNorm):

@@ -58,6 +58,32 @@ def test_layer_mixers_of_a_hybrid():
 
 # ---- the model --------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("mixer", ["attention", "gated_deltanet"])
+def test_fused_residual_adds_match_plain_blocks(mixer):
+    """The blocks add the residual stream inside their norms (and the final norm adds the last
+    MLP output): same hidden states and gradients as plain pre-norm residual blocks."""
+    torch.manual_seed(0)
+    model = build_model(tiny(mixer=mixer, n_layers=3)).double()
+    ids = torch.randint(0, 97, (2, 24))
+    hidden, _ = model.hidden_states(ids)
+
+    def plain(ids):
+        x = model.embeddings(ids)
+        for layer in model.layers:
+            x = x + layer.mixer(layer.mixer_norm(x))[0]
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return model.norm(x)
+
+    expected = plain(ids)
+    assert (hidden - expected).abs().max().item() < 1e-12
+    dy = torch.randn_like(hidden)
+    params = [p for name, p in model.named_parameters() if not name.startswith("lm_head")]
+    grads = torch.autograd.grad(hidden, params, dy)
+    expected_grads = torch.autograd.grad(plain(ids), params, dy)
+    for a, b in zip(grads, expected_grads):
+        assert (a - b).abs().max().item() < 1e-10
+
 def test_meta_build_then_init_weights():
     cfg = tiny(n_layers=4)
     with torch.device("meta"):

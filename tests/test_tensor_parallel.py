@@ -98,11 +98,11 @@ def _blocks_worker(rank, mesh):
         mine_slice = slice(rank * n, (rank + 1) * n)
 
         x_ref = x.clone().requires_grad_()
-        y_ref, _ = ref(x_ref, cu_seqlens=cu)
+        y_ref = sum(ref(x_ref, cu_seqlens=cu)[:2])  # residual stream + the block's MLP output
         y_ref.backward(dy)
 
         x_mine = x[:, mine_slice].clone().requires_grad_()
-        y_mine, _ = mine(x_mine, cu_seqlens=cu)
+        y_mine = sum(mine(x_mine, cu_seqlens=cu)[:2])
         y_mine.backward(dy[:, mine_slice])
 
         what = f"rank {rank}, {mixer} block, packed={packed}"

@@ -5,6 +5,10 @@ Every block is the same pre-norm residual block; only its token mixer differs:
     x = x + mixer(mixer_norm(x))
     x = x + mlp(mlp_norm(x))
 
+Each residual add runs inside the norm after it (one kernel reads both terms and writes the sum
+and its normalisation), so a block takes the residual stream and the previous block's MLP output
+separately, and the final norm adds the last one.
+
 The loss is computed from the final hidden states by FusedLinearCrossEntropyLoss, so training
 never materialises the [tokens, vocab] logits.
 """
@@ -27,12 +31,19 @@ class Block(nn.Module):
         self.mlp_norm = modules.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = build_mlp(cfg)
 
-    def forward(self, x, cu_seqlens=None, position_ids=None, state=None, use_cache=False, max_seqlen=None):
-        h, new_state = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, position_ids=position_ids,
+    def forward(self, x, update=None, cu_seqlens=None, position_ids=None, state=None, use_cache=False,
+                max_seqlen=None):
+        """x: the residual stream, to which `update` (the previous block's MLP output) is still to
+        be added. Returns (residual stream, this block's MLP output, decoding state): the block's
+        output is their sum, which the next block's first norm (or the final norm) forms."""
+        if update is None:
+            normed = self.mixer_norm(x)
+        else:
+            normed, x = self.mixer_norm(update, residual=x)
+        h, new_state = self.mixer(normed, cu_seqlens=cu_seqlens, position_ids=position_ids,
                                   state=state, use_cache=use_cache, max_seqlen=max_seqlen)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, new_state
+        normed, x = self.mlp_norm(h, residual=x)
+        return x, self.mlp(normed), new_state
 
 
 class LanguageModel(nn.Module):
@@ -89,13 +100,14 @@ class LanguageModel(nn.Module):
         # every row start is a document boundary, so no document is longer than a row
         max_seqlen = input_ids.shape[1] if cu_seqlens is not None else None
         new_states = [] if use_cache else None
+        update = None
         for i, layer in enumerate(self.layers):
-            x, s = layer(x, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                         state=None if states is None else states[i], use_cache=use_cache,
-                         max_seqlen=max_seqlen)
+            x, update, s = layer(x, update, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                 state=None if states is None else states[i], use_cache=use_cache,
+                                 max_seqlen=max_seqlen)
             if use_cache:
                 new_states.append(s)
-        x = self.norm(x)
+        x = self.norm(x) if update is None else self.norm(update, residual=x)[0]
         if B is not None:
             x = x.reshape(input_ids.shape[0], input_ids.shape[1], -1)
         return x, new_states
