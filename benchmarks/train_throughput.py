@@ -71,7 +71,8 @@ def micro_batch(recipe, seq_len):
     return max(1, table[4096] * 4096 // seq_len)
 
 
-def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, log_freq=1, micro_batches=1):
+def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, log_freq=1, micro_batches=1,
+                num_workers=2):
     """One training run of `micro_batches` micro-batches of `batch` sequences per optimizer step;
     returns (rc, metric records, seconds, log tail)."""
     dump = pathlib.Path(workdir) / f"{recipe['arch']}_{recipe['size']}_{seq_len}"
@@ -81,7 +82,7 @@ def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, 
         f'extends = "{recipe["path"]}"\n\n'
         "[data]\n"
         'tokenizer = "default"\n'
-        "num_workers = 2\n\n"
+        f"num_workers = {num_workers}\n\n"
         "[[data.sources]]\n"
         'kind = "default"\n')
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(override),
@@ -112,7 +113,8 @@ def throughput(args, selected, workdir):
             batch = micro_batch(recipe, seq_len)
             rc, records, seconds, log, cmd = run_trainer(recipe, seq_len, args.steps, batch, workdir,
                                                          args.timeout, not args.no_compile,
-                                                         micro_batches=args.micro_batches)
+                                                         micro_batches=args.micro_batches,
+                                                         num_workers=args.num_workers)
             timed = [r for r in records if r["step"] > args.skip]
             row = {"recipe": os.path.basename(recipe["path"]), "arch": recipe["arch"], "size": recipe["size"],
                    "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch,
@@ -127,6 +129,8 @@ def throughput(args, selected, workdir):
                 row["final_loss"] = records[-1]["loss"]
                 # every step's rate, so stalls (a compile, a slow batch) show beside the median
                 row["tokens_per_second_by_step"] = {r["step"]: round(r["tokens_per_second"]) for r in records}
+                # the host's share of each step spent waiting for the data loader
+                row["data_wait_by_step"] = {r["step"]: round(r.get("data_wait_fraction") or 0.0, 4) for r in records}
             else:
                 row["error"] = log
             rows.append(row)
@@ -186,6 +190,7 @@ def main():
     p.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per optimizer step (gradient accumulation; the recipes' global batch of "
                         "128 sequences of 4096 is 16 micro-batches of the 340M micro-batch on one GPU)")
+    p.add_argument("--num-workers", type=int, default=2, help="data-loader workers per run")
     p.add_argument("--loss-steps", type=int, default=200)
     p.add_argument("--loss-batch", type=int, default=4, help="sequences of 4096 per step in --mode loss")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")
