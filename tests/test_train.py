@@ -387,3 +387,12 @@ def test_missing_wandb_is_a_clear_error():
         return
     with pytest.raises(ValueError, match=r"metrics\.enable_wandb = true needs the wandb package"):
         check_metric_backends(cfg)
+
+
+def test_data_wait_note():
+    from flame.train import DATA_WAIT_WARNING, data_wait_note
+
+    assert data_wait_note(0.0, 2) == ""
+    assert data_wait_note(DATA_WAIT_WARNING / 2, 2) == ""
+    note = data_wait_note(0.14, 2)
+    assert "14%" in note and "data.num_workers = 2" in note
