@@ -1,7 +1,6 @@
 """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), with the activation product fused."""
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
@@ -9,6 +8,7 @@ from torch.distributed.tensor import DTensor
 
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import cdiv
+from flame.modules.concat_linear import concat_linear
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -207,6 +207,6 @@ class SwiGLU(nn.Module):
         # DTensor weights keep their own calls): one launch, a wider and more efficient matmul,
         # and in the backward one input-gradient matmul instead of two and their sum.
         if not any(isinstance(w, DTensor) for w in (self.gate_proj.weight, self.up_proj.weight)):
-            ab = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            ab = concat_linear(x, [self.gate_proj.weight, self.up_proj.weight])
             return self.down_proj(swiglu_packed(ab))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -4,11 +4,11 @@ convolutions with their decoding caches, positions for rotary, and gate initiali
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from flame.kernels.conv import causal_conv1d
+from flame.modules.concat_linear import concat_linear
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
 CHUNK_SIZE = 64
@@ -112,7 +112,7 @@ def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...]):
     own add into x's gradient."""
     qkv_projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
     projs = qkv_projs + tuple(getattr(mixer, name) for name in extra)
-    out = F.linear(x, torch.cat([p.weight for p in projs]))
+    out = concat_linear(x, [p.weight for p in projs])  # keeps the weights, not their concatenation
     qkv_width = sum(p.out_features for p in qkv_projs)
     qkv = out[..., :qkv_width]
     if mixer.use_short_conv:

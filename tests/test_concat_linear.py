@@ -1,0 +1,48 @@
+"""concat_linear: F.linear(x, torch.cat(weights)) that keeps the weights, not their concatenation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flame.modules.concat_linear import concat_linear
+
+
+def _run(fn, x, weights, compiled):
+    """Output, gradients of x and every weight, and the tensors autograd saved (as (shape, is one
+    of the weights))."""
+    x = x.clone().requires_grad_()
+    weights = [w.clone().requires_grad_() for w in weights]
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), any(t.data_ptr() == w.data_ptr() for w in weights)))
+        return t
+
+    f = torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = f(x, weights)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    grads = torch.autograd.grad(y, [x] + weights, dy)
+    return y, grads, saved
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_matches_linear_of_cat_and_keeps_no_copy(compiled):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, 16, generator=gen, dtype=torch.float64)
+    weights = [torch.randn(n, 16, generator=gen, dtype=torch.float64) for n in (24, 3, 8)]
+
+    def plain(x, ws):
+        return F.linear(x, torch.cat(ws)) * 2.0
+
+    def mine(x, ws):
+        return concat_linear(x, ws) * 2.0
+
+    y_ref, grads_ref, _ = _run(plain, x, weights, False)
+    y, grads, saved = _run(mine, x, weights, compiled)
+    assert torch.allclose(y, y_ref, rtol=0, atol=1e-12)
+    for a, b in zip(grads, grads_ref):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-12)
+    # the weights are kept by reference and no [35, 16] concatenation is kept
+    assert sum(is_weight for _, is_weight in saved) == len(weights), saved
+    assert (35, 16) not in [shape for shape, _ in saved], saved
