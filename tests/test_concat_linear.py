@@ -46,3 +46,16 @@ def test_matches_linear_of_cat_and_keeps_no_copy(compiled):
     # the weights are kept by reference and no [35, 16] concatenation is kept
     assert sum(is_weight for _, is_weight in saved) == len(weights), saved
     assert (35, 16) not in [shape for shape, _ in saved], saved
+
+
+def test_autocast_casts_like_linear():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=gen, requires_grad=True)
+    weights = [torch.randn(n, 16, generator=gen, requires_grad=True) for n in (8, 4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = concat_linear(x, weights)
+        y_ref = F.linear(x, torch.cat(weights))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), y_ref.float())
+    y.float().sum().backward()  # backward outside autocast: operands of one dtype
+    assert x.grad.dtype == torch.float32 and all(w.grad.shape == w.shape for w in weights)

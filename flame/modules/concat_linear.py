@@ -78,6 +78,10 @@ class _ConcatLinear(torch.autograd.Function):
 def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, torch.cat(weights)) (no biases), keeping x and the weights, not their
     concatenation, for the backward."""
+    if torch.is_autocast_enabled(x.device.type):
+        # autocast does not reach inside: the operands in its dtype, as it gives F.linear
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), [w.to(dtype) for w in weights]
     if torch.compiler.is_compiling():
         return _forward_op(x, list(weights))
     return _ConcatLinear.apply(x, *weights)
