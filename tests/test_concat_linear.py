@@ -59,3 +59,14 @@ def test_autocast_casts_like_linear():
     assert torch.allclose(y.float(), y_ref.float())
     y.float().sum().backward()  # backward outside autocast: operands of one dtype
     assert x.grad.dtype == torch.float32 and all(w.grad.shape == w.shape for w in weights)
+
+
+def test_opcheck():
+    from flame.modules import concat_linear as module
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=gen).transpose(0, 1)  # not contiguous
+    weights = [torch.randn(n, 16, generator=gen) for n in (8, 4)]
+    torch.library.opcheck(module._forward_op, (x, weights))
+    dy = torch.randn(5, 3, 12, generator=gen)
+    torch.library.opcheck(module._backward_op, (dy, x, weights))

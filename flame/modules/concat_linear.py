@@ -46,7 +46,7 @@ def _backward_op(dy: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor])
 
 @_backward_op.register_fake
 def _(dy, x, weights):
-    return [torch.empty_like(x)] + [x.new_empty(w.shape[0], x.shape[-1]) for w in weights]
+    return [x.new_empty(x.shape)] + [x.new_empty(w.shape[0], x.shape[-1]) for w in weights]  # contiguous, as the matmuls return
 
 
 def _setup_context(ctx, inputs, output):
