@@ -31,7 +31,8 @@ from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, ba
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import cdiv, compile_variants, max_num_chunks, next_power_of_2, prepare_chunk_indices
+from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
+                                 prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -647,8 +648,7 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2no
     g = g.contiguous() if g is not None else None
     initial_state = initial_state.contiguous() if initial_state is not None else None
     # keep the backward's inputs only when there will be a backward
-    save = (backward_mode() == "saved" and torch.is_grad_enabled()
-            and any(x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state)))
+    save = backward_mode() == "saved" and needs_backward(q, k, v, g, beta, initial_state)
     o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), save)[:2]
     return o, (ht if output_final_state else None)
 

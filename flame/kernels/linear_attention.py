@@ -26,6 +26,7 @@ from flame.kernels.utils import (
     compile_variants,
     default_cu_seqlens,
     max_num_chunks,
+    needs_backward,
     next_power_of_2,
     prepare_chunk_indices,
     require_floating,
@@ -498,8 +499,8 @@ def _chunk_linear_attention(name, q, k, v, g, scale, initial_state, output_final
     triton_backend = use_triton(q, k, v, g, initial_state, cu_seqlens)
     # keep the states for the backward only when there will be one
     mode = backward_mode()
-    save = ((mode == "saved" or (mode == "auto" and not scalar_gate)) and torch.is_grad_enabled()
-            and any(x is not None and x.requires_grad for x in (q, k, v, g, initial_state)))
+    save = ((mode == "saved" or (mode == "auto" and not scalar_gate))
+            and needs_backward(q, k, v, g, initial_state))
     o, ht = _fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, bool(output_final_state), triton_backend, save)[:2]
     return o, (ht if output_final_state else None)
 

@@ -234,6 +234,12 @@ def chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT: tl.constexpr, IS_VARLE
 MIN_DOT_TILE = 64
 
 
+def needs_backward(*tensors) -> bool:
+    """Whether autograd will run a backward through an op on these inputs (None entries
+    ignored): kernels keep tensors for their backward only then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def sum_head_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[..., H, D] -> [..., groups, D]: the gradients of value heads that share a q/k head (each
     group H / groups consecutive heads) summed in fp32, returned in x's dtype."""
