@@ -70,3 +70,32 @@ def test_opcheck():
     torch.library.opcheck(module._forward_op, (x, weights))
     dy = torch.randn(5, 3, 12, generator=gen)
     torch.library.opcheck(module._backward_op, (dy, x, weights))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_cuda_bf16_autocast_matches_linear_of_cat(compiled):
+    """On the GPU as the models run it: fp32 weights under bf16 autocast, compiled by inductor."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, 512, generator=gen).cuda()
+    weights = [torch.randn(n, 512, generator=gen).cuda() / 512**0.5 for n in (1024, 16, 256)]
+
+    def plain(x, ws):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.linear(x, torch.cat(ws)).float()
+
+    def mine(x, ws):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return concat_linear(x, ws).float()
+
+    def run(fn):
+        xs, ws = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in weights]
+        y = fn(xs, ws)
+        y.backward(torch.ones_like(y))
+        return [y, xs.grad] + [w.grad for w in ws]
+
+    ref = run(plain)
+    out = run(torch.compile(mine, fullgraph=True) if compiled else mine)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert (a - b).norm() <= 1e-2 * b.norm(), (a - b).norm() / b.norm()
