@@ -194,19 +194,22 @@ class ReplicatedGatedRMSNorm(modules.GatedRMSNorm):
         return gated_rms_norm(x, gate, _local(self.weight, "partial"), self.eps, self.activation)
 
 
-class HeadShardedRMSNorm(modules.RMSNorm):
-    """RMSNorm over all heads of a token (Mamba2's) whose channels are split over the group:
-    the weight is sharded like the channels and the sum of squares is all-reduced."""
+class HeadShardedSkipGatedRMSNorm(modules.SkipGatedRMSNorm):
+    """Mamba2's output norm over all heads of a token whose channels (and D, the weight) are split
+    over the group: the skip term and the gate on this rank's channels, the sum of squares
+    all-reduced, in plain torch ops (the fused kernel sees only a row's local part)."""
 
-    def forward(self, x, residual=None):
-        if residual is not None:
-            raise ValueError("a head-sharded RMSNorm takes no residual")
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xf = x.to(ct)
+    def forward(self, y, x, D, z):
+        ct = torch.float64 if y.dtype == torch.float64 else torch.float32
+        D = _local(D)
+        heads = D.numel()
+        shape = (*y.shape[:-1], heads, y.shape[-1] // heads)
+        s = (y.to(ct).reshape(shape) + x.to(ct).reshape(shape) * D.to(ct)[:, None]).reshape(y.shape)
+        u = s * F.silu(z.to(ct))
         group = self.weight.device_mesh.get_group()
-        sumsq = _AllReduceSum.apply(xf.pow(2).sum(-1, keepdim=True), group)
-        y = xf * torch.rsqrt(sumsq / self.dim + self.eps) * _local(self.weight).to(ct)
-        return y.to(x.dtype)
+        sumsq = _AllReduceSum.apply(u.pow(2).sum(-1, keepdim=True), group)
+        out = u * torch.rsqrt(sumsq / self.dim + self.eps) * _local(self.weight).to(ct)
+        return out.to(y.dtype)
 
 
 class ChannelShardedConvolution(modules.ShortConvolution):
@@ -409,7 +412,7 @@ def _plan_mamba2(mixer, mesh, tp):
         mixer.conv.rows = [z, (d, d + 2 * N)]
     _distribute_params(mixer, mesh, Shard(0), names=("A_log", "dt_bias", "D"))
     _distribute_params(mixer.norm, mesh, Shard(0))
-    _swap_class(mixer.norm, HeadShardedRMSNorm)
+    _swap_class(mixer.norm, HeadShardedSkipGatedRMSNorm)
     parallelize_module(mixer, mesh, {"out_proj": RowwiseParallel(output_layouts=Shard(1))})
     mixer.n_heads, mixer.d_inner = heads, heads * P
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from flame.kernels.conv import causal_conv1d
 from flame.kernels.norm import gated_rms_norm, rms_norm
 from flame.kernels.rotary import apply_rotary
-from flame.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SwiGLU
+from flame.kernels.skip_gated_norm import skip_gated_rms_norm
+from flame.modules import GatedRMSNorm, RMSNorm, RotaryEmbedding, ShortConvolution, SkipGatedRMSNorm, SwiGLU
 from flame.modules.swiglu import swiglu, swiglu_packed
 
 BACKENDS = [("torch", torch.float64, 1e-12), ("triton", torch.float32, 1e-5)]
@@ -94,6 +95,43 @@ def test_norm_backward_walks_several_tiles_per_program(monkeypatch, kind, rows, 
               torch.float32, 1e-5)
 
 
+def skip_gated_plain(y, x, D, z, w, eps=1e-6):
+    """Mamba2's output norm as separate float64 ops: rmsnorm((y + D[head] x) * silu(z)) * w."""
+    heads = D.shape[0]
+    xd = (x.reshape(*x.shape[:-1], heads, -1) * D[:, None]).reshape(x.shape)
+    return F.rms_norm((y + xd) * F.silu(z), (y.shape[-1],), w, eps=eps)
+
+
+@pytest.mark.parametrize("rows, heads, head", [(6, 4, 12), (150, 2, 24), (9, 3, 700)],
+                         ids=["small", "tiles-of-32-rows", "wide-rows"])
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_skip_gated_rms_norm(monkeypatch, backend, dtype, tol, rows, heads, head):
+    """Values and the gradients of y, x, D, z and the weight; x and z are channel slices of wider
+    tensors (as Mamba2 passes its conv output and input projection), read in place."""
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    dim = heads * head
+    y, D, w = randn(2, rows, dim, seed=0), randn(heads, seed=1), randn(dim, seed=2)
+    xw, zw = randn(2, rows, dim + 5, seed=3), randn(2, rows, 2 * dim + 3, seed=4)
+
+    def ours(y, xw, D, zw, w):
+        return skip_gated_rms_norm(y, xw[..., :dim], D, zw[..., dim:2 * dim], w, eps=1e-5)
+
+    def ref(y, xw, D, zw, w):
+        return skip_gated_plain(y, xw[..., :dim], D, zw[..., dim:2 * dim], w, eps=1e-5)
+
+    check(ours, ref, [y, xw, D, zw, w], dtype, tol)
+
+
+def test_skip_gated_rms_norm_bad_input():
+    y, w = torch.randn(2, 3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="D has shape"):
+        skip_gated_rms_norm(y, y, torch.ones(3), y, w)
+    with pytest.raises(ValueError, match="z has shape"):
+        skip_gated_rms_norm(y, y, torch.ones(2), y[..., :4], w)
+    with pytest.raises(ValueError, match="weight has shape"):
+        skip_gated_rms_norm(y, y, torch.ones(2), y, torch.ones(4))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_rms_norm_residual_sum_alone_gets_gradient(monkeypatch, backend):
     monkeypatch.setenv("FLAME_BACKEND", backend)
@@ -116,6 +154,9 @@ def test_norm_modules_interface():
         norm(torch.randn(2, 3, 15))
     with pytest.raises(ValueError, match="residual"):
         norm(x, r[:, :2])
+    snorm = SkipGatedRMSNorm(16, eps=1e-5)
+    D = torch.randn(4)
+    assert rel(snorm(x, r, D, x), skip_gated_plain(x, r, D, x, snorm.weight, eps=1e-5)) < 1e-6
 
 
 # ----------------------------------------------------------------------------- rotary
@@ -342,10 +383,12 @@ def test_custom_ops_trace_whole_graph(monkeypatch):
     """The Triton paths are torch.library custom ops: dynamo traces them without graph breaks."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     norm, gnorm, rope, conv, mlp = RMSNorm(16), GatedRMSNorm(16), RotaryEmbedding(8), ShortConvolution(16), SwiGLU(16, 32)
+    snorm, D = SkipGatedRMSNorm(16), torch.ones(4)
 
     def block(x, pos):
         h, res = norm(x, x)
         h = gnorm(h, res)
+        h = snorm(h, x, D, res)
         h, _ = conv(h)
         q, k = rope(h.view(1, 6, 2, 8), h.view(1, 6, 2, 8), pos)
         return mlp(q.reshape(1, 6, 16) + k.reshape(1, 6, 16))
@@ -382,6 +425,10 @@ def test_gpu_layers_bf16_against_float64():
                                          torch.tensor([0, 300, 600]))[0].reshape(2, 300, 256),
           [wide, wc], torch.bfloat16, tol, "cuda")
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
+    yw, xw, zw, D = randn(2, 300, 2048, seed=13), randn(2, 300, 2304, seed=14), randn(2, 300, 4384, seed=15), randn(32, seed=16)
+    check(lambda y, x, D, z, w: skip_gated_rms_norm(y, x[..., :2048], D, z[..., :2048], w),
+          lambda y, x, D, z, w: skip_gated_plain(y, x[..., :2048], D, z[..., :2048], w),
+          [yw, xw, D, zw, randn(2048, seed=17)], torch.bfloat16, tol, "cuda")
     check(swiglu_packed, lambda ab: F.silu(ab[:, :2816]) * ab[:, 2816:], [randn(64, 5632, seed=12)], torch.bfloat16, tol,
           "cuda")
 

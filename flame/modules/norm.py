@@ -1,9 +1,11 @@
-"""RMSNorm (with an optional fused residual add) and gated RMSNorm."""
+"""RMSNorm (with an optional fused residual add), gated RMSNorm, and Mamba2's output norm (gate
+before the norm, with the D skip term)."""
 
 import torch
 from torch import nn
 
 from flame.kernels.norm import ACTIVATIONS, gated_rms_norm, rms_norm
+from flame.kernels.skip_gated_norm import skip_gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -49,3 +51,12 @@ class GatedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}, activation={self.activation}"
+
+
+class SkipGatedRMSNorm(RMSNorm):
+    """Mamba2's output norm: forward(y, x, D, z) = rmsnorm((y + D[head] * x) * silu(z)) * weight,
+    the gate applied before the norm and the skip term D x (one D per head) added first, fused
+    so that neither intermediate is written. One weight over all dim channels."""
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return skip_gated_rms_norm(y, x, D, z, self.weight, self.eps)

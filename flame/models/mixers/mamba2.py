@@ -8,6 +8,8 @@ linear attention.
     y_t            = S_t^T C_t + D * x_t
     out            = W_out RMSNorm(y * SiLU(z))                      (Mamba2's gated norm, norm after gate)
 
+The skip term, the gate and the norm run as one kernel (`modules.SkipGatedRMSNorm`).
+
 That is `chunk_simple_gla(q=C, k=B, v=dt*x, g=-exp(A_log)*dt, scale=1)` with one q/k head
 shared by all H value heads; decoding a few tokens from a state runs `fused_recurrent_simple_gla`.
 In ModelConfig terms N = head_dim and P = head_dim * expand_v.
@@ -41,7 +43,7 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
         self.D = nn.Parameter(torch.empty(H))
-        self.norm = modules.RMSNorm(self.d_inner, eps=cfg.norm_eps)
+        self.norm = modules.SkipGatedRMSNorm(self.d_inner, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.dim, bias=False)
 
     @torch.no_grad()
@@ -82,6 +84,5 @@ class Mamba2(nn.Module):
                         output_final_state=use_cache, cu_seqlens=cu_seqlens)
         if use_cache:
             new_state["recurrent"] = final
-        y = y + x * local(self.D).view(H, 1).to(x.dtype)
-        y = self.norm(y.reshape(Bsz, T, self.d_inner) * F.silu(z))
+        y = self.norm(y.reshape(Bsz, T, self.d_inner), x.reshape(Bsz, T, self.d_inner), local(self.D), z)
         return self.out_proj(y), new_state
