@@ -196,6 +196,13 @@ def test_backward_modes_cpu(kernel, triton_backend, monkeypatch):
     assert torch.equal(o, ro) and torch.equal(ht, rht)
     for a, b in zip(grads, rgrads):
         assert torch.equal(a, b)
+    for mode, keeps_g in (("saved", False), ("recompute", True)):  # with the cumsums kept, g is not
+        monkeypatch.setenv("FLAME_GLA_BACKWARD", mode)
+        g_leaf, kept = g.clone().requires_grad_(), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            fn(q, k, v, g_leaf)
+        assert (g_leaf.untyped_storage().data_ptr() in kept) == keeps_g, mode
     monkeypatch.setenv("FLAME_GLA_BACKWARD", "saved")
     fwd_op, saves = linear_attention._fwd_op, []
 

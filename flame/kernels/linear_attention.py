@@ -406,8 +406,17 @@ def _(q, k, v, g, scale, initial_state, cu_seqlens, do, dht, a, h, b, triton_bac
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
 
 
+def _shape_only(t: torch.Tensor) -> torch.Tensor:
+    """A stand-in with t's shape, dtype and device and one element of storage."""
+    return t.new_zeros(()).expand(t.shape)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, g, scale, initial_state, cu_seqlens, output_final_state, triton_backend, _save = inputs
+    if output[4].numel():
+        # The forward kept the gate's cumulative sums: the Triton backward needs only g's shape
+        # and dtype, and not keeping g itself frees an fp32 [B, T, H, K] tensor per GLA layer.
+        g = _shape_only(g)
     ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *output[2:])
     ctx.scale = scale
     ctx.triton_backend = triton_backend
