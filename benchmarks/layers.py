@@ -1,7 +1,10 @@
 """Fused layers at [32768, 2048] bf16 on one GPU: RMSNorm (plain and with the residual add),
-gated RMSNorm, short causal convolution (8 documents of 4096 tokens, kernel 4) and SwiGLU.
+gated RMSNorm, Mamba2's skip-gated RMSNorm (32 heads; also with x and z as channel slices of
+wider tensors, as Mamba2 passes them), short causal convolution (8 documents of 4096 tokens,
+kernel 4) and SwiGLU.
 
     python benchmarks/layers.py
+    python benchmarks/layers.py --only skip_gated_rms_norm skip_gated_rms_norm_slices
 
 Each beside torch eager and torch.compile of the same computation, forward and forward+backward.
 Achieved bandwidth = the bytes the operation must move at the least (each input read once, each
@@ -31,6 +34,7 @@ import flame.kernels.conv as conv_kernels  # noqa: E402
 import flame.kernels.norm as norm_kernels  # noqa: E402
 from flame.kernels.conv import causal_conv1d  # noqa: E402
 from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
+from flame.kernels.skip_gated_norm import skip_gated_rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
 
 from environment import environment  # noqa: E402
@@ -74,6 +78,12 @@ def gated_norm_torch(x, g, w):
     return (rms_norm_torch(x, w).float() * F.silu(g.float())).to(x.dtype)
 
 
+def skip_gated_norm_torch(y, x, D, z, w):
+    heads = D.shape[0]
+    s = y.float() + (x.float().view(ROWS, heads, -1) * D.float()[:, None]).view(ROWS, DIM)
+    return rms_norm_torch((s * F.silu(z.float())).to(y.dtype), w)
+
+
 def conv_torch(x, w):
     b, t, c = x.shape
     y = F.conv1d(F.pad(x.transpose(1, 2), (KERNEL - 1, 0)), w[:, None, :], groups=c)
@@ -96,11 +106,19 @@ def cases():
     wc = torch.randn(DIM, KERNEL, device="cuda", dtype=torch.bfloat16) / 2
     cu = torch.arange(0, ROWS + 1, ROWS // DOCS, device="cuda", dtype=torch.int32)
     e = x.numel() * x.element_size()  # bytes of one [32768, 2048] tensor
+    D = torch.rand(32, device="cuda", dtype=torch.float32)
+    # Mamba2 375M: x a slice of the conv output [.., 2048 + 2 x 128], z of the input projection
+    # (4384 channels; torch.compile pads such rows to 4416)
+    xs = torch.randn(ROWS, DIM + 256, device="cuda", dtype=torch.bfloat16)[:, :DIM]
+    zs = torch.randn(ROWS, 4416, device="cuda", dtype=torch.bfloat16)[:, :DIM]
     # name: (inputs, flame fn, torch fn, forward bytes, forward+backward bytes)
     return {
         "rms_norm": ((x, w), lambda x, w: rms_norm(x, w)[0], rms_norm_torch, 2 * e, 5 * e),
         "rms_norm_residual": ((x, r, w), flame_rms_norm_residual, rms_norm_residual_torch, 4 * e, 8 * e),
         "gated_rms_norm": ((x, g, w), gated_rms_norm, gated_norm_torch, 3 * e, 8 * e),
+        # forward: y, x, z read, the output written; backward: dout, y, x, z read, dy, dx, dz written
+        "skip_gated_rms_norm": ((x, r, D, g, w), skip_gated_rms_norm, skip_gated_norm_torch, 4 * e, 11 * e),
+        "skip_gated_rms_norm_slices": ((x, xs, D, zs, w), skip_gated_rms_norm, skip_gated_norm_torch, 4 * e, 11 * e),
         "short_conv": ((xc, wc), lambda x, w: causal_conv1d(x, w, None, "silu")[0], conv_torch, 2 * e, 5 * e),
         # the training path: the same 8 documents packed in one row, with cu_seqlens (torch: the batch)
         "short_conv_packed": ((xc, wc), lambda x, w: causal_conv1d(x.view(1, ROWS, DIM), w, None, "silu", cu)[0],
@@ -188,7 +206,10 @@ def main():
     copy_gbs = copy_bandwidth()
     print(f"copy bandwidth {copy_gbs:.0f} GB/s")
     results = {}
+    only = sys.argv[sys.argv.index("--only") + 1:] if "--only" in sys.argv else None
     for name, (inputs, ours, plain, fwd_bytes, fwd_bwd_bytes) in cases().items():
+        if only and name not in only:
+            continue
         impls = {"flame": ours, "torch_eager": plain, "torch_compile": torch.compile(plain)}
         results[name] = {}
         for impl, fn in impls.items():
@@ -205,7 +226,7 @@ def main():
                "copy_GB/s": copy_gbs, "goal": "flame >= 85% of copy bandwidth", "results": results}
     if "--sweep" in sys.argv:
         payload["sweep"] = sweep(copy_gbs)
-    write("layers", payload)
+    write("layers" if not only else "layers_" + "_".join(only)[:60], payload)
 
 
 if __name__ == "__main__":

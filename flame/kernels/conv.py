@@ -15,7 +15,7 @@ import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
 from flame.kernels.norm import _num_programs
-from flame.kernels.utils import cdiv, next_power_of_2
+from flame.kernels.utils import ROW_STRIDED_OP_TAGS, cdiv, next_power_of_2
 
 ACTIVATIONS = ("silu", None)
 
@@ -489,7 +489,7 @@ def _initial_state_grad(dyf, xf, weight, bias, cache, cu, activation):
     return grad.to(xf.dtype)
 
 
-@torch.library.custom_op("flame::causal_conv1d_fwd", mutates_args=())
+@torch.library.custom_op("flame::causal_conv1d_fwd", mutates_args=(), tags=ROW_STRIDED_OP_TAGS)
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor,
               initial_state: torch.Tensor | None, activation: str) -> torch.Tensor:
     return _conv_fwd_impl(x, weight, bias, cu, initial_state, activation)
@@ -500,7 +500,7 @@ def _(x, weight, bias, cu, initial_state, activation):
     return x.new_empty(x.shape)  # contiguous, whatever x's row stride
 
 
-@torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=())
+@torch.library.custom_op("flame::causal_conv1d_bwd", mutates_args=(), tags=ROW_STRIDED_OP_TAGS)
 def _conv_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               cu: torch.Tensor, initial_state: torch.Tensor | None, activation: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

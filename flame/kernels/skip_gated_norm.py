@@ -21,7 +21,7 @@ import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
 from flame.kernels.norm import _act_and_grad, _block_and_warps, _bwd_tile, _compute_dtype, _num_programs
-from flame.kernels.utils import cdiv
+from flame.kernels.utils import ROW_STRIDED_OP_TAGS, cdiv
 
 
 def _check_inputs(y, x, D, z, weight) -> None:
@@ -172,7 +172,7 @@ def _bwd_impl(dout, y, x, z, D, weight, rstd):
     return dy, dz, dd, partial[1].sum(0).to(weight.dtype)
 
 
-@torch.library.custom_op("flame::skip_gated_rms_norm_fwd", mutates_args=())
+@torch.library.custom_op("flame::skip_gated_rms_norm_fwd", mutates_args=(), tags=ROW_STRIDED_OP_TAGS)
 def _fwd_op(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, weight: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd_impl(y, x, z, D, weight, eps)
@@ -183,7 +183,7 @@ def _(y, x, z, D, weight, eps):
     return y.new_empty(y.shape), y.new_empty(y.numel() // max(y.shape[-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("flame::skip_gated_rms_norm_bwd", mutates_args=())
+@torch.library.custom_op("flame::skip_gated_rms_norm_bwd", mutates_args=(), tags=ROW_STRIDED_OP_TAGS)
 def _bwd_op(dout: torch.Tensor, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor,
             weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd_impl(dout, y, x, z, D, weight, rstd)

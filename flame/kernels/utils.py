@@ -55,6 +55,13 @@ def compile_variants(kernel, args: tuple, options: dict, variants: list[dict]) -
     _COMPILED_VARIANTS.add(key)
 
 
+# Tags of the custom ops that read their inputs' rows at any row stride (a channel slice of a wider
+# tensor, read in place). torch.compile otherwise passes custom ops inputs with exactly the
+# strides they had eagerly, and on GPUs it pads the rows of some buffers (a matmul output of
+# 4384 channels gets rows of 4416): every slice of such a buffer was copied before the op.
+# With a fixed stride order it passes the padded slice as it is.
+ROW_STRIDED_OP_TAGS = (torch.Tag.needs_fixed_stride_order,)
+
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
 CU_SEQLENS_DTYPES = (torch.int32, torch.int64)
