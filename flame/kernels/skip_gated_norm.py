@@ -72,6 +72,22 @@ def _skip_gated_fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile_loads(y_ptr, x_ptr, z_ptr, dout_ptr, rstd_ptr, first, cols, cmask, n_rows, n_cols,
+                    y_stride, x_stride, z_stride, BLOCK_M: tl.constexpr):
+    """The tile of BLOCK_M rows from row `first`: its mask, 64-bit row indices, y, x, z and the
+    output gradient as stored, and the rows' rstd."""
+    rows = first + tl.arange(0, BLOCK_M)
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    y = tl.load(y_ptr + r64 * y_stride + cols[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + r64 * x_stride + cols[None, :], mask=mask, other=0.0)
+    z = tl.load(z_ptr + r64 * z_stride + cols[None, :], mask=mask, other=0.0)
+    g = tl.load(dout_ptr + r64 * n_cols + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+    return mask, r64, y, x, z, g, rstd
+
+
+@triton.jit
 def _skip_gated_bwd_kernel(
     y_ptr, x_ptr, z_ptr, d_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dd_ptr, dw_ptr,
     n_rows, n_cols, y_stride, x_stride, z_stride,
@@ -89,24 +105,13 @@ def _skip_gated_bwd_kernel(
     dw = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
     dd = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
 
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask = (rows < n_rows)[:, None] & cmask[None, :]
-    r64 = rows.to(tl.int64)[:, None]
-    y_raw = tl.load(y_ptr + r64 * y_stride + cols[None, :], mask=mask, other=0.0)
-    x_raw = tl.load(x_ptr + r64 * x_stride + cols[None, :], mask=mask, other=0.0)
-    z_raw = tl.load(z_ptr + r64 * z_stride + cols[None, :], mask=mask, other=0.0)
-    g_raw = tl.load(dout_ptr + r64 * n_cols + cols[None, :], mask=mask, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
-
+    mask, r64, y_raw, x_raw, z_raw, g_raw, rstd = _bwd_tile_loads(
+        y_ptr, x_ptr, z_ptr, dout_ptr, rstd_ptr, pid * BLOCK_M, cols, cmask, n_rows, n_cols,
+        y_stride, x_stride, z_stride, BLOCK_M)
     for first_next in range(pid * BLOCK_M + step, n_rows + step, step):
-        rows_next = first_next + tl.arange(0, BLOCK_M)
-        mask_next = (rows_next < n_rows)[:, None] & cmask[None, :]
-        n64 = rows_next.to(tl.int64)[:, None]
-        y_next = tl.load(y_ptr + n64 * y_stride + cols[None, :], mask=mask_next, other=0.0)
-        x_next = tl.load(x_ptr + n64 * x_stride + cols[None, :], mask=mask_next, other=0.0)
-        z_next = tl.load(z_ptr + n64 * z_stride + cols[None, :], mask=mask_next, other=0.0)
-        g_next = tl.load(dout_ptr + n64 * n_cols + cols[None, :], mask=mask_next, other=0.0)
-        rstd_next = tl.load(rstd_ptr + rows_next, mask=rows_next < n_rows, other=0.0)
+        mask_next, n64, y_next, x_next, z_next, g_next, rstd_next = _bwd_tile_loads(
+            y_ptr, x_ptr, z_ptr, dout_ptr, rstd_ptr, first_next, cols, cmask, n_rows, n_cols,
+            y_stride, x_stride, z_stride, BLOCK_M)
 
         x = x_raw.to(tl.float32)
         s = y_raw.to(tl.float32) + d * x
