@@ -82,7 +82,7 @@ def variant(spec: str):
             elif key == "grad_stages":
                 bwd.chunk_grad_stages = lambda *a, n=int(value): n
             elif key == "split_dv":
-                bwd.split_dv_local = lambda on=bool(int(value)): on
+                bwd.split_dv_local = lambda *args, on=bool(int(value)): on
             elif key == "local_dv":
                 bv, warps = (int(x) for x in value.split("x"))
                 bwd.local_dv_config = lambda *a, bv=bv, warps=warps: (bv, warps)

@@ -208,7 +208,7 @@ def force_splits(monkeypatch, output: bool, dv_local: bool):
     uses = []
     output_fn, config_fn = delta_rule._output, delta_rule_bwd.local_dv_config
     monkeypatch.setattr(delta_rule, "split_output", lambda: output)
-    monkeypatch.setattr(delta_rule_bwd, "split_dv_local", lambda: dv_local)
+    monkeypatch.setattr(delta_rule_bwd, "split_dv_local", lambda *args: dv_local)
     monkeypatch.setattr(delta_rule, "_output", lambda *a: uses.append("output") or output_fn(*a))
     monkeypatch.setattr(delta_rule_bwd, "local_dv_config", lambda *a: uses.append("dv_local") or config_fn(*a))
     return uses
@@ -240,6 +240,16 @@ def test_split_passes(case, gated, monkeypatch):
             continue
         assert rel(grad, ref) < 1e-5, name
         assert rel(grad, single) < 1e-6, name
+
+
+def test_split_dv_local_rule():
+    """The in-chunk dv' kernel runs for gated heads whose reverse pass has at most one program per
+    SM (where it measured faster), never for plain ones (slower at every measured shape)."""
+    from flame.kernels.delta_rule_bwd import split_dv_local
+
+    assert split_dv_local(True, 128, 132) and split_dv_local(True, 132, 132)
+    assert not split_dv_local(True, 512, 132)
+    assert not split_dv_local(False, 128, 132)
 
 
 def test_split_dv_local_recompute(monkeypatch):

@@ -95,8 +95,12 @@ def test_compile_variants_compiles_each_option_once_per_argument_kind(monkeypatc
     utils.compile_variants(kernel, (x, 7), dict(options, USE_G=False), variants)  # other constexprs
     assert len(compiled) == 9
     utils.compile_variants(kernel, (torch.zeros(4), 7), options, variants)  # CPU (interpreter): none
-    utils.compile_variants(kernel, (x, 7), options, variants[:1])  # one option: the launch compiles it
     assert len(compiled) == 9
+    # one option is compiled ahead too: a kernel that only a later batch may launch
+    utils.compile_variants(kernel, (x, 7), dict(options, USE_G=None), variants[:1])
+    assert len(compiled) == 10
+    utils.compile_variants(kernel, (x, 7), options, [])
+    assert len(compiled) == 10
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -106,7 +110,7 @@ def test_state_block_choices_cover_every_document_count(dtype, K, V, monkeypatch
     every block it can pick is among the ones compiled up front."""
     from flame.kernels import delta_rule
 
-    monkeypatch.setattr(delta_rule, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(delta_rule, "num_sms", lambda device: 132)
     q = torch.empty(1, 1, 1, K, dtype=dtype)
     choices = delta_rule.state_block_choices(q, V)
     picked = {delta_rule._state_block(q, n, hv, V) for n in range(1, 300) for hv in (1, 2, 4, 8, 16)}

@@ -20,7 +20,6 @@ for every other gradient (q, k, v, g, beta, initial_state).
 Both directions are `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces a call.
 """
 
-import functools
 import os
 
 import torch
@@ -32,7 +31,7 @@ from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
-                                 prepare_chunk_indices)
+                                 num_sms, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -305,17 +304,6 @@ def _output_kernel(
     tl.store(o + tok, b_o.to(o.dtype.element_ty), mask=vmask)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     """w, u, the in-chunk gate cumsum (or None) and, with store_a (the backward differentiates
     through it), the inverse A [B, T, HV, 64], zero above the diagonal."""
@@ -402,7 +390,7 @@ def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
     # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
     # blocks give more programs so that every SM has one.
-    while BV > 16 and num_seqs * HV * cdiv(V, BV) < 2 * _num_sms(q.device):
+    while BV > 16 and num_seqs * HV * cdiv(V, BV) < 2 * num_sms(q.device):
         BV //= 2
     return BV
 

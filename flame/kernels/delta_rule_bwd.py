@@ -12,9 +12,10 @@ and the state pass, storing the states and v'). Then:
      reverse: dv' = scale tril(q k^T e)^T do + k exp(gl - gc) dS1 (stored), the state gradient
      dS0 = exp(gl) dS1 + scale (exp(gc) q)^T do - w^T dv', and the gradient of the state leaving
      each chunk (stored); dS0 of the first chunk is the initial-state gradient.
-     With `split_dv_local()`, the first term of dv', which needs no state gradient, comes from
-     `_local_dv_kernel` (chunk-parallel, written into the dv' buffer) before the serial pass,
-     which then only adds the state term: two of its five products per chunk leave the chain.
+     When `split_dv_local` says so (gated, few serial programs), the first term of dv', which
+     needs no state gradient, comes from `_local_dv_kernel` (chunk-parallel, written into the
+     dv' buffer) before the serial pass, which then only adds the state term: two of its five
+     products per chunk leave the chain.
   2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
      stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
      reverse cumsum of the gate gradient within the chunk.
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
-                                next_power_of_2, prepare_chunk_indices, sum_head_groups)
+                                next_power_of_2, num_sms, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
 
@@ -309,18 +310,22 @@ def chunk_grad_stages(element_size: int) -> int:
     return 2 if element_size <= 2 else 1
 
 
-def split_dv_local() -> bool:
+def split_dv_local(gated: bool, serial_programs: int, sms: int) -> bool:
     """Whether the in-chunk term of dv' is computed by `_local_dv_kernel` before the reverse
     serial pass (True) rather than inside it (False). The split takes the [64, 64] q k^T tile and
-    its product with do off the serial chain, for one more launch and a write and read of dv2
-    (benchmarks/delta_rule_profile.py, variant split_dv=0|1). One H200 run, H=16, K=V=128,
-    gated: reverse pass 1.81 -> 1.33 ms plus 0.23 for the local kernel at 1x32768, 0.61 ->
-    0.50 plus 0.18 at 8x4096; plain: the reverse pass got slower (1.10 -> 1.26 at 1x32768).
+    its product with do off the serial chain, for one more launch and a write and read of dv2.
+    It pays only where the chain is the long pole: gated heads whose reverse pass has at most
+    one program per SM (few long sequences). One H100 call, forward+backward ms, single / split
+    (results/delta_rule_split_dv_93002f8_h100.json; serial programs at the V block chosen):
+    gated H=16, K=V=128: 8x4096 (512 programs) 3.442 / 3.757, 1x32768 (128) 4.859 / 4.704;
+    gated 4 heads, K=128, V=256 (the Gated DeltaNet 374M layer): 2x16384 (128) 2.129 / 1.976,
+    8x4096 (512) 1.713 / 1.694; plain: slower everywhere (2.616 / 3.158, 3.718 / 4.084,
+    1.648 / 1.795).
 
     The term goes through dv2 itself, in q's dtype, rather than an fp32 buffer: dv' is stored
     and multiplied in that dtype anyway, so the one extra rounding of its in-chunk part is of the
     size of the rounding already there, and the round trip moves half the bytes."""
-    return False
+    return gated and serial_programs <= sms
 
 
 def local_dv_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
@@ -367,23 +372,29 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     else:
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
-    local_dv = split_dv_local()
-    if local_dv:
-        BVL, warps = local_dv_config(q.element_size(), BK, _pow2(V))
-        _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](
-            q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale,
-            T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVL,
-            USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-            num_warps=warps,
-        )
     BV = state_block(q, N, HV, V)
+    local_dv = split_dv_local(g is not None, cdiv(V, BV) * N * HV, num_sms(q.device))
+    # BV, and with it the split of dv', follow the document count, which varies by batch: every
+    # kernel a batch may pick is compiled at the first packed call
+    compile_all = cu_seqlens is not None and q.is_cuda
+    if local_dv or (compile_all and g is not None):
+        BVL, warps = local_dv_config(q.element_size(), BK, _pow2(V))
+        local_args = (q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale, T, N, H, HV, K, V)
+        local_options = dict(BT=CHUNK, BK=BK, BV=BVL, USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+                             num_warps=warps)
+        if compile_all:
+            compile_variants(_local_dv_kernel, local_args, {}, [local_options])
+        if local_dv:
+            _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](*local_args, **local_options)
     args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
-                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None, LOCAL_DV=local_dv,
+                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
-    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
-        compile_variants(_state_grad_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
-    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
+    if compile_all:
+        splits = (False, True) if g is not None else (False,)
+        compile_variants(_state_grad_kernel, args, options,
+                         [{"BV": b, "LOCAL_DV": s} for b in state_block_choices(q, V) for s in splits])
+    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV, LOCAL_DV=local_dv)
     grad_dtype = torch.float32 if HV != H else q.dtype
     dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)

@@ -13,6 +13,7 @@ sequences must fill the GPU) has all its candidates compiled at the first packed
 (`compile_variants`).
 """
 
+import functools
 import weakref
 
 import torch
@@ -34,6 +35,18 @@ def next_power_of_2(n: int) -> int:
 _COMPILED_VARIANTS: set = set()
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def compile_variants(kernel, args: tuple, options: dict, variants: list[dict]) -> None:
     """Compile `kernel` for each option set in `variants` (on top of the fixed `options`:
     constexprs and launch options) with the arguments of the launch that follows, so that a
@@ -44,7 +57,7 @@ def compile_variants(kernel, args: tuple, options: dict, variants: list[dict]) -
     kernel, argument dtypes and options; on every later call only a set lookup (this sits on
     the launch path). GPU only: the interpreter compiles nothing."""
     first = args[0]
-    if not first.is_cuda or len(variants) < 2:
+    if not first.is_cuda or not variants:
         return
     key = (kernel, first.device.index, tuple(getattr(a, "dtype", None) for a in args),
            tuple(options.items()), tuple(tuple(v.items()) for v in variants))
