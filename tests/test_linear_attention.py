@@ -304,11 +304,21 @@ def compare_grouped(B, T, HQ, HV, K, V, cu_seqlens, with_h0, dtype, device):
     return errors
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-backward", "unfused-backward"])
-def test_simple_gla_grouped_heads_cpu(fused, triton_backend, monkeypatch):
+GROUPED_BACKWARDS = {  # (GROUPED_BACKWARD, FUSED_SCALAR_BACKWARD, value heads per dv/dg program)
+    "grouped": (True, True, 1), "grouped-3-heads": (True, True, 3), "grouped-2-heads": (True, True, 2),
+    "fused": (False, True, 1), "unfused": (False, False, 1),
+}
+
+
+@pytest.mark.parametrize("backward", list(GROUPED_BACKWARDS))
+def test_simple_gla_grouped_heads_cpu(backward, triton_backend, monkeypatch):
     from flame.kernels import linear_attention
 
+    grouped, fused, heads = GROUPED_BACKWARDS[backward]
+    monkeypatch.setattr(linear_attention, "GROUPED_BACKWARD", grouped)
     monkeypatch.setattr(linear_attention, "FUSED_SCALAR_BACKWARD", fused)
+    config = dict(linear_attention.grouped_backward_config(), heads=heads)  # 2 does not divide 3: one head
+    monkeypatch.setattr(linear_attention, "grouped_backward_config", lambda: dict(config))
     errors = compare_grouped(1, 90, 2, 6, 16, 32, [0, 7, 70, 90], True, torch.float32, "cpu")
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"

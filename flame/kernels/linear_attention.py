@@ -45,6 +45,7 @@ CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
+GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
 CHUNK_STAGES = 2
 GLA_BLOCK = 64  # K and V tiles of the per-key-dim (GLA) kernels
 GLA_INTRA_WARPS = 4  # the GLA kernels on BC-row blocks (scores, intra-chunk gradients)
@@ -73,6 +74,17 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
+
+
+def grouped_backward_config() -> dict:
+    """Launch choices of the grouped scalar-gate backward (q/k heads shared by value heads).
+
+    heads: value heads per program of the dv/dg kernel (they share q k^T; a divisor of the
+    group, else 1); dvg_warps, dvg_stages: its launch. dqk_bk: the K tile of the group-summed
+    dq/dk kernel; dqk_warps, dqk_stages: its launch (stages pipeline the loop over heads).
+    Benchmarks replace this function to time alternatives in one process.
+    """
+    return dict(heads=8, dvg_warps=4, dvg_stages=2, dqk_bk=128, dqk_warps=8, dqk_stages=3)
 
 
 def _stages(num_stages):
@@ -213,8 +225,8 @@ def _gla_scores(q, k, b, scale, chunks):
 def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     """a: the forward's GLA score matrix, [T, H, 64] (unused for a scalar gate); h, b: the
     forward's chunk states and gate cumsums if it kept them (else recomputed here). With q and k
-    shared by groups of value heads (scalar gate), dq and dk are formed per value head and
-    summed over each group."""
+    shared by groups of value heads (scalar gate), dq and dk are summed over each group inside
+    the grouped kernels, or else formed per value head and summed afterwards."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
@@ -224,17 +236,23 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
     else:
         _, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
-    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
-    # fp32 tiles of the fused kernel would pass the shared memory of one SM.
-    if scalar_gate and FUSED_SCALAR_BACKWARD and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
+    # fp32 tiles of the fused kernels would pass the shared memory of one SM.
+    whole_chunk = scalar_gate and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda)
+    if whole_chunk and GROUPED_BACKWARD and HQ < H:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks)
+        return dq, dk, dv, dg, dh0
+    if whole_chunk and FUSED_SCALAR_BACKWARD:
+        dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
+    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     if scalar_gate:
         bv = _scalar_block(V)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](
@@ -283,6 +301,26 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return dq, dk, dv, dg, dh0
+
+
+def _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks):
+    """Scalar gate, q/k with HQ heads shared by groups of H value heads, K, V <= CHUNK_BLOCK:
+    dv, dg per value head, dq, dk summed over each group inside the kernel."""
+    HQ, K = q.shape[1:]
+    H, V = v.shape[1:]
+    cfg = grouped_backward_config()
+    heads = cfg["heads"] if (H // HQ) % cfg["heads"] == 0 else 1
+    kern.chunk_backward_dv_dg_grouped_kernel[(chunks.slots, H // heads)](
+        q, k, v, b, do, h, dh, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V), HEADS=heads,
+        num_warps=cfg["dvg_warps"], **_stages(cfg["dvg_stages"]),
+    )
+    bk = min(_scalar_block(K), cfg["dqk_bk"])
+    kern.chunk_backward_dqk_grouped_kernel[(chunks.slots * cdiv(K, bk), HQ)](
+        q, k, v, b, do, h, dh, dq, dk, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, HQ=HQ, K=K, V=V, BK=bk, BV=_scalar_block(V),
+        num_warps=cfg["dqk_warps"], **_stages(cfg["dqk_stages"]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

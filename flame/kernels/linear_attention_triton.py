@@ -356,6 +356,125 @@ def chunk_backward_scalar_kernel(
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
+# ---------------------------------------------------------------------------------------------
+# Scalar gate with q/k heads shared by groups of value heads (Mamba2's B and C are shared by
+# all heads). The gradients of q and k are sums over a group; forming them per value head and
+# summing afterwards writes and reads G times q's bytes twice. Instead one kernel forms dv and
+# dg per value head without dq, dk, and a second sums dq, dk over the group inside its loop.
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_backward_dv_dg_grouped_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dv_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HEADS: tl.constexpr,
+):
+    """Scalar gate, K <= BK, V <= BV: dv and dg of one chunk for HEADS value heads of one group.
+
+    dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh) as in the fused kernel. The gate gradient
+    needs only the row sums q_t . dq_t and k_t . dk_t, which follow from [BT, BT] and [BT, V]
+    products without dq, dk themselves (W = scale (do v^T * D), QK = q k^T):
+        q_t . dq_t = sum_s W_ts QK_ts + scale e^{b_t} sum_v do_tv (q h)_tv
+        k_t . dk_t = sum_s W_st QK_st + e^{b_L - b_t} sum_v v_tv (k dh)_tv
+    QK is formed once for the HEADS heads, which share q and k.
+    """
+    i_c, i_p = tl.program_id(0), tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    i_q = (i_p * HEADS) // (H // HQ)
+    pq = ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :]
+    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
+    qk = tl.dot(q, tl.trans(k))  # [t, s] = q_t . k_s
+    kq = tl.dot(k, tl.trans(q))  # [s, t]
+    for j in range(HEADS):
+        i_h = i_p * HEADS + j
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+        b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
+        kdh = tl.dot(k, dh)  # [t, v]
+        at = (kq * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+        dv = tl.dot(at, do) + kdh * decay_out[:, None]
+        tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+        wqk = tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale * qk
+        qh = tl.dot(q, h)  # [t, v]
+        k_dk_inter = decay_out * tl.sum(v.to(tl.float32) * kdh, axis=1)
+        q_dq_inter = tl.where(valid, tl.exp(b) * scale, 0.0) * tl.sum(do.to(tl.float32) * qh, axis=1)
+        db = tl.sum(wqk, axis=1) - tl.sum(wqk, axis=0) + q_dq_inter - k_dk_inter
+        dbl = tl.sum(k_dk_inter, axis=0) + tl.exp(b_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32),
+                                                                          axis=1), axis=0)
+        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+        tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_backward_dqk_grouped_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Scalar gate, V <= BV: dq, dk of one chunk, K tile and q/k head, summed over its group.
+
+    Over the group's value heads: dq = (sum W) k + scale sum (e^{b} do) h^T and
+    dk = (sum W)^T q + sum (e^{b_L - b} v) dh^T, W = scale (do v^T * D) per head. The heads are
+    the reduction loop of three accumulators, so nothing per value head is written.
+    """
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_c, i_k, i_q = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    G: tl.constexpr = H // HQ
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    w = tl.zeros([BT, BT], dtype=tl.float32)
+    dq = tl.zeros([BT, BK], dtype=tl.float32)
+    dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for j in range(G):
+        i_h = i_q * G + j
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+        b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        w += tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False)
+        do_in = (do.to(tl.float32) * tl.where(valid, tl.exp(b), 0.0)[:, None]).to(dtype)
+        v_out = (v.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
+        dq += tl.dot(do_in, tl.trans(h))
+        dk += tl.dot(v_out, tl.trans(dh))
+    pq = ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :]
+    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
+    w = (w * scale).to(dtype)
+    dq = dq * scale + tl.dot(w, k)
+    dk += tl.dot(tl.trans(w), q)
+    tl.store(dq_ptr + pq, dq.to(dtype), mask=mk)
+    tl.store(dk_ptr + pq, dk.to(dtype), mask=mk)
+
+
 @triton.jit(do_not_specialize=["N", "slots"])
 def chunk_scalar_gate_grad_kernel(
     db_ptr, dbl_ptr, dg_ptr, cu_ptr, chunk_idx_ptr, N, T_total, slots,
