@@ -47,6 +47,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from flame import modules
 from flame.kernels.conv import causal_conv1d, causal_conv1d_step
 from flame.kernels.norm import gated_rms_norm, rms_norm
+from flame.kernels.skip_gated_norm import gated_skip_sum
 from flame.models.config import LINEAR_MIXERS
 
 # ------------------------------------------------------------------------------------------
@@ -200,15 +201,10 @@ class HeadShardedSkipGatedRMSNorm(modules.SkipGatedRMSNorm):
     all-reduced, in plain torch ops (the fused kernel sees only a row's local part)."""
 
     def forward(self, y, x, D, z):
-        ct = torch.float64 if y.dtype == torch.float64 else torch.float32
-        D = _local(D)
-        heads = D.numel()
-        shape = (*y.shape[:-1], heads, y.shape[-1] // heads)
-        s = (y.to(ct).reshape(shape) + x.to(ct).reshape(shape) * D.to(ct)[:, None]).reshape(y.shape)
-        u = s * F.silu(z.to(ct))
+        u = gated_skip_sum(y, x, _local(D), z)
         group = self.weight.device_mesh.get_group()
         sumsq = _AllReduceSum.apply(u.pow(2).sum(-1, keepdim=True), group)
-        out = u * torch.rsqrt(sumsq / self.dim + self.eps) * _local(self.weight).to(ct)
+        out = u * torch.rsqrt(sumsq / self.dim + self.eps) * _local(self.weight).to(u.dtype)
         return out.to(y.dtype)
 
 

@@ -30,19 +30,21 @@ def _check_activation(activation: str) -> None:
         raise ValueError(f"activation={activation!r} is not one of {ACTIVATIONS}")
 
 
-def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, **others: torch.Tensor | None) -> None:
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+def _check_norm_inputs(inp: torch.Tensor, weight: torch.Tensor, inp_name: str = "x",
+                       **others: torch.Tensor | None) -> None:
+    """inp: the normalised input (called inp_name in messages); others: tensors of its shape."""
+    if weight.dim() != 1 or inp.shape[-1] != weight.shape[0]:
         raise ValueError(
-            f"weight has shape {tuple(weight.shape)} but x has last dimension {x.shape[-1]}; "
+            f"weight has shape {tuple(weight.shape)} but {inp_name} has last dimension {inp.shape[-1]}; "
             "weight must be 1-D with one entry per feature"
         )
     for name, t in others.items():
         if t is None:
             continue
-        if t.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match x's shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"x has dtype {x.dtype}; a floating-point dtype is needed")
+        if t.shape != inp.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match {inp_name}'s shape {tuple(inp.shape)}")
+    if not inp.is_floating_point():
+        raise ValueError(f"{inp_name} has dtype {inp.dtype}; a floating-point dtype is needed")
 
 
 # ----------------------------------------------------------------------------- references

@@ -20,30 +20,31 @@ import triton
 import triton.language as tl
 
 from flame.kernels.dispatch import use_triton
-from flame.kernels.norm import _act_and_grad, _block_and_warps, _bwd_tile, _compute_dtype, _num_programs
+from flame.kernels.norm import (_act_and_grad, _block_and_warps, _bwd_tile, _check_norm_inputs, _compute_dtype,
+                                _num_programs)
 from flame.kernels.utils import ROW_STRIDED_OP_TAGS, cdiv
 
 
 def _check_inputs(y, x, D, z, weight) -> None:
-    for name, t in (("x", x), ("z", z)):
-        if t.shape != y.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match y's shape {tuple(y.shape)}")
-    if not y.is_floating_point():
-        raise ValueError(f"y has dtype {y.dtype}; a floating-point dtype is needed")
-    if weight.dim() != 1 or weight.shape[0] != y.shape[-1]:
-        raise ValueError(f"weight has shape {tuple(weight.shape)}; it must be 1-D with y's last dimension {y.shape[-1]}")
+    _check_norm_inputs(y, weight, inp_name="y", x=x, z=z)
     if D.dim() != 1 or D.numel() == 0 or y.shape[-1] % D.numel():
         raise ValueError(f"D has shape {tuple(D.shape)}; it must be 1-D with one entry per head, a number of "
                          f"heads that divides y's last dimension {y.shape[-1]}")
 
 
-def skip_gated_rms_norm_ref(y, x, D, z, weight, eps=1e-6):
+def gated_skip_sum(y, x, D, z):
+    """u = (y + D[head] x) silu(z) in the compute dtype (float64 for float64 input, else
+    float32): the quantity the norm normalises, over the heads of D (one scalar each)."""
     ct = _compute_dtype(y.dtype)
     heads = D.numel()
     shape = (*y.shape[:-1], heads, y.shape[-1] // heads)
     s = (y.to(ct).reshape(shape) + x.to(ct).reshape(shape) * D.to(ct)[:, None]).reshape(y.shape)
-    u = s * F.silu(z.to(ct))
-    out = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * weight.to(ct)
+    return s * F.silu(z.to(ct))
+
+
+def skip_gated_rms_norm_ref(y, x, D, z, weight, eps=1e-6):
+    u = gated_skip_sum(y, x, D, z)
+    out = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps) * weight.to(u.dtype)
     return out.to(y.dtype)
 
 
