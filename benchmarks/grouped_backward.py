@@ -3,13 +3,15 @@ on one GPU: forward+backward time and the backward's kernels for the per-value-h
 (dq, dk per value head, summed afterwards) and for variants of the grouped kernels, all timed
 in one process, each checked against the per-value-head gradients.
 
-    python benchmarks/grouped_backward.py [--shapes 8x4096 1x32768] [--variants SPEC ...] [--out PATH]
+    python benchmarks/grouped_backward.py [--shapes 8x4096 1x32768] [--heads HQ,HV,K,V]
+                                          [--variants SPEC ...] [--out PATH]
 
-Shapes are BxT; HQ=1, HV=32, K=128, V=64 (flame's Mamba2 recipes), bf16; 1x32768 is passed
-as 8 packed documents of 4096 (cu_seqlens), as the trainer passes packed batches. A SPEC is
-`per-head` or comma-separated key=value over `grouped_backward_config()` (integers), e.g.
-`heads=4,dvg_warps=8`; `default` is the default config. Writes JSON (GPU, torch, Triton,
-commit) and prints a table last.
+Shapes are BxT; heads HQ=1, HV=32, K=128, V=64 by default (flame's Mamba2 recipes), bf16;
+1x32768 is passed as 8 packed documents of 4096 (cu_seqlens), as the trainer passes packed
+batches. A SPEC is `per-head` or comma-separated key=value over `grouped_backward_config()`
+and `min_group` (GROUPED_MIN_GROUP; 1 runs the grouped kernels on unshared heads too), all
+integers, e.g. `heads=4,dvg_warps=8`; `default` is the default config. Writes JSON (GPU,
+torch, Triton, commit) and prints a table last.
 """
 
 import argparse
@@ -29,14 +31,14 @@ from flame.kernels import chunk_simple_gla  # noqa: E402
 from kernels import kernel_times, timed  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-HQ, HV, K, V = 1, 32, 128, 64
+HEADS = (1, 32, 128, 64)  # HQ, HV, K, V
 
 
 def parse_spec(spec: str) -> dict | None:
     """None for the per-value-head backward, else the grouped config the SPEC names."""
     if spec == "per-head":
         return None
-    config = la.grouped_backward_config()
+    config = dict(la.grouped_backward_config(), min_group=la.GROUPED_MIN_GROUP)
     if spec == "default":
         return config
     for item in spec.split(","):
@@ -49,17 +51,19 @@ def parse_spec(spec: str) -> dict | None:
 
 @contextlib.contextmanager
 def variant(config):
-    saved = la.GROUPED_BACKWARD, la.grouped_backward_config
+    saved = la.GROUPED_BACKWARD, la.GROUPED_MIN_GROUP, la.grouped_backward_config
     la.GROUPED_BACKWARD = config is not None
     if config is not None:
-        la.grouped_backward_config = lambda: dict(config)
+        launch = {key: value for key, value in config.items() if key != "min_group"}
+        la.GROUPED_MIN_GROUP = config["min_group"]
+        la.grouped_backward_config = lambda: dict(launch)
     try:
         yield
     finally:
-        la.GROUPED_BACKWARD, la.grouped_backward_config = saved
+        la.GROUPED_BACKWARD, la.GROUPED_MIN_GROUP, la.grouped_backward_config = saved
 
 
-def inputs(B, T):
+def inputs(B, T, HQ, HV, K, V):
     dev, bf = "cuda", torch.bfloat16
     cu = None
     if B == 1:
@@ -85,14 +89,16 @@ def rel_err(a, b):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["8x4096", "1x32768"])
+    parser.add_argument("--heads", default=",".join(map(str, HEADS)), help="HQ,HV,K,V")
     parser.add_argument("--variants", nargs="+", default=["per-head", "default"])
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     configs = {spec: parse_spec(spec) for spec in args.variants}  # fail on a typo before GPU work
+    HQ, HV, K, V = (int(x) for x in args.heads.split(","))
     report = {"environment": environment(), "heads": dict(HQ=HQ, HV=HV, K=K, V=V), "rows": []}
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
-        fwdbwd = inputs(B, T)
+        fwdbwd = inputs(B, T, HQ, HV, K, V)
         with variant(None):
             reference = [x.clone() for x in fwdbwd()]
         for spec, config in configs.items():

@@ -46,6 +46,7 @@ CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
+GROUPED_MIN_GROUP = 2  # value heads per q/k head from which they run (1: also unshared heads)
 CHUNK_STAGES = 2
 GLA_BLOCK = 64  # K and V tiles of the per-key-dim (GLA) kernels
 GLA_INTRA_WARPS = 4  # the GLA kernels on BC-row blocks (scores, intra-chunk gradients)
@@ -240,7 +241,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     dg = torch.empty_like(g)
     # fp32 tiles of the fused kernels would pass the shared memory of one SM.
     whole_chunk = scalar_gate and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda)
-    if whole_chunk and GROUPED_BACKWARD and HQ < H:
+    if whole_chunk and GROUPED_BACKWARD and H // HQ >= GROUPED_MIN_GROUP:
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks)
         return dq, dk, dv, dg, dh0
