@@ -95,13 +95,42 @@ CPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
-def test_triton_matches_reference_cpu(case, triton_backend):
+def force_fused_forward(monkeypatch, on: bool) -> list:
+    """Sets the scalar-gate forward's choice (one fused kernel or cumsum, state pass and output
+    kernel); returns a list that records each use of the fused kernel."""
+    from flame.kernels import linear_attention
+
+    uses, fused = [], linear_attention._fused_forward
+    monkeypatch.setattr(linear_attention, "fused_forward", lambda *args: on)
+    monkeypatch.setattr(linear_attention, "_fused_forward", lambda *a: uses.append(1) or fused(*a))
+    return uses
+
+
+# The scalar gate's forward both ways (fused kernel or chunked passes); GLA has the chunked one.
+CPU_FORWARD_CASES = [(case, fused) for case in CPU_CASES for fused in ((True, False) if case[0] == "simple_gla" else (False,))]
+
+
+@pytest.mark.parametrize("case,fused_fwd", CPU_FORWARD_CASES,
+                         ids=lambda c: f"{c[0]}-T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}"
+                         if isinstance(c, tuple) else ("fused-fwd" if c else "chunked-fwd"))
+def test_triton_matches_reference_cpu(case, fused_fwd, triton_backend, monkeypatch):
     kernel, B, T, H, K, V, cu, with_h0 = case
     fn, scalar_gate = KERNELS[kernel]
+    uses = force_fused_forward(monkeypatch, fused_fwd)
     errors = compare(kernel, fn, scalar_gate, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
+    assert bool(uses) == (fused_fwd and scalar_gate), uses
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+def test_fused_forward_rule():
+    """One program per SM at least, and no long sequences (each program walks one)."""
+    from flame.kernels.linear_attention import fused_forward
+
+    assert fused_forward(8, 16, 128, 8 * 4096, 132)  # 8 x 16 x 2 V tiles = 256 programs
+    assert not fused_forward(1, 16, 128, 32768, 132)  # 32 programs
+    assert not fused_forward(16, 16, 128, 16 * 16384, 132)  # sequences of 16384
+    assert fused_forward(8, 32, 64, 8 * 4096, 132)  # Mamba2's 32 value heads
 
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
@@ -179,6 +208,7 @@ def test_backward_modes_cpu(kernel, triton_backend, monkeypatch):
 
     monkeypatch.setattr(linear_attention, "_states", spy_states)
     monkeypatch.setattr(linear_attention, "_cumsum", spy_cumsum)
+    force_fused_forward(monkeypatch, False)  # the recomputing forward's passes are counted below
     fn, scalar_gate = KERNELS[kernel]
     q, k, v, g, h0 = make_inputs(1, 100, 2, 16, 32, scalar_gate, 2, torch.float32, "cpu")
     cu = torch.tensor([0, 30, 100], dtype=torch.int32)
@@ -442,6 +472,34 @@ def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
     errors = compare_grouped(*case, torch.bfloat16, "cuda")
     _record(f"simple_gla-grouped-HQ{case[2]}-HV{case[3]}", errors)
+    assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
+    for key in ("dq", "dk", "dv", "dg", "dh0"):
+        if key in errors:
+            assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
+
+
+# The scalar gate's two forwards (the defaults pick by shape: the small test shapes take the
+# chunked one), with Mamba2-like grouping and small heads among them.
+GPU_FORWARD_CASES = [c for c in GPU_CASES if c[0] == "simple_gla"] + [("simple_gla", 1, 600, 4, 16, 16, [0, 100, 101, 600], True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-fwd", "chunked-fwd"])
+@pytest.mark.parametrize("case", GPU_FORWARD_CASES, ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_simple_gla_forwards_gpu_bf16(case, fused, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    uses = force_fused_forward(monkeypatch, fused)
+    _check_gpu_bf16(case, "-fused-fwd" if fused else "-chunked-fwd")
+    assert bool(uses) == fused
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GROUPED_CASES, ids=lambda c: f"HQ{c[2]}-HV{c[3]}-K{c[4]}-V{c[5]}")
+def test_simple_gla_grouped_fused_forward_gpu_bf16(case, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    uses = force_fused_forward(monkeypatch, True)
+    errors = compare_grouped(*case, torch.bfloat16, "cuda")
+    assert uses
     assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
     for key in ("dq", "dk", "dv", "dg", "dh0"):
         if key in errors:

@@ -28,6 +28,7 @@ from flame.kernels.utils import (
     max_num_chunks,
     needs_backward,
     next_power_of_2,
+    num_sms,
     prepare_chunk_indices,
     require_floating,
     require_rank,
@@ -162,13 +163,63 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     return h, dh, ht, dh0
 
 
-def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks):
+FUSED_FORWARD_TOKENS = 8192  # longest mean sequence for which the fused scalar-gate forward runs
+FUSED_FORWARD_BLOCK = 64  # its V tile: the fp32 state [K, BV] lives in registers
+FUSED_FORWARD_WARPS = 4
+
+
+def fused_forward(num_seqs: int, H: int, V: int, tokens: int, sms: int) -> bool:
+    """Whether the scalar-gate forward runs as one kernel serial over chunks
+    (`chunk_fused_forward_scalar_kernel`) rather than as cumsum, state pass and chunk-parallel
+    output. It reads q, k, v once and writes only o, but each program walks a whole sequence:
+    it needs at least one program per SM and sequences of at most FUSED_FORWARD_TOKENS tokens
+    on average (a long sequence is a long serial chain)."""
+    programs = num_seqs * H * cdiv(V, _fused_forward_block(V))
+    return programs >= sms and tokens <= FUSED_FORWARD_TOKENS * num_seqs
+
+
+def _fused_forward_block(V):
+    return min(_scalar_block(V), FUSED_FORWARD_BLOCK)
+
+
+_WARMED_FORWARDS = set()
+
+
+def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
+    T, HQ, K = q.shape
+    H, V = v.shape[1:]
+    N = chunks.num_seqs
+    o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    bv = _fused_forward_block(V)
+    kern.chunk_fused_forward_scalar_kernel[(cdiv(V, bv), H, N)](
+        q, k, v, g, h0 if h0 is not None else o, o, ht if ht is not None else o, chunks.cu_seqlens, N, scale,
+        H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
+    )
+    return o, ht, None, None, None
+
+
+def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=True):
     """Returns (o, ht, A, h, b): A the GLA score matrix, kept for the backward (None for a scalar
     gate); h the chunk-entry states [slots, H, K, V] and b the gate's chunk-local cumulative sums,
-    which the backward takes instead of recomputing them when they are kept."""
+    which the backward takes instead of recomputing them when they are kept. Without
+    keep_states a scalar gate may take the fused forward, which forms no h or b (None)."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
+    if scalar_gate and not keep_states and K <= CHUNK_BLOCK:
+        fused = fused_forward(chunks.num_seqs, H, V, T, num_sms(q.device))
+        key = (q.device, q.dtype, HQ, K, H, V, h0 is not None, output_final_state)
+        if chunks.packed and q.is_cuda and key not in _WARMED_FORWARDS:
+            # The choice follows the number of packed documents, which varies by batch: the
+            # first packed call runs the other forward too (result unused), so that a later
+            # batch finds its kernels compiled rather than stalling on a compile.
+            _WARMED_FORWARDS.add(key)
+            other = _triton_forward if fused else _fused_forward
+            other(q, k, v, g, scale, h0, output_final_state, chunks)
+        if fused:
+            return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
     b = _cumsum(g, scalar_gate, H, K, chunks)
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
@@ -364,7 +415,7 @@ def _fwd_op(
     B, T = q.shape[:2]
     chunks = _chunks_for(q, cu_seqlens)
     o, ht, a, h, b = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state,
-                                     output_final_state, chunks)
+                                     output_final_state, chunks, keep_states=save)
     a = empty() if a is None else a.view(B, T, *a.shape[1:])
     if not save:
         h, b = empty(), empty(torch.float32)

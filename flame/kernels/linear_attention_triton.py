@@ -208,6 +208,54 @@ def chunk_output_scalar_kernel(
 
 
 @triton.jit(do_not_specialize=["N"])
+def chunk_fused_forward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr, N, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+):
+    """Scalar gate, K <= BK: the whole forward of one sequence, value head and V tile, serial
+    over its chunks with the state in fp32 registers:
+        o = scale [(q k^T * D) v + e^{b} (q h)],   h <- e^{b_L} h + (k e^{b_L - b})^T v
+    with b the chunk's cumulative sum of g, formed here. Nothing but o (and ht) is written:
+    no chunk states, no cumsum. The output's products do not depend on the state update, so
+    only h's update is on the serial chain; the chain is short when many sequences and heads
+    run side by side (`fused_forward`).
+    """
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype = q_ptr.dtype.element_ty
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    state = ((i_n * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BK, BV], dtype=tl.float32)
+    i_q = i_h // (H // HQ)
+    for t0 in range(bos, eos, BT):
+        L = tl.minimum(eos - t0, BT).to(tl.int32)
+        valid = rows < L
+        mk = valid[:, None] & (ck[None, :] < K)
+        mv = valid[:, None] & (cv[None, :] < V)
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :], mask=mk, other=0.0)
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :], mask=mk, other=0.0)
+        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b = tl.cumsum(g, axis=0)
+        b_last = tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)
+        a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
+        o = tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)
+        tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
+        kd = (k.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
+        h = h * tl.exp(b_last) + tl.dot(tl.trans(kd), v)
+    if STORE_HT:
+        tl.store(ht_ptr + state, h, mask=mkv)
+
+
+@triton.jit(do_not_specialize=["N"])
 def chunk_backward_dv_scalar_kernel(
     q_ptr, k_ptr, b_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
