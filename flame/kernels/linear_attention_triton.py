@@ -169,6 +169,38 @@ def _decay_matrix(b, rows, L, TRANSPOSED: tl.constexpr):
     return tl.exp(tl.where(causal, diff, float("-inf")))
 
 
+@triton.jit
+def _whole_chunk_tiles(L, k0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Index vectors of a program holding a whole chunk (rows), a K tile from k0 and all of V,
+    with the masks of [BT, BK], [BT, BV] and [BK, BV] tiles (rows from L on masked)."""
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    ck = k0 + tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    return rows, valid, ck, cv, mk, mv, mkv
+
+
+@triton.jit
+def _value_head_chunk(b_ptr, do_ptr, v_ptr, h_ptr, dh_ptr, i_c, i_h, t0, L, rows, valid, ck, cv, mv, mkv,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One value head's tiles of a chunk for the scalar-gate backward: the gate cumsum b (and
+    its last row), do, v [BT, BV], and the chunk's state h and its gradient dh [BK, BV] in do's
+    dtype. Returns them with the offsets pv of this head's [BT, BV] tiles."""
+    dtype = do_ptr.dtype.element_ty
+    pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+    ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+    do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+    v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+    h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
+    dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+    return pv, b, b_last, do, v, h, dh
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_output_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
@@ -363,13 +395,7 @@ def chunk_backward_scalar_kernel(
     if seq >= N:
         return
     dtype = q_ptr.dtype.element_ty
-    rows = tl.arange(0, BT)
-    valid = rows < L
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = valid[:, None] & (ck[None, :] < K)
-    mv = valid[:, None] & (cv[None, :] < V)
-    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    rows, valid, ck, cv, mk, mv, mkv = _whole_chunk_tiles(L, 0, K, V, BK, BV)
     pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
     pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
     pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
@@ -431,13 +457,7 @@ def chunk_backward_dv_dg_grouped_kernel(
     if seq >= N:
         return
     dtype = q_ptr.dtype.element_ty
-    rows = tl.arange(0, BT)
-    valid = rows < L
-    ck = tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = valid[:, None] & (ck[None, :] < K)
-    mv = valid[:, None] & (cv[None, :] < V)
-    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    rows, valid, ck, cv, mk, mv, mkv = _whole_chunk_tiles(L, 0, K, V, BK, BV)
     i_q = (i_p * HEADS) // (H // HQ)
     pq = ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :]
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
@@ -446,14 +466,8 @@ def chunk_backward_dv_dg_grouped_kernel(
     kq = tl.dot(k, tl.trans(q))  # [s, t]
     for j in range(HEADS):
         i_h = i_p * HEADS + j
-        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
-        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
-        b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
-        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
-        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        pv, b, b_last, do, v, h, dh = _value_head_chunk(b_ptr, do_ptr, v_ptr, h_ptr, dh_ptr, i_c, i_h, t0, L,
+                                                        rows, valid, ck, cv, mv, mkv, H, K, V)
         decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
         kdh = tl.dot(k, dh)  # [t, v]
         at = (kq * _decay_matrix(b, rows, L, True) * scale).to(dtype)
@@ -488,26 +502,13 @@ def chunk_backward_dqk_grouped_kernel(
         return
     G: tl.constexpr = H // HQ
     dtype = q_ptr.dtype.element_ty
-    rows = tl.arange(0, BT)
-    valid = rows < L
-    ck = i_k * BK + tl.arange(0, BK)
-    cv = tl.arange(0, BV)
-    mk = valid[:, None] & (ck[None, :] < K)
-    mv = valid[:, None] & (cv[None, :] < V)
-    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    rows, valid, ck, cv, mk, mv, mkv = _whole_chunk_tiles(L, i_k * BK, K, V, BK, BV)
     w = tl.zeros([BT, BT], dtype=tl.float32)
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
     for j in range(G):
-        i_h = i_q * G + j
-        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
-        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
-        b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
-        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
-        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        _, b, b_last, do, v, h, dh = _value_head_chunk(b_ptr, do_ptr, v_ptr, h_ptr, dh_ptr, i_c, i_q * G + j, t0, L,
+                                                       rows, valid, ck, cv, mv, mkv, H, K, V)
         w += tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False)
         do_in = (do.to(tl.float32) * tl.where(valid, tl.exp(b), 0.0)[:, None]).to(dtype)
         v_out = (v.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
