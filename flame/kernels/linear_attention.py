@@ -7,7 +7,9 @@ Both run on one pair of `torch.library` custom ops (forward, backward) so that
 as `dispatch.use_triton` decides. A layer's saved activations are its inputs, for GLA the
 intra-chunk score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs
 more than any other GLA kernel), and for GLA by default the chunk states and the gate's
-cumulative sums that the forward computed anyway (`backward_mode`).
+cumulative sums that the forward computed anyway (`backward_mode`). A scalar gate's forward
+that keeps nothing runs as one kernel serial over chunks where sequences and heads fill the
+GPU (`fused_forward`), else as cumsum, state pass and chunk-parallel output.
 """
 
 import os

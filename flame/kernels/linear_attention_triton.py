@@ -1,7 +1,8 @@
 """Triton kernels of chunked gated linear attention (imports only triton).
 
-Sequences are cut into chunks of BT = 64 tokens; every kernel but the state scan is
-parallel over chunks. Notation inside a chunk of L valid rows: b = cumulative sum of the
+Sequences are cut into chunks of BT = 64 tokens; every kernel but the state scan (and the
+scalar gate's fused forward, which walks a sequence's chunks with the state) is parallel over
+chunks. Notation inside a chunk of L valid rows: b = cumulative sum of the
 log decay g (fp32, per key dimension; a scalar gate is broadcast over K), b_L its last row,
 h_n the state entering chunk n, dh_n the gradient of the state leaving chunk n.
 
@@ -14,7 +15,9 @@ A[t, s] = scale sum_k q_tk k_sk e^{b_tk - b_sk} per BC = 16-row block ("secondar
 for pairs in different blocks the decay factors through a reference row r between them,
 e^{b_t - r} * e^{r - b_s}, both exponents <= 0 so nothing overflows and the product is a
 tensor-core matmul; within a block the decay is formed exactly per pair. The rest is again
-whole-chunk matmuls (o = scale (q e^b) h + A v and the gradients).
+whole-chunk matmuls (o = scale (q e^b) h + A v and the gradients). With q/k heads shared by
+groups of value heads (Mamba2), the scalar gate's backward sums dq and dk over each group
+inside its kernels.
 
 Grids are sized by an upper bound on the number of chunks (no host synchronisation);
 programs whose chunk slot lies past the real chunks return at once.
