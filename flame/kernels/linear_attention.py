@@ -210,7 +210,8 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
-    if scalar_gate and not keep_states and K <= CHUNK_BLOCK:
+    # 16-bit on GPUs: fp32 tiles, pipelined, would pass the shared memory of one SM
+    if scalar_gate and not keep_states and K <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         fused = fused_forward(chunks.num_seqs, H, V, T, num_sms(q.device))
         key = (q.device, q.dtype, HQ, K, H, V, h0 is not None, output_final_state)
         if chunks.packed and q.is_cuda and key not in _WARMED_FORWARDS:
