@@ -306,15 +306,14 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks)
         return dq, dk, dv, dg, dh0
+    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))  # per value head
     if whole_chunk and FUSED_SCALAR_BACKWARD:
-        dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
             num_warps=FUSED_WARPS, num_stages=1,
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
-    dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))
     if scalar_gate:
         bv = _scalar_block(V)
         kern.chunk_backward_dv_scalar_kernel[(chunks.slots * cdiv(V, bv), H)](

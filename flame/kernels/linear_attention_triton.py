@@ -173,6 +173,13 @@ def _decay_matrix(b, rows, L, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def _scalar_gate_grad(db, dbl):
+    """Scalar gate: dg_t = sum_{t' >= t in the chunk} db_t' + dbl, from the gradient db [BT] of
+    the cumulative sums b and dbl, that of b_L through the state leaving the chunk."""
+    return tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+
+
+@triton.jit
 def _whole_chunk_tiles(L, k0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Index vectors of a program holding a whole chunk (rows), a K tile from k0 and all of V,
     with the masks of [BT, BK], [BT, BV] and [BK, BV] tiles (rows from L on masked)."""
@@ -429,7 +436,7 @@ def chunk_backward_scalar_kernel(
     dq = tl.dot(do, tl.trans(h.to(dtype))) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None] + tl.dot(w, k)
     tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
     db += tl.sum(q.to(tl.float32) * dq, axis=1)
-    dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+    dg = _scalar_gate_grad(db, dbl)
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
@@ -483,7 +490,7 @@ def chunk_backward_dv_dg_grouped_kernel(
         db = tl.sum(wqk, axis=1) - tl.sum(wqk, axis=0) + q_dq_inter - k_dk_inter
         dbl = tl.sum(k_dk_inter, axis=0) + tl.exp(b_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32),
                                                                           axis=1), axis=0)
-        dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+        dg = _scalar_gate_grad(db, dbl)
         tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
@@ -543,7 +550,7 @@ def chunk_scalar_gate_grad_kernel(
     for i_k in range(0, NK):
         db += tl.load(db_ptr + (i_k * T_total + t0 + rows) * H + i_h, mask=rows < L, other=0.0)
         dbl += tl.load(dbl_ptr + (i_k * slots + i_c) * H + i_h)
-    dg = tl.sum(db, axis=0) - tl.cumsum(db, axis=0) + db + dbl
+    dg = _scalar_gate_grad(db, dbl)
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=rows < L)
 
 
