@@ -124,13 +124,40 @@ def test_triton_matches_reference_cpu(case, fused_fwd, triton_backend, monkeypat
 
 
 def test_fused_forward_rule():
-    """One program per SM at least, and no long sequences (each program walks one)."""
-    from flame.kernels.linear_attention import fused_forward
+    """One program per SM at least, counting the segments long sequences are cut into."""
+    from flame.kernels.linear_attention import FUSED_SEGMENT_TOKENS, fused_forward
 
+    assert FUSED_SEGMENT_TOKENS == 4096  # the cases below count segments of 4096 tokens
     assert fused_forward(8, 16, 128, 8 * 4096, 132)  # 8 x 16 x 2 V tiles = 256 programs
-    assert not fused_forward(1, 16, 128, 32768, 132)  # 32 programs
-    assert not fused_forward(16, 16, 128, 16 * 16384, 132)  # sequences of 16384
+    assert fused_forward(1, 16, 128, 32768, 132)  # 8 segments: 256 programs
+    assert not fused_forward(1, 16, 128, 8192, 132)  # 2 segments: 64 programs
+    assert not fused_forward(2, 4, 128, 8192, 132)  # 16 programs
     assert fused_forward(8, 32, 64, 8 * 4096, 132)  # Mamba2's 32 value heads
+
+
+# Sequences cut into segments of 64 or 128 tokens (the fused forward's first pass carries the
+# state from segment to segment): lengths of 0, 1, one segment exactly, and several segments
+# with a partial chunk at the end; with and without initial states, grouped value heads.
+SEGMENT_CASES = [
+    # B, T, HQ, H, K, V, cu_seqlens, initial state
+    (1, 300, 1, 1, 16, 32, [0, 130, 131, 131, 195, 300], True),
+    (2, 200, 1, 2, 32, 16, None, False),
+    (1, 256, 1, 3, 16, 16, [0, 256], True),
+]
+
+
+@pytest.mark.parametrize("seg_len", [64, 128])
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: f"T{c[1]}-HQ{c[2]}-H{c[3]}-{'varlen' if c[6] else 'fixed'}")
+def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
+    from flame.kernels import linear_attention
+
+    B, T, HQ, H, K, V, cu, with_h0 = case
+    monkeypatch.setattr(linear_attention, "FUSED_SEGMENT_TOKENS", seg_len)
+    uses = force_fused_forward(monkeypatch, True)
+    errors = compare_grouped(B, T, HQ, H, K, V, cu, with_h0, torch.float32, "cpu")
+    assert uses
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
@@ -504,6 +531,19 @@ def test_simple_gla_grouped_fused_forward_gpu_bf16(case, monkeypatch):
     for key in ("dq", "dk", "dv", "dg", "dh0"):
         if key in errors:
             assert errors[key] < 2e-2, f"{key}: relative error {errors[key]:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_FORWARD_CASES, ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_simple_gla_segmented_forward_gpu_bf16(case, monkeypatch):
+    """The fused forward with sequences cut into segments of 256 tokens (4096 by default)."""
+    from flame.kernels import linear_attention
+
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    monkeypatch.setattr(linear_attention, "FUSED_SEGMENT_TOKENS", 256)
+    uses = force_fused_forward(monkeypatch, True)
+    _check_gpu_bf16(case, "-segmented-fwd")
+    assert uses
 
 
 SMALL_HEADS = [(16, 16), (32, 32), (64, 32), (32, 64), (128, 32)]

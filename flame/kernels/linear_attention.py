@@ -170,21 +170,21 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     return h, dh, ht, dh0
 
 
-FUSED_FORWARD_TOKENS = 8192  # longest mean sequence for which the fused scalar-gate forward runs
+FUSED_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the fused scalar-gate forward walks
 FUSED_FORWARD_BLOCK = 64  # its V tile: the fp32 state [K, BV] lives in registers
 FUSED_FORWARD_WARPS = 4
 
 
 def fused_forward(num_seqs: int, H: int, V: int, tokens: int, sms: int) -> bool:
-    """Whether the scalar-gate forward runs as one kernel serial over chunks
-    (`chunk_fused_forward_scalar_kernel`) rather than as cumsum, state pass and chunk-parallel
-    output. It reads q, k, v once and writes only o, but each program walks a whole sequence:
-    it needs at least one program per SM and sequences of at most FUSED_FORWARD_TOKENS tokens
-    on average (a long sequence is a long serial chain). H100, bf16, H = 16, K = V = 128: 8x4096
-    (256 programs) forward kernels 0.28 ms fused against 0.55 chunked; 1x32768 (32 programs)
-    1.65 fused against ~0.67 chunked (results/simple_gla_forwards_62a46e0_h100.json)."""
-    programs = num_seqs * H * cdiv(V, _fused_forward_block(V))
-    return programs >= sms and tokens <= FUSED_FORWARD_TOKENS * num_seqs
+    """Whether the scalar-gate forward runs fused (`chunk_fused_forward_scalar_kernel`: one
+    program per segment of at most FUSED_SEGMENT_TOKENS tokens of a sequence, value head and
+    V tile, serial over the segment's chunks) rather than as cumsum, state pass and
+    chunk-parallel output. It reads q, k, v once and writes only o; segments after a
+    sequence's first take their entry state from a first pass over k and v. It needs at least
+    one program per SM. H100, bf16, H = 16, K = V = 128: 8x4096 (256 programs) forward kernels
+    0.28 ms fused against 0.55 chunked (results/simple_gla_forwards_62a46e0_h100.json)."""
+    segments = max(num_seqs, cdiv(tokens, FUSED_SEGMENT_TOKENS))
+    return segments * H * cdiv(V, _fused_forward_block(V)) >= sms
 
 
 def _fused_forward_block(V):
@@ -198,12 +198,29 @@ def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     N = chunks.num_seqs
+    seg_len = FUSED_SEGMENT_TOKENS
+    slots = max_num_chunks(T, N, seg_len)
+    seg_idx, seg_offsets = prepare_chunk_indices(chunks.cu_seqlens, seg_len, slots)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    ht = None
+    if output_final_state:  # an empty sequence has no segment and passes its initial state on
+        ht = h0.float().clone() if h0 is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
     bv = _fused_forward_block(V)
-    kern.chunk_fused_forward_scalar_kernel[(cdiv(V, bv), H, N)](
-        q, k, v, g, h0 if h0 is not None else o, o, ht if ht is not None else o, chunks.cu_seqlens, N, scale,
-        H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HAS_H0=h0 is not None, STORE_HT=ht is not None,
+    grid = (cdiv(V, bv), H, slots)
+    tiles = dict(H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv)
+    carry = T > seg_len  # some sequence may span several segments
+    states = decay = o
+    if carry:
+        states = torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device)
+        decay = torch.empty(slots, H, dtype=torch.float32, device=q.device)
+        kern.chunk_segment_state_scalar_kernel[grid](
+            k, v, g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, **tiles,
+            num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
+        )
+    kern.chunk_fused_forward_scalar_kernel[grid](
+        q, k, v, g, h0 if h0 is not None else o, states, decay, o, ht if ht is not None else o,
+        chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, scale, **tiles,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, CARRY=carry,
         num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, ht, None, None, None

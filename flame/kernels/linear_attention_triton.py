@@ -33,17 +33,24 @@ BC = tl.constexpr(SUB_CHUNK_SIZE)
 
 
 @triton.jit
-def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
-    """(sequence, first token, valid rows) of chunk slot i_c; sequence == N past the end."""
-    seq = tl.load(chunk_idx_ptr + 2 * i_c)
-    chunk = tl.load(chunk_idx_ptr + 2 * i_c + 1)
+def _span_bounds(cu_ptr, span_idx_ptr, i_s, N, size):
+    """(sequence, first token, end token, end of sequence) of slot i_s of a sequence's spans of
+    `size` tokens (chunks, or the fused forward's segments); sequence == N past the end."""
+    seq = tl.load(span_idx_ptr + 2 * i_s)
+    span = tl.load(span_idx_ptr + 2 * i_s + 1)
     seq_c = tl.minimum(seq, N - 1)
     # 64-bit token offsets: T * H * D passes 2^31 for long packed batches.
     bos = tl.load(cu_ptr + seq_c).to(tl.int64)
     eos = tl.load(cu_ptr + seq_c + 1).to(tl.int64)
-    t0 = bos + chunk * BT
-    L = tl.minimum(eos - t0, BT).to(tl.int32)
-    return seq, t0, L
+    start = bos + span.to(tl.int64) * size
+    return seq, start, tl.minimum(eos, start + size), eos
+
+
+@triton.jit
+def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
+    """(sequence, first token, valid rows) of chunk slot i_c; sequence == N past the end."""
+    seq, t0, end, _ = _span_bounds(cu_ptr, chunk_idx_ptr, i_c, N, BT)
+    return seq, t0, (end - t0).to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -249,36 +256,97 @@ def chunk_output_scalar_kernel(
     tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
 
 
-@triton.jit(do_not_specialize=["N"])
-def chunk_fused_forward_scalar_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr, N, scale,
+@triton.jit
+def _scalar_gate_cumsum(g, rows, L):
+    """A scalar gate's cumulative sums b in a chunk (g zero from row L on) and b at row L - 1,
+    taken from b itself so that b_L - b has the rounding of neither sum twice."""
+    b = tl.cumsum(g, axis=0)
+    return b, tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)
+
+
+@triton.jit
+def _scalar_chunk_update(h, k, v, b, b_last, valid, dtype):
+    """Scalar gate: the state leaving a chunk, e^{b_L} h + (k e^{b_L - b})^T v (h fp32; k, v
+    [BT, *] tiles; b the chunk's cumulative gate sums; rows not valid count for nothing)."""
+    kd = (k.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
+    return h * tl.exp(b_last) + tl.dot(tl.trans(kd), v)
+
+
+@triton.jit(do_not_specialize=["N", "seg_len"])
+def chunk_segment_state_scalar_kernel(
+    k_ptr, v_ptr, g_ptr, states_ptr, decay_ptr, cu_ptr, seg_idx_ptr, N, seg_len,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
-    """Scalar gate, K <= BK: the whole forward of one sequence, value head and V tile, serial
-    over its chunks with the state in fp32 registers:
+    """Scalar gate, first pass of the segmented fused forward: the state leaving each segment of
+    seg_len tokens when it is entered with a zero state, and the segment's summed log decay:
+        states[s] = sum_t e^{G_end - G_t} k_t^T v_t,   decay[s] = G_end - G_start
+    (fp32). A sequence's last segment passes nothing on, so its programs return at once."""
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype = k_ptr.dtype.element_ty
+    seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
+    if (seq >= N) | (end >= eos):
+        return
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    i_q = i_h // (H // HQ)
+    h = tl.zeros([BK, BV], dtype=tl.float32)
+    total = tl.zeros([BT], dtype=tl.float32)
+    for t0 in range(start, end, BT):
+        L = tl.minimum(end - t0, BT).to(tl.int32)
+        valid = rows < L
+        k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :],
+                    mask=valid[:, None] & (ck[None, :] < K), other=0.0)
+        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
+                    mask=valid[:, None] & (cv[None, :] < V), other=0.0)
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b, b_last = _scalar_gate_cumsum(g, rows, L)
+        h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
+        total += g
+    tl.store(states_ptr + ((i_s.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], h,
+             mask=(ck[:, None] < K) & (cv[None, :] < V))
+    if i_v == 0:
+        tl.store(decay_ptr + i_s * H + i_h, tl.sum(total, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "seg_len"])
+def chunk_fused_forward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, states_ptr, decay_ptr, o_ptr, ht_ptr, cu_ptr, seg_idx_ptr,
+    seg_offsets_ptr, N, seg_len, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CARRY: tl.constexpr,
+):
+    """Scalar gate, K <= BK: the whole forward of one segment (seg_len tokens of a sequence),
+    value head and V tile, serial over its chunks with the state in fp32 registers:
         o = scale [(q k^T * D) v + e^{b} (q h)],   h <- e^{b_L} h + (k e^{b_L - b})^T v
     with b the chunk's cumulative sum of g, formed here. Nothing but o (and ht) is written:
     no chunk states, no cumsum. The output's products do not depend on the state update, so
-    only h's update is on the serial chain; the chain is short when many sequences and heads
-    run side by side (`fused_forward`).
+    only h's update is on the serial chain, at most seg_len / 64 chunks long. With CARRY, a
+    segment after a sequence's first enters with the state the earlier segments leave,
+    combined from their zero-entry states and decays (`chunk_segment_state_scalar_kernel`):
+    h <- e^{decay[r]} h + states[r] for each earlier segment r, starting from h0 or zero.
     """
-    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = q_ptr.dtype.element_ty
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
+    if seq >= N:
+        return
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    state = ((i_n * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+    tile = ck[:, None] * V + cv[None, :]
     if HAS_H0:
-        h = tl.load(h0_ptr + state, mask=mkv, other=0.0).to(tl.float32)
+        h = tl.load(h0_ptr + (seq.to(tl.int64) * H + i_h) * K * V + tile, mask=mkv, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BK, BV], dtype=tl.float32)
+    if CARRY:
+        for r in range(tl.load(seg_offsets_ptr + seq), i_s):
+            h = h * tl.exp(tl.load(decay_ptr + r * H + i_h)) + tl.load(
+                states_ptr + (r * H + i_h).to(tl.int64) * K * V + tile, mask=mkv, other=0.0)
     i_q = i_h // (H // HQ)
-    for t0 in range(bos, eos, BT):
-        L = tl.minimum(eos - t0, BT).to(tl.int32)
+    for t0 in range(start, end, BT):
+        L = tl.minimum(end - t0, BT).to(tl.int32)
         valid = rows < L
         mk = valid[:, None] & (ck[None, :] < K)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -286,15 +354,13 @@ def chunk_fused_forward_scalar_kernel(
         k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :], mask=mk, other=0.0)
         v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
         g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)
+        b, b_last = _scalar_gate_cumsum(g, rows, L)
         a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
         o = tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)
         tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
-        kd = (k.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
-        h = h * tl.exp(b_last) + tl.dot(tl.trans(kd), v)
-    if STORE_HT:
-        tl.store(ht_ptr + state, h, mask=mkv)
+        h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
+    if STORE_HT & (end >= eos):
+        tl.store(ht_ptr + (seq.to(tl.int64) * H + i_h) * K * V + tile, h, mask=mkv)
 
 
 @triton.jit(do_not_specialize=["N"])
