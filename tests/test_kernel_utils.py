@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from flame.kernels.utils import _chunk_indices, prepare_chunk_indices
+from flame.kernels.utils import _chunk_indices, default_cu_seqlens, prepare_chunk_indices
 
 
 def expected(cu: list[int], chunk: int, slots: int):
@@ -51,6 +51,17 @@ def test_chunk_indices_in_inference_mode():
     with torch.inference_mode():
         cu = torch.tensor([0, 3, 9], dtype=torch.int32)
         assert prepare_chunk_indices(cu, 64, 3)[0].tolist() == [[0, 0], [1, 0], [2, 0]]
+
+
+def test_default_cu_seqlens_kept_per_shape():
+    """Fixed-length calls find their chunk indices cached: one offsets tensor per shape."""
+    with torch.inference_mode():
+        first = default_cu_seqlens(3, 100, torch.device("cpu"))
+    assert not first.is_inference()  # keeps a version counter, so the index cache can use it
+    assert first.tolist() == [0, 100, 200, 300] and first.dtype == torch.int32
+    assert default_cu_seqlens(3, 100, torch.device("cpu")) is first
+    assert default_cu_seqlens(3, 64, torch.device("cpu")).tolist() == [0, 64, 128, 192]
+    assert prepare_chunk_indices(first, 64, 8)[0] is prepare_chunk_indices(first, 64, 8)[0]
 
 
 def test_host_integer_helpers_match_triton():

@@ -172,9 +172,23 @@ def check_initial_state(
     require_shape(initial_state, "initial_state", (num_seqs, num_heads, k_dim, v_dim), "[N, H, K, V]")
 
 
+_DEFAULT_CU_SEQLENS: dict[tuple, torch.Tensor] = {}
+
+
 def default_cu_seqlens(batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """Offsets that treat a [B, T] batch as B packed sequences of length T."""
-    return torch.arange(0, (batch_size + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+    """Offsets that treat a [B, T] batch as B packed sequences of length T. One tensor per
+    shape and device, kept (callers only read it), so that the chunk indices built from it are
+    found in `prepare_chunk_indices`' cache: building them costs a dozen small ops of host
+    time per call, as much as a whole forward's kernels at 8 x 4096 tokens."""
+    key = (batch_size, seq_len, torch.device(device))
+    cu = _DEFAULT_CU_SEQLENS.get(key)
+    if cu is None:
+        with torch.inference_mode(False):  # a version counter even when first made for inference
+            cu = torch.arange(0, (batch_size + 1) * seq_len, seq_len, dtype=torch.int32, device=device)
+        if len(_DEFAULT_CU_SEQLENS) >= _CHUNK_INDEX_CACHE_SIZE:
+            _DEFAULT_CU_SEQLENS.pop(next(iter(_DEFAULT_CU_SEQLENS)))
+        _DEFAULT_CU_SEQLENS[key] = cu
+    return cu
 
 
 def max_num_chunks(total_len: int, num_seqs: int, chunk_size: int) -> int:
