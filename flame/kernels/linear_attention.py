@@ -181,8 +181,9 @@ def fused_forward(num_seqs: int, H: int, V: int, tokens: int, sms: int) -> bool:
     V tile, serial over the segment's chunks) rather than as cumsum, state pass and
     chunk-parallel output. It reads q, k, v once and writes only o; segments after a
     sequence's first take their entry state from a first pass over k and v. It needs at least
-    one program per SM. H100, bf16, H = 16, K = V = 128: 8x4096 (256 programs) forward kernels
-    0.28 ms fused against 0.55 chunked (results/simple_gla_forwards_62a46e0_h100.json)."""
+    one program per SM. H100, bf16, H = 16, K = V = 128, forward kernels fused against chunked:
+    8x4096 (256 programs) 0.28 ms against 0.55; 1x32768 (8 segments, 256 programs) 0.41 against
+    ~0.67 (results/simple_gla_segmented_forward_fe3ef0d_h100.json)."""
     segments = max(num_seqs, cdiv(tokens, FUSED_SEGMENT_TOKENS))
     return segments * H * cdiv(V, _fused_forward_block(V)) >= sms
 
