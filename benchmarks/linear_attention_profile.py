@@ -3,16 +3,16 @@ per-kernel CUDA times (torch.profiler) of forward+backward, and the same for var
 two GLA kernels on 16-row blocks, each timed beside the default in the same process.
 
     python benchmarks/linear_attention_profile.py [--shapes 8x4096 1x32768] [--kernels gla simple_gla]
-                                                  [--variants SPEC ...] [--scalar-forwards auto fused chunked]
+                                                  [--variants SPEC ...] [--forwards auto fused chunked]
                                                   [--out PATH]
 
 A variant SPEC is comma-separated key=value over the keys of
 `flame.kernels.linear_attention.gla_intra_config()` (integers; 0/1 for the switches, None for
 a default), e.g. `grad_unroll=4,grad_scratch=1,grad_split=1`; `default` names the default
 itself (a second timing of it, for the spread). The variants only change the GLA kernels, so
-they are timed for gla alone. --scalar-forwards times simple_gla with each forward of a scalar
-gate beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over
-chunks; `chunked`: cumsum, state pass and output kernel). H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
+they are timed for gla alone. --forwards times each kernel with each of its forwards beside
+the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each segment's
+chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
 benchmarks/results/ and prints a table last.
 """
 
@@ -70,8 +70,8 @@ def inputs(kernel, B, T, H=16, D=128):
 
 
 @contextlib.contextmanager
-def scalar_forward(choice: str):
-    """Runs the block with the scalar-gate forward forced (fused, chunked) or left to the rule."""
+def forced_forward(choice: str):
+    """Runs the block with the forward forced (fused, chunked) or left to the rule."""
     saved = la.fused_forward
     if choice != "auto":
         la.fused_forward = lambda *args, on=choice == "fused": on
@@ -125,7 +125,7 @@ def main():
     parser.add_argument("--kernels", nargs="+", default=["gla", "simple_gla"], choices=["gla", "simple_gla"])
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                         help="variant SPECs timed beside the default for gla at every shape")
-    parser.add_argument("--scalar-forwards", nargs="*", default=[], choices=["auto", "fused", "chunked"])
+    parser.add_argument("--forwards", "--scalar-forwards", nargs="*", default=[], choices=["auto", "fused", "chunked"])
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     for spec in args.variants:  # fail on a typo before any GPU work
@@ -143,10 +143,12 @@ def main():
             row["profile_fwdbwd_ms"] = profiled(fwdbwd)
             row["intra_kernels_fwdbwd_ms"] = intra_times(row["profile_fwdbwd_ms"])
             row["variants"] = {}
-            for choice in args.scalar_forwards if kernel == "simple_gla" else []:
-                with scalar_forward(choice):
+            for choice in args.forwards:
+                with forced_forward(choice):
                     fwdbwd()  # the first call of this forward compiles it
-                    entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                    fwd()
+                    entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
+                             "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
             for spec in args.variants if kernel == "gla" else []:
                 with variant(spec):
