@@ -276,9 +276,11 @@ def _chunk_gates(g_ptr, b_ptr, t0, rows, L, i_h, ck, H: tl.constexpr, K: tl.cons
 @triton.jit
 def _row_decay(b_last, GATE_K: tl.constexpr):
     """e^{b_L} as a factor of a [BK, BV] state: a scalar, or one per key dim (row)."""
-    if GATE_K:
-        return tl.exp(b_last)[:, None]
-    return tl.exp(b_last)
+    if GATE_K:  # one return: Triton types every return of a function alike
+        decay = tl.exp(b_last)[:, None]
+    else:
+        decay = tl.exp(b_last)
+    return decay
 
 
 @triton.jit
