@@ -329,8 +329,9 @@ def chunk_segment_state_kernel(
     tl.store(states_ptr + ((i_s.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], h,
              mask=(ck[:, None] < K) & (cv[None, :] < V))
     if i_v == 0:
+        DS: tl.constexpr = K if GATE_K else 1  # decay's row length (DK is its power-of-2 tile)
         cd = tl.arange(0, DK)
-        tl.store(decay_ptr + (i_s * H + i_h) * DK + cd, total, mask=cd < (K if GATE_K else 1))
+        tl.store(decay_ptr + (i_s * H + i_h) * DS + cd, total, mask=cd < DS)
 
 
 @triton.jit(do_not_specialize=["N", "seg_len"])
@@ -369,9 +370,10 @@ def chunk_fused_forward_kernel(
     else:
         h = tl.zeros([BK, BV], dtype=tl.float32)
     if CARRY:
+        DS: tl.constexpr = K if GATE_K else 1  # decay's row length (DK is its power-of-2 tile)
         cd = tl.arange(0, DK)
         for r in range(tl.load(seg_offsets_ptr + seq), i_s):
-            d = tl.load(decay_ptr + (r * H + i_h) * DK + cd, mask=cd < (K if GATE_K else 1), other=0.0)
+            d = tl.load(decay_ptr + (r * H + i_h) * DS + cd, mask=cd < DS, other=0.0)
             h = h * tl.exp(d)[:, None] + tl.load(
                 states_ptr + (r * H + i_h).to(tl.int64) * K * V + tile, mask=mkv, other=0.0)
     if STORE_STATES:
