@@ -170,21 +170,20 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     return h, dh, ht, dh0
 
 
-FUSED_FORWARD = True  # the fused forward where `fused_forward` says it pays (False: always chunked)
-FUSED_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the fused forward walks
+FUSED_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the fused scalar-gate forward walks
 FUSED_FORWARD_BLOCK = 64  # its V tile: the fp32 state [K, BV] lives in registers
 FUSED_FORWARD_WARPS = 4
 
 
 def fused_forward(num_seqs: int, H: int, V: int, tokens: int, sms: int) -> bool:
-    """Whether the forward runs fused (`chunk_fused_forward_kernel`: one program per segment
-    of at most FUSED_SEGMENT_TOKENS tokens of a sequence, value head and V tile, serial over
-    the segment's chunks) rather than as state pass and chunk-parallel output. It reads q, k,
-    v once and writes o (and for GLA the chunk states the backward reuses); segments after a
+    """Whether the scalar-gate forward runs fused (`chunk_fused_forward_scalar_kernel`: one
+    program per segment of at most FUSED_SEGMENT_TOKENS tokens of a sequence, value head and
+    V tile, serial over the segment's chunks) rather than as cumsum, state pass and
+    chunk-parallel output. It reads q, k, v once and writes only o; segments after a
     sequence's first take their entry state from a first pass over k and v. It needs at least
-    one program per SM. H100, bf16, H = 16, K = V = 128, scalar gate, forward kernels fused
-    against chunked: 8x4096 (256 programs) 0.28 ms against 0.55; 1x32768 (8 segments, 256
-    programs) 0.41 against ~0.67 (results/simple_gla_segmented_forward_fe3ef0d_h100.json)."""
+    one program per SM. H100, bf16, H = 16, K = V = 128, forward kernels fused against chunked:
+    8x4096 (256 programs) 0.28 ms against 0.55; 1x32768 (8 segments, 256 programs) 0.41 against
+    ~0.67 (results/simple_gla_segmented_forward_fe3ef0d_h100.json)."""
     segments = max(num_seqs, cdiv(tokens, FUSED_SEGMENT_TOKENS))
     return segments * H * cdiv(V, _fused_forward_block(V)) >= sms
 
@@ -196,21 +195,10 @@ def _fused_forward_block(V):
 _WARMED_FORWARDS = set()
 
 
-def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=False):
-    """The forward as `chunk_fused_forward_kernel` (after `chunk_segment_state_kernel` where a
-    sequence may span several segments). A scalar gate forms its cumsum and scores inside and
-    keeps nothing; GLA's per-key-dim gate takes them from the cumsum and score kernels and,
-    with keep_states, writes the chunk states for the backward. Returns (o, ht, A, h, b)."""
+def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     N = chunks.num_seqs
-    gate_k = g.dim() == 3
-    b = a = h = None
-    if gate_k:
-        b = _cumsum(g, False, H, K, chunks)
-        a = _gla_scores(q, k, b, scale, chunks)
-        if keep_states:
-            h = torch.empty(chunks.slots, H, K, V, dtype=q.dtype, device=q.device)
     seg_len = FUSED_SEGMENT_TOKENS
     slots = max_num_chunks(T, N, seg_len)
     seg_idx, seg_offsets = prepare_chunk_indices(chunks.cu_seqlens, seg_len, slots)
@@ -220,58 +208,46 @@ def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_state
         ht = h0.float().clone() if h0 is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
     bv = _fused_forward_block(V)
     grid = (cdiv(V, bv), H, slots)
-    options = dict(H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, GATE_K=gate_k,
-                   num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES)
+    tiles = dict(H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv)
     carry = T > seg_len  # some sequence may span several segments
     states = decay = o
     if carry:
         states = torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device)
-        decay = torch.empty(slots, H, K if gate_k else 1, dtype=torch.float32, device=q.device)
-        kern.chunk_segment_state_kernel[grid](
-            k, v, g, b if gate_k else g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, **options,
+        decay = torch.empty(slots, H, dtype=torch.float32, device=q.device)
+        kern.chunk_segment_state_scalar_kernel[grid](
+            k, v, g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, **tiles,
+            num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
         )
-    kern.chunk_fused_forward_kernel[grid](
-        q, k, v, g, b if gate_k else g, a if gate_k else q, h0 if h0 is not None else o, states, decay, o,
-        h if h is not None else o, ht if ht is not None else o,
-        chunks.cu_seqlens, seg_idx, seg_offsets, chunks.offsets, N, seg_len, scale, **options,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, CARRY=carry, STORE_STATES=h is not None,
+    kern.chunk_fused_forward_scalar_kernel[grid](
+        q, k, v, g, h0 if h0 is not None else o, states, decay, o, ht if ht is not None else o,
+        chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, scale, **tiles,
+        HAS_H0=h0 is not None, STORE_HT=ht is not None, CARRY=carry,
+        num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
     )
-    return o, ht, a, h, b
+    return o, ht, None, None, None
 
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=True):
     """Returns (o, ht, A, h, b): A the GLA score matrix, kept for the backward (None for a scalar
     gate); h the chunk-entry states [slots, H, K, V] and b the gate's chunk-local cumulative sums,
-    which the backward takes instead of recomputing them when they are kept. A scalar gate that
-    keeps nothing, or GLA, may take the fused forward (a scalar gate's forms no h or b: None)."""
+    which the backward takes instead of recomputing them when they are kept. Without
+    keep_states a scalar gate may take the fused forward, which forms no h or b (None)."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
     # 16-bit on GPUs: fp32 tiles, pipelined, would pass the shared memory of one SM
-    if (FUSED_FORWARD and (not scalar_gate or not keep_states) and K <= CHUNK_BLOCK
-            and (q.element_size() == 2 or not q.is_cuda)):
+    if scalar_gate and not keep_states and K <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         fused = fused_forward(chunks.num_seqs, H, V, T, num_sms(q.device))
-        key = (q.device, q.dtype, scalar_gate, keep_states, HQ, K, H, V, h0 is not None, output_final_state)
+        key = (q.device, q.dtype, HQ, K, H, V, h0 is not None, output_final_state)
         if chunks.packed and q.is_cuda and key not in _WARMED_FORWARDS:
             # The choice follows the number of packed documents, which varies by batch: the
             # first packed call runs the other forward too (result unused), so that a later
             # batch finds its kernels compiled rather than stalling on a compile.
             _WARMED_FORWARDS.add(key)
-            if fused:
-                _chunked_forward(q, k, v, g, scale, h0, output_final_state, chunks)
-            else:
-                _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states)
+            other = _triton_forward if fused else _fused_forward
+            other(q, k, v, g, scale, h0, output_final_state, chunks)
         if fused:
-            return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states)
-    return _chunked_forward(q, k, v, g, scale, h0, output_final_state, chunks)
-
-
-def _chunked_forward(q, k, v, g, scale, h0, output_final_state, chunks):
-    """Cumsum, state pass (h for every chunk) and chunk-parallel output; for GLA the score
-    kernel before the output. Returns (o, ht, A, h, b) as `_triton_forward`."""
-    T, HQ, K = q.shape
-    H, V = v.shape[1:]
-    scalar_gate = g.dim() == 2
+            return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
     b = _cumsum(g, scalar_gate, H, K, chunks)
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)

@@ -257,56 +257,32 @@ def chunk_output_scalar_kernel(
 
 
 @triton.jit
-def _chunk_gates(g_ptr, b_ptr, t0, rows, L, i_h, ck, H: tl.constexpr, K: tl.constexpr, GATE_K: tl.constexpr):
-    """A chunk's cumulative gate sums b and their last row b_L. Scalar gate: b [BT] formed here
-    from g, b_L taken from b itself so that b_L - b has the rounding of neither sum twice.
-    GATE_K (GLA): b [BT, BK] read from the cumsum kernel's output, b_L [BK]."""
-    valid = rows < L
-    if GATE_K:
-        mk = valid[:, None] & (ck[None, :] < K)
-        b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
-    else:
-        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)
-    return b, b_last
+def _scalar_gate_cumsum(g, rows, L):
+    """A scalar gate's cumulative sums b in a chunk (g zero from row L on) and b at row L - 1,
+    taken from b itself so that b_L - b has the rounding of neither sum twice."""
+    b = tl.cumsum(g, axis=0)
+    return b, tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)
 
 
 @triton.jit
-def _row_decay(b_last, GATE_K: tl.constexpr):
-    """e^{b_L} as a factor of a [BK, BV] state: a scalar, or one per key dim (row)."""
-    if GATE_K:  # one return: Triton types every return of a function alike
-        decay = tl.exp(b_last)[:, None]
-    else:
-        decay = tl.exp(b_last)
-    return decay
-
-
-@triton.jit
-def _chunk_state_update(h, k, v, b, b_last, valid, GATE_K: tl.constexpr):
-    """The state leaving a chunk, e^{b_L} h + (k e^{b_L - b})^T v (h fp32; k, v [BT, *] tiles;
-    rows not valid count for nothing)."""
-    if GATE_K:
-        kd = tl.where(valid[:, None], k.to(tl.float32) * tl.exp(b_last[None, :] - b), 0.0)
-    else:
-        kd = k.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]
-    return h * _row_decay(b_last, GATE_K) + tl.dot(tl.trans(kd.to(v.dtype)), v)
+def _scalar_chunk_update(h, k, v, b, b_last, valid, dtype):
+    """Scalar gate: the state leaving a chunk, e^{b_L} h + (k e^{b_L - b})^T v (h fp32; k, v
+    [BT, *] tiles; b the chunk's cumulative gate sums; rows not valid count for nothing)."""
+    kd = (k.to(tl.float32) * tl.where(valid, tl.exp(b_last - b), 0.0)[:, None]).to(dtype)
+    return h * tl.exp(b_last) + tl.dot(tl.trans(kd), v)
 
 
 @triton.jit(do_not_specialize=["N", "seg_len"])
-def chunk_segment_state_kernel(
-    k_ptr, v_ptr, g_ptr, b_ptr, states_ptr, decay_ptr, cu_ptr, seg_idx_ptr, N, seg_len,
+def chunk_segment_state_scalar_kernel(
+    k_ptr, v_ptr, g_ptr, states_ptr, decay_ptr, cu_ptr, seg_idx_ptr, N, seg_len,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE_K: tl.constexpr,
 ):
-    """First pass of the segmented fused forward: the state leaving each segment of seg_len
-    tokens when it is entered with a zero state, and the segment's summed log decay:
+    """Scalar gate, first pass of the segmented fused forward: the state leaving each segment of
+    seg_len tokens when it is entered with a zero state, and the segment's summed log decay:
         states[s] = sum_t e^{G_end - G_t} k_t^T v_t,   decay[s] = G_end - G_start
-    (fp32; decay [slots, H, 1], or [slots, H, K] for GLA's per-key-dim gate). A sequence's last
-    segment passes nothing on, so its programs return at once."""
+    (fp32). A sequence's last segment passes nothing on, so its programs return at once."""
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    DK: tl.constexpr = BK if GATE_K else 1
+    dtype = k_ptr.dtype.element_ty
     seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
     if (seq >= N) | (end >= eos):
         return
@@ -315,7 +291,7 @@ def chunk_segment_state_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     i_q = i_h // (H // HQ)
     h = tl.zeros([BK, BV], dtype=tl.float32)
-    total = tl.zeros([DK], dtype=tl.float32)
+    total = tl.zeros([BT], dtype=tl.float32)
     for t0 in range(start, end, BT):
         L = tl.minimum(end - t0, BT).to(tl.int32)
         valid = rows < L
@@ -323,39 +299,34 @@ def chunk_segment_state_kernel(
                     mask=valid[:, None] & (ck[None, :] < K), other=0.0)
         v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
                     mask=valid[:, None] & (cv[None, :] < V), other=0.0)
-        b, b_last = _chunk_gates(g_ptr, b_ptr, t0, rows, L, i_h, ck, H, K, GATE_K)
-        h = _chunk_state_update(h, k, v, b, b_last, valid, GATE_K)
-        total += b_last
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b, b_last = _scalar_gate_cumsum(g, rows, L)
+        h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
+        total += g
     tl.store(states_ptr + ((i_s.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], h,
              mask=(ck[:, None] < K) & (cv[None, :] < V))
     if i_v == 0:
-        DS: tl.constexpr = K if GATE_K else 1  # decay's row length (DK is its power-of-2 tile)
-        cd = tl.arange(0, DK)
-        tl.store(decay_ptr + (i_s * H + i_h) * DS + cd, total, mask=cd < DS)
+        tl.store(decay_ptr + i_s * H + i_h, tl.sum(total, axis=0))
 
 
 @triton.jit(do_not_specialize=["N", "seg_len"])
-def chunk_fused_forward_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_ptr, h0_ptr, states_ptr, decay_ptr, o_ptr, h_ptr, ht_ptr,
-    cu_ptr, seg_idx_ptr, seg_offsets_ptr, chunk_offsets_ptr, N, seg_len, scale,
+def chunk_fused_forward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, states_ptr, decay_ptr, o_ptr, ht_ptr, cu_ptr, seg_idx_ptr,
+    seg_offsets_ptr, N, seg_len, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE_K: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CARRY: tl.constexpr,
-    STORE_STATES: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CARRY: tl.constexpr,
 ):
-    """K <= BK: the whole forward of one segment (seg_len tokens of a sequence), value head and
-    V tile, serial over its chunks with the state in fp32 registers:
-        o = scale (q e^{b}) h + A v,   h <- e^{b_L} h + (k e^{b_L - b})^T v
-    Scalar gate: A = scale (q k^T * D), formed here with the cumsum b, and nothing but o (and
-    ht) is written. GATE_K (GLA): b and A (scale included) come from the cumsum and score
-    kernels; with STORE_STATES the chunk-entry states h [slots, H, K, V] are written for the
-    backward. The output's products do not depend on the state update, so only h's update is
-    on the serial chain, at most seg_len / 64 chunks long. With CARRY, a segment after a
-    sequence's first enters with the state the earlier segments leave, combined from their
-    zero-entry states and decays (`chunk_segment_state_kernel`): h <- e^{decay[r]} h + states[r]
-    for each earlier segment r, starting from h0 or zero.
+    """Scalar gate, K <= BK: the whole forward of one segment (seg_len tokens of a sequence),
+    value head and V tile, serial over its chunks with the state in fp32 registers:
+        o = scale [(q k^T * D) v + e^{b} (q h)],   h <- e^{b_L} h + (k e^{b_L - b})^T v
+    with b the chunk's cumulative sum of g, formed here. Nothing but o (and ht) is written:
+    no chunk states, no cumsum. The output's products do not depend on the state update, so
+    only h's update is on the serial chain, at most seg_len / 64 chunks long. With CARRY, a
+    segment after a sequence's first enters with the state the earlier segments leave,
+    combined from their zero-entry states and decays (`chunk_segment_state_scalar_kernel`):
+    h <- e^{decay[r]} h + states[r] for each earlier segment r, starting from h0 or zero.
     """
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    DK: tl.constexpr = BK if GATE_K else 1
     dtype = q_ptr.dtype.element_ty
     seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
     if seq >= N:
@@ -370,36 +341,24 @@ def chunk_fused_forward_kernel(
     else:
         h = tl.zeros([BK, BV], dtype=tl.float32)
     if CARRY:
-        DS: tl.constexpr = K if GATE_K else 1  # decay's row length (DK is its power-of-2 tile)
-        cd = tl.arange(0, DK)
         for r in range(tl.load(seg_offsets_ptr + seq), i_s):
-            d = tl.load(decay_ptr + (r * H + i_h) * DS + cd, mask=cd < DS, other=0.0)
-            h = h * tl.exp(d)[:, None] + tl.load(
+            h = h * tl.exp(tl.load(decay_ptr + r * H + i_h)) + tl.load(
                 states_ptr + (r * H + i_h).to(tl.int64) * K * V + tile, mask=mkv, other=0.0)
-    if STORE_STATES:
-        slot = tl.load(chunk_offsets_ptr + seq).to(tl.int64) + (start - tl.load(cu_ptr + seq)) // BT
     i_q = i_h // (H // HQ)
     for t0 in range(start, end, BT):
         L = tl.minimum(end - t0, BT).to(tl.int32)
         valid = rows < L
         mk = valid[:, None] & (ck[None, :] < K)
         mv = valid[:, None] & (cv[None, :] < V)
-        if STORE_STATES:
-            tl.store(h_ptr + (slot * H + i_h) * K * V + tile, h.to(dtype), mask=mkv)
-            slot += 1
         q = tl.load(q_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :], mask=mk, other=0.0)
         k = tl.load(k_ptr + ((t0 + rows[:, None]) * HQ + i_q) * K + ck[None, :], mask=mk, other=0.0)
         v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-        b, b_last = _chunk_gates(g_ptr, b_ptr, t0, rows, L, i_h, ck, H, K, GATE_K)
-        if GATE_K:
-            a = tl.load(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :], mask=valid[:, None], other=0.0)
-            qg = tl.where(mk, q.to(tl.float32) * tl.exp(b), 0.0).to(dtype)
-            o = tl.dot(qg, h.to(dtype)) * scale + tl.dot(a.to(dtype), v)
-        else:
-            a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
-            o = (tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)) * scale
-        tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], o.to(dtype), mask=mv)
-        h = _chunk_state_update(h, k, v, b, b_last, valid, GATE_K)
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b, b_last = _scalar_gate_cumsum(g, rows, L)
+        a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
+        o = tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)
+        tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
+        h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
     if STORE_HT & (end >= eos):
         tl.store(ht_ptr + (seq.to(tl.int64) * H + i_h) * K * V + tile, h, mask=mkv)
 
