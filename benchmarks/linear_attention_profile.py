@@ -10,9 +10,10 @@ A variant SPEC is comma-separated key=value over the keys of
 `flame.kernels.linear_attention.gla_intra_config()` (integers; 0/1 for the switches, None for
 a default), e.g. `grad_unroll=4,grad_scratch=1,grad_split=1`; `default` names the default
 itself (a second timing of it, for the spread). The variants only change the GLA kernels, so
-they are timed for gla alone. --forwards times each kernel with each of its forwards beside
-the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each segment's
-chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
+they are timed for gla alone. --forwards times simple_gla with each forward of a scalar gate
+beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
+segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
+kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
 benchmarks/results/ and prints a table last.
 """
 
@@ -143,7 +144,7 @@ def main():
             row["profile_fwdbwd_ms"] = profiled(fwdbwd)
             row["intra_kernels_fwdbwd_ms"] = intra_times(row["profile_fwdbwd_ms"])
             row["variants"] = {}
-            for choice in args.forwards:
+            for choice in args.forwards if kernel == "simple_gla" else []:
                 with forced_forward(choice):
                     fwdbwd()  # the first call of this forward compiles it
                     fwd()
