@@ -8,8 +8,9 @@ as `dispatch.use_triton` decides. A layer's saved activations are its inputs, fo
 intra-chunk score matrix [B, T, H, 64] (half the size of q at K = 128; recomputing it costs
 more than any other GLA kernel), and for GLA by default the chunk states and the gate's
 cumulative sums that the forward computed anyway (`backward_mode`). A scalar gate's forward
-that keeps nothing runs as one kernel serial over chunks where sequences and heads fill the
-GPU (`fused_forward`), else as cumsum, state pass and chunk-parallel output.
+that keeps nothing runs as one kernel serial over the chunks of each segment (at most 4096
+tokens of a sequence; later segments enter with the state a first pass carries) where segments
+and heads fill the GPU (`fused_forward`), else as cumsum, state pass and chunk-parallel output.
 """
 
 import os

@@ -1,7 +1,7 @@
 """Triton kernels of chunked gated linear attention (imports only triton).
 
 Sequences are cut into chunks of BT = 64 tokens; every kernel but the state scan (and the
-scalar gate's fused forward, which walks a sequence's chunks with the state) is parallel over
+scalar gate's fused forward, which walks a segment's chunks with the state) is parallel over
 chunks. Notation inside a chunk of L valid rows: b = cumulative sum of the
 log decay g (fp32, per key dimension; a scalar gate is broadcast over K), b_L its last row,
 h_n the state entering chunk n, dh_n the gradient of the state leaving chunk n.
