@@ -539,7 +539,7 @@ def chunk_backward_dv_dg_grouped_kernel(
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
     k = tl.load(k_ptr + pq, mask=mk, other=0.0)
     qk = tl.dot(q, tl.trans(k))  # [t, s] = q_t . k_s
-    kq = tl.dot(k, tl.trans(q))  # [s, t]
+    kq = tl.trans(qk)  # [s, t]
     for j in range(HEADS):
         i_h = i_p * HEADS + j
         pv, b, b_last, do, v, h, dh = _value_head_chunk(b_ptr, do_ptr, v_ptr, h_ptr, dh_ptr, i_c, i_h, t0, L,
