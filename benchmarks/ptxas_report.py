@@ -73,7 +73,7 @@ def compile_sm90(kernel, constexprs: dict, scalars: dict, int_pointers: set, fp3
 def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str:
     # u (v' = u - w S cancels), L (the prep kernel's scratch), the states and their gradients are fp32
     _, info = compile_sm90(kernel, constexprs, {"T": "i32", "N": "i32", "scale": "fp32"},
-                           {"cu_seqlens", "chunk_indices", "chunk_offsets", "seq_order"},
+                           {"cu_seqlens", "chunk_indices", "chunk_offsets"},
                            {"g", "gcum", "dg", "dbeta", "u", "lbuf", "h0", "ht", "dht", "dh0"},
                            {"num_warps": num_warps, "num_stages": num_stages}, aligned=True)
     return " | ".join(line.split("info    :")[-1].strip() for line in info.splitlines()

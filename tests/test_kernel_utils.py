@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from flame.kernels.utils import _chunk_indices, default_cu_seqlens, longest_first, prepare_chunk_indices
+from flame.kernels.utils import _chunk_indices, default_cu_seqlens, prepare_chunk_indices
 
 
 def expected(cu: list[int], chunk: int, slots: int):
@@ -62,16 +62,6 @@ def test_default_cu_seqlens_kept_per_shape():
     assert default_cu_seqlens(3, 100, torch.device("cpu")) is first
     assert default_cu_seqlens(3, 64, torch.device("cpu")).tolist() == [0, 64, 128, 192]
     assert prepare_chunk_indices(first, 64, 8)[0] is prepare_chunk_indices(first, 64, 8)[0]
-
-
-def test_longest_first_orders_sequences_by_length():
-    cu = torch.tensor([0, 5, 5, 75, 100, 105], dtype=torch.int32)  # lengths 5, 0, 70, 25, 5
-    order = longest_first(cu)
-    assert order.dtype == torch.int32
-    assert order.tolist() == [2, 3, 0, 4, 1]  # ties keep document order
-    assert longest_first(cu) is order  # cached with the chunk indices
-    cu += 0  # modified in place: built again
-    assert longest_first(cu) is not order
 
 
 def test_host_integer_helpers_match_triton():

@@ -30,8 +30,8 @@ from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, ba
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import (cdiv, compile_variants, longest_first, max_num_chunks, needs_backward,
-                                 next_power_of_2, num_sms, prepare_chunk_indices)
+from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
+                                 num_sms, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -182,7 +182,7 @@ def _prepare_kernel(
 
 @triton.jit
 def _state_output_kernel(
-    q, k, w, u, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, seq_order, scale,
+    q, k, w, u, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -193,11 +193,10 @@ def _state_output_kernel(
     # (the backward's recomputation, or split_output()) no q is read and no o written.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
+    n = nh // HV
     hv = nh % HV
     h = hv // (HV // H)
     if IS_VARLEN:
-        n = tl.load(seq_order + nh // HV)  # long documents first (`longest_first`)
-        nh = n * HV + hv
         bos = tl.load(cu_seqlens + n).to(tl.int32)
         eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
         if STORE_STATES:
@@ -205,7 +204,6 @@ def _state_output_kernel(
         else:
             slot0 = 0
     else:
-        n = nh // HV
         bos = n * T
         eos = bos + T
         slot0 = (n * tl.cdiv(T, BT)).to(tl.int64)
@@ -423,8 +421,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     BV = _state_block(q, N, HV, V)
-    order = longest_first(cu_seqlens) if cu_seqlens is not None else None
-    args = (q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, order, scale, T, H, HV, K, V)
+    args = (q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=initial_state is not None,
                    IS_VARLEN=cu_seqlens is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
                    num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, longest_first, max_num_chunks,
+from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
                                 next_power_of_2, num_sms, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
@@ -96,7 +96,7 @@ def _local_dv_kernel(
 
 @triton.jit
 def _state_grad_kernel(
-    q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, seq_order, scale,
+    q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -106,16 +106,14 @@ def _state_grad_kernel(
     # it and overwrites it with the whole dv' (same program, same tile: the read comes first).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
+    n = nh // HV
     hv = nh % HV
     h = hv // (HV // H)
     if IS_VARLEN:
-        n = tl.load(seq_order + nh // HV)  # long documents first (`longest_first`)
-        nh = n * HV + hv
         bos = tl.load(cu_seqlens + n).to(tl.int32)
         eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
         slot0 = tl.load(chunk_offsets + n).to(tl.int64)
     else:
-        n = nh // HV
         bos = n * T
         eos = bos + T
         slot0 = (n * tl.cdiv(T, BT)).to(tl.int64)
@@ -388,8 +386,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
             compile_variants(_local_dv_kernel, local_args, {}, [local_options])
         if local_dv:
             _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](*local_args, **local_options)
-    order = longest_first(cu_seqlens) if cu_seqlens is not None else None
-    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, order, scale, T, H, HV, K, V)
+    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
                    USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)

@@ -28,7 +28,6 @@ from flame.kernels.utils import (
     check_initial_state,
     compile_variants,
     default_cu_seqlens,
-    longest_first,
     max_num_chunks,
     needs_backward,
     next_power_of_2,
@@ -115,7 +114,6 @@ class _Chunks:
         self.num_seqs = cu_seqlens.numel() - 1
         self.slots = max_num_chunks(total_len, self.num_seqs, kern.CHUNK_SIZE)
         self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.CHUNK_SIZE, self.slots)
-        self.order = longest_first(cu_seqlens)  # the order of the state passes' sequences
 
 
 def _cumsum(g, scalar_gate, H, K, chunks):
@@ -158,7 +156,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
             h0 if h0 is not None else dummy, dht if dht is not None else dummy,
             dummy if h is None else h, dummy if dh is None else dh,
             ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
-            chunks.cu_seqlens, chunks.offsets, chunks.order, N, scale)
+            chunks.cu_seqlens, chunks.offsets, N, scale)
     options = dict(SCALAR_GATE=b.shape[-1] == 1, H=H, HQ=HQ, K=K, V=V, FORWARD=forward, BACKWARD=backward,
                    HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
                    STORE_HT=ht is not None, STORE_DH0=dh0 is not None, num_warps=NUM_WARPS)

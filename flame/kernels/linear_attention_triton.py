@@ -133,7 +133,7 @@ def _state_pass(
 @triton.jit(do_not_specialize=["N"])
 def chunk_state_kernel(
     k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
-    cu_ptr, chunk_offsets_ptr, seq_order_ptr, N, scale,
+    cu_ptr, chunk_offsets_ptr, N, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     FORWARD: tl.constexpr, BACKWARD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
     STORE_HT: tl.constexpr, STORE_DH0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -143,7 +143,7 @@ def chunk_state_kernel(
     FORWARD writes h (state entering each chunk) and ht; BACKWARD writes dh (gradient of the
     state leaving each chunk) and dh0. With both, the two independent passes share one launch:
     programs past the first N sequences run the reverse pass, which doubles the parallelism
-    when few long sequences leave SMs idle. Sequences go in `seq_order`, longest first.
+    when few long sequences leave SMs idle.
     """
     i_kv, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -154,7 +154,7 @@ def chunk_state_kernel(
         reverse = i_p >= 0
     else:
         reverse = i_p < 0
-    i_n = tl.load(seq_order_ptr + i_p % N)  # long sequences first (`longest_first`)
+    i_n = i_p % N
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
     first = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)

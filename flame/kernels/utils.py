@@ -200,24 +200,7 @@ def max_num_chunks(total_len: int, num_seqs: int, chunk_size: int) -> int:
 # its chunk indices are built once and reused while that tensor lives and is not modified.
 # Keys hold a weak reference, so a freed tensor never matches a new one at the same address.
 _CHUNK_INDEX_CACHE: dict[tuple, tuple] = {}
-_CHUNK_INDEX_CACHE_SIZE = 16
-
-
-def _cached(cu_seqlens: torch.Tensor, key: tuple, build):
-    """build(cu_seqlens), kept while that tensor lives and is not modified (see above)."""
-    try:
-        key = (id(cu_seqlens), cu_seqlens._version, *key)
-    except RuntimeError:  # inference tensors keep no version counter: no reuse
-        return build(cu_seqlens)
-    hit = _CHUNK_INDEX_CACHE.get(key)
-    if hit is not None and hit[0]() is cu_seqlens:
-        return hit[1]
-    result = build(cu_seqlens)
-    if not _is_fake(cu_seqlens):
-        if len(_CHUNK_INDEX_CACHE) >= _CHUNK_INDEX_CACHE_SIZE:
-            _CHUNK_INDEX_CACHE.pop(next(iter(_CHUNK_INDEX_CACHE)))
-        _CHUNK_INDEX_CACHE[key] = (weakref.ref(cu_seqlens), result)
-    return result
+_CHUNK_INDEX_CACHE_SIZE = 8
 
 
 def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_slots: int):
@@ -227,21 +210,19 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_s
     (chunk_offsets[n] is the slot of sequence n's first chunk). Slots past the real number
     of chunks get sequence index N. All on cu_seqlens' device; nothing is read back.
     """
-    return _cached(cu_seqlens, (chunk_size, num_chunk_slots),
-                   lambda cu: _chunk_indices(cu, chunk_size, num_chunk_slots))
-
-
-def longest_first(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Sequence indices by decreasing length, int32 [N], on cu_seqlens' device (nothing read
-    back). The serial state passes launch their programs in this order: a GPU starts programs
-    roughly in launch order, so a packed batch's long documents start first and the short ones
-    fill in beside them; in document order a long one late in the batch starts last and its
-    chain ends the kernel alone."""
-    def build(cu):
-        lengths = cu[1:] - cu[:-1]
-        return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
-
-    return _cached(cu_seqlens, ("longest_first",), build)
+    try:
+        key = (id(cu_seqlens), cu_seqlens._version, chunk_size, num_chunk_slots)
+    except RuntimeError:  # inference tensors keep no version counter: no reuse
+        return _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+    hit = _CHUNK_INDEX_CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    result = _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+    if not _is_fake(cu_seqlens):
+        if len(_CHUNK_INDEX_CACHE) >= _CHUNK_INDEX_CACHE_SIZE:
+            _CHUNK_INDEX_CACHE.pop(next(iter(_CHUNK_INDEX_CACHE)))
+        _CHUNK_INDEX_CACHE[key] = (weakref.ref(cu_seqlens), result)
+    return result
 
 
 def _chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_slots: int):
