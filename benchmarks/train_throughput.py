@@ -132,6 +132,8 @@ def throughput(args, selected, workdir):
                 row["tokens_per_second_by_step"] = {r["step"]: round(r["tokens_per_second"]) for r in records}
                 # the host's share of each step spent waiting for the data loader
                 row["data_wait_by_step"] = {r["step"]: round(r.get("data_wait_fraction") or 0.0, 4) for r in records}
+                # the longest packed document of each step (the serial chain of the linear-attention passes)
+                row["longest_document_by_step"] = {r["step"]: r.get("longest_document_tokens") for r in records}
             else:
                 row["error"] = log
             rows.append(row)

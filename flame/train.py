@@ -60,6 +60,7 @@ class StepResult:
     tokens: int
     scalars: torch.Tensor
     tokens_seen: int = 0  # over all ranks, after this step
+    longest_document: int = 0  # tokens of the longest packed document of its batches on this rank
 
     def __post_init__(self):
         self.queued_at = time.perf_counter()
@@ -91,11 +92,13 @@ class StepResult:
 @dataclass
 class _Window:
     """What happened since the last logged step: its end (start of this window), tokens on this
-    rank, and the host's time blocked on the device and on the data loader."""
+    rank, the host's time blocked on the device and on the data loader, and the longest
+    document of the steps' batches on this rank (the serial chain of a linear-attention layer)."""
     start: float
     tokens: int = 0
     device_wait: float = 0.0
     data_wait: float = 0.0
+    longest_document: int = 0
 
 
 def saved_dp_world_size(checkpoint_dir: str) -> int | None:
@@ -361,9 +364,10 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _next_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of one step, on their way to the device."""
-        batches = []
+    def _next_batches(self) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """The micro-batches of one step, on their way to the device, and the tokens of their
+        longest packed document (0 without document boundaries)."""
+        batches, longest = [], 0
         for _ in range(self.grad_accum):
             started = time.perf_counter()
             try:
@@ -371,8 +375,11 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError("the data loader ran out of batches") from None
             self.window.data_wait += time.perf_counter() - started
+            cu = batch.get("cu_seqlens")  # still on the host: no device sync
+            if cu is not None and cu.numel() > 1:
+                longest = max(longest, int((cu[1:] - cu[:-1]).max()))
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-        return batches
+        return batches, longest
 
     def train_step(self) -> StepResult:
         """One optimizer step over grad_accum micro-batches, queued on the device without
@@ -380,7 +387,7 @@ class Trainer:
         StepResult.values() reads them, so the host can prepare the next step meanwhile.
         The loss is the mean over every label token of the global batch, whatever the split
         into ranks and micro-batches."""
-        batches = self._next_batches()
+        batches, longest_document = self._next_batches()
         label_tokens = sum((b["labels"] != -100).sum() for b in batches).float()
         if dist.get_world_size() > 1:
             dist.all_reduce(label_tokens)
@@ -416,7 +423,8 @@ class Trainer:
         self.optimizers.zero_grad()
         tokens = sum(b["input_ids"].numel() for b in batches)
         return StepResult(self.state.step + 1, lr, tokens,
-                          torch.stack([loss, grad_norm.float(), finite.float()]))
+                          torch.stack([loss, grad_norm.float(), finite.float()]),
+                          longest_document=longest_document)
 
     def _account(self, result: StepResult) -> None:
         """A finished step's skip accounting and, on log steps, its metrics line."""
@@ -435,6 +443,7 @@ class Trainer:
                     "norm; stopping (lower optimizer.lr, or raise "
                     "training.max_consecutive_skipped_steps)")
         self.window.tokens += result.tokens
+        self.window.longest_document = max(self.window.longest_document, result.longest_document)
         step, t = result.step, self.cfg.training
         if not (step % self.cfg.metrics.log_freq == 0 or step == t.steps
                 or step == self.run_start_step + 1):
@@ -456,6 +465,8 @@ class Trainer:
             # data-bound, give it more workers)
             "device_wait_fraction": min(w.device_wait / seconds, 1.0),
             "data_wait_fraction": min(w.data_wait / seconds, 1.0),
+            # tokens of the longest packed document this rank trained on in the window
+            "longest_document_tokens": w.longest_document,
         }
         self.metrics.log(values)
         if self.rt.rank == 0:

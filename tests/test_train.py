@@ -5,6 +5,7 @@ processes and gradient accumulation against a single process."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,6 +161,9 @@ def test_debug_config_loss_falls(tmp_path):
     assert all(0 <= m[s]["data_wait_fraction"] <= 1 and m[s]["device_wait_fraction"] == 0
                for s in m)  # a CPU step is done when it is queued: no device wait
     assert sum(m[s]["tokens_per_second"] for s in m) > 0
+    # packed documents: the longest is cut at the row length
+    seq_len = int(re.search(r"^seq_len = (\d+)", open(DEBUG).read(), re.M).group(1))
+    assert all(0 < m[s]["longest_document_tokens"] <= seq_len for s in m)
     assert os.path.isfile(dump / "config.toml")
 
 
