@@ -34,11 +34,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
 from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def inputs(gated, B, T, H=16, K=128, V=128):
@@ -151,11 +150,7 @@ def main():
                 print("       ", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
         profile = list(row["profile_fwdbwd_ms"].items())[:5]
         print("    default:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
-    gpu = report["environment"]["gpu"]
-    out = args.out or RESULTS / f"delta_rule_profile_{gpu.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print("wrote", out)
+    write_report(report, args.out, "delta_rule_profile")
 
 
 if __name__ == "__main__":

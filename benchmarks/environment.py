@@ -4,7 +4,9 @@ The commit comes from FLAME_COMMIT when set (a copy of the tree without git hist
 remote GPU host), else from git; None when neither knows it.
 """
 
+import json
 import os
+import pathlib
 import platform
 import subprocess
 import time
@@ -43,3 +45,14 @@ def environment() -> dict:
         # FLAME_DELTA_BACKWARD): a result is only comparable with one run under the same ones
         "flame_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FLAME_") and k != "FLAME_COMMIT"},
     }
+
+
+def write_report(report: dict, out, name: str) -> pathlib.Path:
+    """Writes a benchmark's report (with its "environment") as JSON to `out`, or by default to
+    benchmarks/results/<name>_<gpu>.json; prints and returns the path."""
+    gpu = (report["environment"]["gpu"] or "cpu").replace(" ", "_")
+    path = pathlib.Path(out) if out else pathlib.Path(ROOT) / "benchmarks" / "results" / f"{name}_{gpu}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print("wrote", path)
+    return path

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.linear_attention as la  # noqa: E402
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_simple_gla  # noqa: E402
 from kernels import kernel_times, timed  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HEADS = (1, 32, 128, 64)  # HQ, HV, K, V
 
 
@@ -122,11 +121,7 @@ def main():
                         if isinstance(v, float))
         print(f"{row['shape']:8s} {row['variant']:48s} {t if isinstance(t, str) else f'{t:8.3f}'}  "
               f"{max(row['vs_per_head'].values()):.1e}; {top}")
-    gpu = report["environment"]["gpu"] or "cpu"
-    out = args.out or RESULTS / f"grouped_backward_{gpu.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print("wrote", out)
+    write_report(report, args.out, "grouped_backward")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.linear_attention as la  # noqa: E402
-from environment import environment  # noqa: E402
+from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_gla, chunk_simple_gla  # noqa: E402
 from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 from ptxas_report_gla import VARIANTS, parse_spec  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 INTRA_KERNELS = ("chunk_gla_scores_kernel", "chunk_gla_intra_grad_kernel")
 DEFAULT_VARIANTS = ["default"] + VARIANTS  # the default twice: the spread of one setting
 
@@ -161,11 +160,7 @@ def main():
             del fwd, fwdbwd
             torch.cuda.empty_cache()
     print_table(report["rows"])
-    gpu = report["environment"]["gpu"] or "cpu"
-    out = args.out or RESULTS / f"linear_attention_profile_{gpu.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print("wrote", out)
+    write_report(report, args.out, "linear_attention_profile")
 
 
 if __name__ == "__main__":
