@@ -14,7 +14,8 @@ A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
 pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), grad_stages=N (pipeline stages
-of the chunk gradient kernel's V loop). Every variant is timed at every shape; the per-kernel
+of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length). Every variant is timed at every shape; the per-kernel
 profile is taken for the default, and with --profile-variants for each variant too.
 
 bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
@@ -23,6 +24,7 @@ bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -34,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
+import flame.kernels.delta_rule_segments as segments  # noqa: E402
 from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
 from kernels import autograd_calls, kernel_times, timed  # noqa: E402
@@ -60,6 +63,7 @@ def variant(spec: str):
                "chunk_grad_stages": bwd,
                "split_dv_local": bwd, "local_dv_config": bwd}
     saved = {name: getattr(module, name) for name, module in modules.items()}
+    saved_mode, saved_tokens = os.environ.get("FLAME_DELTA_SEGMENTS"), segments.SEGMENT_TOKENS
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -85,12 +89,21 @@ def variant(spec: str):
             elif key == "local_dv":
                 bv, warps = (int(x) for x in value.split("x"))
                 bwd.local_dv_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            elif key == "segments":
+                os.environ["FLAME_DELTA_SEGMENTS"] = value
+            elif key == "segment_tokens":
+                segments.SEGMENT_TOKENS = int(value)
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield
     finally:
         for name, module in modules.items():
             setattr(module, name, saved[name])
+        segments.SEGMENT_TOKENS = saved_tokens
+        if saved_mode is None:
+            os.environ.pop("FLAME_DELTA_SEGMENTS", None)
+        else:
+            os.environ["FLAME_DELTA_SEGMENTS"] = saved_mode
 
 
 

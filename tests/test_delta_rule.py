@@ -269,6 +269,104 @@ def test_split_dv_local_recompute(monkeypatch):
         assert rel(grad, ref) < 1e-5, name
 
 
+def force_segments(monkeypatch, tokens: int | None):
+    """Serial passes over segments of `tokens` tokens wherever a sequence can be longer (None:
+    never); returns a list that records each use of the transition passes."""
+    from flame.kernels import delta_rule, delta_rule_bwd, delta_rule_segments
+
+    uses = []
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "off" if tokens is None else "on")
+    if tokens is not None:
+        monkeypatch.setattr(delta_rule_segments, "SEGMENT_TOKENS", tokens)
+    entry, end = delta_rule.segment_entry_states, delta_rule_bwd.segment_end_grads
+    monkeypatch.setattr(delta_rule, "segment_entry_states", lambda *a: uses.append("entry") or entry(*a))
+    monkeypatch.setattr(delta_rule_bwd, "segment_end_grads", lambda *a: uses.append("end") or end(*a))
+    return uses
+
+
+# (B, T, H, HV, K, V, cu_seqlens, segment tokens): sequences of one to five segments, one of them
+# shorter than a segment, an empty one, and one that ends on a segment's last token.
+SEGMENT_CASES = {
+    "dense-gated": (2, 200, 1, 2, 16, 32, None, 64, True),
+    "varlen-plain": (1, 300, 2, 2, 32, 16, [0, 9, 200, 200, 300], 64, False),
+    "varlen-grouped-gated": (1, 300, 1, 3, 16, 16, [0, 140, 141, 300], 128, True),
+}
+
+
+@pytest.mark.parametrize("backward", ["saved", "recompute"])
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+def test_segments(case, backward, monkeypatch):
+    """The serial passes over segments (transition passes, combine, then the passes entered with
+    the combined states): float64 within the tolerances of the whole-sequence passes, and their
+    results up to fp32 rounding; the in-chunk dv' split on for the gated cases (read by the
+    reverse transition pass)."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
+    B, T, H, HV, K, V, cu, tokens, gated = SEGMENT_CASES[case]
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    force_splits(monkeypatch, True, gated)
+    # the recomputing backward runs the forward's state pass again, over the same segments
+    expected = ["entry", "end"] if backward == "saved" else ["entry", "entry", "end"]
+    results = {}
+    for segments in (tokens, None):
+        uses = force_segments(monkeypatch, segments)
+        results[segments] = run_public(*inputs, cu, gated, do, dht)
+        assert uses == (expected if segments else []), uses
+    (o, ht, grads), (o1, ht1, grads1) = results[tokens], results[None]
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    assert rel(o, o1) < 1e-6 and rel(ht, ht1) < 1e-6
+    for name, grad, ref, whole in zip(NAMES, grads, grads_ref, grads1):
+        if not gated and name == "g":
+            continue
+        assert rel(grad, ref) < 1e-5, name
+        assert rel(grad, whole) < 1e-6, name
+
+
+def test_segments_without_states(monkeypatch):
+    """No initial state and no final state: the combine starts from zero in both directions."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    q, k, v, g, beta, _ = make_inputs(1, 260, 1, 2, 16, 16, 2, dtype=torch.float32)
+    cu = torch.tensor([0, 200, 260], dtype=torch.int32)
+    grads = {}
+    for segments in (64, None):
+        uses = force_segments(monkeypatch, segments)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        o, ht = chunk_gated_delta_rule(*leaves, cu_seqlens=cu)
+        assert ht is None
+        (o * o).sum().backward()
+        grads[segments] = [o] + [x.grad for x in leaves]
+        assert uses == (["entry", "end"] if segments else []), uses
+    ref = recurrent_ref(q.double(), k.double(), v.double(), g=g.double(), beta=beta.double(), delta=True,
+                        cu_seqlens=cu)[0]
+    assert rel(grads[64][0], ref) < 1e-5
+    for a, b in zip(grads[64], grads[None]):
+        assert rel(a, b) < 1e-6
+
+
+def test_segment_rule():
+    """Segments where a sequence may outrun one and the whole-sequence passes would leave SMs
+    idle (dense: few sequences; packed: any long batch, since a document's length is unknown on
+    the host), never for batches no longer than a segment."""
+    from flame.kernels.delta_rule_segments import SEGMENT_TOKENS, use_segments
+
+    long = 8 * SEGMENT_TOKENS
+    assert use_segments(1, long, False, 16, 128, 132)  # B = 1, 16 heads: 32 programs
+    assert not use_segments(8, long, False, 16, 128, 132)  # 256 programs: load-bound already
+    assert use_segments(30, long, True, 4, 256, 132)
+    assert not use_segments(1, SEGMENT_TOKENS, False, 16, 128, 132)
+    assert not use_segments(1, SEGMENT_TOKENS, True, 4, 256, 132)
+
+
+def test_segment_mode_rejected(monkeypatch):
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "sometimes")
+    q, k, v, g, beta, _ = make_inputs(1, 20, 1, 1, 16, 16, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="FLAME_DELTA_SEGMENTS"):
+        chunk_gated_delta_rule(q, k, v, g, beta)
+
+
 def test_backward_mode_default_is_saved(monkeypatch):
     from flame.kernels import delta_rule
 
@@ -397,7 +495,13 @@ def test_bf16_gpu(case, gated, backward, split, monkeypatch):
     # dv' term before the reverse serial pass, whatever the defaults of those switches are
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
     force_splits(monkeypatch, split, split)
-    B, T, H, HV, K, V, cu = GPU_CASES[case]
+    check_bf16_gpu(GPU_CASES[case], gated, f"{case} {backward} {'split' if split else 'single'}")
+
+
+def check_bf16_gpu(shape, gated, label):
+    """bf16 outputs, final states and every gradient on the GPU against float64 on the same
+    bf16-rounded inputs: within 5e-3 (outputs, states) and 2e-2 (gradients) relative error norm."""
+    B, T, H, HV, K, V, cu = shape
     cu = torch.tensor(cu, dtype=torch.int32, device="cuda") if cu is not None else None
     N = B if cu is None else len(cu) - 1
     inputs = make_inputs(B, T, H, HV, K, V, N, dtype=torch.bfloat16, device="cuda")
@@ -415,7 +519,20 @@ def test_bf16_gpu(case, gated, backward, split, monkeypatch):
     for name, grad, ref in zip(NAMES, grads, grads_ref):
         if gated or name != "g":
             errors["d" + name] = rel(grad, ref)
-    print(case, "gated" if gated else "plain", backward, "split" if split else "single",
-          {n: f"{e:.2e}" for n, e in errors.items()})
+    print(label, "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
     assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
     assert all(e < 2e-2 for n, e in errors.items() if n.startswith("d")), errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("case", ["dense", "varlen", "small-varlen", "long"])
+def test_segments_bf16_gpu(case, gated, monkeypatch):
+    """bf16 serial passes over segments against float64: the cases of test_bf16_gpu cut into
+    segments of 128 tokens, and `long` (sequences of several default segments, their default rule)."""
+    cases = {**GPU_CASES, "long": (1, 10000, 2, 4, 128, 128, [0, 9000, 9100, 10000])}
+    uses = force_segments(monkeypatch, 128 if case != "long" else None)
+    if case == "long":
+        monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+    check_bf16_gpu(cases[case], gated, f"{case} segments")
+    assert uses == ["entry", "end"], uses

@@ -29,6 +29,7 @@ import triton.language as tl
 from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
+from flame.kernels.delta_rule_segments import last_segment_states, plan_segments, segment_entry_states
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
                                  num_sms, prepare_chunk_indices)
@@ -420,14 +421,25 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
         vn = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    BV = _state_block(q, N, HV, V)
-    args = (q, k, w, u, gcum, o, initial_state, ht, hs, vn, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
-    options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=initial_state is not None,
-                   IS_VARLEN=cu_seqlens is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
+    seg = plan_segments(q, cu_seqlens, HV, V)
+    # With segments the pass runs over them as sequences of their own, entered with the states
+    # that the transition pass and the combine give (delta_rule_segments.py).
+    h0, offsets, first_slots, programs = initial_state, cu_seqlens, chunk_offsets, N
+    if seg is not None:
+        h0, offsets, programs = segment_entry_states(k, w, u, gcum, initial_state, seg), seg.bounds, seg.slots
+        ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
+        if store_states:  # the same chunk slots as the sequences', since segments are whole chunks
+            _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
+    BV = _state_block(q, programs, HV, V)
+    args = (q, k, w, u, gcum, o, h0, ht, hs, vn, offsets, first_slots, scale, T, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=h0 is not None,
+                   IS_VARLEN=offsets is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
                    num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
-    if cu_seqlens is not None and q.is_cuda:  # BV follows the document count, which varies by batch
+    if offsets is not None and q.is_cuda:  # BV follows the document count, which varies by batch
         compile_variants(_state_output_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
-    _state_output_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV)
+    _state_output_kernel[(cdiv(V, BV), programs * HV)](*args, **options, BV=BV)
+    if seg is not None:
+        ht = last_segment_states(ht, seg, initial_state)
     return o, ht, hs, vn, chunk_offsets
 
 

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flame.kernels.delta_rule_segments import first_segment_grads, plan_segments, segment_end_grads
 from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
                                 next_power_of_2, num_sms, prepare_chunk_indices, sum_head_groups)
 
@@ -372,8 +373,10 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     else:
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
-    BV = state_block(q, N, HV, V)
-    local_dv = split_dv_local(g is not None, cdiv(V, BV) * N * HV, num_sms(q.device))
+    seg = plan_segments(q, cu_seqlens, HV, V)
+    programs = seg.slots if seg is not None else N  # of the reverse pass: per segment or per sequence
+    BV = state_block(q, programs, HV, V)
+    local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device))
     # BV, and with it the split of dv', follow the document count, which varies by batch: every
     # kernel a batch may pick is compiled at the first packed call
     compile_all = cu_seqlens is not None and q.is_cuda
@@ -386,15 +389,26 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
             compile_variants(_local_dv_kernel, local_args, {}, [local_options])
         if local_dv:
             _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](*local_args, **local_options)
-    args = (q, k, w, gcum, do, dht, dh0, dhs, dv2, cu_seqlens, chunk_offsets, scale, T, H, HV, K, V)
-    options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dht is not None,
-                   USE_H0=initial_state is not None, IS_VARLEN=cu_seqlens is not None,
+    # With segments the reverse pass runs over them as sequences of their own, from the state
+    # gradients leaving them that the transition pass and the combine give (delta_rule_segments.py).
+    dS_end, offsets, first_slots, dh0_out = dht, cu_seqlens, chunk_offsets, dh0
+    if seg is not None:
+        dS_end = segment_end_grads(q, k, w, gcum, do, dv2, dht, seg, scale, local_dv)
+        offsets = seg.bounds
+        _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
+        if initial_state is not None:
+            dh0_out = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
+    args = (q, k, w, gcum, do, dS_end, dh0_out, dhs, dv2, offsets, first_slots, scale, T, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dS_end is not None,
+                   USE_H0=initial_state is not None, IS_VARLEN=offsets is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
     if compile_all:
         splits = (False, True) if g is not None else (False,)
         compile_variants(_state_grad_kernel, args, options,
                          [{"BV": b, "LOCAL_DV": s} for b in state_block_choices(q, V) for s in splits])
-    _state_grad_kernel[(cdiv(V, BV), N * HV)](*args, **options, BV=BV, LOCAL_DV=local_dv)
+    _state_grad_kernel[(cdiv(V, BV), programs * HV)](*args, **options, BV=BV, LOCAL_DV=local_dv)
+    if seg is not None and initial_state is not None:
+        dh0 = first_segment_grads(dh0_out, seg, dht)
     grad_dtype = torch.float32 if HV != H else q.dtype
     dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)

@@ -210,14 +210,39 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_s
     (chunk_offsets[n] is the slot of sequence n's first chunk). Slots past the real number
     of chunks get sequence index N. All on cu_seqlens' device; nothing is read back.
     """
+    return _cached(cu_seqlens, ("chunks", chunk_size, num_chunk_slots), _chunk_indices)
+
+
+def prepare_segments(cu_seqlens: torch.Tensor, segment_size: int, num_segment_slots: int):
+    """Segments of at most `segment_size` tokens of each sequence (every one but a sequence's
+    last a multiple of the chunk size when segment_size is): `(indices, offsets)` as
+    `prepare_chunk_indices` gives for spans of segment_size, and `bounds` int32
+    [num_segment_slots + 1], the segments' token offsets in the flattened batch as a cu_seqlens
+    of its own (spare slots empty, at the end). On the device, cached like the chunk indices."""
+    return _cached(cu_seqlens, ("segments", segment_size, num_segment_slots), _segments)
+
+
+def _segments(cu_seqlens: torch.Tensor, segment_size: int, num_segment_slots: int):
+    indices, offsets = _chunk_indices(cu_seqlens, segment_size, num_segment_slots)
+    cu = cu_seqlens.to(torch.int64)
+    seq, part = indices[:, 0].to(torch.int64), indices[:, 1].to(torch.int64)
+    num_seqs = cu.numel() - 1
+    start = cu[torch.clamp(seq, max=num_seqs - 1)] + part * segment_size
+    start = torch.where(seq < num_seqs, start, cu[-1])
+    bounds = torch.cat([start, cu[-1:]]).to(torch.int32).contiguous()
+    return indices, offsets, bounds
+
+
+def _cached(cu_seqlens: torch.Tensor, what: tuple, build):
+    """build(cu_seqlens, *what[1:]), reused while that cu_seqlens tensor lives unmodified."""
     try:
-        key = (id(cu_seqlens), cu_seqlens._version, chunk_size, num_chunk_slots)
+        key = (id(cu_seqlens), cu_seqlens._version) + what
     except RuntimeError:  # inference tensors keep no version counter: no reuse
-        return _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+        return build(cu_seqlens, *what[1:])
     hit = _CHUNK_INDEX_CACHE.get(key)
     if hit is not None and hit[0]() is cu_seqlens:
         return hit[1]
-    result = _chunk_indices(cu_seqlens, chunk_size, num_chunk_slots)
+    result = build(cu_seqlens, *what[1:])
     if not _is_fake(cu_seqlens):
         if len(_CHUNK_INDEX_CACHE) >= _CHUNK_INDEX_CACHE_SIZE:
             _CHUNK_INDEX_CACHE.pop(next(iter(_CHUNK_INDEX_CACHE)))

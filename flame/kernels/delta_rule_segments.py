@@ -1,0 +1,310 @@
+"""Segments of long sequences for the delta rule's serial passes.
+
+The chunk-to-chunk passes (delta_rule.py, delta_rule_bwd.py) walk a sequence from its first
+chunk to its last; with few long sequences (B = 1, T = 32768, or a long packed document) that
+chain is the whole pass's time while most SMs idle. The state entering a chunk is an affine
+function of the state entering the one before,
+    S1 = T S0 + (k exp(gl - gc))^T u,   T = exp(gl) I - (k exp(gl - gc))^T w   ([K, K]),
+so over a segment of chunks S_end = M S_start + E, with M the product of the segment's T and E
+the state it leaves when entered with zero. Three steps replace one long chain:
+  1. `_segment_transition_kernel`, parallel over (segment, value head, column block): the
+     state pass over each segment but a sequence's last, on V value columns entered with zero
+     (E) and K columns entered with the identity whose values u are zero (M), written
+     [E | M] [segments, HV, K, V + K] in fp32;
+  2. `_segment_combine_kernel`, per (sequence, value head, V block), serial over the sequence's
+     segments only: S <- M S + E, storing every segment's entry state;
+  3. the state pass itself over the segments as sequences of their own, entered with those states.
+The reverse pass is affine too: the state gradient entering a chunk is T^T dS1 plus terms of
+do, so over a segment dS_start = P dS_end + F, P = M^T; `_segment_transition_grad_kernel` forms
+[F | P] for each segment but a sequence's first (F from a zero end gradient, P from identity
+columns with no output gradient), the combine runs from the last segment to the first, and the
+reverse pass runs over the segments from their end gradients.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, default_cu_seqlens, max_num_chunks, next_power_of_2,
+                                 num_sms, prepare_segments)
+
+CHUNK = 64
+SEGMENT_TOKENS = 4096  # tokens of a segment: 64 chunks of the serial chain
+
+
+@dataclass
+class Segments:
+    """A batch's sequences cut into segments of `length` tokens (see prepare_segments)."""
+
+    length: int
+    packed: bool  # the batch came with cu_seqlens (its document count varies from batch to batch)
+    num_seqs: int
+    slots: int  # segment slots: an upper bound on the number of segments
+    cu_seqlens: torch.Tensor  # the sequences' offsets
+    indices: torch.Tensor  # [slots, 2] (sequence, segment within it)
+    offsets: torch.Tensor  # [N + 1] first segment slot of each sequence
+    bounds: torch.Tensor  # [slots + 1] the segments' offsets, a cu_seqlens of segments
+
+
+SEGMENT_MODES = ("auto", "on", "off")
+
+
+def segment_mode() -> str:
+    """FLAME_DELTA_SEGMENTS: auto (default, `use_segments`), on (whenever a sequence can be
+    longer than a segment), off."""
+    mode = os.environ.get("FLAME_DELTA_SEGMENTS", "auto")
+    if mode not in SEGMENT_MODES:
+        raise ValueError(f"FLAME_DELTA_SEGMENTS must be one of {SEGMENT_MODES}, got {mode!r}")
+    return mode
+
+
+def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms: int) -> bool:
+    """Whether the serial passes run over segments: where some sequence may be longer than a
+    segment and, for equal-length sequences, the passes would otherwise have fewer programs of
+    64 columns of V than SMs, which is where the chain of one sequence is the pass's time (with
+    more, the passes are bound by their loads, and the transition pass would add to them).
+    Packed batches take segments whenever they are longer than one: the length of their
+    longest document is not known on the host."""
+    if seq_len <= SEGMENT_TOKENS:
+        return False
+    return packed or num_seqs * HV * cdiv(V, 64) < sms
+
+
+def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> Segments | None:
+    """The segments of this batch for the serial passes, or None where they run per sequence.
+    Heads of K <= 128 only: the combine holds an fp32 [K, K] transition in registers."""
+    B, T, _, K = q.shape
+    mode = segment_mode()
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if mode == "off" or K > 128 or T <= SEGMENT_TOKENS:
+        return None
+    if mode == "auto" and not use_segments(N, T, cu_seqlens is not None, HV, V, num_sms(q.device)):
+        return None
+    cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
+    slots = max_num_chunks(B * T, N, SEGMENT_TOKENS)
+    indices, offsets, bounds = prepare_segments(cu, SEGMENT_TOKENS, slots)
+    return Segments(SEGMENT_TOKENS, cu_seqlens is not None, N, slots, cu, indices, offsets, bounds)
+
+
+def segment_column_block(element_size: int) -> int:
+    """Columns (of V + K) per program of the transition passes: the V block of the serial
+    passes for 16-bit heads of K <= 128, half of it for fp32 tiles (shared memory)."""
+    return 32 if element_size > 2 else 64
+
+
+COMBINE_BLOCK = 64  # V columns per program of the combine
+COMBINE_WARPS = 8  # its fp32 [K, K] transition: 64 registers per thread at K = 128
+
+
+@triton.jit
+def _segment_span(s, indices, cu_seqlens, N, SEG):
+    """(segment index within its sequence, first token, end token, end of sequence) of slot s;
+    spare slots get an empty sequence."""
+    i, bos, eos = chunk_span(s, 0, indices, cu_seqlens, 0, N, 1, True)
+    start = bos + i * SEG
+    return i, start, tl.minimum(start + SEG, eos), eos
+
+
+@triton.jit(do_not_specialize=["N", "SEG"])
+def _segment_transition_kernel(
+    k, w, u, gcum, x, cu_seqlens, indices, N, SEG,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr,
+):
+    # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
+    # identity, whose values are zero (u is read for c < V only).
+    ic = tl.program_id(0)
+    s = tl.program_id(1)
+    hv = tl.program_id(2)
+    h = hv // (HV // H)
+    _, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
+    if end >= eos:  # a sequence's last segment (or a spare slot) passes nothing on
+        return
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cc = ic * BC + tl.arange(0, BC)
+    S = (ck[:, None] == cc[None, :] - V).to(tl.float32)
+    for t0 in range(start, end, BT):
+        rows = t0 + r
+        rmask = rows < end
+        kmask = rmask[:, None] & (ck[None, :] < K)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+        b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=rmask[:, None] & (cc[None, :] < V),
+                      other=0.0)
+        dt = b_k.dtype
+        v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        if USE_G:
+            b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+            last = tl.load(gcum + (tl.minimum(t0 + BT, end) - 1) * HV + hv)
+            b_vd = (v_new * tl.exp(last - b_gc)[:, None]).to(dt)
+            S = S * tl.exp(last)
+        else:
+            b_vd = v_new.to(dt)
+        S = S + tl.dot(tl.trans(b_k), b_vd)
+    tl.store(x + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * (V + K) + cc[None, :], S,
+             mask=(ck[:, None] < K) & (cc[None, :] < V + K))
+
+
+@triton.jit(do_not_specialize=["N", "SEG"])
+def _segment_transition_grad_kernel(
+    q, k, w, gcum, do, dv2, x, cu_seqlens, indices, N, SEG, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, LOCAL_DV: tl.constexpr,
+):
+    # The reverse pass over one segment from a zero end gradient (columns c < V, with the output
+    # gradient do) and from identity columns with none (V <= c < V + K). LOCAL_DV: dv2 holds the
+    # in-chunk term of dv' (`_local_dv_kernel`), read here and left for the reverse pass.
+    ic = tl.program_id(0)
+    s = tl.program_id(1)
+    hv = tl.program_id(2)
+    h = hv // (HV // H)
+    i, start, end, _ = _segment_span(s, indices, cu_seqlens, N, SEG)
+    if (i == 0) | (end <= start):  # a sequence's first segment (or a spare slot) passes nothing on
+        return
+    r = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cc = ic * BC + tl.arange(0, BC)
+    dS = (ck[:, None] == cc[None, :] - V).to(tl.float32)
+    causal_t = r[:, None] <= r[None, :]
+    for c in range(tl.cdiv(end - start, BT) - 1, -1, -1):
+        t0 = start + c * BT
+        rows = t0 + r
+        rmask = rows < end
+        kmask = rmask[:, None] & (ck[None, :] < K)
+        vmask = rmask[:, None] & (cc[None, :] < V)
+        b_q = tl.load(q + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
+        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+        b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
+        dt = b_q.dtype
+        k_dS = tl.dot(b_k, dS.to(dt))
+        if USE_G:
+            gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+            last = tl.load(gcum + (tl.minimum(t0 + BT, end) - 1) * HV + hv)
+            gc = tl.where(rmask, gc, last)
+            k_dS = k_dS * tl.exp(last - gc)[:, None]
+            b_dos = (b_do.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
+        else:
+            b_dos = (b_do.to(tl.float32) * scale).to(dt)
+        if LOCAL_DV:
+            b_local = tl.load(dv2 + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
+            b_dv = b_local.to(tl.float32) + k_dS
+        else:
+            kq = tl.dot(b_k, tl.trans(b_q))
+            if USE_G:
+                kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
+            kq = tl.where(causal_t, kq, 0.0) * scale
+            b_dv = tl.dot(kq.to(dt), b_do) + k_dS
+        if USE_G:
+            dS = dS * tl.exp(last)
+        dS = dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(dt))
+    tl.store(x + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * (V + K) + cc[None, :], dS,
+             mask=(ck[:, None] < K) & (cc[None, :] < V + K))
+
+
+@triton.jit(do_not_specialize=["N"])
+def _segment_combine_kernel(
+    x, h_in, h_seg, offsets, N,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_IN: tl.constexpr, REVERSE: tl.constexpr,
+):
+    # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
+    # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
+    # the final state's gradient, or zero) and each earlier one as P dS + F of the segment after.
+    iv = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // HV
+    hv = nh % HV
+    first = tl.load(offsets + n)
+    count = tl.load(offsets + n + 1) - first
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    smask = (ck[:, None] < K) & (cv[None, :] < V)
+    if USE_IN:
+        S = tl.load(h_in + (nh * K + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    mmask = (ck[:, None] < K) & (ck[None, :] < K)
+    for t in range(0, count - 1):
+        if REVERSE:
+            s = first + count - 1 - t
+        else:
+            s = first + t
+        seg = (s.to(tl.int64) * HV + hv) * K
+        tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
+        M = tl.load(x + (seg + ck[:, None]) * (V + K) + V + ck[None, :], mask=mmask, other=0.0)
+        E = tl.load(x + (seg + ck[:, None]) * (V + K) + cv[None, :], mask=smask, other=0.0)
+        S = tl.dot(M, S) + E
+    if REVERSE:
+        s = first
+    else:
+        s = first + count - 1
+    tl.store(h_seg + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * V + cv[None, :], S,
+             mask=smask & (ck[:, None] * 0 + count > 0))
+
+
+def _pow2_k(K: int) -> int:
+    """The K tile, as the serial passes take it (at least MIN_DOT_TILE wide)."""
+    return max(MIN_DOT_TILE, next_power_of_2(K))
+
+
+def _combine(x, h_in, seg: Segments, HV, K, V, reverse):
+    h_seg = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=x.device)
+    BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
+    _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
+        x, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2_k(K), BV=BV,
+        USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS,
+    )
+    return h_seg
+
+
+def segment_entry_states(k, w, u, gcum, initial_state, seg: Segments) -> torch.Tensor:
+    """The state entering every segment, fp32 [slots, HV, K, V] (spare slots unwritten)."""
+    H, K = k.shape[2], k.shape[3]
+    HV, V = u.shape[2], u.shape[3]
+    x = torch.empty(seg.slots, HV, K, V + K, dtype=torch.float32, device=k.device)
+    BC = segment_column_block(k.element_size())
+    _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
+        k, w, u, gcum, x, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
+        H, HV, K, V, BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
+        num_warps=4, num_stages=1 if k.element_size() > 2 else 2,
+    )
+    return _combine(x, initial_state, seg, HV, K, V, reverse=False)
+
+
+def segment_end_grads(q, k, w, gcum, do, dv2, dht, seg: Segments, scale, local_dv) -> torch.Tensor:
+    """The state gradient leaving every segment, fp32 [slots, HV, K, V] (spare slots unwritten)."""
+    H, K = q.shape[2], q.shape[3]
+    HV, V = do.shape[2], do.shape[3]
+    x = torch.empty(seg.slots, HV, K, V + K, dtype=torch.float32, device=q.device)
+    BC = segment_column_block(q.element_size())
+    args = (q, k, w, gcum, do, dv2, x, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
+    options = dict(BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
+                   num_warps=4, num_stages=1 if q.element_size() > 2 else 2)
+    if seg.packed and gcum is not None:  # the split of dv' follows the document count (delta_rule_bwd.py)
+        compile_variants(_segment_transition_grad_kernel, args, options, [{"LOCAL_DV": s} for s in (False, True)])
+    _segment_transition_grad_kernel[(cdiv(V + K, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
+    return _combine(x, dht, seg, HV, K, V, reverse=True)
+
+
+def last_segment_states(ht_seg: torch.Tensor, seg: Segments, initial_state) -> torch.Tensor:
+    """Each sequence's final state: the state its last segment leaves, or for an empty
+    sequence its initial state (zero without one). [N, HV, K, V] fp32."""
+    return _per_sequence(ht_seg, seg, seg.offsets[1:] - 1, initial_state)
+
+
+def first_segment_grads(dh0_seg: torch.Tensor, seg: Segments, dht) -> torch.Tensor:
+    """Each sequence's initial-state gradient: the gradient entering its first segment, or for
+    an empty sequence that of its final state."""
+    return _per_sequence(dh0_seg, seg, seg.offsets[:-1], dht)
+
+
+def _per_sequence(per_segment, seg: Segments, slot, empty_value):
+    nonempty = (seg.offsets[1:] > seg.offsets[:-1])[:, None, None, None]
+    picked = per_segment[slot.clamp(0, seg.slots - 1).to(torch.int64)]
+    other = empty_value.float() if empty_value is not None else torch.zeros_like(picked)
+    return torch.where(nonempty, picked, other)
