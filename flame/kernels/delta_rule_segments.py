@@ -97,6 +97,8 @@ def segment_column_block(element_size: int) -> int:
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
 COMBINE_WARPS = 8  # its fp32 [K, K] transition: 64 registers per thread at K = 128
+# One stage: a pipelined loop would hold several fp32 [K, K] transitions in shared memory
+# (256 KB at K = 128 with the default stages, past the H100's 227 KB).
 
 
 @triton.jit
@@ -257,7 +259,7 @@ def _combine(x, h_in, seg: Segments, HV, K, V, reverse):
     BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
     _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
         x, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2_k(K), BV=BV,
-        USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS,
+        USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS, num_stages=1,
     )
     return h_seg
 
