@@ -29,7 +29,8 @@ import triton.language as tl
 from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, backward_triton
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
-from flame.kernels.delta_rule_segments import last_segment_states, plan_segments, segment_entry_states
+from flame.kernels.delta_rule_segments import (last_segment_states, plan_segments, segment_entry_states,
+                                               segment_slots)
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
                                  num_sms, prepare_chunk_indices)
@@ -407,8 +408,9 @@ def state_block_choices(q: torch.Tensor, V: int) -> list[int]:
 
 def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False):
     """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
-    [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None); the
-    states and v' (store_states) are what the backward needs."""
+    [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None, segment
+    transitions [segment slots, HV, K, K] or None); the states, v' (store_states) and the
+    transitions (when the pass ran over segments) are what the backward needs."""
     B, T, H, K = q.shape
     HV, V = u.shape[2], u.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -424,9 +426,10 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     seg = plan_segments(q, cu_seqlens, HV, V)
     # With segments the pass runs over them as sequences of their own, entered with the states
     # that the transition pass and the combine give (delta_rule_segments.py).
-    h0, offsets, first_slots, programs = initial_state, cu_seqlens, chunk_offsets, N
+    h0, offsets, first_slots, programs, transitions = initial_state, cu_seqlens, chunk_offsets, N, None
     if seg is not None:
-        h0, offsets, programs = segment_entry_states(k, w, u, gcum, initial_state, seg), seg.bounds, seg.slots
+        h0, transitions = segment_entry_states(k, w, u, gcum, initial_state, seg)
+        offsets, programs = seg.bounds, seg.slots
         ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
         if store_states:  # the same chunk slots as the sequences', since segments are whole chunks
             _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
@@ -440,7 +443,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     _state_output_kernel[(cdiv(V, BV), programs * HV)](*args, **options, BV=BV)
     if seg is not None:
         ht = last_segment_states(ht, seg, initial_state)
-    return o, ht, hs, vn, chunk_offsets
+    return o, ht, hs, vn, chunk_offsets, transitions
 
 
 def _output(q, k, gcum, hs, vn, cu_seqlens, scale):
@@ -494,18 +497,18 @@ def backward_mode() -> str:
 
 
 def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
-    """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v') for the
-    backward, or None."""
+    """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v', segment
+    transitions or None) for the backward, or None."""
     w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save)
     # Without a backward the split pays for gated heads only (the states are then stored for the
     # output kernel alone): H100, 8x4096, K = V = 128, plain 1.08 ms single pass against 1.15.
     split = _splits_output(q) and (save or g is not None)
-    o, ht, hs, vn, _ = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
+    o, ht, hs, vn, _, transitions = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
                                    compute_o=not split, store_states=save or split)
     if split:
         del u
         o = _output(q, k, gcum, hs, vn, cu_seqlens, scale)
-    return o.to(v.dtype), ht, ((w, gcum, a, hs, vn) if save else None)
+    return o.to(v.dtype), ht, ((w, gcum, a, hs, vn, transitions) if save else None)
 
 
 def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
@@ -519,7 +522,7 @@ def _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     return o, ht
 
 
-_SAVED = 5  # w, gate cumsum, A, chunk states, v': empty tensors when nothing is saved
+_SAVED = 6  # w, gate cumsum, A, chunk states, v', segment transitions: empty tensors when nothing is saved
 
 
 def _nothing_saved(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -538,12 +541,14 @@ def _takes_kernels(q, k, v, g, beta, initial_state) -> bool:
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float, save: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     if _takes_kernels(q, k, v, g, beta, initial_state):
         o, ht, saved = _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save)
         if saved is not None:
-            w, gcum, a, hs, vn = saved
-            return o, ht, w, gcum if gcum is not None else q.new_empty(0), a, hs, vn
+            w, gcum, a, hs, vn, transitions = saved
+            return (o, ht, w, gcum if gcum is not None else q.new_empty(0), a, hs, vn,
+                    transitions if transitions is not None else q.new_empty(0))
         return (o, ht) + _nothing_saved(q)
     # the reference path saves nothing: its backward differentiates a recomputation
     o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
@@ -563,8 +568,10 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     if not (save and _takes_kernels(q, k, v, g, beta, initial_state)):
         return (o, ht) + _nothing_saved(q)
     gcum = q.new_empty(B, T, HV, dtype=torch.float32) if g is not None else q.new_empty(0)
+    slots = segment_slots(q, cu_seqlens, HV, V)
+    transitions = q.new_empty(slots, HV, K, K, dtype=torch.float32) if slots else q.new_empty(0)
     return (o, ht, q.new_empty(B, T, HV, K), gcum, k.new_empty(B, T, HV, CHUNK),
-            q.new_empty(_state_slots(B, T, N, cu_seqlens), HV, K, V), q.new_empty(B, T, HV, V))
+            q.new_empty(_state_slots(B, T, N, cu_seqlens), HV, K, V), q.new_empty(B, T, HV, V), transitions)
 
 
 @torch.library.custom_op("flame::chunk_delta_rule_bwd", mutates_args=())
@@ -573,11 +580,13 @@ def _backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
     w: torch.Tensor, gcum: torch.Tensor, a: torch.Tensor, hs: torch.Tensor, vn: torch.Tensor,
+    transitions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _takes_kernels(q, k, v, g, beta, initial_state):
         saved = None
         if hs.numel():  # the forward kept what the backward would otherwise recompute
-            saved = (w, gcum if g is not None else None, a, hs, vn)
+            saved = (w, gcum if g is not None else None, a, hs, vn,
+                     transitions if transitions.numel() else None)
         dq, dk, dv, dg, dbeta, dh0 = backward_triton(
             do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
             state_block=_state_block, state_block_choices=state_block_choices, prepare=_prepare,
@@ -609,7 +618,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, w, gcum, a, hs, vn):
+def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, w, gcum, a, hs, vn, transitions):
     dg = torch.empty_like(g) if g is not None else q.new_empty(0)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(beta), dh0

@@ -345,19 +345,19 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
                     state_block_choices, prepare, state_pass, saved=None):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
     recompute the forward (delta_rule.py) unless `saved` brings (w, gate cumsum or None, A,
-    per-chunk states, v') from it; `state_block` picks the V block of the serial passes (one of
-    `state_block_choices`, all compiled at the first packed call)."""
+    per-chunk states, v', segment transitions or None) from it; `state_block` picks the V block
+    of the serial passes (one of `state_block_choices`, all compiled at the first packed call)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BK = _pow2(K)
     if saved is None:
         w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
-        _, _, hs, vn, chunk_offsets = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
-                                                 compute_o=False, store_states=True)
+        _, _, hs, vn, chunk_offsets, transitions = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens,
+                                                              scale, compute_o=False, store_states=True)
         del u
     else:
-        w, gcum, a, hs, vn = saved
+        w, gcum, a, hs, vn, transitions = saved
         chunk_offsets = None
         if cu_seqlens is not None:
             _, chunk_offsets = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
@@ -393,7 +393,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     # gradients leaving them that the transition pass and the combine give (delta_rule_segments.py).
     dS_end, offsets, first_slots, dh0_out = dht, cu_seqlens, chunk_offsets, dh0
     if seg is not None:
-        dS_end = segment_end_grads(q, k, w, gcum, do, dv2, dht, seg, scale, local_dv)
+        dS_end = segment_end_grads(q, k, w, gcum, do, dv2, dht, transitions, seg, scale, local_dv)
         offsets = seg.bounds
         _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
         if initial_state is not None:

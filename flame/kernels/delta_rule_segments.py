@@ -8,17 +8,17 @@ function of the state entering the one before,
 so over a segment of chunks S_end = M S_start + E, with M the product of the segment's T and E
 the state it leaves when entered with zero. Three steps replace one long chain:
   1. `_segment_transition_kernel`, parallel over (segment, value head, column block): the
-     state pass over each segment but a sequence's last, on V value columns entered with zero
-     (E) and K columns entered with the identity whose values u are zero (M), written
-     [E | M] [segments, HV, K, V + K] in fp32;
+     state pass over each segment of a sequence of more than one, on V value columns entered
+     with zero (E; not for a sequence's last segment) and K columns entered with the identity
+     whose values u are zero (M), in fp32;
   2. `_segment_combine_kernel`, per (sequence, value head, V block), serial over the sequence's
      segments only: S <- M S + E, storing every segment's entry state;
   3. the state pass itself over the segments as sequences of their own, entered with those states.
 The reverse pass is affine too: the state gradient entering a chunk is T^T dS1 plus terms of
-do, so over a segment dS_start = P dS_end + F, P = M^T; `_segment_transition_grad_kernel` forms
-[F | P] for each segment but a sequence's first (F from a zero end gradient, P from identity
-columns with no output gradient), the combine runs from the last segment to the first, and the
-reverse pass runs over the segments from their end gradients.
+do, so over a segment dS_start = M^T dS_end + F. The forward keeps M for the backward;
+`_segment_transition_grad_kernel` forms F for each segment but a sequence's first (the reverse
+pass from a zero end gradient, value columns only), the combine runs from the last segment to
+the first, and the reverse pass runs over the segments from their end gradients.
 """
 
 import os
@@ -73,18 +73,28 @@ def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms
     return packed or num_seqs * HV * cdiv(V, 64) < sms
 
 
-def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> Segments | None:
-    """The segments of this batch for the serial passes, or None where they run per sequence.
-    Heads of K <= 128 only: the combine holds an fp32 [K, K] transition in registers."""
+def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> int:
+    """Segment slots (an upper bound on the segments) of the serial passes for this batch, or 0
+    where they run per sequence; from shapes only. Heads of K <= 128: the combine holds an
+    fp32 [K, K] transition in registers."""
     B, T, _, K = q.shape
     mode = segment_mode()
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if mode == "off" or K > 128 or T <= SEGMENT_TOKENS:
-        return None
+        return 0
     if mode == "auto" and not use_segments(N, T, cu_seqlens is not None, HV, V, num_sms(q.device)):
+        return 0
+    return max_num_chunks(B * T, N, SEGMENT_TOKENS)
+
+
+def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> Segments | None:
+    """The segments of this batch for the serial passes, or None where they run per sequence."""
+    slots = segment_slots(q, cu_seqlens, HV, V)
+    if not slots:
         return None
+    B, T = q.shape[:2]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
-    slots = max_num_chunks(B * T, N, SEGMENT_TOKENS)
     indices, offsets, bounds = prepare_segments(cu, SEGMENT_TOKENS, slots)
     return Segments(SEGMENT_TOKENS, cu_seqlens is not None, N, slots, cu, indices, offsets, bounds)
 
@@ -112,7 +122,7 @@ def _segment_span(s, indices, cu_seqlens, N, SEG):
 
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_transition_kernel(
-    k, w, u, gcum, x, cu_seqlens, indices, N, SEG,
+    k, w, u, gcum, e, m, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr,
 ):
@@ -122,8 +132,11 @@ def _segment_transition_kernel(
     s = tl.program_id(1)
     hv = tl.program_id(2)
     h = hv // (HV // H)
-    _, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
-    if end >= eos:  # a sequence's last segment (or a spare slot) passes nothing on
+    i, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
+    # E is needed for every segment but a sequence's last, M (the forward's combine, and the
+    # backward's, which runs the other way) for every segment of a sequence of more than one:
+    # spare slots, one-segment sequences and the value columns of a last segment return at once.
+    if (end <= start) | ((end >= eos) & ((i == 0) | ((ic + 1) * BC <= V))):
         return
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
@@ -147,19 +160,21 @@ def _segment_transition_kernel(
         else:
             b_vd = v_new.to(dt)
         S = S + tl.dot(tl.trans(b_k), b_vd)
-    tl.store(x + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * (V + K) + cc[None, :], S,
-             mask=(ck[:, None] < K) & (cc[None, :] < V + K))
+    rows = (s.to(tl.int64) * HV + hv) * K + ck[:, None]
+    tl.store(e + rows * V + cc[None, :], S, mask=(ck[:, None] < K) & (cc[None, :] < V))
+    tl.store(m + rows * K + cc[None, :] - V, S, mask=(ck[:, None] < K) & (cc[None, :] >= V) & (cc[None, :] < V + K))
 
 
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_transition_grad_kernel(
-    q, k, w, gcum, do, dv2, x, cu_seqlens, indices, N, SEG, scale,
+    q, k, w, gcum, do, dv2, f, cu_seqlens, indices, N, SEG, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, LOCAL_DV: tl.constexpr,
 ):
-    # The reverse pass over one segment from a zero end gradient (columns c < V, with the output
-    # gradient do) and from identity columns with none (V <= c < V + K). LOCAL_DV: dv2 holds the
-    # in-chunk term of dv' (`_local_dv_kernel`), read here and left for the reverse pass.
+    # The reverse pass over one segment from a zero end gradient: F, the state gradient entering
+    # the segment from its own output gradients. (Its P = M^T comes from the forward's M.)
+    # LOCAL_DV: dv2 holds the in-chunk term of dv' (`_local_dv_kernel`), read here and left
+    # for the reverse pass.
     ic = tl.program_id(0)
     s = tl.program_id(1)
     hv = tl.program_id(2)
@@ -170,7 +185,7 @@ def _segment_transition_grad_kernel(
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cc = ic * BC + tl.arange(0, BC)
-    dS = (ck[:, None] == cc[None, :] - V).to(tl.float32)
+    dS = tl.zeros([BK, BC], dtype=tl.float32)
     causal_t = r[:, None] <= r[None, :]
     for c in range(tl.cdiv(end - start, BT) - 1, -1, -1):
         t0 = start + c * BT
@@ -204,19 +219,20 @@ def _segment_transition_grad_kernel(
         if USE_G:
             dS = dS * tl.exp(last)
         dS = dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(dt))
-    tl.store(x + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * (V + K) + cc[None, :], dS,
-             mask=(ck[:, None] < K) & (cc[None, :] < V + K))
+    tl.store(f + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * V + cc[None, :], dS,
+             mask=(ck[:, None] < K) & (cc[None, :] < V))
 
 
 @triton.jit(do_not_specialize=["N"])
 def _segment_combine_kernel(
-    x, h_in, h_seg, offsets, N,
+    e, m, h_in, h_seg, offsets, N,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_IN: tl.constexpr, REVERSE: tl.constexpr,
 ):
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
-    # the final state's gradient, or zero) and each earlier one as P dS + F of the segment after.
+    # the final state's gradient, or zero) and each earlier one as M^T dS + F of the segment
+    # after (e holds F then).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -238,8 +254,11 @@ def _segment_combine_kernel(
             s = first + t
         seg = (s.to(tl.int64) * HV + hv) * K
         tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
-        M = tl.load(x + (seg + ck[:, None]) * (V + K) + V + ck[None, :], mask=mmask, other=0.0)
-        E = tl.load(x + (seg + ck[:, None]) * (V + K) + cv[None, :], mask=smask, other=0.0)
+        if REVERSE:
+            M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
+        else:
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
+        E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
         S = tl.dot(M, S) + E
     if REVERSE:
         s = first
@@ -254,43 +273,47 @@ def _pow2_k(K: int) -> int:
     return max(MIN_DOT_TILE, next_power_of_2(K))
 
 
-def _combine(x, h_in, seg: Segments, HV, K, V, reverse):
-    h_seg = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=x.device)
+def _combine(e, m, h_in, seg: Segments, reverse):
+    slots, HV, K, V = e.shape
+    h_seg = torch.empty(slots, HV, K, V, dtype=torch.float32, device=e.device)
     BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
     _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
-        x, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2_k(K), BV=BV,
+        e, m, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2_k(K), BV=BV,
         USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS, num_stages=1,
     )
     return h_seg
 
 
-def segment_entry_states(k, w, u, gcum, initial_state, seg: Segments) -> torch.Tensor:
-    """The state entering every segment, fp32 [slots, HV, K, V] (spare slots unwritten)."""
+def segment_entry_states(k, w, u, gcum, initial_state, seg: Segments):
+    """(the state entering every segment, each segment's transition M): fp32 [slots, HV, K, V]
+    and [slots, HV, K, K] (M unwritten for spare slots and one-segment sequences)."""
     H, K = k.shape[2], k.shape[3]
     HV, V = u.shape[2], u.shape[3]
-    x = torch.empty(seg.slots, HV, K, V + K, dtype=torch.float32, device=k.device)
+    e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
+    m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
     BC = segment_column_block(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
-        k, w, u, gcum, x, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
+        k, w, u, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
         num_warps=4, num_stages=1 if k.element_size() > 2 else 2,
     )
-    return _combine(x, initial_state, seg, HV, K, V, reverse=False)
+    return _combine(e, m, initial_state, seg, reverse=False), m
 
 
-def segment_end_grads(q, k, w, gcum, do, dv2, dht, seg: Segments, scale, local_dv) -> torch.Tensor:
-    """The state gradient leaving every segment, fp32 [slots, HV, K, V] (spare slots unwritten)."""
+def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, local_dv) -> torch.Tensor:
+    """The state gradient leaving every segment, fp32 [slots, HV, K, V] (spare slots
+    unwritten), from the segments' transitions m of the forward."""
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
-    x = torch.empty(seg.slots, HV, K, V + K, dtype=torch.float32, device=q.device)
+    f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
     BC = segment_column_block(q.element_size())
-    args = (q, k, w, gcum, do, dv2, x, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
+    args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
                    num_warps=4, num_stages=1 if q.element_size() > 2 else 2)
     if seg.packed and gcum is not None:  # the split of dv' follows the document count (delta_rule_bwd.py)
         compile_variants(_segment_transition_grad_kernel, args, options, [{"LOCAL_DV": s} for s in (False, True)])
-    _segment_transition_grad_kernel[(cdiv(V + K, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
-    return _combine(x, dht, seg, HV, K, V, reverse=True)
+    _segment_transition_grad_kernel[(cdiv(V, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
+    return _combine(f, m, dht, seg, reverse=True)
 
 
 def last_segment_states(ht_seg: torch.Tensor, seg: Segments, initial_state) -> torch.Tensor:
