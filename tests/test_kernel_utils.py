@@ -6,7 +6,7 @@ import gc
 import pytest
 import torch
 
-from flame.kernels.utils import _chunk_indices, default_cu_seqlens, prepare_chunk_indices
+from flame.kernels.utils import _chunk_indices, default_cu_seqlens, prepare_chunk_indices, prepare_segments
 
 
 def expected(cu: list[int], chunk: int, slots: int):
@@ -24,6 +24,18 @@ def test_chunk_indices_values():
     pairs, offs = expected(cu, 64, 12)
     assert [tuple(p) for p in indices.tolist()] == pairs
     assert offsets.tolist() == offs
+
+
+def test_segments_values():
+    """Segments of 128 tokens: their bounds as a cu_seqlens of their own (spare slots empty at the
+    end), and each sequence's first and last segment slot; the empty sequence has none."""
+    cu = [0, 5, 300, 300, 556]
+    indices, offsets, bounds, first, last, nonempty = prepare_segments(torch.tensor(cu, dtype=torch.int32), 128, 10)
+    pairs, offs = expected(cu, 128, 10)
+    assert [tuple(p) for p in indices.tolist()] == pairs and offsets.tolist() == offs
+    assert bounds.tolist() == [0, 5, 133, 261, 300, 428, 556, 556, 556, 556, 556]
+    assert first.tolist() == [0, 1, 4, 4] and last.tolist() == [0, 3, 3, 5]
+    assert nonempty.tolist() == [True, True, False, True]
 
 
 def test_chunk_indices_reused_only_for_the_same_unmodified_tensor():

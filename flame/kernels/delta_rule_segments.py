@@ -47,6 +47,9 @@ class Segments:
     indices: torch.Tensor  # [slots, 2] (sequence, segment within it)
     offsets: torch.Tensor  # [N + 1] first segment slot of each sequence
     bounds: torch.Tensor  # [slots + 1] the segments' offsets, a cu_seqlens of segments
+    first: torch.Tensor  # [N] each sequence's first segment slot
+    last: torch.Tensor  # [N] and its last
+    nonempty: torch.Tensor | None  # [N] whether it has any tokens (None: all have, no packing)
 
 
 SEGMENT_MODES = ("auto", "on", "off")
@@ -95,8 +98,10 @@ def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     B, T = q.shape[:2]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
-    indices, offsets, bounds = prepare_segments(cu, SEGMENT_TOKENS, slots)
-    return Segments(SEGMENT_TOKENS, cu_seqlens is not None, N, slots, cu, indices, offsets, bounds)
+    indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, SEGMENT_TOKENS, slots)
+    packed = cu_seqlens is not None
+    return Segments(SEGMENT_TOKENS, packed, N, slots, cu, indices, offsets, bounds, first, last,
+                    nonempty if packed else None)
 
 
 def segment_column_block(element_size: int) -> int:
@@ -319,17 +324,19 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
 def last_segment_states(ht_seg: torch.Tensor, seg: Segments, initial_state) -> torch.Tensor:
     """Each sequence's final state: the state its last segment leaves, or for an empty
     sequence its initial state (zero without one). [N, HV, K, V] fp32."""
-    return _per_sequence(ht_seg, seg, seg.offsets[1:] - 1, initial_state)
+    return _per_sequence(ht_seg, seg, seg.last, initial_state)
 
 
 def first_segment_grads(dh0_seg: torch.Tensor, seg: Segments, dht) -> torch.Tensor:
     """Each sequence's initial-state gradient: the gradient entering its first segment, or for
     an empty sequence that of its final state."""
-    return _per_sequence(dh0_seg, seg, seg.offsets[:-1], dht)
+    return _per_sequence(dh0_seg, seg, seg.first, dht)
 
 
 def _per_sequence(per_segment, seg: Segments, slot, empty_value):
-    nonempty = (seg.offsets[1:] > seg.offsets[:-1])[:, None, None, None]
-    picked = per_segment[slot.clamp(0, seg.slots - 1).to(torch.int64)]
+    # Few small ops: each costs host time on every layer's call.
+    picked = per_segment.index_select(0, slot)
+    if seg.nonempty is None:
+        return picked
     other = empty_value.float() if empty_value is not None else torch.zeros_like(picked)
-    return torch.where(nonempty, picked, other)
+    return torch.where(seg.nonempty[:, None, None, None], picked, other)

@@ -216,9 +216,11 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int, num_chunk_s
 def prepare_segments(cu_seqlens: torch.Tensor, segment_size: int, num_segment_slots: int):
     """Segments of at most `segment_size` tokens of each sequence (every one but a sequence's
     last a multiple of the chunk size when segment_size is): `(indices, offsets)` as
-    `prepare_chunk_indices` gives for spans of segment_size, and `bounds` int32
+    `prepare_chunk_indices` gives for spans of segment_size; `bounds` int32
     [num_segment_slots + 1], the segments' token offsets in the flattened batch as a cu_seqlens
-    of its own (spare slots empty, at the end). On the device, cached like the chunk indices."""
+    of its own (spare slots empty, at the end); `first`, `last` int64 [N], each sequence's first
+    and last segment slot (clamped into range for an empty sequence) and `nonempty` bool [N].
+    On the device, cached like the chunk indices."""
     return _cached(cu_seqlens, ("segments", segment_size, num_segment_slots), _segments)
 
 
@@ -230,7 +232,9 @@ def _segments(cu_seqlens: torch.Tensor, segment_size: int, num_segment_slots: in
     start = cu[torch.clamp(seq, max=num_seqs - 1)] + part * segment_size
     start = torch.where(seq < num_seqs, start, cu[-1])
     bounds = torch.cat([start, cu[-1:]]).to(torch.int32).contiguous()
-    return indices, offsets, bounds
+    first = offsets[:-1].to(torch.int64).clamp(0, num_segment_slots - 1)
+    last = (offsets[1:].to(torch.int64) - 1).clamp(0, num_segment_slots - 1)
+    return indices, offsets, bounds, first, last, offsets[1:] > offsets[:-1]
 
 
 def _cached(cu_seqlens: torch.Tensor, what: tuple, build):
