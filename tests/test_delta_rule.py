@@ -346,17 +346,16 @@ def test_segments_without_states(monkeypatch):
 
 
 def test_segment_rule():
-    """Segments where a sequence may outrun one and the whole-sequence passes would leave SMs
-    idle (dense: few sequences; packed: any long batch, since a document's length is unknown on
-    the host), never for batches no longer than a segment."""
+    """Segments by default for equal-length sequences longer than one whose whole-sequence
+    passes would leave SMs idle; never for packed batches (only when forced) or batches no
+    longer than a segment."""
     from flame.kernels.delta_rule_segments import SEGMENT_TOKENS, use_segments
 
     long = 8 * SEGMENT_TOKENS
     assert use_segments(1, long, False, 16, 128, 132)  # B = 1, 16 heads: 32 programs
     assert not use_segments(8, long, False, 16, 128, 132)  # 256 programs: load-bound already
-    assert use_segments(30, long, True, 4, 256, 132)
+    assert not use_segments(1, long, True, 4, 256, 132)
     assert not use_segments(1, SEGMENT_TOKENS, False, 16, 128, 132)
-    assert not use_segments(1, SEGMENT_TOKENS, True, 4, 256, 132)
 
 
 def test_segment_mode_rejected(monkeypatch):
@@ -529,8 +528,9 @@ def check_bf16_gpu(shape, gated, label):
 @pytest.mark.parametrize("case", ["dense", "varlen", "small-varlen", "long"])
 def test_segments_bf16_gpu(case, gated, monkeypatch):
     """bf16 serial passes over segments against float64: the cases of test_bf16_gpu cut into
-    segments of 128 tokens, and `long` (sequences of several default segments, their default rule)."""
-    cases = {**GPU_CASES, "long": (1, 10000, 2, 4, 128, 128, [0, 9000, 9100, 10000])}
+    segments of 128 tokens, and `long` (one sequence of three default segments, taken by the
+    default rule)."""
+    cases = {**GPU_CASES, "long": (1, 12288, 2, 4, 128, 128, None)}
     uses = force_segments(monkeypatch, 128 if case != "long" else None)
     if case == "long":
         monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")

@@ -57,7 +57,7 @@ SEGMENT_MODES = ("auto", "on", "off")
 
 def segment_mode() -> str:
     """FLAME_DELTA_SEGMENTS: auto (default, `use_segments`), on (whenever a sequence can be
-    longer than a segment), off."""
+    longer than a segment, packed batches included), off."""
     mode = os.environ.get("FLAME_DELTA_SEGMENTS", "auto")
     if mode not in SEGMENT_MODES:
         raise ValueError(f"FLAME_DELTA_SEGMENTS must be one of {SEGMENT_MODES}, got {mode!r}")
@@ -65,15 +65,22 @@ def segment_mode() -> str:
 
 
 def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms: int) -> bool:
-    """Whether the serial passes run over segments: where some sequence may be longer than a
-    segment and, for equal-length sequences, the passes would otherwise have fewer programs of
-    64 columns of V than SMs, which is where the chain of one sequence is the pass's time (with
-    more, the passes are bound by their loads, and the transition pass would add to them).
-    Packed batches take segments whenever they are longer than one: the length of their
-    longest document is not known on the host."""
-    if seq_len <= SEGMENT_TOKENS:
+    """Whether the serial passes run over segments (FLAME_DELTA_SEGMENTS=auto): for batches of
+    equal-length sequences longer than a segment whose passes would otherwise have fewer
+    programs of 64 columns of V than SMs, where the chain of one sequence is the pass's time.
+    With more programs the passes are bound by their loads, which the transition pass only adds
+    to. H100, bf16, H = 16, K = V = 128, 1x32768 forward+backward ms, whole sequences / segments:
+    plain 3.749 / 3.340, gated 4.715 / 4.463; 8x4096 unchanged (one segment per sequence); 4
+    heads of K = 128, V = 256 at 2x16384: 1.64 / 2.27 plain, 1.96 / 2.47 gated, where the two
+    extra launches each way and the gathers leave the host behind the GPU
+    (results/delta_rule_segments_*_h100.json).
+    Packed batches keep whole sequences: their document count and lengths vary from batch to
+    batch (a switch would compile kernels mid-training), and the Gated DeltaNet 374M recipe at
+    seq 16384, whose batches hold documents of 16384 tokens, trained at 159,156 tokens/s with
+    segments against 161,467 without (results/train_throughput_gdn_16k_segments_*_h100.json)."""
+    if packed or seq_len <= SEGMENT_TOKENS:
         return False
-    return packed or num_seqs * HV * cdiv(V, 64) < sms
+    return num_seqs * HV * cdiv(V, 64) < sms
 
 
 def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> int:
