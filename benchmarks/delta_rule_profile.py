@@ -15,8 +15,8 @@ chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel aft
 pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
-FLAME_DELTA_SEGMENTS), segment_tokens=N (their length). Every variant is timed at every shape; the per-kernel
-profile is taken for the default, and with --profile-variants for each variant too.
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length). Every variant is timed at every shape;
+the per-kernel profile is taken for the default, and with --profile-variants for each variant too.
 
 bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, default_cu_seqlens, max_num_chunks, next_power_of_2,
-                                 num_sms, prepare_segments)
+from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, default_cu_seqlens,
+                                 max_num_chunks, next_power_of_2, num_sms, prepare_segments)
 
 CHUNK = 64
 SEGMENT_TOKENS = 4096  # tokens of a segment: 64 chunks of the serial chain
