@@ -412,13 +412,16 @@ def test_expanded_cotangents(monkeypatch):
         assert rel(a, b) < 1e-5, name
 
 
-@pytest.mark.parametrize("backend,backward", [("torch", "recompute"), ("triton", "saved")])
-def test_torch_compile_fullgraph(backend, backward, monkeypatch):
-    # triton + saved: the forward op's fake outputs have the shapes its kernels produce
+@pytest.mark.parametrize("backend,backward,segments", [("torch", "recompute", None), ("triton", "saved", None),
+                                                       ("triton", "saved", 64)])
+def test_torch_compile_fullgraph(backend, backward, segments, monkeypatch):
+    # triton + saved: the forward op's fake outputs have the shapes its kernels produce (with
+    # segments, the saved segment transitions too)
     monkeypatch.setenv("FLAME_BACKEND", backend)
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
-    q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 2, 16, 16, 3, dtype=torch.float32)
-    cu = torch.tensor([0, 10, 50, 70], dtype=torch.int32)
+    uses = force_segments(monkeypatch, segments)
+    q, k, v, g, beta, h0 = make_inputs(1, 140, 1, 2, 16, 16, 3, dtype=torch.float32)
+    cu = torch.tensor([0, 10, 75, 140], dtype=torch.int32)  # two documents of two segments of 64
 
     def layer(q, k, v, g, beta, h0):
         o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
@@ -435,6 +438,13 @@ def test_torch_compile_fullgraph(backend, backward, monkeypatch):
     assert rel(loss, loss_ref) < 1e-6
     for a, b in zip(leaves, eager):
         assert rel(a.grad, b.grad) < 1e-6
+    assert len(uses) == (4 if segments else 0), uses  # compiled and eager: entry states, end gradients
+    if backend == "triton":  # the fake outputs' shapes and dtypes are those of a real call
+        from flame.kernels.delta_rule import _forward_op
+
+        result = torch.library.opcheck(_forward_op, (q, k, v, g, beta, h0, cu, 0.25, True),
+                                       test_utils="test_faketensor")
+        assert result == {"test_faketensor": "SUCCESS"}, result
 
 
 def _bad(**overrides):

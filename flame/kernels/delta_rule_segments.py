@@ -89,6 +89,8 @@ def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     fp32 [K, K] transition in registers."""
     B, T, _, K = q.shape
     mode = segment_mode()
+    if SEGMENT_TOKENS % CHUNK:
+        raise ValueError(f"SEGMENT_TOKENS must be a multiple of the chunk size {CHUNK}, got {SEGMENT_TOKENS}")
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if mode == "off" or K > 128 or T <= SEGMENT_TOKENS:
         return 0
