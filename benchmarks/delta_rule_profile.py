@@ -13,7 +13,8 @@ A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Ga
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
 pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' term before the
-reverse serial pass), local_dv=BVxWARPS (that kernel's launch), grad_stages=N (pipeline stages
+reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (the V block of
+both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length). Every variant is timed at every shape;
 the per-kernel profile is taken for the default, and with --profile-variants for each variant too.
@@ -58,7 +59,7 @@ def inputs(gated, B, T, H=16, K=128, V=128):
 @contextlib.contextmanager
 def variant(spec: str):
     """Applies a variant SPEC (see the module docstring) for the duration of the block."""
-    modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod,
+    modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod, "_state_block": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
                "chunk_grad_stages": bwd,
                "split_dv_local": bwd, "local_dv_config": bwd}
@@ -89,6 +90,8 @@ def variant(spec: str):
             elif key == "local_dv":
                 bv, warps = (int(x) for x in value.split("x"))
                 bwd.local_dv_config = lambda *a, bv=bv, warps=warps: (bv, warps)
+            elif key == "state_block":
+                fwd_mod._state_block = lambda *a, n=int(value): n
             elif key == "segments":
                 os.environ["FLAME_DELTA_SEGMENTS"] = value
             elif key == "segment_tokens":
