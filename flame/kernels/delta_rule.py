@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_bwd import _chunk_gates, _chunk_program, _pow2, backward_triton
+from flame.kernels.delta_rule_bwd import _chunk_program, _pow2, backward_triton
+from flame.kernels.delta_rule_chunk import _chunk_gates
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.delta_rule_segments import (last_segment_states, plan_segments, segment_entry_states,

@@ -26,25 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from flame.kernels.delta_rule_chunk import _chunk_gates, state_grad_dv, state_grad_update
 from flame.kernels.delta_rule_segments import first_segment_grads, plan_segments, segment_end_grads
 from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
                                 next_power_of_2, num_sms, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
-
-
-@triton.jit
-def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.constexpr, USE_G: tl.constexpr):
-    """In-chunk gate cumsum (padded rows take the last value, so that no exponent grows) and its last value."""
-    if USE_G:
-        # a spare program of a packed batch (eos = bos) has no last row to read
-        last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv, mask=eos > bos, other=0.0)
-        gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
-        gc = tl.where(rmask, gc, last)
-    else:
-        last = 0.0
-        gc = tl.zeros([BT], dtype=tl.float32)
-    return gc, last
 
 
 @triton.jit
@@ -140,29 +127,11 @@ def _state_grad_kernel(
         b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
         b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-        dt = b_q.dtype
         gc, last = _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV, BT, USE_G)
-        # The gates scale the [64, BV] side of each product (rows of do or of a result), not the
-        # [64, K] tiles of q and k: the serial chain's elementwise work is per V column.
-        k_dS = tl.dot(b_k, dS.to(dt))
-        if USE_G:
-            k_dS = k_dS * tl.exp(last - gc)[:, None]  # (k exp(gl - gc)) dS1
-            b_dos = (b_do.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
-        else:
-            b_dos = (b_do.to(tl.float32) * scale).to(dt)
-        if LOCAL_DV:
-            b_local = tl.load(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-            b_dv = b_local.to(tl.float32) + k_dS
-        else:
-            kq = tl.dot(b_k, tl.trans(b_q))
-            if USE_G:
-                kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
-            kq = tl.where(causal_t, kq, 0.0) * scale
-            b_dv = tl.dot(kq.to(dt), b_do) + k_dS
-        tl.store(dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_dv.to(dv2.dtype.element_ty), mask=vmask)
-        if USE_G:
-            dS = dS * tl.exp(last)
-        dS = dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(dt))  # (scale gam q)^T do
+        dv2_tile = dv2 + rows[:, None] * (HV * V) + hv * V + cv[None, :]
+        b_dv, b_dos = state_grad_dv(b_q, b_k, b_do, dv2_tile, vmask, dS, gc, last, scale, causal_t, USE_G, LOCAL_DV)
+        tl.store(dv2_tile, b_dv.to(dv2.dtype.element_ty), mask=vmask)
+        dS = state_grad_update(dS, b_q, b_w, b_dos, b_dv, last, USE_G)
     if USE_H0:
         tl.store(dh0 + state_off, dS, mask=smask)
 

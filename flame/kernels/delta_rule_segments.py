@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flame.kernels.delta_rule_chunk import _chunk_gates, state_grad_dv, state_grad_update
 from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, default_cu_seqlens,
                                  max_num_chunks, next_power_of_2, num_sms, prepare_segments)
 
@@ -211,28 +212,10 @@ def _segment_transition_grad_kernel(
         b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
         b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
         b_do = tl.load(do + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
-        dt = b_q.dtype
-        k_dS = tl.dot(b_k, dS.to(dt))
-        if USE_G:
-            gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
-            last = tl.load(gcum + (tl.minimum(t0 + BT, end) - 1) * HV + hv)
-            gc = tl.where(rmask, gc, last)
-            k_dS = k_dS * tl.exp(last - gc)[:, None]
-            b_dos = (b_do.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
-        else:
-            b_dos = (b_do.to(tl.float32) * scale).to(dt)
-        if LOCAL_DV:
-            b_local = tl.load(dv2 + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
-            b_dv = b_local.to(tl.float32) + k_dS
-        else:
-            kq = tl.dot(b_k, tl.trans(b_q))
-            if USE_G:
-                kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
-            kq = tl.where(causal_t, kq, 0.0) * scale
-            b_dv = tl.dot(kq.to(dt), b_do) + k_dS
-        if USE_G:
-            dS = dS * tl.exp(last)
-        dS = dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(dt))
+        gc, last = _chunk_gates(gcum, rows, rmask, start, end, c, hv, HV, BT, USE_G)
+        dv2_tile = dv2 + rows[:, None] * (HV * V) + hv * V + cc[None, :]
+        b_dv, b_dos = state_grad_dv(b_q, b_k, b_do, dv2_tile, vmask, dS, gc, last, scale, causal_t, USE_G, LOCAL_DV)
+        dS = state_grad_update(dS, b_q, b_w, b_dos, b_dv, last, USE_G)
     tl.store(f + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * V + cc[None, :], dS,
              mask=(ck[:, None] < K) & (cc[None, :] < V))
 

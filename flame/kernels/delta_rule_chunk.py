@@ -1,0 +1,59 @@
+"""Per-chunk pieces shared by the delta rule's kernels (delta_rule.py, delta_rule_bwd.py,
+delta_rule_segments.py): a chunk's gates, and the two halves of one chunk of the reverse
+chunk-to-chunk pass."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk_gates(gcum, rows, rmask, bos, eos, i, hv, HV: tl.constexpr, BT: tl.constexpr, USE_G: tl.constexpr):
+    """In-chunk gate cumsum (padded rows take the last value, so that no exponent grows) and its last value."""
+    if USE_G:
+        # a spare program of a packed batch (eos = bos) has no last row to read
+        last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv, mask=eos > bos, other=0.0)
+        gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        gc = tl.where(rmask, gc, last)
+    else:
+        last = 0.0
+        gc = tl.zeros([BT], dtype=tl.float32)
+    return gc, last
+
+
+@triton.jit
+def state_grad_dv(b_q, b_k, b_do, dv2_tile, vmask, dS, gc, last, scale, causal_t,
+                  USE_G: tl.constexpr, LOCAL_DV: tl.constexpr):
+    """First half of one chunk of the reverse pass, from the state gradient dS leaving the chunk:
+    (dv' [64, BV] fp32, the output gradient scaled for the state term, in q's dtype), with
+        dv' = scale tril(q k^T e)^T do + k exp(gl - gc) dS.
+    LOCAL_DV: the first term of dv' is read from dv2_tile (`_local_dv_kernel` wrote it) instead
+    of formed here. The gates scale the [64, BV] side of each product (rows of do or of a
+    result), not the [64, K] tiles of q and k: the serial chain's elementwise work is per V
+    column."""
+    dt = b_q.dtype
+    k_dS = tl.dot(b_k, dS.to(dt))
+    if USE_G:
+        k_dS = k_dS * tl.exp(last - gc)[:, None]  # (k exp(gl - gc)) dS1
+        b_dos = (b_do.to(tl.float32) * (scale * tl.exp(gc))[:, None]).to(dt)
+    else:
+        b_dos = (b_do.to(tl.float32) * scale).to(dt)
+    if LOCAL_DV:
+        b_dv = tl.load(dv2_tile, mask=vmask, other=0.0).to(tl.float32) + k_dS
+    else:
+        kq = tl.dot(b_k, tl.trans(b_q))
+        if USE_G:
+            kq = kq * tl.exp(tl.where(causal_t, gc[None, :] - gc[:, None], 0.0))
+        kq = tl.where(causal_t, kq, 0.0) * scale
+        b_dv = tl.dot(kq.to(dt), b_do) + k_dS
+    return b_dv, b_dos
+
+
+@triton.jit
+def state_grad_update(dS, b_q, b_w, b_dos, b_dv, last, USE_G: tl.constexpr):
+    """Second half: the state gradient entering the chunk,
+        dS0 = exp(gl) dS + scale (exp(gc) q)^T do - w^T dv'.
+    (Two halves, so that a caller stores dv' between them, as the reverse pass's chain was
+    scheduled before they were shared.)"""
+    if USE_G:
+        dS = dS * tl.exp(last)
+    return dS + tl.dot(tl.trans(b_q), b_dos) - tl.dot(tl.trans(b_w), b_dv.to(b_q.dtype))  # (scale gam q)^T do
