@@ -11,7 +11,9 @@ Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for th
   With `split_output()` (the default, heads of K <= 128), the serial pass only stores the
   per-chunk states (and v'), which the backward keeps anyway, and `_output_kernel`, parallel
   over (chunk, V block, value head), computes o from them: the serial pass keeps two of its
-  five products per chunk.
+  five products per chunk. With few long sequences (`delta_rule_segments.use_segments`) the
+  serial pass runs over segments of 4096 tokens, entered with states combined from each
+  segment's transition (delta_rule_segments.py), so that one sequence's chain is not the pass.
 Backward (delta_rule_bwd.py) takes w, A and the per-chunk states from the forward (the default)
 or recomputes them with these two kernels (FLAME_DELTA_BACKWARD=recompute; `backward_mode`),
 then runs a reverse chunk-to-chunk pass for the state gradient and one chunk-parallel kernel

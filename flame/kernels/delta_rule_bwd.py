@@ -15,7 +15,8 @@ and the state pass, storing the states and v'). Then:
      When `split_dv_local` says so (gated, few serial programs), the first term of dv', which
      needs no state gradient, comes from `_local_dv_kernel` (chunk-parallel, written into the
      dv' buffer) before the serial pass, which then only adds the state term: two of its five
-     products per chunk leave the chain.
+     products per chunk leave the chain. Where the forward ran over segments, so does this pass,
+     from the end gradients that the segments' transitions give (delta_rule_segments.py).
   2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
      stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
      reverse cumsum of the gate gradient within the chunk.
