@@ -345,6 +345,27 @@ def test_segments_without_states(monkeypatch):
         assert rel(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_segments_inference_forward(gated, monkeypatch):
+    """A forward without a backward over segments: the plain rule's single pass that also forms o,
+    the gated rule's split pass and output kernel, entered with the combined states."""
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    q, k, v, g, beta, h0 = make_inputs(2, 200, 1, 2, 16, 32, 2, dtype=torch.float32)
+    results = {}
+    for segments in (64, None):
+        uses = force_segments(monkeypatch, segments)
+        with torch.no_grad():
+            if gated:
+                results[segments] = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            else:
+                results[segments] = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True)
+        assert uses == (["entry"] if segments else []), uses
+    ref = recurrent_ref(q.double(), k.double(), v.double(), g=g.double() if gated else None, beta=beta.double(),
+                        delta=True, initial_state=h0.double(), output_final_state=True)
+    for got, whole, want in zip(results[64], results[None], ref):
+        assert rel(got, want) < 1e-5 and rel(got, whole) < 1e-6
+
+
 def test_segment_rule():
     """Segments by default for equal-length sequences longer than one whose whole-sequence
     passes would leave SMs idle; never for packed batches (only when forced) or batches no
