@@ -567,3 +567,26 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
         monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     check_bf16_gpu(cases[case], gated, f"{case} segments")
     assert uses == ["entry", "end"], uses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_segments_inference_bf16_gpu(gated, monkeypatch):
+    """The forward without a backward over the default segments (one sequence of three, the
+    default rule), bf16 against float64: outputs and final states within 5e-3."""
+    uses = force_segments(monkeypatch, None)
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+    q, k, v, g, beta, h0 = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")
+    h0 = h0.float()
+    with torch.no_grad():
+        if gated:
+            o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        else:
+            o, ht = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = chunk_delta_rule_ref(q.double(), k.double(), v.double(), beta.double(),
+                                         g=g.double() if gated else None, initial_state=h0.double(),
+                                         output_final_state=True)
+    assert uses == ["entry"], uses
+    errors = {"o": rel(o, o_ref), "final_state": rel(ht, ht_ref)}
+    print("inference segments", "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
+    assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
