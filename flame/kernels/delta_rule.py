@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_bwd import _chunk_program, _pow2, backward_triton
-from flame.kernels.delta_rule_chunk import _chunk_gates
+from flame.kernels.delta_rule_bwd import _chunk_program, backward_triton
+from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.delta_rule_segments import (last_segment_states, plan_segments, segment_entry_states,
@@ -432,10 +432,8 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     h0, offsets, first_slots, programs, transitions = initial_state, cu_seqlens, chunk_offsets, N, None
     if seg is not None:
         h0, transitions = segment_entry_states(k, w, u, gcum, initial_state, seg)
-        offsets, programs = seg.bounds, seg.slots
+        offsets, programs, first_slots = seg.bounds, seg.slots, seg.chunk_offsets
         ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-        if store_states:  # the same chunk slots as the sequences', since segments are whole chunks
-            _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
     BV = _state_block(q, programs, HV, V)
     args = (q, k, w, u, gcum, o, h0, ht, hs, vn, offsets, first_slots, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=h0 is not None,

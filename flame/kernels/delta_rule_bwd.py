@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_chunk import _chunk_gates, state_grad_dv, state_grad_update
+from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
 from flame.kernels.delta_rule_segments import first_segment_grads, plan_segments, segment_end_grads
-from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, max_num_chunks,
-                                next_power_of_2, num_sms, prepare_chunk_indices, sum_head_groups)
+from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks, num_sms, prepare_chunk_indices,
+                                sum_head_groups)
 
 CHUNK = 64
 
@@ -259,12 +259,6 @@ def _chunk_grad_kernel(
         tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
 
 
-def _pow2(d: int) -> int:
-    """Tile size for a head dimension (also the forward's, delta_rule.py): at least
-    MIN_DOT_TILE (utils: narrower tiles built a wrong chunk-gradient kernel on Hopper)."""
-    return max(MIN_DOT_TILE, next_power_of_2(d))
-
-
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     """(V block, warps) of the chunk-parallel gradient kernel: five fp32 [64, K] and [64, 64]
     accumulators live across its V loop, so wide K takes 8 warps; fp32 inputs narrower V blocks
@@ -336,7 +330,6 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dht = dht.contiguous() if dht is not None else None
     dhs = torch.empty_like(hs)
     dv2 = torch.empty_like(vn)
-    dh0 = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
         grid = (chunk_indices.shape[0], HV)
@@ -361,14 +354,13 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
             _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](*local_args, **local_options)
     # With segments the reverse pass runs over them as sequences of their own, from the state
     # gradients leaving them that the transition pass and the combine give (delta_rule_segments.py).
-    dS_end, offsets, first_slots, dh0_out = dht, cu_seqlens, chunk_offsets, dh0
+    dS_end, offsets, first_slots = dht, cu_seqlens, chunk_offsets
     if seg is not None:
         dS_end = segment_end_grads(q, k, w, gcum, do, dv2, dht, transitions, seg, scale, local_dv)
-        offsets = seg.bounds
-        _, first_slots = prepare_chunk_indices(seg.bounds, CHUNK, max_num_chunks(B * T, seg.slots, CHUNK))
-        if initial_state is not None:
-            dh0_out = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    args = (q, k, w, gcum, do, dS_end, dh0_out, dhs, dv2, offsets, first_slots, scale, T, H, HV, K, V)
+        offsets, first_slots = seg.bounds, seg.chunk_offsets
+    # the gradient entering each sequence (or, with segments, each segment)
+    dh0 = torch.empty(programs, HV, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    args = (q, k, w, gcum, do, dS_end, dh0, dhs, dv2, offsets, first_slots, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=BK, USE_G=g is not None, USE_DHT=dS_end is not None,
                    USE_H0=initial_state is not None, IS_VARLEN=offsets is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
@@ -378,7 +370,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
                          [{"BV": b, "LOCAL_DV": s} for b in state_block_choices(q, V) for s in splits])
     _state_grad_kernel[(cdiv(V, BV), programs * HV)](*args, **options, BV=BV, LOCAL_DV=local_dv)
     if seg is not None and initial_state is not None:
-        dh0 = first_segment_grads(dh0_out, seg, dht)
+        dh0 = first_segment_grads(dh0, seg, dht)
     grad_dtype = torch.float32 if HV != H else q.dtype
     dq = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)
     dk = torch.empty(B, T, HV, K, dtype=grad_dtype, device=q.device)

@@ -1,9 +1,17 @@
 """Per-chunk pieces shared by the delta rule's kernels (delta_rule.py, delta_rule_bwd.py,
-delta_rule_segments.py): a chunk's gates, and the two halves of one chunk of the reverse
+delta_rule_segments.py): the head-dim tile, a chunk's gates, and the two halves of one chunk of the reverse
 chunk-to-chunk pass."""
 
 import triton
 import triton.language as tl
+
+from flame.kernels.utils import MIN_DOT_TILE, next_power_of_2
+
+
+def _pow2(d: int) -> int:
+    """Tile size for a head dimension in every delta-rule kernel: at least MIN_DOT_TILE (utils:
+    narrower tiles built a wrong chunk-gradient kernel on Hopper)."""
+    return max(MIN_DOT_TILE, next_power_of_2(d))
 
 
 @triton.jit

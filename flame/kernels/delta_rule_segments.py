@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_chunk import _chunk_gates, state_grad_dv, state_grad_update
-from flame.kernels.utils import (MIN_DOT_TILE, cdiv, chunk_span, compile_variants, default_cu_seqlens,
-                                 max_num_chunks, next_power_of_2, num_sms, prepare_segments)
+from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
+from flame.kernels.utils import (cdiv, chunk_span, compile_variants, default_cu_seqlens, max_num_chunks,
+                                 next_power_of_2, num_sms, prepare_chunk_indices, prepare_segments)
 
 CHUNK = 64
 SEGMENT_TOKENS = 4096  # tokens of a segment: 64 chunks of the serial chain
@@ -51,6 +51,9 @@ class Segments:
     first: torch.Tensor  # [N] each sequence's first segment slot
     last: torch.Tensor  # [N] and its last
     nonempty: torch.Tensor | None  # [N] whether it has any tokens (None: all have, no packing)
+    # [slots + 1] each segment's first chunk slot: the sequences' own chunk slots, since segments
+    # are whole chunks (the slots of the stored per-chunk states do not change)
+    chunk_offsets: torch.Tensor
 
 
 SEGMENT_MODES = ("auto", "on", "off")
@@ -110,8 +113,9 @@ def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
     indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, SEGMENT_TOKENS, slots)
     packed = cu_seqlens is not None
+    _, chunk_offsets = prepare_chunk_indices(bounds, CHUNK, max_num_chunks(B * T, slots, CHUNK))
     return Segments(SEGMENT_TOKENS, packed, N, slots, cu, indices, offsets, bounds, first, last,
-                    nonempty if packed else None)
+                    nonempty if packed else None, chunk_offsets)
 
 
 def segment_column_block(element_size: int) -> int:
@@ -265,17 +269,12 @@ def _segment_combine_kernel(
              mask=smask & (ck[:, None] * 0 + count > 0))
 
 
-def _pow2_k(K: int) -> int:
-    """The K tile, as the serial passes take it (at least MIN_DOT_TILE wide)."""
-    return max(MIN_DOT_TILE, next_power_of_2(K))
-
-
 def _combine(e, m, h_in, seg: Segments, reverse):
     slots, HV, K, V = e.shape
     h_seg = torch.empty(slots, HV, K, V, dtype=torch.float32, device=e.device)
     BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
     _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
-        e, m, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2_k(K), BV=BV,
+        e, m, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2(K), BV=BV,
         USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS, num_stages=1,
     )
     return h_seg
@@ -291,7 +290,7 @@ def segment_entry_states(k, w, u, gcum, initial_state, seg: Segments):
     BC = segment_column_block(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
-        H, HV, K, V, BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
+        H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
         num_warps=4, num_stages=1 if k.element_size() > 2 else 2,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
@@ -305,7 +304,7 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
     BC = segment_column_block(q.element_size())
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
-    options = dict(BT=CHUNK, BK=_pow2_k(K), BC=BC, USE_G=gcum is not None,
+    options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=4, num_stages=1 if q.element_size() > 2 else 2)
     if seg.packed and gcum is not None:  # the split of dv' follows the document count (delta_rule_bwd.py)
         compile_variants(_segment_transition_grad_kernel, args, options, [{"LOCAL_DV": s} for s in (False, True)])
