@@ -16,8 +16,12 @@ pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' te
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (the V block of
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
-FLAME_DELTA_SEGMENTS), segment_tokens=N (their length). Every variant is timed at every shape;
-the per-kernel profile is taken for the default, and with --profile-variants for each variant too.
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), u=fp32|bf16 (the dtype of u = A beta v),
+states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
+V block). Every variant is timed at every shape;
+the per-kernel profiles (forward, forward+backward) are taken for the default, and with
+--profile-variants for each variant too. --check also records each variant's relative error
+norms against float64 (outputs, final state, every gradient; B=2, T=1000, H=4, K=V=128).
 
 bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/.
 """
@@ -40,6 +44,7 @@ import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
 import flame.kernels.delta_rule_segments as segments  # noqa: E402
 from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
+from flame.kernels.delta_rule_ref import chunk_delta_rule_ref  # noqa: E402
 from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 
 
@@ -62,9 +67,10 @@ def variant(spec: str):
     modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod, "_state_block": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
                "chunk_grad_stages": bwd,
-               "split_dv_local": bwd, "local_dv_config": bwd}
+               "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod}
     saved = {name: getattr(module, name) for name, module in modules.items()}
     saved_mode, saved_tokens = os.environ.get("FLAME_DELTA_SEGMENTS"), segments.SEGMENT_TOKENS
+    saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -94,6 +100,10 @@ def variant(spec: str):
                 fwd_mod._state_block = lambda *a, n=int(value): n
             elif key == "segments":
                 os.environ["FLAME_DELTA_SEGMENTS"] = value
+            elif key == "states_pass_programs":
+                fwd_mod.STATES_PASS_PROGRAMS_PER_SM = int(value)
+            elif key == "u":
+                fwd_mod.u_dtype = lambda dtype, d={"fp32": torch.float32, "bf16": torch.bfloat16}[value]: d
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = int(value)
             else:
@@ -103,11 +113,52 @@ def variant(spec: str):
         for name, module in modules.items():
             setattr(module, name, saved[name])
         segments.SEGMENT_TOKENS = saved_tokens
+        fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)
         else:
             os.environ["FLAME_DELTA_SEGMENTS"] = saved_mode
 
+
+
+def errors(gated: bool) -> dict:
+    """Relative error norms of the bf16 kernels against float64 on the same bf16 inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, K, V = 2, 1000, 4, 128, 128
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    q, v = randn(B, T, H, K).bfloat16(), randn(B, T, H, V).bfloat16()
+    k = F.normalize(randn(B, T, H, K), dim=-1).bfloat16()
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).bfloat16()
+    g = F.logsigmoid(randn(B, T, H)).bfloat16()
+    h0 = randn(B, H, K, V)
+    inputs = [q, k, v, g, beta, h0] if gated else [q, k, v, beta, h0]
+    do, dht = randn(B, T, H, V), randn(B, H, K, V)
+
+    def run(*xs):
+        xs = list(xs)
+        gate = xs.pop(3) if gated else None
+        qx, kx, vx, bx, hx = xs
+        if qx.dtype == torch.float64:
+            return chunk_delta_rule_ref(qx, kx, vx, bx, g=gate, initial_state=hx, output_final_state=True)
+        if gated:
+            return chunk_gated_delta_rule(qx, kx, vx, gate, bx, initial_state=hx, output_final_state=True)
+        return chunk_delta_rule(qx, kx, vx, bx, initial_state=hx, output_final_state=True)
+
+    result = {}
+    outs = {}
+    for name, cast in (("ref", torch.float64), ("bf16", None)):
+        leaves = [(x.to(cast) if cast else x).clone().requires_grad_() for x in inputs]
+        o, ht = run(*leaves)
+        grads = torch.autograd.grad([o, ht], leaves, [do.to(o.dtype), dht.to(ht.dtype)])
+        outs[name] = [o, ht, *grads]
+    names = ["o", "final_state"] + ["d" + n for n in (["q", "k", "v", "g", "beta", "h0"] if gated
+                                                      else ["q", "k", "v", "beta", "h0"])]
+    for name, x, ref in zip(names, outs["bf16"], outs["ref"]):
+        result[name] = float((x.double() - ref).norm() / ref.norm())
+    return result
 
 
 def main():
@@ -122,6 +173,8 @@ def main():
                         choices=["delta_rule", "gated_delta_rule"])
     parser.add_argument("--profile-variants", action="store_true",
                         help="also take the per-kernel profile of every variant")
+    parser.add_argument("--check", action="store_true",
+                        help="record each variant's relative errors against float64")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     report = {"environment": environment(), "rows": []}
@@ -139,13 +192,19 @@ def main():
             row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V,
                    "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
-                   "profile_fwdbwd_ms": kernel_times(fwdbwd), "variants": {}}
+                   "profile_fwd_ms": kernel_times(fwd), "profile_fwdbwd_ms": kernel_times(fwdbwd),
+                   "variants": {}}
+            if args.check:
+                row["errors"] = errors(gated)
             for spec in args.variants:
                 with variant(spec):
-                    row["variants"][spec] = {"fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save),
-                                             "fwdbwd_ms": timed(fwdbwd)}
+                    entry = row["variants"][spec] = {"fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save),
+                                                     "fwdbwd_ms": timed(fwdbwd)}
                     if args.profile_variants:
-                        row["variants"][spec]["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
+                        entry["profile_fwd_ms"] = kernel_times(fwd)
+                        entry["profile_fwdbwd_ms"] = kernel_times(fwdbwd)
+                    if args.check:
+                        entry["errors"] = errors(gated)
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
     print(f"{'kernel':18s} {'shape':17s} {'variant':50s} {'fwd':>7s} {'fwd(sv)':>7s} {'f+b':>7s}")
@@ -161,11 +220,20 @@ def main():
         for spec, entry in row["variants"].items():
             print(f"{row['kernel']:18s} {shape:17s} {spec:50s} {ms(entry['fwd_ms'])} {ms(entry['fwd_save_ms'])} "
                   f"{ms(entry['fwdbwd_ms'])}")
+            if "profile_fwd_ms" in entry:
+                profile = list(entry["profile_fwd_ms"].items())[:5]
+                print("    fwd:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
             if "profile_fwdbwd_ms" in entry:
                 profile = list(entry["profile_fwdbwd_ms"].items())[:7]
                 print("       ", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
-        profile = list(row["profile_fwdbwd_ms"].items())[:5]
-        print("    default:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
+            if "errors" in entry:
+                print("    errors:", ", ".join(f"{k} {v:.1e}" for k, v in entry["errors"].items()))
+        for key in ("profile_fwd_ms", "profile_fwdbwd_ms"):
+            profile = list(row[key].items())[:5]
+            print(f"    default {key[8:-3]}:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}"
+                                                     for k, v in profile))
+        if "errors" in row:
+            print("    default errors:", ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items()))
     write_report(report, args.out, "delta_rule_profile")
 
 

@@ -316,8 +316,7 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     w = torch.empty(B, T, HV, K, dtype=k.dtype, device=k.device)
-    # u = A beta v feeds v' = u - w S, which cancels: keep it fp32.
-    u = torch.empty(B, T, HV, V, dtype=torch.float32, device=k.device)
+    u = torch.empty(B, T, HV, V, dtype=u_dtype(k.dtype), device=k.device)
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=k.device) if g is not None else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
@@ -337,6 +336,15 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
         num_warps=warps,
     )
     return w, u, gcum, (a if store_a else None)
+
+
+def u_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of u = A beta v: fp32, since it feeds v' = u - w S, where the two terms cancel as
+    the state learns the values. In bf16 it would halve the prep kernel's largest write and the
+    serial pass's largest read (H100, 8x4096, 16 heads of 128: inference forward 1.07 -> 0.80 ms
+    plain, 1.20 -> 1.14 gated), but the bf16 GPU tests' 16-wide heads then miss the 5e-3 output
+    bound (benchmarks/notes_delta_rule.md)."""
+    return torch.float32
 
 
 def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
@@ -386,7 +394,7 @@ def state_warps(element_size: int) -> int:
     return 4
 
 
-def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
+def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int, programs_per_sm: int = 2) -> int:
     # Keep the per-program tiles (q, k, w [64, K], the state [K, BV]) within shared memory. The
     # V block follows V itself (down to 16), not the 64-wide minimum of the other tiles: a
     # block wider than V would only add masked columns to the serial pass.
@@ -394,10 +402,18 @@ def _state_block(q: torch.Tensor, num_seqs: int, HV: int, V: int) -> int:
     wide = q.element_size() > 2
     BV = min(BVF, (16 if BK > 128 else 32) if wide else (32 if BK > 128 else 64))
     # The chunk-to-chunk pass is the serial part: with few sequences (B=1, long T) narrower V
-    # blocks give more programs so that every SM has one.
-    while BV > 16 and num_seqs * HV * cdiv(V, BV) < 2 * num_sms(q.device):
+    # blocks give more programs so that every SM has `programs_per_sm`.
+    while BV > 16 and num_seqs * HV * cdiv(V, BV) < programs_per_sm * num_sms(q.device):
         BV //= 2
     return BV
+
+
+# Programs per SM below which the forward's states-only pass (split_output) narrows its V block.
+# Its chain is two products per chunk, short enough that one program per SM keeps the H100 as
+# busy as two, and a wider block reads k and w once for more columns (8x4096, 16 heads of 128,
+# bf16: 0.355 -> 0.301 ms at V blocks of 64 against 32; the reverse pass keeps 2: 0.54 -> 0.82
+# ms gated; results/delta_rule_forward_block_*_h100.json).
+STATES_PASS_PROGRAMS_PER_SM = 1
 
 
 def state_block_choices(q: torch.Tensor, V: int) -> list[int]:
@@ -434,7 +450,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
         h0, transitions = segment_entry_states(k, w, u, gcum, initial_state, seg)
         offsets, programs, first_slots = seg.bounds, seg.slots, seg.chunk_offsets
         ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    BV = _state_block(q, programs, HV, V)
+    BV = _state_block(q, programs, HV, V, 2 if compute_o else STATES_PASS_PROGRAMS_PER_SM)
     args = (q, k, w, u, gcum, o, h0, ht, hs, vn, offsets, first_slots, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=h0 is not None,
                    IS_VARLEN=offsets is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
