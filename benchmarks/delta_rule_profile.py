@@ -18,7 +18,7 @@ both serial passes, whatever the number of sequences), grad_stages=N (pipeline s
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
-V block). Every variant is timed at every shape;
+V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
 --profile-variants for each variant too. --check also records each variant's relative error
 norms against float64 (outputs, final state, every gradient; B=2, T=1000, H=4, K=V=128).
@@ -67,7 +67,7 @@ def variant(spec: str):
     modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod, "_state_block": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
                "chunk_grad_stages": bwd,
-               "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod}
+               "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod, "values_in_pass": fwd_mod}
     saved = {name: getattr(module, name) for name, module in modules.items()}
     saved_mode, saved_tokens = os.environ.get("FLAME_DELTA_SEGMENTS"), segments.SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
@@ -102,6 +102,8 @@ def variant(spec: str):
                 os.environ["FLAME_DELTA_SEGMENTS"] = value
             elif key == "states_pass_programs":
                 fwd_mod.STATES_PASS_PROGRAMS_PER_SM = int(value)
+            elif key == "values_in_pass":
+                fwd_mod.values_in_pass = lambda on=bool(int(value)): on
             elif key == "u":
                 fwd_mod.u_dtype = lambda dtype, d={"fp32": torch.float32, "bf16": torch.bfloat16}[value]: d
             elif key == "segment_tokens":

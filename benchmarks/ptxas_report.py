@@ -87,7 +87,7 @@ def rows_for(fwd, bwd, gated: bool, K: int, V: int, HV: int, state_blocks: tuple
     BV, warps = bwd.chunk_grad_config(2, K, V)
     rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(heads, BV=BV, USE_G=gated), warps)]
     BC, prep_warps = fwd.prepare_config(2, K, V)
-    rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated), prep_warps))
+    rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated, STORE_W=True, STORE_U=True), prep_warps))
     BVO, out_warps = fwd.output_config(2, K, V)
     rows.append((f"_output_kernel BV={BVO}", fwd._output_kernel,
                  dict(heads, BK=min(fwd.OUTPUT_K_BLOCK, K), BV=BVO, USE_G=gated), out_warps))
@@ -96,9 +96,11 @@ def rows_for(fwd, bwd, gated: bool, K: int, V: int, HV: int, state_blocks: tuple
     for BVS in state_blocks:
         state = dict(heads, BV=BVS, USE_G=gated, USE_H0=False)
         rows.append((f"_state_output_kernel BV={BVS} (o and saved states)", fwd._state_output_kernel,
-                     dict(state, COMPUTE_O=True, STORE_STATES=True), fwd.state_warps(2)))
+                     dict(state, COMPUTE_O=True, STORE_STATES=True, FROM_V=False), fwd.state_warps(2)))
         rows.append((f"_state_output_kernel BV={BVS} (saved states only: split_output)", fwd._state_output_kernel,
-                     dict(state, COMPUTE_O=False, STORE_STATES=True), fwd.state_warps(2)))
+                     dict(state, COMPUTE_O=False, STORE_STATES=True, FROM_V=False), fwd.state_warps(2)))
+        rows.append((f"_state_output_kernel BV={BVS} (inference, v' from A and v)", fwd._state_output_kernel,
+                     dict(state, COMPUTE_O=not gated, STORE_STATES=gated, FROM_V=True), fwd.state_warps(2)))
         for local_dv in (False, True):
             label = " (LOCAL_DV: split_dv_local)" if local_dv else ""
             rows.append((f"_state_grad_kernel BV={BVS}{label}", bwd._state_grad_kernel,

@@ -158,7 +158,7 @@ def test_prepare_kernel(case, gated):
     beta = 0.5 + 0.5 * beta
     if not gated:
         g = torch.zeros_like(g)
-    w, u, gc, A = _prepare(k, v, g if gated else None, beta, cu, store_a=True)
+    w, u, gc, A = _prepare(k, v, g if gated else None, beta, cu, store_a=True, store_u=True)
     w_ref, u_ref, A_ref, gc_ref = prepare_reference(k, v, g, beta, cu)
     errors = {"w": rel(w, w_ref), "u": rel(u, u_ref), "A": rel(A, A_ref)}
     # fp32 against float64 on an ill-conditioned L: row-by-row substitution reaches ~1e-6 here,
@@ -366,6 +366,35 @@ def test_segments_inference_forward(gated, monkeypatch):
         assert rel(got, want) < 1e-5 and rel(got, whole) < 1e-6
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_forward(case, gated, monkeypatch):
+    """The forward without a backward: v' formed in the serial pass from A and v (the prep kernel
+    writes no w or u) against the recurrence and against the pass that reads w and u."""
+    from flame.kernels import delta_rule
+
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    force_segments(monkeypatch, None)
+    B, T, H, HV, K, V, cu = CASES[case]
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, HV, K, V, N, dtype=torch.float32)
+    results = {}
+    for in_pass in (True, False):
+        monkeypatch.setattr(delta_rule, "values_in_pass", lambda on=in_pass: on)
+        with torch.no_grad():
+            if gated:
+                results[in_pass] = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                                          output_final_state=True, cu_seqlens=cu)
+            else:
+                results[in_pass] = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True,
+                                                    cu_seqlens=cu)
+    ref = recurrent_ref(q.double(), k.double(), v.double(), g=g.double() if gated else None, beta=beta.double(),
+                        delta=True, initial_state=h0.double(), output_final_state=True, cu_seqlens=cu)
+    for got, other, want in zip(results[True], results[False], ref):
+        assert rel(got, want) < 1e-5 and rel(got, other) < 1e-5
+
+
 def test_segment_rule():
     """Segments by default for equal-length sequences longer than one whose whole-sequence
     passes would leave SMs idle; never for packed batches (only when forced) or batches no
@@ -526,6 +555,31 @@ def test_bf16_gpu(case, gated, backward, split, monkeypatch):
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
     force_splits(monkeypatch, split, split)
     check_bf16_gpu(GPU_CASES[case], gated, f"{case} {backward} {'split' if split else 'single'}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_inference_bf16_gpu(case, gated):
+    """The forward without a backward (v' formed from A and v in the serial pass), bf16 against
+    float64 on the same bf16 inputs: outputs and final states within 5e-3."""
+    B, T, H, HV, K, V, cu = GPU_CASES[case]
+    cu = torch.tensor(cu, dtype=torch.int32, device="cuda") if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, HV, K, V, N, dtype=torch.bfloat16, device="cuda")
+    h0 = h0.float()
+    with torch.no_grad():
+        if gated:
+            o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                           cu_seqlens=cu)
+        else:
+            o, ht = chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o_ref, ht_ref = chunk_delta_rule_ref(q.double(), k.double(), v.double(), beta.double(),
+                                         g=g.double() if gated else None, initial_state=h0.double(),
+                                         output_final_state=True, cu_seqlens=cu)
+    errors = {"o": rel(o, o_ref), "final_state": rel(ht, ht_ref)}
+    print("inference", case, "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
+    assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
 
 
 def check_bf16_gpu(shape, gated, label):

@@ -2,12 +2,14 @@
 
 Forward, following the WY / UT-transform algorithm (see delta_rule_ref.py for the maths):
   1. the prep kernel, parallel over (chunk, value head): the in-chunk gate cumsum, the
-     triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and w = A beta Gamma k,
-     u = A beta v, written per token (`_prepare_kernel`: L from one [64, K] x [K, 64] product
-     through an fp32 scratch, doubling for the 16x16 diagonal blocks of the inverse, A through
-     memory, [64, 64] tensor-core products).
+     triangular inverse A = (I + tril(beta k k^T Gamma_i / Gamma_j, -1))^-1, and, where needed,
+     w = A beta Gamma k (for the backward) and u = A beta v (for the passes over segments),
+     written per token (`_prepare_kernel`: L from one [64, K] x [K, 64] product through an fp32
+     scratch, doubling for the 16x16 diagonal blocks of the inverse, A through memory, [64, 64]
+     tensor-core products).
   2. `_state_output_kernel`, parallel over (sequence, value head, V block), sequential over chunks:
-     corrected values v' = u - w S, the output o, and the state update.
+     corrected values v' = u - w S = A (beta (v - Gamma k S)) (from A and v: `values_in_pass`),
+     the output o, and the state update.
   With `split_output()` (the default, heads of K <= 128), the serial pass only stores the
   per-chunk states (and v'), which the backward keeps anyway, and `_output_kernel`, parallel
   over (chunk, V block, value head), computes o from them: the serial pass keeps two of its
@@ -83,14 +85,16 @@ def _prepare_kernel(
     k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_W: tl.constexpr, STORE_U: tl.constexpr,
 ):
     # Two phases per (chunk, value head). 1: the gate cumsum, L, and the inverse A = (I + L)^-1
     # of the chunk of 64 by blocks of 16 (diagonal blocks by doubling, the rest by block forward
     # substitution, all small fp32 dots), written to `a`. 2: after a barrier, A is read back as
     # one [64, 64] tile (the program's own writes) for two tensor-core products
     # w = A (beta Gamma k), u = A (beta v), over column blocks of BC so that no [64, K]
-    # accumulator has to live in registers whole.
+    # accumulator has to live in registers whole. STORE_W, STORE_U: which of the two phase 2
+    # writes (a serial pass that forms v' from A and v itself, `_state_output_kernel`'s FROM_V,
+    # reads no u, and the inference forward needs no w either).
     tl.static_assert(BT == 64)
     j = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,42 +164,48 @@ def _prepare_kernel(
     _store_a(a, X31, rows3, m3, hv, HV, 1)
     _store_a(a, X32, rows3, m3, hv, HV, 2)
     _store_a(a, D3, rows3, m3, hv, HV, 3)
-    # Every thread's part of A is written before any thread reads the whole tile back.
-    tl.debug_barrier()
-    b_a = tl.load(a + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], mask=rmask[:, None], other=0.0)
-    dt = b_a.dtype
-    if USE_G:
-        kscale = b_beta * tl.exp(b_gc)
-    else:
-        kscale = b_beta
-    cc = tl.arange(0, BC)
-    for c0 in range(0, K, BC):
-        cols = c0 + cc
-        mask = rmask[:, None] & (cols[None, :] < K)
-        b_k = tl.load(k + rows[:, None] * (H * K) + h * K + cols[None, :], mask=mask, other=0.0)
-        b_kb = (b_k.to(tl.float32) * kscale[:, None]).to(dt)
-        tl.store(w + rows[:, None] * (HV * K) + hv * K + cols[None, :], tl.dot(b_a, b_kb).to(w.dtype.element_ty),
-                 mask=mask)
-    for c0 in range(0, V, BC):
-        cols = c0 + cc
-        mask = rmask[:, None] & (cols[None, :] < V)
-        b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=mask, other=0.0)
-        b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dt)
-        tl.store(u + rows[:, None] * (HV * V) + hv * V + cols[None, :], tl.dot(b_a, b_vb).to(u.dtype.element_ty),
-                 mask=mask)
+    if STORE_W or STORE_U:
+        # Every thread's part of A is written before any thread reads the whole tile back.
+        tl.debug_barrier()
+        b_a = tl.load(a + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], mask=rmask[:, None], other=0.0)
+        dt = b_a.dtype
+        if USE_G:
+            kscale = b_beta * tl.exp(b_gc)
+        else:
+            kscale = b_beta
+        cc = tl.arange(0, BC)
+        if STORE_W:
+            for c0 in range(0, K, BC):
+                cols = c0 + cc
+                mask = rmask[:, None] & (cols[None, :] < K)
+                b_k = tl.load(k + rows[:, None] * (H * K) + h * K + cols[None, :], mask=mask, other=0.0)
+                b_kb = (b_k.to(tl.float32) * kscale[:, None]).to(dt)
+                tl.store(w + rows[:, None] * (HV * K) + hv * K + cols[None, :],
+                         tl.dot(b_a, b_kb).to(w.dtype.element_ty), mask=mask)
+        if STORE_U:
+            for c0 in range(0, V, BC):
+                cols = c0 + cc
+                mask = rmask[:, None] & (cols[None, :] < V)
+                b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=mask, other=0.0)
+                b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dt)
+                tl.store(u + rows[:, None] * (HV * V) + hv * V + cols[None, :],
+                         tl.dot(b_a, b_vb).to(u.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _state_output_kernel(
-    q, k, w, u, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
+    q, k, w, u, a, v, beta, gcum, o, h0, ht, hs, vn, cu_seqlens, chunk_offsets, scale,
     T, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_G: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    COMPUTE_O: tl.constexpr, STORE_STATES: tl.constexpr,
+    COMPUTE_O: tl.constexpr, STORE_STATES: tl.constexpr, FROM_V: tl.constexpr,
 ):
     # STORE_STATES (for the backward): the state entering each chunk goes to hs
     # [chunk slots, HV, K, V] and the corrected values v' to vn [B, T, HV, V]. Without COMPUTE_O
     # (the backward's recomputation, or split_output()) no q is read and no o written.
+    # FROM_V: v' = u - w S is formed as A (beta (v - Gamma k S)) from A, v and beta (w and u
+    # are not read): the prep kernel then skips its products, and the difference is taken in
+    # fp32 before any rounding.
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -229,19 +239,31 @@ def _state_output_kernel(
         kmask = rmask[:, None] & (ck[None, :] < K)
         vmask = rmask[:, None] & (cv[None, :] < V)
         b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
-        b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
         dt = b_k.dtype
+        if USE_G:
+            b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        if FROM_V:
+            b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
+            b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+            b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+        else:
+            b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+            b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
         if STORE_STATES:
             tl.store(hs + (slot0 + i) * (HV * K * V) + slot_off, S.to(hs.dtype.element_ty), mask=smask)
-        v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        if FROM_V:
+            ks = tl.dot(b_k, S.to(dt))
+            if USE_G:
+                ks = ks * tl.exp(b_gc)[:, None]
+            v_new = tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
+        else:
+            v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
         b_vn = v_new.to(dt)
         if STORE_STATES:
             tl.store(vn + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_vn, mask=vmask)
         # The gates scale the [64, BV] side of each product (rows of v' or of a result), not the
         # [64, K] tiles of q and k: the serial chain's elementwise work is per V column.
         if USE_G:
-            b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
             last = tl.load(gcum + (tl.minimum(bos + i * BT + BT, eos) - 1) * HV + hv)
             b_vd = (v_new * tl.exp(last - b_gc)[:, None]).to(dt)  # (k exp(gl - gc))^T v' = k^T (exp(gl - gc) v')
         else:
@@ -309,14 +331,18 @@ def _output_kernel(
     tl.store(o + tok, b_o.to(o.dtype.element_ty), mask=vmask)
 
 
-def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
-    """w, u, the in-chunk gate cumsum (or None) and, with store_a (the backward differentiates
-    through it), the inverse A [B, T, HV, 64], zero above the diagonal."""
+def _prepare(k, v, g, beta, cu_seqlens, store_a=False, store_w=True, store_u=None):
+    """w (or None without store_w), u (or None without store_u; store_u None: where the serial
+    pass reads it, `_reads_u`), the in-chunk gate cumsum (or None) and the inverse A
+    [B, T, HV, 64], zero above the diagonal: returned with store_a (the backward differentiates
+    through it) or without u (a serial pass that forms v' from A and v), else None."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
+    if store_u is None:
+        store_u = _reads_u(k, cu_seqlens, HV, V)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    w = torch.empty(B, T, HV, K, dtype=k.dtype, device=k.device)
-    u = torch.empty(B, T, HV, V, dtype=u_dtype(k.dtype), device=k.device)
+    w = torch.empty(B, T, HV, K, dtype=k.dtype, device=k.device) if store_w else None
+    u = torch.empty(B, T, HV, V, dtype=u_dtype(k.dtype), device=k.device) if store_u else None
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=k.device) if g is not None else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
@@ -332,10 +358,10 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False):
     _prepare_kernel[grid](
         k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
         T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
-        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, STORE_W=store_w, STORE_U=store_u,
         num_warps=warps,
     )
-    return w, u, gcum, (a if store_a else None)
+    return w, u, gcum, (a if store_a or not store_u else None)
 
 
 def u_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -353,6 +379,24 @@ def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
     the H100 (8x4096, K = V = 128: 0.55 against 0.93 ms per call, delta_rule_profile_v2_h100.json):
     twice the programs per SM hide the serial doubling steps."""
     return min(64, BK, BV), 4
+
+
+def _reads_u(q: torch.Tensor, cu_seqlens, HV: int, V: int) -> bool:
+    """Whether the serial pass reads u and w rather than A and v: over segments (whose
+    transitions take u and w) or without values_in_pass()."""
+    return not values_in_pass() or plan_segments(q, cu_seqlens, HV, V) is not None
+
+
+def values_in_pass() -> bool:
+    """Whether the forward's serial pass (not over segments) forms v' = A (beta (v - Gamma k S))
+    from A and v (True), rather than u - w S from the w and u the prep kernel wrote (False):
+    the prep kernel then writes no u (fp32, the largest of its writes, and the pass's largest
+    read) and, without a backward, no w. One more [64, 64] product per chunk in the chain, and
+    the difference v - Gamma k S is rounded, not u. H100, 8x4096, H = 16, K = V = 128:
+    inference forward gated 1.209 -> 0.951 ms, plain 1.071 -> 0.732
+    (results/delta_rule_values_in_pass_inference_h100.json); training forward+backward gated
+    3.420 -> 3.215, plain 2.616 -> 2.438 (results/delta_rule_values_in_pass_training_h100.json)."""
+    return True
 
 
 def split_output() -> bool:
@@ -425,13 +469,15 @@ def state_block_choices(q: torch.Tensor, V: int) -> list[int]:
     return choices
 
 
-def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False):
+def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False,
+                a=None, v=None, beta=None):
     """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
     [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None, segment
     transitions [segment slots, HV, K, K] or None); the states, v' (store_states) and the
-    transitions (when the pass ran over segments) are what the backward needs."""
+    transitions (when the pass ran over segments) are what the backward needs. Without u
+    (`_prepare` wrote none: `_reads_u`), v' is formed from A, v and beta."""
     B, T, H, K = q.shape
-    HV, V = u.shape[2], u.shape[3]
+    HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     ht = torch.empty(N, HV, K, V, dtype=torch.float32, device=q.device)
     o = hs = vn = chunk_offsets = None
@@ -443,6 +489,8 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     seg = plan_segments(q, cu_seqlens, HV, V)
+    if seg is not None and u is None:
+        raise ValueError("the serial pass over segments takes w and u, not A and v")
     # With segments the pass runs over them as sequences of their own, entered with the states
     # that the transition pass and the combine give (delta_rule_segments.py).
     h0, offsets, first_slots, programs, transitions = initial_state, cu_seqlens, chunk_offsets, N, None
@@ -451,9 +499,10 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
         offsets, programs, first_slots = seg.bounds, seg.slots, seg.chunk_offsets
         ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
     BV = _state_block(q, programs, HV, V, 2 if compute_o else STATES_PASS_PROGRAMS_PER_SM)
-    args = (q, k, w, u, gcum, o, h0, ht, hs, vn, offsets, first_slots, scale, T, H, HV, K, V)
+    args = (q, k, w, u, a, v, beta, gcum, o, h0, ht, hs, vn, offsets, first_slots, scale, T, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), USE_G=gcum is not None, USE_H0=h0 is not None,
                    IS_VARLEN=offsets is not None, COMPUTE_O=compute_o, STORE_STATES=store_states,
+                   FROM_V=u is None,
                    num_warps=state_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
     if offsets is not None and q.is_cuda:  # BV follows the document count, which varies by batch
         compile_variants(_state_output_kernel, args, options, [{"BV": b} for b in state_block_choices(q, V)])
@@ -516,12 +565,15 @@ def backward_mode() -> str:
 def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v', segment
     transitions or None) for the backward, or None."""
-    w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save)
+    # Where the serial pass does not run over segments, it forms v' from A and v, so that u is
+    # never written (`values_in_pass`), nor w without a backward.
+    reads_u = _reads_u(q, cu_seqlens, v.shape[2], v.shape[3])
+    w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save, store_w=save or reads_u, store_u=reads_u)
     # Without a backward the split pays for gated heads only (the states are then stored for the
     # output kernel alone): H100, 8x4096, K = V = 128, plain 1.08 ms single pass against 1.15.
     split = _splits_output(q) and (save or g is not None)
     o, ht, hs, vn, _, transitions = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
-                                   compute_o=not split, store_states=save or split)
+                                   compute_o=not split, store_states=save or split, a=a, v=v, beta=beta)
     if split:
         del u
         o = _output(q, k, gcum, hs, vn, cu_seqlens, scale)

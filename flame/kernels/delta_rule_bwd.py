@@ -318,7 +318,8 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     if saved is None:
         w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
         _, _, hs, vn, chunk_offsets, transitions = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens,
-                                                              scale, compute_o=False, store_states=True)
+                                                              scale, compute_o=False, store_states=True,
+                                                              a=a, v=v, beta=beta)
         del u
     else:
         w, gcum, a, hs, vn, transitions = saved
