@@ -366,15 +366,17 @@ def test_segments_inference_forward(gated, monkeypatch):
         assert rel(got, want) < 1e-5 and rel(got, whole) < 1e-6
 
 
+@pytest.mark.parametrize("segments", [None, 64], ids=["whole", "segments"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_inference_forward(case, gated, monkeypatch):
-    """The forward without a backward: v' formed in the serial pass from A and v (the prep kernel
-    writes no w or u) against the recurrence and against the pass that reads w and u."""
+def test_inference_forward(case, gated, segments, monkeypatch):
+    """The forward without a backward: v' formed in the serial passes from A and v (the prep
+    kernel writes no w or u) against the recurrence and against the passes that read w and u,
+    per sequence and over segments of 64 tokens."""
     from flame.kernels import delta_rule
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    force_segments(monkeypatch, None)
+    force_segments(monkeypatch, segments)
     B, T, H, HV, K, V, cu = CASES[case]
     cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
     N = B if cu is None else len(cu) - 1

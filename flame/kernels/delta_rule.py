@@ -333,13 +333,13 @@ def _output_kernel(
 
 def _prepare(k, v, g, beta, cu_seqlens, store_a=False, store_w=True, store_u=None):
     """w (or None without store_w), u (or None without store_u; store_u None: where the serial
-    pass reads it, `_reads_u`), the in-chunk gate cumsum (or None) and the inverse A
+    passes read it, without `values_in_pass`), the in-chunk gate cumsum (or None) and the inverse A
     [B, T, HV, 64], zero above the diagonal: returned with store_a (the backward differentiates
     through it) or without u (a serial pass that forms v' from A and v), else None."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     if store_u is None:
-        store_u = _reads_u(k, cu_seqlens, HV, V)
+        store_u = not values_in_pass()
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     w = torch.empty(B, T, HV, K, dtype=k.dtype, device=k.device) if store_w else None
     u = torch.empty(B, T, HV, V, dtype=u_dtype(k.dtype), device=k.device) if store_u else None
@@ -381,15 +381,10 @@ def prepare_config(element_size: int, BK: int, BV: int) -> tuple[int, int]:
     return min(64, BK, BV), 4
 
 
-def _reads_u(q: torch.Tensor, cu_seqlens, HV: int, V: int) -> bool:
-    """Whether the serial pass reads u and w rather than A and v: over segments (whose
-    transitions take u and w) or without values_in_pass()."""
-    return not values_in_pass() or plan_segments(q, cu_seqlens, HV, V) is not None
-
-
 def values_in_pass() -> bool:
-    """Whether the forward's serial pass (not over segments) forms v' = A (beta (v - Gamma k S))
-    from A and v (True), rather than u - w S from the w and u the prep kernel wrote (False):
+    """Whether the forward's serial pass and the segments' transition pass form
+    v' = A (beta (v - Gamma k S)) from A and v (True), rather than u - w S from the w and u the
+    prep kernel wrote (False):
     the prep kernel then writes no u (fp32, the largest of its writes, and the pass's largest
     read) and, without a backward, no w. One more [64, 64] product per chunk in the chain, and
     the difference v - Gamma k S is rounded, not u. H100, 8x4096, H = 16, K = V = 128:
@@ -475,7 +470,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None, segment
     transitions [segment slots, HV, K, K] or None); the states, v' (store_states) and the
     transitions (when the pass ran over segments) are what the backward needs. Without u
-    (`_prepare` wrote none: `_reads_u`), v' is formed from A, v and beta."""
+    (`_prepare` wrote none: `values_in_pass`), v' is formed from A, v and beta."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -489,13 +484,11 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     seg = plan_segments(q, cu_seqlens, HV, V)
-    if seg is not None and u is None:
-        raise ValueError("the serial pass over segments takes w and u, not A and v")
     # With segments the pass runs over them as sequences of their own, entered with the states
     # that the transition pass and the combine give (delta_rule_segments.py).
     h0, offsets, first_slots, programs, transitions = initial_state, cu_seqlens, chunk_offsets, N, None
     if seg is not None:
-        h0, transitions = segment_entry_states(k, w, u, gcum, initial_state, seg)
+        h0, transitions = segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg)
         offsets, programs, first_slots = seg.bounds, seg.slots, seg.chunk_offsets
         ht = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
     BV = _state_block(q, programs, HV, V, 2 if compute_o else STATES_PASS_PROGRAMS_PER_SM)
@@ -565,9 +558,9 @@ def backward_mode() -> str:
 def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v', segment
     transitions or None) for the backward, or None."""
-    # Where the serial pass does not run over segments, it forms v' from A and v, so that u is
-    # never written (`values_in_pass`), nor w without a backward.
-    reads_u = _reads_u(q, cu_seqlens, v.shape[2], v.shape[3])
+    # The serial passes form v' from A and v, so that u is never written (`values_in_pass`), nor
+    # w without a backward.
+    reads_u = not values_in_pass()
     w, u, gcum, a = _prepare(k, v, g, beta, cu_seqlens, store_a=save, store_w=save or reads_u, store_u=reads_u)
     # Without a backward the split pays for gated heads only (the states are then stored for the
     # output kernel alone): H100, 8x4096, K = V = 128, plain 1.08 ms single pass against 1.15.

@@ -141,12 +141,13 @@ def _segment_span(s, indices, cu_seqlens, N, SEG):
 
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_transition_kernel(
-    k, w, u, gcum, e, m, cu_seqlens, indices, N, SEG,
+    k, w, u, a, v, beta, gcum, e, m, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, FROM_V: tl.constexpr,
 ):
     # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
-    # identity, whose values are zero (u is read for c < V only).
+    # identity, whose values are zero (u, or v, is read for c < V only). FROM_V: v' from A, v
+    # and beta as in the main serial pass (delta_rule.values_in_pass), not from w and u.
     ic = tl.program_id(0)
     s = tl.program_id(1)
     hv = tl.program_id(2)
@@ -165,14 +166,24 @@ def _segment_transition_kernel(
         rows = t0 + r
         rmask = rows < end
         kmask = rmask[:, None] & (ck[None, :] < K)
+        vmask = rmask[:, None] & (cc[None, :] < V)
         b_k = tl.load(k + rows[:, None] * (H * K) + h * K + ck[None, :], mask=kmask, other=0.0)
-        b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
-        b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=rmask[:, None] & (cc[None, :] < V),
-                      other=0.0)
         dt = b_k.dtype
-        v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
         if USE_G:
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        if FROM_V:
+            b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
+            b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
+            b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+            ks = tl.dot(b_k, S.to(dt))
+            if USE_G:
+                ks = ks * tl.exp(b_gc)[:, None]
+            v_new = tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
+        else:
+            b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+            b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
+            v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        if USE_G:
             last = tl.load(gcum + (tl.minimum(t0 + BT, end) - 1) * HV + hv)
             b_vd = (v_new * tl.exp(last - b_gc)[:, None]).to(dt)
             S = S * tl.exp(last)
@@ -280,17 +291,18 @@ def _combine(e, m, h_in, seg: Segments, reverse):
     return h_seg
 
 
-def segment_entry_states(k, w, u, gcum, initial_state, seg: Segments):
+def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments):
     """(the state entering every segment, each segment's transition M): fp32 [slots, HV, K, V]
-    and [slots, HV, K, K] (M unwritten for spare slots and one-segment sequences)."""
+    and [slots, HV, K, K] (M unwritten for spare slots and one-segment sequences). v' from w and
+    u, or without u from A, v and beta."""
     H, K = k.shape[2], k.shape[3]
-    HV, V = u.shape[2], u.shape[3]
+    HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
     m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
     BC = segment_column_block(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
-        k, w, u, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
-        H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
+        k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
+        H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
         num_warps=4, num_stages=1 if k.element_size() > 2 else 2,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
