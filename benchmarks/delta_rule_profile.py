@@ -16,7 +16,8 @@ pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' te
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (the V block of
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
-FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), u=fp32|bf16 (the dtype of u = A beta v),
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), segment_block=N (columns per program of their transition
+passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
@@ -71,6 +72,7 @@ def variant(spec: str):
     saved = {name: getattr(module, name) for name, module in modules.items()}
     saved_mode, saved_tokens = os.environ.get("FLAME_DELTA_SEGMENTS"), segments.SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
+    saved_segment_block = segments.segment_column_block
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -106,6 +108,8 @@ def variant(spec: str):
                 fwd_mod.values_in_pass = lambda on=bool(int(value)): on
             elif key == "u":
                 fwd_mod.u_dtype = lambda dtype, d={"fp32": torch.float32, "bf16": torch.bfloat16}[value]: d
+            elif key == "segment_block":
+                segments.segment_column_block = lambda *a, n=int(value): n
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = int(value)
             else:
@@ -116,6 +120,7 @@ def variant(spec: str):
             setattr(module, name, saved[name])
         segments.SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
+        segments.segment_column_block = saved_segment_block
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)
         else:
