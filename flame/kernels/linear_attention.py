@@ -536,6 +536,9 @@ def _setup_context(ctx, inputs, output):
         # and dtype, and not keeping g itself frees an fp32 [B, T, H, K] tensor per GLA layer.
         g = _shape_only(g)
     ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *output[2:])
+    # No zero-filled gradients for the kept tensors (A, the chunk states, the gate cumsums) or an
+    # unused final state: fills of their whole size on every backward otherwise.
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.triton_backend = triton_backend
     ctx.output_final_state = output_final_state
@@ -545,6 +548,8 @@ def _backward(ctx, do, dht, _da, _dh, _db):
     q, k, v, g, initial_state, cu_seqlens, a, h, b = ctx.saved_tensors
     if not ctx.output_final_state:
         dht = None
+    if do is None:  # only the final state reaches the loss
+        do = torch.zeros_like(v)
     dq, dk, dv, dg, dh0 = _bwd_op(
         q, k, v, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
         None if dht is None else dht.contiguous(), a, h, b, ctx.triton_backend,
