@@ -5,8 +5,6 @@ still a placeholder that raises NotImplementedError, so the tests switch to the 
 and kernels as soon as they exist. Nothing here is used outside the tests.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,7 +64,6 @@ class ShortConvolution(nn.Conv1d):
 
     def forward(self, x, cu_seqlens=None, cache=None, output_final_state=False):
         B, T, C = x.shape
-        W = self.kernel_size[0]
         if cu_seqlens is not None:
             bounds = cu_seqlens.tolist()
             pieces = [self._one(x[:, s:e], None) for s, e in zip(bounds[:-1], bounds[1:])]
