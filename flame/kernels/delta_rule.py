@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.delta_rule_bwd import _chunk_program, backward_triton
-from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2
+from flame.kernels.delta_rule_chunk import _chunk_gates, _corrected_values, _pow2, _value_tiles
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.delta_rule_segments import (last_segment_states, plan_segments, segment_entry_states,
@@ -242,20 +242,17 @@ def _state_output_kernel(
         dt = b_k.dtype
         if USE_G:
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        else:
+            b_gc = None
         if FROM_V:
-            b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
-            b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
-            b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+            b_a, b_v, b_beta = _value_tiles(a, v, beta, rows, rmask, hv, cv, vmask, HV, V, BT)
         else:
             b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
             b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
         if STORE_STATES:
             tl.store(hs + (slot0 + i) * (HV * K * V) + slot_off, S.to(hs.dtype.element_ty), mask=smask)
         if FROM_V:
-            ks = tl.dot(b_k, S.to(dt))
-            if USE_G:
-                ks = ks * tl.exp(b_gc)[:, None]
-            v_new = tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
+            v_new = _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G)
         else:
             v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
         b_vn = v_new.to(dt)

@@ -1,6 +1,6 @@
 """Per-chunk pieces shared by the delta rule's kernels (delta_rule.py, delta_rule_bwd.py,
-delta_rule_segments.py): the head-dim tile, a chunk's gates, and the two halves of one chunk of the reverse
-chunk-to-chunk pass."""
+delta_rule_segments.py): the head-dim tile, a chunk's gates, v' of a forward chunk from A and v,
+and the two halves of one chunk of the reverse chunk-to-chunk pass."""
 
 import triton
 import triton.language as tl
@@ -12,6 +12,29 @@ def _pow2(d: int) -> int:
     """Tile size for a head dimension in every delta-rule kernel: at least MIN_DOT_TILE (utils:
     narrower tiles built a wrong chunk-gradient kernel on Hopper)."""
     return max(MIN_DOT_TILE, next_power_of_2(d))
+
+
+@triton.jit
+def _value_tiles(a, v, beta, rows, rmask, hv, cols, vmask, HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """A [BT, BT] (from [T, HV, BT]), v [BT, len(cols)] and beta [BT] (fp32) of one chunk, for
+    `_corrected_values`."""
+    r = tl.arange(0, BT)
+    b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
+    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=vmask, other=0.0)
+    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    return b_a, b_v, b_beta
+
+
+@triton.jit
+def _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G: tl.constexpr):
+    """v' = u - w S of one chunk as A (beta (v - Gamma k S)), fp32, from its `_value_tiles`, its
+    k rows b_k, the state S entering it and its gate cumsum b_gc (USE_G): the difference is
+    taken before any rounding."""
+    dt = b_k.dtype
+    ks = tl.dot(b_k, S.to(dt))
+    if USE_G:
+        ks = ks * tl.exp(b_gc)[:, None]
+    return tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
 
 
 @triton.jit

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
+from flame.kernels.delta_rule_chunk import (_chunk_gates, _corrected_values, _pow2, _value_tiles, state_grad_dv,
+                                            state_grad_update)
 from flame.kernels.utils import (cdiv, chunk_span, compile_variants, default_cu_seqlens, max_num_chunks,
                                  next_power_of_2, num_sms, prepare_chunk_indices, prepare_segments)
 
@@ -171,14 +172,11 @@ def _segment_transition_kernel(
         dt = b_k.dtype
         if USE_G:
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
+        else:
+            b_gc = None
         if FROM_V:
-            b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
-            b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
-            b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-            ks = tl.dot(b_k, S.to(dt))
-            if USE_G:
-                ks = ks * tl.exp(b_gc)[:, None]
-            v_new = tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
+            b_a, b_v, b_beta = _value_tiles(a, v, beta, rows, rmask, hv, cc, vmask, HV, V, BT)
+            v_new = _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G)
         else:
             b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
             b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
