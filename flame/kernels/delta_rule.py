@@ -80,6 +80,21 @@ def _store_a(a, blk, rows, rmask, hv, HV: tl.constexpr, COL: tl.constexpr):
              mask=rmask[:, None])
 
 
+@triton.jit
+def _store_a_product(b_a, x, out, row_scale, rows, rmask, hx, HX: tl.constexpr, hout, HOUT: tl.constexpr,
+                     D: tl.constexpr, BC: tl.constexpr):
+    """out = A (row_scale x) for one chunk, over column blocks of BC: x [T, HX, D] (head hx),
+    out [T, HOUT, D] (head hout); w = A (beta Gamma k) and u = A (beta v)."""
+    cc = tl.arange(0, BC)
+    for c0 in range(0, D, BC):
+        cols = c0 + cc
+        mask = rmask[:, None] & (cols[None, :] < D)
+        b_x = tl.load(x + rows[:, None] * (HX * D) + hx * D + cols[None, :], mask=mask, other=0.0)
+        b_xs = (b_x.to(tl.float32) * row_scale[:, None]).to(b_a.dtype)
+        tl.store(out + rows[:, None] * (HOUT * D) + hout * D + cols[None, :],
+                 tl.dot(b_a, b_xs).to(out.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
     k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
@@ -168,28 +183,14 @@ def _prepare_kernel(
         # Every thread's part of A is written before any thread reads the whole tile back.
         tl.debug_barrier()
         b_a = tl.load(a + rows[:, None] * (HV * 64) + hv * 64 + rr[None, :], mask=rmask[:, None], other=0.0)
-        dt = b_a.dtype
         if USE_G:
             kscale = b_beta * tl.exp(b_gc)
         else:
             kscale = b_beta
-        cc = tl.arange(0, BC)
         if STORE_W:
-            for c0 in range(0, K, BC):
-                cols = c0 + cc
-                mask = rmask[:, None] & (cols[None, :] < K)
-                b_k = tl.load(k + rows[:, None] * (H * K) + h * K + cols[None, :], mask=mask, other=0.0)
-                b_kb = (b_k.to(tl.float32) * kscale[:, None]).to(dt)
-                tl.store(w + rows[:, None] * (HV * K) + hv * K + cols[None, :],
-                         tl.dot(b_a, b_kb).to(w.dtype.element_ty), mask=mask)
+            _store_a_product(b_a, k, w, kscale, rows, rmask, h, H, hv, HV, K, BC)
         if STORE_U:
-            for c0 in range(0, V, BC):
-                cols = c0 + cc
-                mask = rmask[:, None] & (cols[None, :] < V)
-                b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=mask, other=0.0)
-                b_vb = (b_v.to(tl.float32) * b_beta[:, None]).to(dt)
-                tl.store(u + rows[:, None] * (HV * V) + hv * V + cols[None, :],
-                         tl.dot(b_a, b_vb).to(u.dtype.element_ty), mask=mask)
+            _store_a_product(b_a, v, u, b_beta, rows, rmask, hv, HV, hv, HV, V, BC)
 
 
 @triton.jit
@@ -244,17 +245,10 @@ def _state_output_kernel(
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
         else:
             b_gc = None
-        if FROM_V:
-            b_a, b_v, b_beta = _value_tiles(a, v, beta, rows, rmask, hv, cv, vmask, HV, V, BT)
-        else:
-            b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
-            b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cv[None, :], mask=vmask, other=0.0)
+        x, y, z = _value_tiles(w, u, a, v, beta, rows, rmask, hv, ck, cv, kmask, vmask, HV, K, V, BT, FROM_V)
         if STORE_STATES:
             tl.store(hs + (slot0 + i) * (HV * K * V) + slot_off, S.to(hs.dtype.element_ty), mask=smask)
-        if FROM_V:
-            v_new = _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G)
-        else:
-            v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        v_new = _corrected_values(x, y, z, b_k, S, b_gc, USE_G, FROM_V)
         b_vn = v_new.to(dt)
         if STORE_STATES:
             tl.store(vn + rows[:, None] * (HV * V) + hv * V + cv[None, :], b_vn, mask=vmask)

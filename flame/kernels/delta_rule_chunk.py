@@ -15,26 +15,36 @@ def _pow2(d: int) -> int:
 
 
 @triton.jit
-def _value_tiles(a, v, beta, rows, rmask, hv, cols, vmask, HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
-    """A [BT, BT] (from [T, HV, BT]), v [BT, len(cols)] and beta [BT] (fp32) of one chunk, for
-    `_corrected_values`."""
-    r = tl.arange(0, BT)
-    b_a = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
-    b_v = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=vmask, other=0.0)
-    b_beta = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
-    return b_a, b_v, b_beta
+def _value_tiles(w, u, a, v, beta, rows, rmask, hv, ck, cols, kmask, vmask,
+                 HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, FROM_V: tl.constexpr):
+    """The tiles of one chunk that `_corrected_values` takes: A [BT, BT] (from [T, HV, BT]),
+    v [BT, len(cols)] and beta [BT] (fp32) with FROM_V, else w [BT, K] and u [BT, len(cols)]."""
+    if FROM_V:
+        r = tl.arange(0, BT)
+        x = tl.load(a + rows[:, None] * (HV * BT) + hv * BT + r[None, :], mask=rmask[:, None], other=0.0)
+        y = tl.load(v + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=vmask, other=0.0)
+        z = tl.load(beta + rows * HV + hv, mask=rmask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
+        y = tl.load(u + rows[:, None] * (HV * V) + hv * V + cols[None, :], mask=vmask, other=0.0)
+        z = y  # unused: u - w S takes two tiles
+    return x, y, z
 
 
 @triton.jit
-def _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G: tl.constexpr):
-    """v' = u - w S of one chunk as A (beta (v - Gamma k S)), fp32, from its `_value_tiles`, its
-    k rows b_k, the state S entering it and its gate cumsum b_gc (USE_G): the difference is
-    taken before any rounding."""
+def _corrected_values(x, y, z, b_k, S, b_gc, USE_G: tl.constexpr, FROM_V: tl.constexpr):
+    """v' of one chunk, fp32, from its `_value_tiles` x, y, z, its k rows b_k, the state S
+    entering it and its gate cumsum b_gc (USE_G): with FROM_V as A (beta (v - Gamma k S)), the
+    difference taken before any rounding, else as u - w S."""
     dt = b_k.dtype
-    ks = tl.dot(b_k, S.to(dt))
-    if USE_G:
-        ks = ks * tl.exp(b_gc)[:, None]
-    return tl.dot(b_a, ((b_v.to(tl.float32) - ks) * b_beta[:, None]).to(dt))
+    if FROM_V:
+        ks = tl.dot(b_k, S.to(dt))
+        if USE_G:
+            ks = ks * tl.exp(b_gc)[:, None]
+        v_new = tl.dot(x, ((y.to(tl.float32) - ks) * z[:, None]).to(dt))
+    else:
+        v_new = y.to(tl.float32) - tl.dot(x, S.to(dt))
+    return v_new
 
 
 @triton.jit

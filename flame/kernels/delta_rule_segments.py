@@ -174,13 +174,8 @@ def _segment_transition_kernel(
             b_gc = tl.load(gcum + rows * HV + hv, mask=rmask, other=0.0)
         else:
             b_gc = None
-        if FROM_V:
-            b_a, b_v, b_beta = _value_tiles(a, v, beta, rows, rmask, hv, cc, vmask, HV, V, BT)
-            v_new = _corrected_values(b_a, b_v, b_beta, b_k, S, b_gc, USE_G)
-        else:
-            b_w = tl.load(w + rows[:, None] * (HV * K) + hv * K + ck[None, :], mask=kmask, other=0.0)
-            b_u = tl.load(u + rows[:, None] * (HV * V) + hv * V + cc[None, :], mask=vmask, other=0.0)
-            v_new = b_u.to(tl.float32) - tl.dot(b_w, S.to(dt))
+        x, y, z = _value_tiles(w, u, a, v, beta, rows, rmask, hv, ck, cc, kmask, vmask, HV, K, V, BT, FROM_V)
+        v_new = _corrected_values(x, y, z, b_k, S, b_gc, USE_G, FROM_V)
         if USE_G:
             last = tl.load(gcum + (tl.minimum(t0 + BT, end) - 1) * HV + hv)
             b_vd = (v_new * tl.exp(last - b_gc)[:, None]).to(dt)
