@@ -7,14 +7,17 @@ The trainer writes one trace per rank with profiling enabled:
 
 For each trace: the traced step's host span, the GPU time covered by any kernel (the union of
 kernel intervals over all streams), the time of the compute stream alone, the communication
-kernels (NCCL) and how much of them overlaps compute, the kernels by total time, and the host's
-CUDA runtime calls by total time (where the host blocks on the device). With two
+kernels (NCCL) and how much of them overlaps compute, the kernels by total time, the compute
+stream's idle gaps (by the host op that launched the kernel after each, and whether the GPU was
+waiting for that launch), and the host's CUDA runtime calls by total time (where the host blocks
+on the device). With two
 traces (e.g. one GPU and FSDP=2), a last table puts each kernel's time side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 from collections import defaultdict
 
@@ -32,6 +35,65 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
     """Length of (union of a) intersected with (union of b)."""
     return _union(a) + _union(b) - _union(a + b)
+
+
+def _innermost_ops(events):
+    """cpu_op events per host thread, sorted by start: where a launch was made from."""
+    ops = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e:
+            ops[e.get("tid")].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    for tid in ops:
+        ops[tid].sort()
+    return ops
+
+
+def _op_at(ops, tid, ts):
+    """The shortest host op on thread `tid` in flight at `ts` (its name), or "(none)"."""
+    spans = ops.get(tid, [])
+    i = bisect.bisect_right(spans, (ts, float("inf"), ""))
+    best = None
+    for start, end, name in reversed(spans[max(0, i - 400):i]):
+        if end >= ts and (best is None or end - start < best[0]):
+            best = (end - start, name)
+    return best[1] if best else "(none)"
+
+
+def idle_gaps(main, events, first, last, min_us=5.0, bins=10):
+    """The compute stream's idle time between consecutive kernels: its total, how much of it the
+    host caused (the next kernel was launched after the previous one had ended: the GPU waited
+    for the host), the gaps by the host op that launched the kernel ending them, by that kernel,
+    and by where in the traced span they fell (`bins` equal parts)."""
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = _innermost_ops(events)
+    main = sorted(main, key=lambda e: e["ts"])
+    total = host = 0.0
+    count = 0
+    by_op, by_kernel = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    timeline = [0.0] * bins
+    for prev, nxt in zip(main, main[1:]):
+        end = prev["ts"] + prev["dur"]
+        gap = nxt["ts"] - end
+        if gap < min_us:
+            continue
+        total += gap
+        count += 1
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        op = "(no launch found)"
+        if launch is not None:
+            if launch["ts"] > end:
+                host += gap
+            op = _op_at(ops, launch.get("tid"), launch["ts"])
+        for table, key in ((by_op, op), (by_kernel, nxt["name"])):
+            table[key][0] += gap
+            table[key][1] += 1
+        timeline[min(bins - 1, int((end - first) / max(last - first, 1e-9) * bins))] += gap
+    ms = 1e-3
+    top = lambda t: sorted(((k, v[0] * ms, v[1]) for k, v in t.items()), key=lambda r: -r[1])  # noqa: E731
+    return {"min_gap_us": min_us, "idle_ms": total * ms, "count": count, "host_late_ms": host * ms,
+            "by_launching_op": top(by_op)[:30], "by_next_kernel": top(by_kernel)[:30],
+            "timeline_ms": [t * ms for t in timeline]}
 
 
 def summarise(path: str) -> dict:
@@ -64,7 +126,9 @@ def summarise(path: str) -> dict:
             acc[0] += e["dur"]
             acc[1] += 1
     ms = 1e-3
+    main = [e for e in compute if e.get("args", {}).get("stream") == main_stream]
     return {
+        "gaps": idle_gaps(main, events, first, last),
         "runtime_calls": sorted(((name, t * ms, n) for name, (t, n) in runtime.items()),
                                 key=lambda r: -r[1]),
         "trace": path,
@@ -96,6 +160,15 @@ def main():
             print(f"  {k:30s} {r[k]:10.2f}")
         for name, t, n in r["kernels"][:a.top]:
             print(f"  {t:9.2f} ms {n:5d}x  {name[:100]}")
+        gaps = r["gaps"]
+        print(f"  compute stream idle (gaps >= {gaps['min_gap_us']:.0f} us): {gaps['idle_ms']:.2f} ms in "
+              f"{gaps['count']} gaps, {gaps['host_late_ms']:.2f} ms of them waiting for a launch")
+        print("    over the span:", " ".join(f"{t:.1f}" for t in gaps["timeline_ms"]))
+        for title, key in (("by the host op that launched the next kernel", "by_launching_op"),
+                           ("by the next kernel", "by_next_kernel")):
+            print(f"    {title}:")
+            for name, t, n in gaps[key][:a.top // 2]:
+                print(f"    {t:9.2f} ms {n:5d}x  {name[:100]}")
         print("  host CUDA runtime calls:")
         for name, t, n in r["runtime_calls"][:8]:
             print(f"  {t:9.2f} ms {n:5d}x  {name[:100]}")
