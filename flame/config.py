@@ -649,6 +649,9 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
     # kept (reshard_after_forward "never", or "default" for blocks within 1/16 of the GPU's
     # memory), else about one block's at a time.
     gathered_b = act_bytes * n_body / tp * (1 - 1 / shard) if shard > 1 else 0.0
+    # One process runs without FSDP: compute copies of all parameters for the whole step
+    # (flame/precision.py); a micro-batch's bf16 gradients exist only during its backward.
+    one_process_b = 2 * n_total if world_size == 1 and bf16 else 0.0
     # Logits are never materialised in full: the fused linear cross-entropy works in chunks.
     gib = 1024 ** 3
     lines = [
@@ -658,14 +661,17 @@ def dry_run_report(cfg: Config, world_size: int | None = None) -> str:
         f"training FLOPs per token at seq_len {cfg.training.seq_len}: {flops / 1e9:.3f} GFLOP",
         f"tokens per step: {step_sequences * cfg.training.seq_len} "
         f"({cfg.training.local_batch_size} x {cfg.training.seq_len} per device per micro-batch)",
-        f"memory per GPU (estimate, {world_size} GPU(s), FSDP degree {shard}, replicate {replicate}, "
-        f"tensor parallel {tp}):",
+        (f"memory per GPU (estimate, {world_size} GPU(s), FSDP degree {shard}, replicate {replicate}, "
+         f"tensor parallel {tp}):" if world_size > 1 else "memory per GPU (estimate, 1 GPU, no FSDP):"),
         f"  parameters (fp32)        {params_b / gib:8.2f} GiB",
         f"  gradients (fp32)         {grads_b / gib:8.2f} GiB",
         f"  optimizer states (fp32)  {optim_b / gib:8.2f} GiB",
         f"  activations (rough, AC={cfg.activation_checkpoint.mode}) {act_b / gib:8.2f} GiB",
-        f"  total                    {(params_b + grads_b + optim_b + act_b) / gib:8.2f} GiB",
-        f"  + gathered blocks ({'bf16' if bf16 else 'fp32'})  {gathered_b / gib:8.2f} GiB while kept from forward to "
-        "backward (parallelism.fsdp_reshard_after_forward)",
+        f"  total                    {(params_b + grads_b + optim_b + act_b + one_process_b) / gib:8.2f} GiB",
     ]
+    if one_process_b:
+        lines.insert(-1, f"  compute copies (bf16)    {one_process_b / gib:8.2f} GiB")
+    else:
+        lines.append(f"  + gathered blocks ({'bf16' if bf16 else 'fp32'})  {gathered_b / gib:8.2f} GiB while kept "
+                     "from forward to backward (parallelism.fsdp_reshard_after_forward)")
     return "\n".join(lines)

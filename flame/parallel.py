@@ -11,14 +11,15 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from flame.precision import DTYPES
 from flame.tensor_parallel import apply_tensor_parallel
 from flame.titan import ParallelDims, fsdp_mesh, logger
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device) -> nn.Module:
-    """Apply tensor parallelism, activation checkpointing, per-block compile and FSDP2 in place."""
+    """Apply tensor parallelism, activation checkpointing, per-block compile and FSDP2 (several
+    processes) in place."""
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims.get_mesh("tp"))
     if cfg.activation_checkpoint.mode != "none":
@@ -83,20 +84,18 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device: torch.device, *, pa
     GPU waiting for the host; fewer, larger units trade that for a larger gathered working set.
 
     Mixed precision on CUDA: bf16 parameters for compute (fp32 master copies stay sharded)
-    and fp32 gradient reduction. On CPU everything stays fp32."""
+    and fp32 gradient reduction. On CPU everything stays fp32.
+
+    One process: no FSDP. There is nothing to shard or reduce, and FSDP2's per-parameter work in
+    Python (casts, gradient accumulation) left the GPU idle at every micro-batch; the trainer's
+    ComputeCopies (flame/precision.py) gives the same mixed precision with flat buffers."""
+    if dims.world_size == 1:
+        return
     mesh = fsdp_mesh(dims)
     if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
     else:
         mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    if dims.world_size == 1:
-        # One process: nothing to shard or reduce, so per-block units would only add hooks and
-        # copies on every block in forward and backward (host time the GPU waits for). One
-        # unit over the whole model keeps the same mixed precision: bf16 compute copies made
-        # once per micro-batch, fp32 master weights and gradients.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-        model.keeps_gathered_blocks = True
-        return
     blocks = list(model.layers)
     units = [blocks[i:i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
     keep_gathered = reshard_after_forward == "never" or (
@@ -139,6 +138,8 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     within a step, so every micro-batch after the first needs no all-gather, no copy into the
     compute dtype and no resharding, at no cost to peak memory (which is reached in backward
     with every block gathered)."""
+    if not hasattr(model, "set_requires_gradient_sync"):  # no FSDP (one process): nothing to reduce
+        return
     model.set_requires_gradient_sync(enabled)
     if getattr(model, "keeps_gathered_blocks", False):
         model.set_reshard_after_backward(enabled)

@@ -104,9 +104,8 @@ def build_parallel_dims(replicate: int, shard: int, tp: int, world_size: int) ->
 
 
 def data_parallel_mesh(dims: ParallelDims):
-    """The mesh FSDP2 shards over: 1-D over dp_shard, 2-D (replicate, shard) for HSDP. With a
-    single data-parallel rank FSDP2 still wraps the model (one code path for mixed precision
-    and gradient sync), over the one-process world mesh."""
+    """The mesh FSDP2 shards over: 1-D over dp_shard, 2-D (replicate, shard) for HSDP; the
+    world mesh otherwise (one process runs without FSDP2: flame/parallel.py)."""
     if dims.dp_replicate > 1 and dims.dp_shard > 1:
         return dims.get_mesh(["dp_replicate", "fsdp"])
     if dims.dp_shard > 1:

@@ -2,6 +2,7 @@
 
     TOML -> Config -> Trainer: processes and device mesh -> tokenizer -> data loader ->
     model (meta on CUDA) -> parallelize (TP -> AC -> compile -> FSDP2) -> init weights ->
+    (one process: compute copies, flame/precision.py) ->
     optimizer, LR schedule -> resume from the latest checkpoint -> loop { micro-batches:
     forward + fused linear CE + backward -> clip -> skip a non-finite step -> step -> log ->
     checkpoint }.
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from flame import optim, titan
 from flame.config import Config
 from flame.parallel import parallelize, set_gradient_sync
+from flame.precision import build_compute_copies
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
 from flame.titan import logger
 
@@ -339,6 +341,9 @@ class Trainer:
         model.to_empty(device=self.device)
         init_layout_independent(model, template, cfg.training.seed, self.device)
         model.train()
+        # one process: compute copies and fp32 gradients in flat buffers instead of FSDP2's
+        self.compute_copies = build_compute_copies(model, self.rt.world_size, self.device,
+                                                   cfg.training.mixed_precision_param)
         return model
 
     def _check_resume_compatible(self) -> None:
@@ -397,12 +402,19 @@ class Trainer:
         scale = self.dp_size / global_tokens
 
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        copies = self.compute_copies
+        if copies is not None:
+            copies.begin_step()
         for i, b in enumerate(batches):
             set_gradient_sync(self.model, i == len(batches) - 1)
             loss = self.model(b["input_ids"], labels=b["labels"], cu_seqlens=b.get("cu_seqlens"),
                               position_ids=b.get("position_ids"), loss_reduction="sum")
             (loss * scale).backward()
+            if copies is not None:
+                copies.accumulate(first=i == 0)
             loss_sum += loss.detach().float()
+        if copies is not None:
+            copies.end_step()
 
         grad_norm = optim.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm)
         if dist.get_world_size() > 1:

@@ -153,7 +153,7 @@ def test_print_config_and_dry_run_exit_zero(capsys):
     assert main(["--config", DEBUG, "--dry-run"]) == 0
     out = capsys.readouterr().out
     for needle in ("parameters", "without embeddings", "FLOPs per token", "optimizer states",
-                   "activations", "memory per GPU"):
+                   "activations", "memory per GPU", "1 GPU, no FSDP", "compute copies (bf16)"):
         assert needle in out
 
 

@@ -52,3 +52,11 @@ def test_gathered_blocks_stay_gathered_between_micro_batches_only_where_kept_aft
         parallel.set_gradient_sync(freed, False)
         parallel.set_gradient_sync(freed, True)
         assert freed.calls == [("sync", False), ("sync", True)]
+
+
+def test_gradient_sync_is_left_alone_without_fsdp():
+    """One process runs without FSDP (flame/precision.py): the setting has nothing to act on."""
+    model = nn.Linear(4, 4)
+    for last in (False, True):
+        parallel.set_gradient_sync(model, last)
+    assert not hasattr(model, "set_requires_gradient_sync")
