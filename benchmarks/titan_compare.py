@@ -5,8 +5,9 @@ Both models have the same shape (~134M parameters with untied 32k-vocab embeddin
 compute, fp32 master weights, per-block torch.compile and fused AdamW; each is trained the way
 its framework trains it on one GPU:
 
-  flame       flame.parallel.parallelize (FSDP2 over the one-GPU mesh with bf16 parameters,
-              per-block compile) and the model's fused linear cross-entropy (no logits tensor).
+  flame       flame.parallel.parallelize (per-block compile; one GPU runs without FSDP2, with
+              bf16 compute copies of fp32 master weights, flame/precision.py) and the model's
+              fused linear cross-entropy (no logits tensor).
   torchtitan  torchtitan's llama3 Transformer with its own apply_compile on every block and
               its compiled cross-entropy on bf16 logits; on one GPU torchtitan's trainer uses
               autocast instead of FSDP, and so does this loop.
@@ -22,9 +23,9 @@ gap alone in the same process:
   flame_flash         SDPA's default kernel order (flash attention first) instead of cuDNN first
   flame_plain_ce      logits + torchtitan's compiled cross-entropy (the very function the
                       torchtitan side compiles) instead of the fused linear cross-entropy
-  flame_no_fsdp       no FSDP: the whole model in bf16 (no fp32 master weights), a bound on
-                      what FSDP's hooks, copies and casts on one GPU cost
-  flame_autocast      no FSDP: fp32 parameters and autocast to bf16, as torchtitan trains on one
+  flame_no_fsdp       the whole model in bf16 (no fp32 master weights), a bound on what the
+                      compute copies and fp32 gradients cost
+  flame_autocast      fp32 parameters and autocast to bf16, as torchtitan trains on one
                       GPU (the residual stream stays fp32)
   flame_torch_layers  the pure-torch RMSNorm / rotary / SwiGLU inside the compiled blocks, so
                       inductor fuses them with their neighbours, instead of flame's Triton ops
@@ -80,7 +81,9 @@ DEFAULT_VARIANTS = ("torchtitan", "flame")
 # The training loop both sides share
 
 
-def make_step(loss_of, params, batch):
+def make_step(loss_of, params, batch, copies=None):
+    """One optimizer step over `batch`; `copies`: flame's one-process ComputeCopies around the
+    forward and backward, as its trainer runs them."""
     from flame import titan
 
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -89,8 +92,13 @@ def make_step(loss_of, params, batch):
     n_tokens = y.numel()
 
     def step():
+        if copies is not None:
+            copies.begin_step()
         loss = loss_of(x, y) / n_tokens
         loss.backward()
+        if copies is not None:
+            copies.accumulate(first=True)
+            copies.end_step()
         titan.clip_grad_norm_(params, 1.0)  # handles FSDP's sharded gradients and plain ones
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,7 +147,7 @@ KERNEL_GROUPS = [
     ("inductor-fused elementwise", r"^triton_"),
     ("optimizer + grad clip", r"adam|Adam|multi_tensor_apply|lpnorm|LpNorm"),
     ("embedding", r"embedding|Embedding|indexSelect|index_select|radix|Radix|sort|Sort|cub::"),
-    ("copies/casts/fills (FSDP, autocast, zeroing)",
+    ("copies/casts/fills (compute copies, autocast, zeroing)",
      r"copy|Copy|chunk_cat|CatArray|cat_|fill|Fill|Memcpy|Memset|split_with_sizes"),
 ]
 
@@ -290,6 +298,7 @@ def bench_flame(batch, seq, steps, warmup, shape_overrides=(), variant="flame", 
     from flame import titan
     from flame.models import build_model
     from flame.parallel import apply_compile, parallelize
+    from flame.precision import build_compute_copies
     from flame.tensor_parallel import check_parallel_layout
 
     cfg = _flame_config(batch, seq, shape_overrides)
@@ -308,6 +317,9 @@ def bench_flame(batch, seq, steps, warmup, shape_overrides=(), variant="flame", 
             model.init_weights()
         if variant == "flame_no_fsdp" and rt.device.type == "cuda":
             model.to(torch.bfloat16)
+        copies = None
+        if variant not in _NO_FSDP:
+            copies = build_compute_copies(model, rt.world_size, rt.device, cfg.training.mixed_precision_param)
         flops = model.flops_per_token(seq)
         n_params = model.num_params()
 
@@ -325,7 +337,7 @@ def bench_flame(batch, seq, steps, warmup, shape_overrides=(), variant="flame", 
                 return model(x, labels=y, loss_reduction="sum")
 
         data = _random_batch(batch, seq, cfg.model.vocab_size, rt.device)
-        step = make_step(loss_of, list(model.parameters()), data)
+        step = make_step(loss_of, list(model.parameters()), data, copies)
         out = run_side(step, steps, warmup, rt.device, profile)
     del model, step
     _free(rt.device)
