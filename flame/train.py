@@ -341,7 +341,7 @@ class Trainer:
         model.to_empty(device=self.device)
         init_layout_independent(model, template, cfg.training.seed, self.device)
         model.train()
-        # one process: compute copies and fp32 gradients in flat buffers instead of FSDP2's
+        # one process: bf16 compute copies and fp32 gradient sums in place of FSDP2's
         self.compute_copies = build_compute_copies(model, self.rt.world_size, self.device,
                                                    cfg.training.mixed_precision_param)
         return model
