@@ -339,6 +339,22 @@ def test_resume_with_another_process_count(tmp_path):
     assert saved["train_state"]["step"] == 10
 
 
+def test_one_process_checkpoint_resumes_on_two(tmp_path):
+    """One process trains without FSDP (plain tensors in its checkpoint); two processes load them
+    into FSDP2's shards and go on: the optimizer's step counts and the schedule continue."""
+    cfg = tiny_config(tmp_path, training={"steps": 4}, checkpoint={"interval": 4})
+    dump = tmp_path / "run"
+    run(["--config", cfg], cpu=True)
+    run(["--config", cfg, "--training.steps", "5", "--checkpoint.exclude_from_loading", "dataloader"],
+        nproc=2, cpu=True)
+    m = metrics(dump)
+    assert m[5]["tokens_seen"] == m[4]["tokens_seen"] + 2 * 4 * 64
+    assert m[1]["lr"] < m[5]["lr"] < m[4]["lr"]  # past the warmup, decaying: not restarted
+    saved = read_checkpoint(dump / "checkpoint" / "step-5", tmp_path / "step-5.pt")
+    counts = [v for k, v in saved["optimizer"].items() if k.endswith(".step")]
+    assert counts and all(int(c) == 5 for c in counts)
+
+
 def read_checkpoint(folder, scratch) -> dict:
     """A DCP checkpoint as one nested dict, read without a process group."""
     import torch
