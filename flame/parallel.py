@@ -16,7 +16,6 @@ from flame.tensor_parallel import apply_tensor_parallel
 from flame.titan import ParallelDims, fsdp_mesh, logger
 
 
-
 def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device) -> nn.Module:
     """Apply tensor parallelism, activation checkpointing, per-block compile and FSDP2 (several
     processes) in place."""
