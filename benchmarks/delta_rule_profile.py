@@ -8,7 +8,9 @@ each timed beside the default in the same process. The forward is timed twice: f
                                             [--variants SPEC ...] [--profile-variants] [--out PATH]
 
 A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Gated DeltaNet
-374M recipe's micro-batch of one layer).
+374M recipe's micro-batch of one layer); a trailing p (2x16384x4x128x256p) packs the B x T tokens
+into one row of documents as the trainer's data loader does (cu_seqlens of its first batch over
+the embedded default corpus).
 
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
@@ -50,14 +52,37 @@ from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 
 
 
-def inputs(gated, B, T, H=16, K=128, V=128):
+def packed_documents(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """cu_seqlens of one micro-batch of B rows of T tokens as the trainer packs them: the first
+    batch of flame's data loader over the embedded default corpus (documents of a few hundred
+    to ~12k tokens; at 2 x 16384, 16 documents, the longest 6050)."""
+    from flame.config import load_config
+    from flame.data import build_dataloader, build_tokenizer
+
+    cfg = load_config(str(pathlib.Path(__file__).resolve().parents[1] / "train_configs" / "debug.toml"),
+                      ["--data.num_workers", "0"])
+    loader = build_dataloader(cfg.data, build_tokenizer(cfg.data), seq_len=T, local_batch_size=B,
+                              dp_rank=0, dp_world_size=1, seed=seed)
+    return next(iter(loader))["cu_seqlens"].to(torch.int32)
+
+
+def inputs(gated, B, T, H=16, K=128, V=128, cu_seqlens=None):
+    """Random bf16 inputs and the three timed closures; with cu_seqlens, the B x T tokens as one
+    packed row of documents."""
+    if cu_seqlens is not None:
+        B, T = 1, B * T
+        cu_seqlens = cu_seqlens.cuda()
     q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
     k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(torch.bfloat16)
     v = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
     beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16)
     g = F.logsigmoid(torch.randn(B, T, H, device="cuda"))
     leaves = [x.requires_grad_() for x in ((q, k, v, g, beta) if gated else (q, k, v, beta))]
-    fn = chunk_gated_delta_rule if gated else chunk_delta_rule
+    rule = chunk_gated_delta_rule if gated else chunk_delta_rule
+
+    def fn(*xs):
+        return rule(*xs, cu_seqlens=cu_seqlens)
+
     # fwd_save, the training forward, also keeps what the backward needs (where split_output acts)
     return autograd_calls(fn, leaves, torch.randn_like(v))
 
@@ -186,17 +211,20 @@ def main():
     args = parser.parse_args()
     report = {"environment": environment(), "rows": []}
     for shape in args.shapes:
-        dims = [int(x) for x in shape.split("x")]
+        packed = shape.endswith("p")
+        dims = [int(x) for x in shape.rstrip("p").split("x")]
         B, T, H, K, V = dims + [16, 128, 128][len(dims) - 2:] if len(dims) in (2, 5) else (None,) * 5
         if B is None:
             raise ValueError(f"--shapes: {shape!r} is neither BxT nor BxTxHxKxV")
         for name in args.kernels:
             gated = name == "gated_delta_rule"
-            fwd, fwd_save, fwdbwd = inputs(gated, B, T, H, K, V)
+            cu = packed_documents(B, T) if packed else None
+            fwd, fwd_save, fwdbwd = inputs(gated, B, T, H, K, V, cu)
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
             row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V,
+                   "documents": None if cu is None else (cu[1:] - cu[:-1]).tolist(),
                    "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
                    "profile_fwd_ms": kernel_times(fwd), "profile_fwdbwd_ms": kernel_times(fwdbwd),
@@ -222,6 +250,7 @@ def main():
     for row in report["rows"]:
         shape = f"{row['B']}x{row['T']}" + ("" if (row["H"], row["K"], row["V"]) == (16, 128, 128)
                                               else f"x{row['H']}x{row['K']}x{row['V']}")
+        shape += "p" if row["documents"] else ""
         print(f"{row['kernel']:18s} {shape:17s} {'default':50s} {ms(row['fwd_ms'])} {ms(row['fwd_save_ms'])} "
               f"{ms(row['fwdbwd_ms'])}")
         for spec, entry in row["variants"].items():
