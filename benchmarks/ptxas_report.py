@@ -60,14 +60,24 @@ def compile_sm90(kernel, constexprs: dict, scalars: dict, int_pointers: set, fp3
                 attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 64), options=options)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    # Triton bundles more than one ptxas (3.9: ptxas and ptxas-blackwell); the PTX it emits may
+    # need the newer one, so the first that assembles it reports.
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    errors = []
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
-                             capture_output=True, text=True, check=True)
-    return compiled, out.stderr
+        for name in ("ptxas", "ptxas-blackwell"):
+            ptxas = os.path.join(bin_dir, name)
+            if not os.path.exists(ptxas):
+                continue
+            out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", ptx + ".o"],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                return compiled, out.stderr
+            errors.append(f"{name}: {out.stderr.strip()[:300]}")
+    raise RuntimeError("no bundled ptxas assembled the kernel: " + "; ".join(errors))
 
 
 def report(kernel, constexprs: dict, num_warps: int, num_stages: int = 2) -> str:
