@@ -98,7 +98,8 @@ def idle_gaps(main, events, first, last, min_us=5.0, bins=10):
 
 def summarise(path: str) -> dict:
     with open(path) as f:
-        events = json.load(f)["traceEvents"]
+        trace = json.load(f)
+    events = trace["traceEvents"]
     kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
     steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
     if not kernels:
@@ -132,6 +133,7 @@ def summarise(path: str) -> dict:
         "runtime_calls": sorted(((name, t * ms, n) for name, (t, n) in runtime.items()),
                                 key=lambda r: -r[1]),
         "trace": path,
+        "trace_gpu": (trace.get("deviceProperties") or [{}])[0].get("name"),
         "host_step_ms": max((e["dur"] for e in steps), default=0.0) * ms,
         "gpu_span_ms": (last - first) * ms,
         "gpu_busy_ms": _union(span(kernels)) * ms,
@@ -179,8 +181,11 @@ def main():
         for n in names[:a.top]:
             print(f"  {x.get(n, 0):9.2f} {y.get(n, 0):9.2f} {y.get(n, 0) - x.get(n, 0):+9.2f}  {n[:90]}")
     if a.json:
+        # the environment of the summarising process: the trace's host when run beside the trainer
+        from environment import environment
+
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"environment": environment(), "summaries": results}, f, indent=1)
 
 
 if __name__ == "__main__":
