@@ -97,7 +97,7 @@ def make_step(loss_of, params, batch, copies=None):
         loss = loss_of(x, y) / n_tokens
         loss.backward()
         if copies is not None:
-            copies.accumulate(first=True)
+            copies.accumulate()
             copies.end_step()
         titan.clip_grad_norm_(params, 1.0)  # handles FSDP's sharded gradients and plain ones
         opt.step()

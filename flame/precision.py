@@ -7,8 +7,8 @@ gradient into its fp32 accumulator (~300 parameters in a 24-layer Gated DeltaNet
 
     begin_step         compute copies <- fp32 masters (one cast over the flat buffer); each
                        parameter's data is its copy
-    after a backward   fp32 accumulators <- (or +=) the micro-batch's gradients (one foreach
-                       call); the gradients are dropped
+    after a backward   fp32 accumulators <- (or +=) the micro-batch's gradients (foreach
+                       calls); the gradients are dropped
     end_step           each parameter's data is its fp32 master again, its .grad its accumulator
 
 so that the optimizer, gradient clipping and checkpoints see fp32 parameters and gradients, as
@@ -47,7 +47,7 @@ class ComputeCopies:
         copies.begin_step()
         for batch in micro_batches:
             model(batch).backward()
-            copies.accumulate(first=...)
+            copies.accumulate()
         copies.end_step()   # then clip, optimizer step, zero_grad as usual
     """
 
@@ -71,7 +71,6 @@ class ComputeCopies:
         self.copy_flat = torch.zeros(total, dtype=dtype, device=device)
         self.copies = _views(self.copy_flat, self.params, offsets)
         self.accums = [torch.zeros_like(p) if p.requires_grad else None for p in self.params]
-        self.dtype = dtype
         self.in_step = False
 
     @torch.no_grad()
@@ -91,23 +90,22 @@ class ComputeCopies:
         self.in_step = True
 
     @torch.no_grad()
-    def accumulate(self, first: bool) -> None:
-        """After a micro-batch's backward: its gradients into the fp32 accumulators (`first`: the
-        step's first micro-batch, which starts the sums); the gradients are dropped."""
-        accums, grads = [], []
+    def accumulate(self) -> None:
+        """After a micro-batch's backward: its gradients into the fp32 accumulators, each sum
+        started by the first micro-batch of the step that used its parameter; the gradients are
+        dropped."""
+        started, added = ([], []), ([], [])
         for i, (p, a) in enumerate(zip(self.params, self.accums)):
             if p.grad is not None:
-                if first or self.used[i]:
-                    accums.append(a)
-                    grads.append(p.grad)
-                else:  # first used in a later micro-batch: its sum starts here
-                    a.copy_(p.grad)
+                pair = added if self.used[i] else started
+                pair[0].append(a)
+                pair[1].append(p.grad)
                 self.used[i] = True
                 p.grad = None
-        if first:
-            torch._foreach_copy_(accums, grads)
-        else:
-            torch._foreach_add_(accums, grads)
+        if started[0]:
+            torch._foreach_copy_(*started)
+        if added[0]:
+            torch._foreach_add_(*added)
 
     @torch.no_grad()
     def end_step(self) -> None:

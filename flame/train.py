@@ -411,7 +411,7 @@ class Trainer:
                               position_ids=b.get("position_ids"), loss_reduction="sum")
             (loss * scale).backward()
             if copies is not None:
-                copies.accumulate(first=i == 0)
+                copies.accumulate()
             loss_sum += loss.detach().float()
         if copies is not None:
             copies.end_step()

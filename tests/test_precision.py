@@ -47,9 +47,9 @@ def test_gradients_are_the_compute_dtype_model_s_summed_in_fp32(tie):
 
     copies.begin_step()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    for i, (x, y) in enumerate(data):
+    for x, y in data:
         model(x, labels=y).backward()
-        copies.accumulate(first=i == 0)
+        copies.accumulate()
     copies.end_step()
 
     for n, p in model.named_parameters():
@@ -72,9 +72,9 @@ def test_parameters_used_late_or_never():
     for _ in range(2):  # the second step's sums must not start from the first's
         copies.begin_step()
         model(x, labels=y).backward()
-        copies.accumulate(first=True)
+        copies.accumulate()
         (model(x2, labels=y2) + 2.0 * model.late.sum()).backward()
-        copies.accumulate(first=False)
+        copies.accumulate()
         copies.end_step()
         assert model.spare.grad is None
         assert torch.equal(model.late.grad, torch.full((3,), 2.0))
@@ -91,7 +91,7 @@ def test_optimizer_updates_reach_the_next_step_s_copies():
         copies.begin_step()
         loss = model(x, labels=y)
         loss.backward()
-        copies.accumulate(first=True)
+        copies.accumulate()
         copies.end_step()
         opt.step()
         opt.zero_grad(set_to_none=True)
