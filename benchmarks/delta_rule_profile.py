@@ -166,7 +166,7 @@ def errors(gated: bool) -> dict:
     beta = torch.rand(B, T, H, device="cuda", generator=gen).bfloat16()
     g = F.logsigmoid(randn(B, T, H)).bfloat16()
     h0 = randn(B, H, K, V)
-    inputs = [q, k, v, g, beta, h0] if gated else [q, k, v, beta, h0]
+    tensors = [q, k, v, g, beta, h0] if gated else [q, k, v, beta, h0]
     do, dht = randn(B, T, H, V), randn(B, H, K, V)
 
     def run(*xs):
@@ -182,7 +182,7 @@ def errors(gated: bool) -> dict:
     result = {}
     outs = {}
     for name, cast in (("ref", torch.float64), ("bf16", None)):
-        leaves = [(x.to(cast) if cast else x).clone().requires_grad_() for x in inputs]
+        leaves = [(x.to(cast) if cast else x).clone().requires_grad_() for x in tensors]
         o, ht = run(*leaves)
         grads = torch.autograd.grad([o, ht], leaves, [do.to(o.dtype), dht.to(ht.dtype)])
         outs[name] = [o, ht, *grads]
@@ -191,6 +191,11 @@ def errors(gated: bool) -> dict:
     for name, x, ref in zip(names, outs["bf16"], outs["ref"]):
         result[name] = float((x.double() - ref).norm() / ref.norm())
     return result
+
+
+def kernels_text(profile: dict, n: int) -> str:
+    """The first n kernels of a per-kernel profile, short names and ms."""
+    return ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in list(profile.items())[:n])
 
 
 def main():
@@ -257,17 +262,13 @@ def main():
             print(f"{row['kernel']:18s} {shape:17s} {spec:50s} {ms(entry['fwd_ms'])} {ms(entry['fwd_save_ms'])} "
                   f"{ms(entry['fwdbwd_ms'])}")
             if "profile_fwd_ms" in entry:
-                profile = list(entry["profile_fwd_ms"].items())[:5]
-                print("    fwd:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
+                print("    fwd:", kernels_text(entry["profile_fwd_ms"], 5))
             if "profile_fwdbwd_ms" in entry:
-                profile = list(entry["profile_fwdbwd_ms"].items())[:7]
-                print("       ", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile))
+                print("       ", kernels_text(entry["profile_fwdbwd_ms"], 7))
             if "errors" in entry:
                 print("    errors:", ", ".join(f"{k} {v:.1e}" for k, v in entry["errors"].items()))
         for key in ("profile_fwd_ms", "profile_fwdbwd_ms"):
-            profile = list(row[key].items())[:5]
-            print(f"    default {key[8:-3]}:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}"
-                                                     for k, v in profile))
+            print(f"    default {key[8:-3]}:", kernels_text(row[key], 5))
         if "errors" in row:
             print("    default errors:", ", ".join(f"{k} {v:.1e}" for k, v in row["errors"].items()))
     write_report(report, args.out, "delta_rule_profile")
