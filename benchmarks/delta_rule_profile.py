@@ -10,8 +10,8 @@ each timed beside the default in the same process. The forward is timed twice: f
 A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Gated DeltaNet
 374M recipe's micro-batch of one layer); a trailing p (2x16384x4x128x256p) packs the B x T tokens
 into one row of documents as the trainer's data loader does (cu_seqlens of its first batch over
-the embedded default corpus; pN takes its batch N, e.g. 2x16384x4x128x256p5: 5 documents, the
-longest 16384).
+the embedded default corpus; pN takes its batch N, pmax the first batch among its first 64
+with the longest document).
 
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
@@ -53,22 +53,34 @@ from kernels import autograd_calls, kernel_times, timed  # noqa: E402
 
 
 
-def packed_documents(B: int, T: int, batch: int = 0, seed: int = 0) -> torch.Tensor:
-    """cu_seqlens of one micro-batch of B rows of T tokens as the trainer packs them: batch
-    `batch` of flame's data loader over the embedded default corpus (at 2 x 16384: batch 0 has
-    16 documents, the longest 6050; batch 5 has 5, the longest 16384; batch 14 has 3, the
-    longest 16384)."""
+def packed_documents(B: int, T: int, batch: str = "0", seed: int = 0) -> tuple[int, torch.Tensor]:
+    """(index, cu_seqlens) of one micro-batch of B rows of T tokens as the trainer packs them:
+    batch `batch` of flame's data loader over the embedded default corpus, or with "max" the
+    first of its first 64 batches whose longest document is the longest among them. The corpus
+    is the running Python's standard library, so the documents differ between Python versions
+    (the JSON records them)."""
     from flame.config import load_config
     from flame.data import build_dataloader, build_tokenizer
 
+    if batch != "max" and not batch.isdigit():
+        raise ValueError(f"a packed shape ends in p, pN (batch N) or pmax, not p{batch}")
     cfg = load_config(str(pathlib.Path(__file__).resolve().parents[1] / "train_configs" / "debug.toml"),
                       ["--data.num_workers", "0"])
     loader = build_dataloader(cfg.data, build_tokenizer(cfg.data), seq_len=T, local_batch_size=B,
                               dp_rank=0, dp_world_size=1, seed=seed)
+    best = None
     for index, item in enumerate(loader):
-        if index == batch:
-            return item["cu_seqlens"].to(torch.int32)
-    raise ValueError(f"the data loader gave only {index + 1} batches of {B} x {T} tokens, not {batch + 1}")
+        cu = item["cu_seqlens"].to(torch.int32)
+        if batch != "max" and index == int(batch):
+            return index, cu
+        longest = int((cu[1:] - cu[:-1]).max())
+        if batch == "max" and (best is None or longest > best[0]):
+            best = (longest, index, cu)
+        if batch == "max" and index == 63:
+            break
+    if best is None:
+        raise ValueError(f"the data loader gave only {index + 1} batches of {B} x {T} tokens, not {int(batch) + 1}")
+    return best[1], best[2]
 
 
 def inputs(gated, B, T, H=16, K=128, V=128, cu_seqlens=None):
@@ -223,21 +235,19 @@ def main():
     report = {"environment": environment(), "rows": []}
     for shape in args.shapes:
         dims_text, packed, batch_text = shape.partition("p")
-        if batch_text and not batch_text.isdigit():
-            raise ValueError(f"--shapes: {shape!r}: after p comes the index of a data loader batch")
         dims = [int(x) for x in dims_text.split("x")]
         B, T, H, K, V = dims + [16, 128, 128][len(dims) - 2:] if len(dims) in (2, 5) else (None,) * 5
         if B is None:
             raise ValueError(f"--shapes: {shape!r} is neither BxT nor BxTxHxKxV")
         for name in args.kernels:
             gated = name == "gated_delta_rule"
-            cu = packed_documents(B, T, int(batch_text or 0)) if packed else None
+            batch, cu = packed_documents(B, T, batch_text or "0") if packed else (None, None)
             fwd, fwd_save, fwdbwd = inputs(gated, B, T, H, K, V, cu)
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
             row = {"kernel": name, "B": B, "T": T, "H": H, "K": K, "V": V,
-                   "loader_batch": int(batch_text or 0) if packed else None,
+                   "loader_batch": batch,
                    "documents": None if cu is None else (cu[1:] - cu[:-1]).tolist(),
                    "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwd_save_ms": timed(fwd_save), "fwdbwd_ms": timed(fwdbwd),
