@@ -11,7 +11,8 @@ A shape is BxT (H = 16, K = V = 128) or BxTxHxKxV (e.g. 8x4096x4x128x256: the Ga
 374M recipe's micro-batch of one layer); a trailing p (2x16384x4x128x256p) packs the B x T tokens
 into one row of documents as the trainer's data loader does (cu_seqlens of its first batch over
 the embedded default corpus; pN takes its batch N, pmax the first batch among its first 64
-with the longest document).
+with the longest document); a trailing dN (2x16384x4x128x256d1024) packs them as documents of
+N tokens.
 
 A variant SPEC is comma-separated key=value: prep_warps=N, state_warps=N, state_grad_warps=N,
 chunk_grad=BVxWARPS, split_output=0|1 (o by the chunk-parallel output kernel after the serial
@@ -83,6 +84,11 @@ def packed_documents(B: int, T: int, batch: str = "0", seed: int = 0) -> tuple[i
     return best[1], best[2]
 
 
+def equal_documents(tokens: int, length: int) -> torch.Tensor:
+    """cu_seqlens of `tokens` tokens packed as documents of `length` tokens (the last shorter)."""
+    return torch.tensor(list(range(0, tokens, length)) + [tokens], dtype=torch.int32)
+
+
 def inputs(gated, B, T, H=16, K=128, V=128, cu_seqlens=None):
     """Random bf16 inputs and the three timed closures; with cu_seqlens, the B x T tokens as one
     packed row of documents."""
@@ -112,7 +118,8 @@ def variant(spec: str):
                "chunk_grad_stages": bwd,
                "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod, "values_in_pass": fwd_mod}
     saved = {name: getattr(module, name) for name, module in modules.items()}
-    saved_mode, saved_tokens = os.environ.get("FLAME_DELTA_SEGMENTS"), segments.SEGMENT_TOKENS
+    saved_mode = os.environ.get("FLAME_DELTA_SEGMENTS")
+    saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
     try:
@@ -153,14 +160,14 @@ def variant(spec: str):
             elif key == "segment_block":
                 segments.segment_column_block = lambda *a, n=int(value): n
             elif key == "segment_tokens":
-                segments.SEGMENT_TOKENS = int(value)
+                segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield
     finally:
         for name, module in modules.items():
             setattr(module, name, saved[name])
-        segments.SEGMENT_TOKENS = saved_tokens
+        segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
         if saved_mode is None:
@@ -235,6 +242,7 @@ def main():
     report = {"environment": environment(), "rows": []}
     for shape in args.shapes:
         dims_text, packed, batch_text = shape.partition("p")
+        dims_text, equal, doc_text = dims_text.partition("d")
         dims = [int(x) for x in dims_text.split("x")]
         B, T, H, K, V = dims + [16, 128, 128][len(dims) - 2:] if len(dims) in (2, 5) else (None,) * 5
         if B is None:
@@ -242,6 +250,8 @@ def main():
         for name in args.kernels:
             gated = name == "gated_delta_rule"
             batch, cu = packed_documents(B, T, batch_text or "0") if packed else (None, None)
+            if equal:
+                cu = equal_documents(B * T, int(doc_text))
             fwd, fwd_save, fwdbwd = inputs(gated, B, T, H, K, V, cu)
             start = time.perf_counter()
             fwdbwd()
@@ -274,7 +284,8 @@ def main():
     for row in report["rows"]:
         shape = f"{row['B']}x{row['T']}" + ("" if (row["H"], row["K"], row["V"]) == (16, 128, 128)
                                               else f"x{row['H']}x{row['K']}x{row['V']}")
-        shape += f"p{row['loader_batch']}" if row["documents"] else ""
+        if row["documents"]:
+            shape += f"p{row['loader_batch']}" if row["loader_batch"] is not None else f"d{row['documents'][0]}"
         print(f"{row['kernel']:18s} {shape:17s} {'default':50s} {ms(row['fwd_ms'])} {ms(row['fwd_save_ms'])} "
               f"{ms(row['fwdbwd_ms'])}")
         for spec, entry in row["variants"].items():

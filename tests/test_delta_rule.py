@@ -244,12 +244,15 @@ def test_split_passes(case, gated, monkeypatch):
 
 def test_split_dv_local_rule():
     """The in-chunk dv' kernel runs for gated heads whose reverse pass has at most one program per
-    SM (where it measured faster), never for plain ones (slower at every measured shape)."""
+    SM or runs over a packed batch's segments (where it measured faster), never for plain ones
+    (slower at every measured shape)."""
     from flame.kernels.delta_rule_bwd import split_dv_local
 
     assert split_dv_local(True, 128, 132) and split_dv_local(True, 132, 132)
     assert not split_dv_local(True, 512, 132)
     assert not split_dv_local(False, 128, 132)
+    assert split_dv_local(True, 4096, 132, packed_segments=True)  # a packed batch over segments
+    assert not split_dv_local(False, 4096, 132, packed_segments=True)
 
 
 def test_split_dv_local_recompute(monkeypatch):
@@ -278,6 +281,7 @@ def force_segments(monkeypatch, tokens: int | None):
     monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "off" if tokens is None else "on")
     if tokens is not None:
         monkeypatch.setattr(delta_rule_segments, "SEGMENT_TOKENS", tokens)
+        monkeypatch.setattr(delta_rule_segments, "PACKED_SEGMENT_TOKENS", tokens)
     entry, end = delta_rule.segment_entry_states, delta_rule_bwd.segment_end_grads
     monkeypatch.setattr(delta_rule, "segment_entry_states", lambda *a: uses.append("entry") or entry(*a))
     monkeypatch.setattr(delta_rule_bwd, "segment_end_grads", lambda *a: uses.append("end") or end(*a))
@@ -399,15 +403,16 @@ def test_inference_forward(case, gated, segments, monkeypatch):
 
 def test_segment_rule():
     """Segments by default for equal-length sequences longer than one whose whole-sequence
-    passes would leave SMs idle; never for packed batches (only when forced) or batches no
-    longer than a segment."""
-    from flame.kernels.delta_rule_segments import SEGMENT_TOKENS, use_segments
+    passes would leave SMs idle, and for packed rows longer than a (packed) segment, whatever
+    their document count; never for batches no longer than a segment."""
+    from flame.kernels.delta_rule_segments import PACKED_SEGMENT_TOKENS, SEGMENT_TOKENS, use_segments
 
     long = 8 * SEGMENT_TOKENS
     assert use_segments(1, long, False, 16, 128, 132)  # B = 1, 16 heads: 32 programs
     assert not use_segments(8, long, False, 16, 128, 132)  # 256 programs: load-bound already
-    assert not use_segments(1, long, True, 4, 256, 132)
     assert not use_segments(1, SEGMENT_TOKENS, False, 16, 128, 132)
+    assert use_segments(1, long, True, 4, 256, 132) and use_segments(40, long, True, 16, 128, 132)
+    assert not use_segments(3, PACKED_SEGMENT_TOKENS, True, 4, 256, 132)
 
 
 def test_segment_mode_rejected(monkeypatch):

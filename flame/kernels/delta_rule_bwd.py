@@ -275,22 +275,25 @@ def chunk_grad_stages(element_size: int) -> int:
     return 2 if element_size <= 2 else 1
 
 
-def split_dv_local(gated: bool, serial_programs: int, sms: int) -> bool:
+def split_dv_local(gated: bool, serial_programs: int, sms: int, packed_segments: bool = False) -> bool:
     """Whether the in-chunk term of dv' is computed by `_local_dv_kernel` before the reverse
     serial pass (True) rather than inside it (False). The split takes the [64, 64] q k^T tile and
     its product with do off the serial chain, for one more launch and a write and read of dv2.
-    It pays only where the chain is the long pole: gated heads whose reverse pass has at most
-    one program per SM (few long sequences). One H100 call, forward+backward ms, single / split
+    It pays only where the chain is the long pole, for gated heads: where the reverse pass has
+    at most one program per SM (few long sequences), and where a packed batch's passes run over
+    segments (`delta_rule_segments.use_segments`), whose segments' reverse transition pass reads
+    the term too. One H100 call, forward+backward ms, single / split
     (results/delta_rule_split_dv_93002f8_h100.json; serial programs at the V block chosen):
     gated H=16, K=V=128: 8x4096 (512 programs) 3.442 / 3.757, 1x32768 (128) 4.859 / 4.704;
     gated 4 heads, K=128, V=256 (the Gated DeltaNet 374M layer): 2x16384 (128) 2.129 / 1.976,
     8x4096 (512) 1.713 / 1.694; plain: slower everywhere (2.616 / 3.158, 3.718 / 4.084,
-    1.648 / 1.795).
+    1.648 / 1.795). Packed over segments of 4096, the 374M layer at 2 x 16384 tokens (kernel ms,
+    results/delta_rule_packed_variants_h100.json): 1.923 / 1.812.
 
     The term goes through dv2 itself, in q's dtype, rather than an fp32 buffer: dv' is stored
     and multiplied in that dtype anyway, so the one extra rounding of its in-chunk part is of the
     size of the rounding already there, and the round trip moves half the bytes."""
-    return gated and serial_programs <= sms
+    return gated and (packed_segments or serial_programs <= sms)
 
 
 def local_dv_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
@@ -340,7 +343,8 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     seg = plan_segments(q, cu_seqlens, HV, V)
     programs = seg.slots if seg is not None else N  # of the reverse pass: per segment or per sequence
     BV = state_block(q, programs, HV, V)
-    local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device))
+    local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device),
+                              seg is not None and seg.packed)
     # BV, and with it the split of dv', follow the document count, which varies by batch: every
     # kernel a batch may pick is compiled at the first packed call
     compile_all = cu_seqlens is not None and q.is_cuda

@@ -34,7 +34,8 @@ from flame.kernels.utils import (cdiv, chunk_span, compile_variants, default_cu_
                                  next_power_of_2, num_sms, prepare_chunk_indices, prepare_segments)
 
 CHUNK = 64
-SEGMENT_TOKENS = 4096  # tokens of a segment: 64 chunks of the serial chain
+SEGMENT_TOKENS = 4096  # tokens of a segment of equal-length sequences: 64 chunks of the serial chain
+PACKED_SEGMENT_TOKENS = 2048  # of a packed batch's documents (`use_segments`)
 
 
 @dataclass
@@ -69,22 +70,34 @@ def segment_mode() -> str:
     return mode
 
 
+def segment_tokens(packed: bool) -> int:
+    """Tokens per segment: PACKED_SEGMENT_TOKENS for packed batches, else SEGMENT_TOKENS."""
+    tokens = PACKED_SEGMENT_TOKENS if packed else SEGMENT_TOKENS
+    if tokens % CHUNK:
+        raise ValueError(f"segment lengths must be multiples of the chunk size {CHUNK}, got {tokens}")
+    return tokens
+
+
 def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms: int) -> bool:
-    """Whether the serial passes run over segments (FLAME_DELTA_SEGMENTS=auto): for batches of
-    equal-length sequences longer than a segment whose passes would otherwise have fewer
-    programs of 64 columns of V than SMs, where the chain of one sequence is the pass's time.
-    With more programs the passes are bound by their loads, which the transition pass only adds
-    to. H100, bf16, H = 16, K = V = 128, 1x32768 forward+backward ms, whole sequences / segments:
-    plain 3.749 / 3.340, gated 4.715 / 4.463; 8x4096 unchanged (one segment per sequence); 4
-    heads of K = 128, V = 256 at 2x16384: 1.64 / 2.27 plain, 1.96 / 2.47 gated, where the two
-    extra launches each way and the gathers leave the host behind the GPU
-    (results/delta_rule_segments_*_h100.json).
-    Packed batches keep whole sequences: their document count and lengths vary from batch to
-    batch (a switch would compile kernels mid-training), and the Gated DeltaNet 374M recipe at
-    seq 16384, whose batches hold documents of 16384 tokens, trained at 159,156 tokens/s with
-    segments against 161,467 without (results/train_throughput_gdn_16k_segments_*_h100.json)."""
-    if packed or seq_len <= SEGMENT_TOKENS:
+    """Whether the serial passes run over segments (FLAME_DELTA_SEGMENTS=auto).
+
+    Equal-length sequences longer than a segment: where the whole-sequence passes would have
+    fewer programs of 64 columns of V than SMs, so that one sequence's chain is the pass's time.
+    With more programs the passes are bound by their loads, which the transition passes only
+    add to. H100, bf16, H = 16, K = V = 128, 1x32768 forward+backward ms, whole sequences /
+    segments: plain 3.749 / 3.340, gated 4.715 / 4.463; 8x4096 unchanged (one segment per
+    sequence) (results/delta_rule_segments_*_h100.json).
+
+    Packed batches: whenever the row is longer than a segment. Their passes last as long as the
+    longest document's chain, which no shape can tell; over segments of 2048 tokens (with the
+    in-chunk dv' term split off for gated heads, `delta_rule_bwd.split_dv_local`) they cost about
+    the same whatever the documents. Gated DeltaNet 374M layer, 2 x 16384 tokens of the loader's
+    batches, H100, kernel ms of forward+backward, whole documents / segments: longest document
+    16384: 2.231 / 1.746; 11474: 1.978 / 1.761 (results/delta_rule_packed_segments_h100.json)."""
+    if seq_len <= segment_tokens(packed):
         return False
+    if packed:
+        return True
     return num_seqs * HV * cdiv(V, 64) < sms
 
 
@@ -94,14 +107,14 @@ def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     fp32 [K, K] transition in registers."""
     B, T, _, K = q.shape
     mode = segment_mode()
-    if SEGMENT_TOKENS % CHUNK:
-        raise ValueError(f"SEGMENT_TOKENS must be a multiple of the chunk size {CHUNK}, got {SEGMENT_TOKENS}")
+    packed = cu_seqlens is not None
+    tokens = segment_tokens(packed)
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if mode == "off" or K > 128 or T <= SEGMENT_TOKENS:
+    if mode == "off" or K > 128 or T <= tokens:
         return 0
-    if mode == "auto" and not use_segments(N, T, cu_seqlens is not None, HV, V, num_sms(q.device)):
+    if mode == "auto" and not use_segments(N, T, packed, HV, V, num_sms(q.device)):
         return 0
-    return max_num_chunks(B * T, N, SEGMENT_TOKENS)
+    return max_num_chunks(B * T, N, tokens)
 
 
 def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> Segments | None:
@@ -112,10 +125,11 @@ def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     B, T = q.shape[:2]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
-    indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, SEGMENT_TOKENS, slots)
     packed = cu_seqlens is not None
+    tokens = segment_tokens(packed)
+    indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, tokens, slots)
     _, chunk_offsets = prepare_chunk_indices(bounds, CHUNK, max_num_chunks(B * T, slots, CHUNK))
-    return Segments(SEGMENT_TOKENS, packed, N, slots, cu, indices, offsets, bounds, first, last,
+    return Segments(tokens, packed, N, slots, cu, indices, offsets, bounds, first, last,
                     nonempty if packed else None, chunk_offsets)
 
 
