@@ -369,10 +369,10 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
 
-    def _next_batches(self) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """The micro-batches of one step, on their way to the device, and the tokens of their
-        longest packed document (0 without document boundaries)."""
-        batches, longest = [], 0
+    def _next_batches(self) -> tuple[list[dict[str, torch.Tensor]], list[int | None]]:
+        """The micro-batches of one step, on their way to the device, and the tokens of each
+        one's longest packed document (None without document boundaries)."""
+        batches, longest = [], []
         for _ in range(self.grad_accum):
             started = time.perf_counter()
             try:
@@ -381,8 +381,7 @@ class Trainer:
                 raise RuntimeError("the data loader ran out of batches") from None
             self.window.data_wait += time.perf_counter() - started
             cu = batch.get("cu_seqlens")  # still on the host: no device sync
-            if cu is not None and cu.numel() > 1:
-                longest = max(longest, int((cu[1:] - cu[:-1]).max()))
+            longest.append(int((cu[1:] - cu[:-1]).max()) if cu is not None and cu.numel() > 1 else None)
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches, longest
 
@@ -392,7 +391,8 @@ class Trainer:
         StepResult.values() reads them, so the host can prepare the next step meanwhile.
         The loss is the mean over every label token of the global batch, whatever the split
         into ranks and micro-batches."""
-        batches, longest_document = self._next_batches()
+        batches, longest = self._next_batches()
+        longest_document = max((n for n in longest if n is not None), default=0)
         label_tokens = sum((b["labels"] != -100).sum() for b in batches).float()
         if dist.get_world_size() > 1:
             dist.all_reduce(label_tokens)
@@ -408,7 +408,7 @@ class Trainer:
         for i, b in enumerate(batches):
             set_gradient_sync(self.model, i == len(batches) - 1)
             loss = self.model(b["input_ids"], labels=b["labels"], cu_seqlens=b.get("cu_seqlens"),
-                              position_ids=b.get("position_ids"), loss_reduction="sum")
+                              position_ids=b.get("position_ids"), loss_reduction="sum", max_seqlen=longest[i])
             (loss * scale).backward()
             if copies is not None:
                 copies.accumulate()

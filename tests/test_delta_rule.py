@@ -42,15 +42,15 @@ def oracle(q, k, v, g, beta, h0, cu_seqlens, gated):
     return o, ht, grads, do, dht
 
 
-def run_public(q, k, v, g, beta, h0, cu_seqlens, gated, do, dht):
+def run_public(q, k, v, g, beta, h0, cu_seqlens, gated, do, dht, max_seqlen=None):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
     qx, kx, vx, gx, bx, hx = leaves
     if gated:
         o, ht = chunk_gated_delta_rule(qx, kx, vx, gx, bx, initial_state=hx, output_final_state=True,
-                                       cu_seqlens=cu_seqlens)
+                                       cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     else:
         o, ht = chunk_delta_rule(qx, kx, vx, bx, initial_state=hx, output_final_state=True,
-                                 cu_seqlens=cu_seqlens)
+                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     assert ht.dtype == torch.float32, ht.dtype
     (o.float() * do.to(o.device).float()).sum().add((ht * dht.to(ht.device).float()).sum()).backward()
     return o, ht, [x.grad for x in leaves]
@@ -350,6 +350,42 @@ def test_segments_without_states(monkeypatch):
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("max_seqlen,threshold,expected", [(191, 128, True), (191, 256, False), (None, 128, False)],
+                         ids=["long", "short", "unknown"])
+def test_packed_segments_follow_max_seqlen(max_seqlen, threshold, expected, gated, monkeypatch):
+    """By default a packed batch runs over segments exactly when max_seqlen says that a document
+    is longer than LONG_DOCUMENT_TOKENS, gated heads then with the in-chunk dv' split; the
+    results equal float64 either way."""
+    from flame.kernels import delta_rule_bwd, delta_rule_segments
+
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    cu = torch.tensor([0, 9, 200, 260], dtype=torch.int32)  # the longest document: 191 tokens
+    inputs = make_inputs(1, 260, 1, 2, 16, 16, 3, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    uses = force_segments(monkeypatch, None)
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+    monkeypatch.setattr(delta_rule_segments, "PACKED_SEGMENT_TOKENS", 64)
+    monkeypatch.setattr(delta_rule_segments, "LONG_DOCUMENT_TOKENS", threshold)
+    splits, split = [], delta_rule_bwd.split_dv_local
+    monkeypatch.setattr(delta_rule_bwd, "split_dv_local", lambda *a: splits.append(split(*a)) or splits[-1])
+    o, ht, grads = run_public(*inputs, cu, gated, do, dht, max_seqlen=max_seqlen)
+    assert uses == (["entry", "end"] if expected else []), uses
+    assert splits == [expected and gated], splits
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    for name, grad, ref in zip(NAMES, grads, grads_ref):
+        if gated or name != "g":
+            assert rel(grad, ref) < 1e-5, name
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, True, "4096"])
+def test_max_seqlen_rejected(bad):
+    q, k, v, g, beta, _ = make_inputs(1, 20, 1, 1, 16, 16, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 20], dtype=torch.int32),
+                               max_seqlen=bad)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 def test_segments_inference_forward(gated, monkeypatch):
     """A forward without a backward over segments: the plain rule's single pass that also forms o,
     the gated rule's split pass and output kernel, entered with the combined states."""
@@ -403,16 +439,27 @@ def test_inference_forward(case, gated, segments, monkeypatch):
 
 def test_segment_rule():
     """Segments by default for equal-length sequences longer than one whose whole-sequence
-    passes would leave SMs idle, and for packed rows longer than a (packed) segment, whatever
-    their document count; never for batches no longer than a segment."""
+    passes would leave SMs idle, and for packed rows with a long document; never for batches no
+    longer than a segment."""
     from flame.kernels.delta_rule_segments import PACKED_SEGMENT_TOKENS, SEGMENT_TOKENS, use_segments
 
     long = 8 * SEGMENT_TOKENS
     assert use_segments(1, long, False, 16, 128, 132)  # B = 1, 16 heads: 32 programs
     assert not use_segments(8, long, False, 16, 128, 132)  # 256 programs: load-bound already
     assert not use_segments(1, SEGMENT_TOKENS, False, 16, 128, 132)
-    assert use_segments(1, long, True, 4, 256, 132) and use_segments(40, long, True, 16, 128, 132)
-    assert not use_segments(3, PACKED_SEGMENT_TOKENS, True, 4, 256, 132)
+    # packed: when a document is long (`long_documents`), whatever the document count
+    assert use_segments(1, long, True, 4, 256, 132, True) and use_segments(40, long, True, 16, 128, 132, True)
+    assert not use_segments(1, long, True, 4, 256, 132, False)
+    assert not use_segments(3, PACKED_SEGMENT_TOKENS, True, 4, 256, 132, True)
+
+
+def test_long_documents():
+    from flame.kernels.delta_rule_segments import LONG_DOCUMENT_TOKENS, long_documents
+
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    assert long_documents(cu, LONG_DOCUMENT_TOKENS + 1)
+    assert not long_documents(cu, LONG_DOCUMENT_TOKENS) and not long_documents(cu, None)
+    assert not long_documents(None, 10 * LONG_DOCUMENT_TOKENS)  # equal-length batches: use_segments' other rule
 
 
 def test_segment_mode_rejected(monkeypatch):
@@ -497,11 +544,20 @@ def test_torch_compile_fullgraph(backend, backward, segments, monkeypatch):
         assert rel(a.grad, b.grad) < 1e-6
     assert len(uses) == (4 if segments else 0), uses  # compiled and eager: entry states, end gradients
     if backend == "triton":  # the fake outputs' shapes and dtypes are those of a real call
+        from flame.kernels import delta_rule_segments
         from flame.kernels.delta_rule import _forward_op
 
-        result = torch.library.opcheck(_forward_op, (q, k, v, g, beta, h0, cu, 0.25, True),
+        result = torch.library.opcheck(_forward_op, (q, k, v, g, beta, h0, cu, 0.25, True, False),
                                        test_utils="test_faketensor")
         assert result == {"test_faketensor": "SUCCESS"}, result
+        # by default, a packed batch with a long document (long_docs) runs over segments
+        monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+        monkeypatch.setattr(delta_rule_segments, "PACKED_SEGMENT_TOKENS", 64)
+        monkeypatch.setattr(delta_rule_segments, "LONG_DOCUMENT_TOKENS", 64)
+        uses.clear()
+        result = torch.library.opcheck(_forward_op, (q, k, v, g, beta, h0, cu, 0.25, True, True),
+                                       test_utils="test_faketensor")
+        assert result == {"test_faketensor": "SUCCESS"} and uses == ["entry"], (result, uses)
 
 
 def _bad(**overrides):
@@ -589,7 +645,7 @@ def test_inference_bf16_gpu(case, gated):
     assert errors["o"] < 5e-3 and errors["final_state"] < 5e-3, errors
 
 
-def check_bf16_gpu(shape, gated, label):
+def check_bf16_gpu(shape, gated, label, max_seqlen=None):
     """bf16 outputs, final states and every gradient on the GPU against float64 on the same
     bf16-rounded inputs: within 5e-3 (outputs, states) and 2e-2 (gradients) relative error norm."""
     B, T, H, HV, K, V, cu = shape
@@ -605,7 +661,7 @@ def check_bf16_gpu(shape, gated, label):
     do = torch.randn_like(o_ref)
     dht = torch.randn_like(ht_ref)
     grads_ref = torch.autograd.grad([o_ref, ht_ref], leaves64, [do, dht], allow_unused=True)
-    o, ht, grads = run_public(*inputs, cu, gated, do, dht)
+    o, ht, grads = run_public(*inputs, cu, gated, do, dht, max_seqlen)
     errors = {"o": rel(o, o_ref), "final_state": rel(ht, ht_ref)}
     for name, grad, ref in zip(NAMES, grads, grads_ref):
         if gated or name != "g":
@@ -617,16 +673,19 @@ def check_bf16_gpu(shape, gated, label):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-@pytest.mark.parametrize("case", ["dense", "varlen", "small-varlen", "long"])
+@pytest.mark.parametrize("case", ["dense", "varlen", "small-varlen", "long", "packed-long"])
 def test_segments_bf16_gpu(case, gated, monkeypatch):
     """bf16 serial passes over segments against float64: the cases of test_bf16_gpu cut into
-    segments of 128 tokens, and `long` (one sequence of three default segments, taken by the
-    default rule)."""
-    cases = {**GPU_CASES, "long": (1, 12288, 2, 4, 128, 128, None)}
-    uses = force_segments(monkeypatch, 128 if case != "long" else None)
-    if case == "long":
+    segments of 128 tokens; `long` (one sequence of three default segments) and `packed-long`
+    (a packed batch whose longest document, 9200 tokens, max_seqlen reports), both taken by the
+    default rule."""
+    cases = {**GPU_CASES, "long": (1, 12288, 2, 4, 128, 128, None),
+             "packed-long": (1, 12000, 2, 4, 128, 128, [0, 300, 9500, 9501, 12000])}
+    default_rule = case in ("long", "packed-long")
+    uses = force_segments(monkeypatch, None if default_rule else 128)
+    if default_rule:
         monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
-    check_bf16_gpu(cases[case], gated, f"{case} segments")
+    check_bf16_gpu(cases[case], gated, f"{case} segments", max_seqlen=9200 if case == "packed-long" else None)
     assert uses == ["entry", "end"], uses
 
 

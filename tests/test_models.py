@@ -140,6 +140,22 @@ def test_packed_documents_equal_separate_documents():
     assert (packed - alone).norm() / alone.norm() < 1e-12
 
 
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "deltanet"])
+def test_max_seqlen_hint_leaves_results_unchanged(mixer):
+    """max_seqlen (the longest document, which the trainer passes) picks how kernels run, not what
+    they compute; it is clamped to the row length, and a value that is no length is refused."""
+    torch.manual_seed(3)
+    model = build_model(tiny(mixer=mixer, attn_layers=[1])).double()
+    ids = torch.randint(0, 97, (2, 8))
+    cu = torch.tensor([0, 5, 8, 11, 16], dtype=torch.int32)
+    out = model(ids, cu_seqlens=cu)
+    for hint in (5, 8, 100):
+        assert (model(ids, cu_seqlens=cu, max_seqlen=hint) - out).norm() / out.norm() < 1e-12
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_seqlen"):
+            model(ids, cu_seqlens=cu, max_seqlen=bad)
+
+
 def test_batch_with_cu_seqlens_is_flattened():
     """A [B, T] batch with cu_seqlens over its flattened tokens (rows are boundaries too)."""
     torch.manual_seed(2)

@@ -34,8 +34,8 @@ from flame.kernels.delta_rule_bwd import _chunk_program, backward_triton
 from flame.kernels.delta_rule_chunk import _chunk_gates, _corrected_values, _pow2, _value_tiles
 from flame.kernels.delta_rule_inputs import check_inputs, compute_dtype, l2norm
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
-from flame.kernels.delta_rule_segments import (last_segment_states, plan_segments, segment_entry_states,
-                                               segment_slots)
+from flame.kernels.delta_rule_segments import (last_segment_states, long_documents, plan_segments,
+                                               segment_entry_states, segment_slots)
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
                                  num_sms, prepare_chunk_indices)
@@ -456,12 +456,13 @@ def state_block_choices(q: torch.Tensor, V: int) -> list[int]:
 
 
 def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=True, store_states=False,
-                a=None, v=None, beta=None):
+                a=None, v=None, beta=None, long_docs=False):
     """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
     [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None, segment
     transitions [segment slots, HV, K, K] or None); the states, v' (store_states) and the
     transitions (when the pass ran over segments) are what the backward needs. Without u
-    (`_prepare` wrote none: `values_in_pass`), v' is formed from A, v and beta."""
+    (`_prepare` wrote none: `values_in_pass`), v' is formed from A, v and beta. long_docs: the
+    packed batch has a long document (`delta_rule_segments.long_documents`)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -474,7 +475,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
         vn = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
     if compute_o:
         o = torch.empty(B, T, HV, V, dtype=q.dtype, device=q.device)
-    seg = plan_segments(q, cu_seqlens, HV, V)
+    seg = plan_segments(q, cu_seqlens, HV, V, long_docs)
     # With segments the pass runs over them as sequences of their own, entered with the states
     # that the transition pass and the combine give (delta_rule_segments.py).
     h0, offsets, first_slots, programs, transitions = initial_state, cu_seqlens, chunk_offsets, N, None
@@ -546,7 +547,7 @@ def backward_mode() -> str:
     return mode
 
 
-def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
+def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save, long_docs=False):
     """(o, final state, saved): saved is (w, gate cumsum or None, A, chunk states, v', segment
     transitions or None) for the backward, or None."""
     # The serial passes form v' from A and v, so that u is never written (`values_in_pass`), nor
@@ -557,7 +558,8 @@ def _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     # output kernel alone): H100, 8x4096, K = V = 128, plain 1.08 ms single pass against 1.15.
     split = _splits_output(q) and (save or g is not None)
     o, ht, hs, vn, _, transitions = _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale,
-                                   compute_o=not split, store_states=save or split, a=a, v=v, beta=beta)
+                                   compute_o=not split, store_states=save or split, a=a, v=v, beta=beta,
+                                   long_docs=long_docs)
     if split:
         del u
         o = _output(q, k, gcum, hs, vn, cu_seqlens, scale)
@@ -594,10 +596,11 @@ def _takes_kernels(q, k, v, g, beta, initial_state) -> bool:
 def _forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
     initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float, save: bool,
+    long_docs: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     if _takes_kernels(q, k, v, g, beta, initial_state):
-        o, ht, saved = _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save)
+        o, ht, saved = _forward_triton(q, k, v, g, beta, initial_state, cu_seqlens, scale, save, long_docs)
         if saved is not None:
             w, gcum, a, hs, vn, transitions = saved
             return (o, ht, w, gcum if gcum is not None else q.new_empty(0), a, hs, vn,
@@ -613,7 +616,7 @@ def _state_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 @_forward_op.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save, long_docs):
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -621,7 +624,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
     if not (save and _takes_kernels(q, k, v, g, beta, initial_state)):
         return (o, ht) + _nothing_saved(q)
     gcum = q.new_empty(B, T, HV, dtype=torch.float32) if g is not None else q.new_empty(0)
-    slots = segment_slots(q, cu_seqlens, HV, V)
+    slots = segment_slots(q, cu_seqlens, HV, V, long_docs)
     transitions = q.new_empty(slots, HV, K, K, dtype=torch.float32) if slots else q.new_empty(0)
     return (o, ht, q.new_empty(B, T, HV, K), gcum, k.new_empty(B, T, HV, CHUNK),
             q.new_empty(_state_slots(B, T, N, cu_seqlens), HV, K, V), q.new_empty(B, T, HV, V), transitions)
@@ -631,7 +634,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, save):
 def _backward_op(
     do: torch.Tensor, dht: torch.Tensor | None,
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor,
-    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float,
+    initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None, scale: float, long_docs: bool,
     w: torch.Tensor, gcum: torch.Tensor, a: torch.Tensor, hs: torch.Tensor, vn: torch.Tensor,
     transitions: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -643,7 +646,7 @@ def _backward_op(
         dq, dk, dv, dg, dbeta, dh0 = backward_triton(
             do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
             state_block=_state_block, state_block_choices=state_block_choices, prepare=_prepare,
-            state_pass=_state_pass, saved=saved)
+            state_pass=_state_pass, saved=saved, long_docs=long_docs)
         return (dq, dk, dv, dg if dg is not None else q.new_empty(0), dbeta,
                 dh0 if dh0 is not None else q.new_empty(0))
     dtype = compute_dtype(q)
@@ -671,21 +674,21 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, w, gcum, a, hs, vn, transitions):
+def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, long_docs, w, gcum, a, hs, vn, transitions):
     dg = torch.empty_like(g) if g is not None else q.new_empty(0)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(beta), dh0
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, cu_seqlens, scale, save = inputs
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, save, long_docs = inputs
     saved = output[2:]
     # No zero-filled gradients for the outputs the loss does not use (the kept tensors, and the
     # final state unless it is used): at 8x4096, H = 16, they were 0.19 ms of fills per backward.
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*saved)
     ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *saved)
-    ctx.scale = scale
+    ctx.scale, ctx.long_docs = scale, long_docs
 
 
 def _backward(ctx, do, dht, *unused):
@@ -693,16 +696,21 @@ def _backward(ctx, do, dht, *unused):
     if do is None:
         do = torch.zeros_like(v)
     dq, dk, dv, dg, dbeta, dh0 = _backward_op(do, dht, q, k, v, g, beta, initial_state, cu_seqlens,
-                                              ctx.scale, *saved)
+                                              ctx.scale, ctx.long_docs, *saved)
     return (dq, dk, dv, dg if g is not None else None, dbeta,
-            dh0 if initial_state is not None else None, None, None, None)
+            dh0 if initial_state is not None else None, None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
+def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+         max_seqlen):
     check_inputs(q, k, v, {"g": g, "beta": beta}, {}, {}, initial_state, cu_seqlens, grouped_heads=True)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                   or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int (a bound on the longest sequence) or None, "
+                         f"got {max_seqlen!r}")
     if use_triton(q, k, v) and q.dtype == torch.float64:
         raise ValueError("the Triton kernels take bf16, fp16 or fp32 inputs, got float64 q")
     if scale is None:
@@ -714,7 +722,8 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2no
     initial_state = initial_state.contiguous() if initial_state is not None else None
     # keep the backward's inputs only when there will be a backward
     save = backward_mode() == "saved" and needs_backward(q, k, v, g, beta, initial_state)
-    o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), save)[:2]
+    o, ht = _forward_op(q, k, v, g, beta, initial_state, cu_seqlens, float(scale), save,
+                        long_documents(cu_seqlens, max_seqlen))[:2]
     return o, (ht if output_final_state else None)
 
 
@@ -729,17 +738,21 @@ def chunk_gated_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated DeltaNet: S_t = exp(g_t) S_{t-1}; S_t += beta_t k_t (v_t - S_t^T k_t)^T; o_t = scale S_t^T q_t.
 
     q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay), beta [B, T, HV]; HV a multiple of H
     (value head h reads q/k head h // (HV // H)). initial_state [N, HV, K, V] fp32, N = B or the
-    number of sequences in cu_seqlens (int [N + 1], B = 1). Returns (o [B, T, HV, V],
-    final state [N, HV, K, V] fp32 if output_final_state else None).
+    number of sequences in cu_seqlens (int [N + 1], B = 1). max_seqlen (optional, with
+    cu_seqlens): at least the longest sequence's length, a host-side hint that picks how the
+    serial passes run (any bound gives the same result). Returns (o [B, T, HV, V], final state
+    [N, HV, K, V] fp32 if output_final_state else None).
     """
     if g is None:
         raise ValueError("g must be a tensor [B, T, HV] of log decays; use chunk_delta_rule for no gate")
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                max_seqlen)
 
 
 def chunk_delta_rule(
@@ -752,9 +765,11 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """DeltaNet: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T; o_t = scale S_t^T q_t.
 
-    Shapes and returns as chunk_gated_delta_rule, without g.
+    Shapes, max_seqlen and returns as chunk_gated_delta_rule, without g.
     """
-    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                max_seqlen)

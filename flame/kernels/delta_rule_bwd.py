@@ -309,7 +309,7 @@ def state_grad_warps(element_size: int) -> int:
 
 
 def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, state_block,
-                    state_block_choices, prepare, state_pass, saved=None):
+                    state_block_choices, prepare, state_pass, saved=None, long_docs=False):
     """All gradients (dq, dk, dv, dg or None, dbeta, dh0 or None); `prepare` and `state_pass`
     recompute the forward (delta_rule.py) unless `saved` brings (w, gate cumsum or None, A,
     per-chunk states, v', segment transitions or None) from it; `state_block` picks the V block
@@ -322,7 +322,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         w, u, gcum, a = prepare(k, v, g, beta, cu_seqlens, store_a=True)
         _, _, hs, vn, chunk_offsets, transitions = state_pass(q, k, w, u, gcum, initial_state, cu_seqlens,
                                                               scale, compute_o=False, store_states=True,
-                                                              a=a, v=v, beta=beta)
+                                                              a=a, v=v, beta=beta, long_docs=long_docs)
         del u
     else:
         w, gcum, a, hs, vn, transitions = saved
@@ -340,7 +340,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     else:
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
-    seg = plan_segments(q, cu_seqlens, HV, V)
+    seg = plan_segments(q, cu_seqlens, HV, V, long_docs)
     programs = seg.slots if seg is not None else N  # of the reverse pass: per segment or per sequence
     BV = state_block(q, programs, HV, V)
     local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device),

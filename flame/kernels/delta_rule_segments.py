@@ -36,6 +36,8 @@ from flame.kernels.utils import (cdiv, chunk_span, compile_variants, default_cu_
 CHUNK = 64
 SEGMENT_TOKENS = 4096  # tokens of a segment of equal-length sequences: 64 chunks of the serial chain
 PACKED_SEGMENT_TOKENS = 2048  # of a packed batch's documents (`use_segments`)
+# A packed batch's passes run over segments when its longest document is longer than this.
+LONG_DOCUMENT_TOKENS = 4 * PACKED_SEGMENT_TOKENS
 
 
 @dataclass
@@ -78,7 +80,15 @@ def segment_tokens(packed: bool) -> int:
     return tokens
 
 
-def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms: int) -> bool:
+def long_documents(cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> bool:
+    """Whether a packed batch has a document longer than LONG_DOCUMENT_TOKENS, from max_seqlen,
+    the caller's bound on its longest document (the trainer knows it from the host's copy of
+    cu_seqlens; the kernels cannot read it without a device sync)."""
+    return cu_seqlens is not None and max_seqlen is not None and max_seqlen > LONG_DOCUMENT_TOKENS
+
+
+def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms: int,
+                 long_docs: bool = False) -> bool:
     """Whether the serial passes run over segments (FLAME_DELTA_SEGMENTS=auto).
 
     Equal-length sequences longer than a segment: where the whole-sequence passes would have
@@ -88,23 +98,27 @@ def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms
     segments: plain 3.749 / 3.340, gated 4.715 / 4.463; 8x4096 unchanged (one segment per
     sequence) (results/delta_rule_segments_*_h100.json).
 
-    Packed batches: whenever the row is longer than a segment. Their passes last as long as the
-    longest document's chain, which no shape can tell; over segments of 2048 tokens (with the
-    in-chunk dv' term split off for gated heads, `delta_rule_bwd.split_dv_local`) they cost about
-    the same whatever the documents. Gated DeltaNet 374M layer, 2 x 16384 tokens of the loader's
-    batches, H100, kernel ms of forward+backward, whole documents / segments: longest document
-    16384: 2.231 / 1.746; 11474: 1.978 / 1.761 (results/delta_rule_packed_segments_h100.json)."""
+    Packed batches: when one of their documents is long (`long_documents`). Their passes last
+    as long as the longest document's chain; over segments of 2048 tokens (with the in-chunk
+    dv' term split off for gated heads, `delta_rule_bwd.split_dv_local`) they cost about the
+    same whatever the documents, which pays only past a length. Gated DeltaNet 374M layer
+    (4 heads, K = 128, V = 256) at 2 x 16384 tokens, H100, kernel ms of forward+backward, whole
+    documents / segments (results/delta_rule_packed_policy_h100.json): longest document 16384:
+    gated 2.208 / 1.738, plain 1.589 / 1.336; 7107: gated 1.558 / 1.734, plain 1.182 / 1.339;
+    documents of 4096: 1.495 / 1.528; of 1024: 1.357 / 1.441; and at 8 x 4096 tokens with
+    16 heads of 128, documents up to 4096: 3.486 / 4.025."""
     if seq_len <= segment_tokens(packed):
         return False
     if packed:
-        return True
+        return long_docs
     return num_seqs * HV * cdiv(V, 64) < sms
 
 
-def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> int:
+def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int,
+                  long_docs: bool = False) -> int:
     """Segment slots (an upper bound on the segments) of the serial passes for this batch, or 0
-    where they run per sequence; from shapes only. Heads of K <= 128: the combine holds an
-    fp32 [K, K] transition in registers."""
+    where they run per sequence; from shapes and `long_documents` only. Heads of K <= 128: the
+    combine holds an fp32 [K, K] transition in registers."""
     B, T, _, K = q.shape
     mode = segment_mode()
     packed = cu_seqlens is not None
@@ -112,14 +126,15 @@ def segment_slots(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if mode == "off" or K > 128 or T <= tokens:
         return 0
-    if mode == "auto" and not use_segments(N, T, packed, HV, V, num_sms(q.device)):
+    if mode == "auto" and not use_segments(N, T, packed, HV, V, num_sms(q.device), long_docs):
         return 0
     return max_num_chunks(B * T, N, tokens)
 
 
-def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int) -> Segments | None:
+def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: int,
+                  long_docs: bool = False) -> Segments | None:
     """The segments of this batch for the serial passes, or None where they run per sequence."""
-    slots = segment_slots(q, cu_seqlens, HV, V)
+    slots = segment_slots(q, cu_seqlens, HV, V, long_docs)
     if not slots:
         return None
     B, T = q.shape[:2]

@@ -64,13 +64,18 @@ class LanguageModel(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, input_ids, labels=None, cu_seqlens=None, position_ids=None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", max_seqlen: int | None = None):
         """The loss (labels given; "mean" over labels != -100, or "sum") or logits [B, T, V].
 
         cu_seqlens (int32 [N + 1]) delimits the documents of the flattened B * T tokens; every
         row start must be one of its boundaries (as flame's data loader makes them), so that no
-        document is longer than a row."""
-        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        document is longer than a row. max_seqlen: with cu_seqlens, the longest document's
+        tokens where the caller knows it without reading the device (the trainer takes it from
+        the host's copy of cu_seqlens); the row length otherwise. It must not be smaller than
+        any document: attention sizes its kernel grid with it and the delta-rule kernels pick
+        how their serial passes run by it."""
+        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                       max_seqlen=max_seqlen)
         if labels is None:
             return self.logits(hidden)
         if loss_reduction not in ("mean", "sum"):
@@ -85,9 +90,14 @@ class LanguageModel(nn.Module):
         return loss_fn(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1))
 
     def hidden_states(self, input_ids, cu_seqlens=None, position_ids=None, states=None,
-                      use_cache: bool = False):
+                      use_cache: bool = False, max_seqlen: int | None = None):
         """Final normalised hidden states [B, T, D] and, with use_cache, the per-layer decoding
-        states (a list, one entry per layer, in each mixer's documented format)."""
+        states (a list, one entry per layer, in each mixer's documented format). max_seqlen as
+        in forward."""
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                       or max_seqlen < 1):
+            raise ValueError(f"max_seqlen must be a positive int (the longest document's tokens) or None, "
+                             f"got {max_seqlen!r}")
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             # the mixers see one flattened sequence whose documents cu_seqlens delimits
             B, T = input_ids.shape
@@ -98,7 +108,8 @@ class LanguageModel(nn.Module):
             B = None
             x = self.embeddings(input_ids)
         # every row start is a document boundary, so no document is longer than a row
-        max_seqlen = input_ids.shape[1] if cu_seqlens is not None else None
+        row = input_ids.shape[1]
+        max_seqlen = (min(max_seqlen, row) if max_seqlen is not None else row) if cu_seqlens is not None else None
         new_states = [] if use_cache else None
         update = None
         for i, layer in enumerate(self.layers):

@@ -65,10 +65,14 @@ class DeltaNet(nn.Module):
         v = v.view(B, T, H, V)
         beta = b.sigmoid()
 
-        rule = kernels.fused_recurrent_delta_rule if use_recurrent_kernel(state, T) else kernels.chunk_delta_rule
-        o, final = rule(q, k, v, beta, scale=K ** -0.5,
-                        initial_state=None if state is None else state["recurrent"],
-                        output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        initial_state = None if state is None else state["recurrent"]
+        if use_recurrent_kernel(state, T):
+            o, final = kernels.fused_recurrent_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=initial_state,
+                                                          output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        else:
+            o, final = kernels.chunk_delta_rule(q, k, v, beta, scale=K ** -0.5, initial_state=initial_state,
+                                                output_final_state=use_cache, cu_seqlens=cu_seqlens,
+                                                max_seqlen=max_seqlen)
         if use_cache:
             new_state["recurrent"] = final
         o = self.o_norm(o)

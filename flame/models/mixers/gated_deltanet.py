@@ -79,12 +79,16 @@ class GatedDeltaNet(nn.Module):
         g = -local(self.A_log).to(gate_dtype).exp() * F.softplus(
             a.to(gate_dtype) + local(self.dt_bias).to(gate_dtype))
 
-        rule = (kernels.fused_recurrent_gated_delta_rule if use_recurrent_kernel(state, T)
-                else kernels.chunk_gated_delta_rule)
-        # by keyword: the recurrent kernel's fifth positional argument is gk, not beta
-        o, final = rule(q, k, v, g=g, beta=beta, scale=K ** -0.5,
-                        initial_state=None if state is None else state["recurrent"],
-                        output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        initial_state = None if state is None else state["recurrent"]
+        if use_recurrent_kernel(state, T):
+            # by keyword: the recurrent kernel's fifth positional argument is gk, not beta
+            o, final = kernels.fused_recurrent_gated_delta_rule(
+                q, k, v, g=g, beta=beta, scale=K ** -0.5, initial_state=initial_state,
+                output_final_state=use_cache, cu_seqlens=cu_seqlens)
+        else:
+            o, final = kernels.chunk_gated_delta_rule(
+                q, k, v, g=g, beta=beta, scale=K ** -0.5, initial_state=initial_state,
+                output_final_state=use_cache, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if use_cache:
             new_state["recurrent"] = final
         o = self.o_norm(o, self.g_proj(x).view(B, T, H, V))
