@@ -101,12 +101,14 @@ def use_segments(num_seqs: int, seq_len: int, packed: bool, HV: int, V: int, sms
     Packed batches: when one of their documents is long (`long_documents`). Their passes last
     as long as the longest document's chain; over segments of 2048 tokens (with the in-chunk
     dv' term split off for gated heads, `delta_rule_bwd.split_dv_local`) they cost about the
-    same whatever the documents, which pays only past a length. Gated DeltaNet 374M layer
-    (4 heads, K = 128, V = 256) at 2 x 16384 tokens, H100, kernel ms of forward+backward, whole
-    documents / segments (results/delta_rule_packed_policy_h100.json): longest document 16384:
-    gated 2.208 / 1.738, plain 1.589 / 1.336; 7107: gated 1.558 / 1.734, plain 1.182 / 1.339;
-    documents of 4096: 1.495 / 1.528; of 1024: 1.357 / 1.441; and at 8 x 4096 tokens with
-    16 heads of 128, documents up to 4096: 3.486 / 4.025."""
+    same whatever the documents (the transition passes walk one segment), which pays only past
+    a length. Gated DeltaNet 374M layer (4 heads, K = 128, V = 256) at 2 x 16384 tokens, H100,
+    kernel ms of forward+backward, whole documents / segments of 2048
+    (results/delta_rule_packed_policy_h100.json, delta_rule_packed_segments_h100.json): longest
+    document 16384: gated 2.208 / 1.738, plain 1.589 / 1.336; 11474: gated 1.978 / 1.761;
+    7107: gated 1.558 / 1.734, plain 1.182 / 1.339; documents of 4096: gated 1.495 / 1.528;
+    of 1024: 1.357 / 1.441; at 8 x 4096 tokens with 16 heads of 128, documents up to 4096:
+    3.486 / 4.025. The crossing lies near 9000 tokens; LONG_DOCUMENT_TOKENS is 8192."""
     if seq_len <= segment_tokens(packed):
         return False
     if packed:
