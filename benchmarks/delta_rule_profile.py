@@ -91,9 +91,11 @@ def equal_documents(tokens: int, length: int) -> torch.Tensor:
 
 def inputs(gated, B, T, H=16, K=128, V=128, cu_seqlens=None):
     """Random bf16 inputs and the three timed closures; with cu_seqlens, the B x T tokens as one
-    packed row of documents."""
+    packed row of documents, with their longest document as max_seqlen (as the trainer passes it)."""
+    max_seqlen = None
     if cu_seqlens is not None:
         B, T = 1, B * T
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu_seqlens = cu_seqlens.cuda()
     q = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
     k = F.normalize(torch.randn(B, T, H, K, device="cuda"), dim=-1).to(torch.bfloat16)
@@ -104,7 +106,7 @@ def inputs(gated, B, T, H=16, K=128, V=128, cu_seqlens=None):
     rule = chunk_gated_delta_rule if gated else chunk_delta_rule
 
     def fn(*xs):
-        return rule(*xs, cu_seqlens=cu_seqlens)
+        return rule(*xs, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     # fwd_save, the training forward, also keeps what the backward needs (where split_output acts)
     return autograd_calls(fn, leaves, torch.randn_like(v))
