@@ -47,6 +47,31 @@ def test_bf16_cuda_loss_and_gradients_match_float64_cpu(mixer):
         assert rel(grads[name].grad.cpu(), p.grad) < 0.1, name
 
 
+def test_max_seqlen_reaches_the_delta_rule(monkeypatch):
+    """max_seqlen, the longest document as the trainer passes it, reaches the delta-rule kernels:
+    over LONG_DOCUMENT_TOKENS (lowered here) a packed batch's serial passes run over segments, and
+    the hybrid's loss and gradients still match float64 on the CPU."""
+    from flame.kernels import delta_rule, delta_rule_segments
+
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+    monkeypatch.setattr(delta_rule_segments, "PACKED_SEGMENT_TOKENS", 128)
+    monkeypatch.setattr(delta_rule_segments, "LONG_DOCUMENT_TOKENS", 256)
+    uses, entry = [], delta_rule.segment_entry_states
+    monkeypatch.setattr(delta_rule, "segment_entry_states", lambda *a: uses.append("entry") or entry(*a))
+    ref, gpu = pair(cfg_for("gated_deltanet", attn_layers=[1]))
+    ids = torch.randint(0, 512, (2, 512))
+    cu = torch.tensor([0, 100, 512, 812, 1024], dtype=torch.int32)  # the longest document: 412 tokens
+    loss_ref = ref(ids, labels=ids.roll(-1, 1), cu_seqlens=cu)
+    loss_gpu = gpu(ids.cuda(), labels=ids.roll(-1, 1).cuda(), cu_seqlens=cu.cuda(), max_seqlen=412)
+    assert uses == ["entry"], uses  # the one Gated DeltaNet layer
+    assert abs(loss_gpu.item() - loss_ref.item()) / loss_ref.item() < 1e-2
+    loss_ref.backward()
+    loss_gpu.backward()
+    grads = dict(gpu.named_parameters())
+    for name, p in ref.named_parameters():
+        assert rel(grads[name].grad.cpu(), p.grad) < 0.1, name
+
+
 def test_varlen_attention_keeps_documents_apart_on_cuda():
     torch.manual_seed(1)
     model = build_model(cfg_for("attention", sliding_window=128)).to(device="cuda", dtype=torch.bfloat16)
