@@ -416,3 +416,28 @@ def test_data_wait_note():
     assert data_wait_note(DATA_WAIT_WARNING / 2, 2) == ""
     note = data_wait_note(0.14, 2)
     assert "14%" in note and "data.num_workers = 2" in note
+
+
+def test_each_micro_batch_reports_its_longest_document():
+    """The trainer reads each micro-batch's longest packed document from the host's cu_seqlens
+    (no device sync) and passes it to the model as max_seqlen; None without boundaries."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from flame.train import Trainer
+
+    micro_batches = [
+        {"input_ids": torch.zeros(2, 8, dtype=torch.long), "cu_seqlens": torch.tensor([0, 3, 8, 16], dtype=torch.int32)},
+        {"input_ids": torch.zeros(2, 8, dtype=torch.long)},
+        {"input_ids": torch.zeros(1, 8, dtype=torch.long), "cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)},
+    ]
+    trainer = SimpleNamespace(grad_accum=3, data_iter=iter(micro_batches), window=SimpleNamespace(data_wait=0.0),
+                              device=torch.device("cpu"))
+    batches, longest = Trainer._next_batches(trainer)
+    assert longest == [8, None, 8] and len(batches) == 3
+    assert torch.equal(batches[0]["cu_seqlens"], micro_batches[0]["cu_seqlens"])
+    trainer.data_iter = iter([{"input_ids": torch.zeros(1, 8, dtype=torch.long),
+                               "cu_seqlens": torch.tensor([0, 2, 7, 8], dtype=torch.int32)}])
+    trainer.grad_accum = 1
+    assert Trainer._next_batches(trainer)[1] == [5]

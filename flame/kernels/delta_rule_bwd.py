@@ -346,7 +346,8 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device),
                               seg is not None and seg.packed)
     # BV, and with it the split of dv', follow the document count, which varies by batch: every
-    # kernel a batch may pick is compiled at the first packed call
+    # kernel a batch may pick is compiled at the first packed call (those of the passes over
+    # segments, which follow max_seqlen, when a batch first takes them: once per process)
     compile_all = cu_seqlens is not None and q.is_cuda
     if local_dv or (compile_all and g is not None):
         BVL, warps = local_dv_config(q.element_size(), BK, _pow2(V))

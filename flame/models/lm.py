@@ -94,7 +94,7 @@ class LanguageModel(nn.Module):
         """Final normalised hidden states [B, T, D] and, with use_cache, the per-layer decoding
         states (a list, one entry per layer, in each mixer's documented format). max_seqlen as
         in forward."""
-        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
                                        or max_seqlen < 1):
             raise ValueError(f"max_seqlen must be a positive int (the longest document's tokens) or None, "
                              f"got {max_seqlen!r}")
