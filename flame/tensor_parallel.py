@@ -300,13 +300,14 @@ class VocabParallelLoss:
     group as process_group, and full logits are gathered only when asked for."""
 
     def forward(self, input_ids, labels=None, cu_seqlens=None, position_ids=None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", max_seqlen: int | None = None):
         if labels is None:
             return super().forward(input_ids, None, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                                   loss_reduction=loss_reduction)
+                                   loss_reduction=loss_reduction, max_seqlen=max_seqlen)
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction = {loss_reduction!r}: use 'mean' or 'sum'")
-        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids)
+        hidden, _ = self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                       max_seqlen=max_seqlen)
         weight = self.output_weight
         loss_fn = modules.FusedLinearCrossEntropyLoss(reduction=loss_reduction,
                                                       process_group=weight.device_mesh.get_group())
