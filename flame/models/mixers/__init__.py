@@ -7,8 +7,9 @@
     flops_per_token(seq_len)          # sequence-mixing training FLOPs per token
 
 With cu_seqlens, B = 1 and the documents of the flattened batch stay independent; max_seqlen,
-when given, bounds the longest document (attention sizes its kernel grid with it). Each module
-documents its decoding state (a dict of tensors).
+when given, bounds the longest document (attention sizes its kernel grid with it; the delta-rule
+mixers run their serial passes over segments when it is long). Each module documents its
+decoding state (a dict of tensors).
 """
 
 from flame.models.mixers.attention import Attention
