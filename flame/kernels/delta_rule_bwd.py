@@ -371,7 +371,9 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
                    USE_H0=initial_state is not None, IS_VARLEN=offsets is not None,
                    num_warps=state_grad_warps(q.element_size()), num_stages=1 if q.element_size() > 2 else 2)
     if compile_all:
-        splits = (False, True) if g is not None else (False,)
+        # over a packed batch's segments the split is fixed (`split_dv_local`); otherwise it
+        # follows the document count
+        splits = (local_dv,) if seg is not None else (False, True) if g is not None else (False,)
         compile_variants(_state_grad_kernel, args, options,
                          [{"BV": b, "LOCAL_DV": s} for b in state_block_choices(q, V) for s in splits])
     _state_grad_kernel[(cdiv(V, BV), programs * HV)](*args, **options, BV=BV, LOCAL_DV=local_dv)

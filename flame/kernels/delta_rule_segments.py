@@ -30,8 +30,8 @@ import triton.language as tl
 
 from flame.kernels.delta_rule_chunk import (_chunk_gates, _corrected_values, _pow2, _value_tiles, state_grad_dv,
                                             state_grad_update)
-from flame.kernels.utils import (cdiv, chunk_span, compile_variants, default_cu_seqlens, max_num_chunks,
-                                 next_power_of_2, num_sms, prepare_chunk_indices, prepare_segments)
+from flame.kernels.utils import (cdiv, chunk_span, default_cu_seqlens, max_num_chunks, next_power_of_2, num_sms,
+                                 prepare_chunk_indices, prepare_segments)
 
 CHUNK = 64
 SEGMENT_TOKENS = 4096  # tokens of a segment of equal-length sequences: 64 chunks of the serial chain
@@ -342,8 +342,6 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=4, num_stages=1 if q.element_size() > 2 else 2)
-    if seg.packed and gcum is not None:  # the split of dv' follows the document count (delta_rule_bwd.py)
-        compile_variants(_segment_transition_grad_kernel, args, options, [{"LOCAL_DV": s} for s in (False, True)])
     _segment_transition_grad_kernel[(cdiv(V, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
     return _combine(f, m, dht, seg, reverse=True)
 
