@@ -37,8 +37,8 @@ from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.delta_rule_segments import (last_segment_states, long_documents, plan_segments,
                                                segment_entry_states, segment_slots)
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import (cdiv, compile_variants, max_num_chunks, needs_backward, next_power_of_2,
-                                 num_sms, prepare_chunk_indices)
+from flame.kernels.utils import (cdiv, check_max_seqlen, compile_variants, max_num_chunks, needs_backward,
+                                 next_power_of_2, num_sms, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -707,10 +707,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 def _run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
          max_seqlen):
     check_inputs(q, k, v, {"g": g, "beta": beta}, {}, {}, initial_state, cu_seqlens, grouped_heads=True)
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
-                                   or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int (a bound on the longest sequence) or None, "
-                         f"got {max_seqlen!r}")
+    check_max_seqlen(max_seqlen)
     if use_triton(q, k, v) and q.dtype == torch.float64:
         raise ValueError("the Triton kernels take bf16, fp16 or fp32 inputs, got float64 q")
     if scale is None:

@@ -157,6 +157,15 @@ def check_cu_seqlens(
         raise ValueError(f"cu_seqlens must end at the packed length {total_len}, got {values[-1]}")
 
 
+def check_max_seqlen(max_seqlen) -> None:
+    """max_seqlen, a bound on the longest packed sequence: a positive int (symbolic under
+    torch.compile) or None."""
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
+                                   or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int (a bound on the longest sequence) or None, "
+                         f"got {max_seqlen!r}")
+
+
 def _is_fake(x: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from flame import modules
+from flame.kernels.utils import check_max_seqlen
 from flame.models.config import ModelConfig
 from flame.models.mlp import build_mlp
 
@@ -94,10 +95,7 @@ class LanguageModel(nn.Module):
         """Final normalised hidden states [B, T, D] and, with use_cache, the per-layer decoding
         states (a list, one entry per layer, in each mixer's documented format). max_seqlen as
         in forward."""
-        if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt))
-                                       or max_seqlen < 1):
-            raise ValueError(f"max_seqlen must be a positive int (the longest document's tokens) or None, "
-                             f"got {max_seqlen!r}")
+        check_max_seqlen(max_seqlen)
         if cu_seqlens is not None and input_ids.shape[0] != 1:
             # the mixers see one flattened sequence whose documents cu_seqlens delimits
             B, T = input_ids.shape
