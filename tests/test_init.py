@@ -1,13 +1,9 @@
 """Initial weights do not depend on the parallel layout (flame/init.py): one process, FSDP2 over
 2 gloo ranks, and tensor parallelism over 2 ranks start from the same full weights."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -15,6 +11,7 @@ from torch.distributed.tensor import DTensor
 from flame.init import canonical_name, init_layout_independent
 from flame.models import ModelConfig, build_model
 from flame.tensor_parallel import apply_tensor_parallel
+from tests.gloo_ranks import run_on_ranks
 
 SEED = 7
 
@@ -41,39 +38,28 @@ def full_state(model) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, layout, out):
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=(layout,))
 
+    def fsdp(model):
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
 
-def _worker(rank, port, layout, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=(layout,))
+    def tp(model):
+        apply_tensor_parallel(model, mesh)
 
-        def fsdp(model):
-            for block in model.layers:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-
-        def tp(model):
-            apply_tensor_parallel(model, mesh)
-
-        model = initialised(tiny(), fsdp if layout == "fsdp" else tp)
-        assert any(isinstance(p, DTensor) for p in model.parameters())
-        state = full_state(model)
-        if rank == 0:
-            torch.save(state, out)
-    finally:
-        dist.destroy_process_group()
+    model = initialised(tiny(), fsdp if layout == "fsdp" else tp)
+    assert any(isinstance(p, DTensor) for p in model.parameters())
+    state = full_state(model)
+    if rank == 0:
+        torch.save(state, out)
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
 def test_two_rank_layouts_start_from_the_one_process_weights(tmp_path, layout):
     out = str(tmp_path / "state.pt")
-    mp.spawn(_worker, args=(_free_port(), layout, out), nprocs=2, join=True)
+    run_on_ranks(_worker, 2, layout, out)
     sharded = torch.load(out)
     single = full_state(initialised(tiny()))
     assert sharded.keys() == single.keys()

@@ -5,12 +5,9 @@ and the layouts tensor parallelism cannot split are refused with a clear message
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -18,6 +15,7 @@ from flame.config import ParallelismConfig
 from flame.models import MIXERS, ModelConfig, build_model
 from flame.tensor_parallel import (apply_tensor_parallel, check_parallel_layout, check_tensor_parallel,
                                    parallelize_block, reduce_partial_grads)
+from tests.gloo_ranks import run_on_ranks
 
 WORLD = 2
 B, T = 2, 16
@@ -39,23 +37,13 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, port, fn):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FLAME_BACKEND="torch")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
-    finally:
-        dist.destroy_process_group()
+def _with_mesh(rank, fn):
+    os.environ["FLAME_BACKEND"] = "torch"
+    fn(rank, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
 
 
 def run_on_two_ranks(fn):
-    mp.spawn(_entry, args=(_free_port(), fn), nprocs=WORLD, join=True)
+    run_on_ranks(_with_mesh, WORLD, fn)
 
 
 # ---- workers (run on both ranks) --------------------------------------------------------

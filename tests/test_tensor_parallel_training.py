@@ -11,13 +11,14 @@ documents into the same 2 shares either way), and a TP group shares one batch.""
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 
 import pytest
 import torch.multiprocessing as mp
+
+from tests.gloo_ranks import free_port, leave_passed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -58,12 +59,6 @@ log_freq = 1
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(dump: str) -> dict[int, float]:
     with open(os.path.join(dump, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -77,10 +72,11 @@ def _train_runs(rank, world, ports, runs):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FLAME_BACKEND="torch")
         assert main(argv) == 0, f"rank {rank}: train.py {' '.join(argv)} failed"
+    leave_passed()  # main tore its process group down; skip the interpreter's shutdown
 
 
 def train(world: int, *runs: list[str]) -> None:
-    mp.spawn(_train_runs, args=(world, [_free_port() for _ in runs], list(runs)), nprocs=world, join=True)
+    mp.spawn(_train_runs, args=(world, [free_port() for _ in runs], list(runs)), nprocs=world, join=True)
 
 
 def resume_from(source_dump: str, step: int, dump: str) -> None:
@@ -105,7 +101,7 @@ def slurm_job(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
     _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_NODEID=0 exec "$@"\n')
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
                SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="4242",
-               SLURM_SUBMIT_DIR=ROOT, NPROC_PER_NODE="2", MASTER_PORT=str(_free_port()),
+               SLURM_SUBMIT_DIR=ROOT, NPROC_PER_NODE="2", MASTER_PORT=str(free_port()),
                FLAME_BACKEND="torch", OMP_NUM_THREADS="1")
     return subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), *args], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
