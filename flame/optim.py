@@ -82,7 +82,9 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         if layout is not None:
             mesh, placements = layout
             for dim, placement in enumerate(placements):
-                if placement.is_shard() and mesh.size(dim) > 1:
+                # not is_shard(): FSDP over a tensor-parallel dimension shards with _StridedShard,
+                # which is no Shard; Partial took the DTensor path above
+                if not placement.is_replicate() and mesh.size(dim) > 1:
                     dist.all_reduce(squares, group=mesh.get_group(dim))
         total += squares
     total = total.sqrt()

@@ -1,6 +1,7 @@
 """The real trainer (flame.train.main, as train.py runs it) on CPU with gloo: a few steps with
-tensor parallelism (TP=2) and with FSDP over 2 ranks give the losses of one process, and a
-checkpoint saved at TP=2 resumes at TP=1 and vice versa. The FSDP=2 run is started by
+tensor parallelism (TP=2), with FSDP over 2 ranks and with both (FSDP=2 x TP=2, 4 ranks) give
+the losses and gradient norms of one process, and a checkpoint saved at TP=2 resumes at TP=1
+and vice versa, one saved at FSDP=2 x TP=2 on FSDP=2. The FSDP=2 run is started by
 launch/slurm.sbatch (with srun and scontrol standing in for SLURM), so the sbatch script's
 c10d rendezvous and launch/run.sh's torchrun line are exercised too.
 
@@ -59,9 +60,10 @@ log_freq = 1
 """
 
 
-def _losses(dump: str) -> dict[int, float]:
+def _metrics(dump: str) -> dict[int, tuple[float, float]]:
+    """(loss, gradient norm before clipping) of every step of a run."""
     with open(os.path.join(dump, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, f)}
 
 
 def _train_runs(rank, world, ports, runs):
@@ -107,22 +109,28 @@ def slurm_job(tmp_path, args: list[str]) -> subprocess.CompletedProcess:
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
-def assert_same_losses(got: dict[int, float], want: dict[int, float], what: str) -> None:
+def assert_same_steps(got: dict, want: dict, what: str) -> None:
+    """Losses within 1e-4 and gradient norms (which decide the clipping) within 5e-4 of the
+    one-process run's: only the order of float32 sums differs."""
     assert sorted(got) == sorted(want), f"{what}: steps {sorted(got)} != {sorted(want)}"
     for step in got:
-        assert abs(got[step] - want[step]) <= 1e-4 * abs(want[step]), (
-            f"{what}: step {step} loss {got[step]} != {want[step]} (one process)")
+        (loss, norm), (want_loss, want_norm) = got[step], want[step]
+        assert abs(loss - want_loss) <= 1e-4 * abs(want_loss), (
+            f"{what}: step {step} loss {loss} != {want_loss} (one process)")
+        assert abs(norm - want_norm) <= 5e-4 * abs(want_norm), (
+            f"{what}: step {step} gradient norm {norm} != {want_norm} (one process)")
 
 
-def test_tp2_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path):
+def test_tp2_fsdp2_and_both_match_one_process_and_checkpoints_reshard(tmp_path):
     config = tmp_path / "tp_test.toml"
     config.write_text(CONFIG)
     base = ["--config", str(config)]
-    d = {name: str(tmp_path / name) for name in ("one", "tp2", "tp2_from_one", "one_from_tp2", "fsdp2")}
+    d = {name: str(tmp_path / name) for name in ("one", "tp2", "tp2_from_one", "one_from_tp2", "fsdp2",
+                                                 "fsdp2_tp2", "fsdp2_from_fsdp2_tp2")}
 
     # one process, checkpoints at steps 2 and 4
     train(1, base + ["--job.dump_folder", d["one"]])
-    one = _losses(d["one"])
+    one = _metrics(d["one"])
     assert sorted(one) == list(range(1, STEPS + 1))
 
     # TP=2 from scratch; then TP=2 resumed from the one-process checkpoint of step 2
@@ -130,13 +138,13 @@ def test_tp2_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path):
     tp = ["--parallelism.tensor_parallel_degree", "2"]
     train(2, base + tp + ["--job.dump_folder", d["tp2"]],
           base + tp + ["--job.dump_folder", d["tp2_from_one"]])
-    assert_same_losses(_losses(d["tp2"]), one, "TP=2")
-    assert_same_losses(_losses(d["tp2_from_one"]), {s: one[s] for s in (3, 4)}, "TP=2 resumed from TP=1")
+    assert_same_steps(_metrics(d["tp2"]), one, "TP=2")
+    assert_same_steps(_metrics(d["tp2_from_one"]), {s: one[s] for s in (3, 4)}, "TP=2 resumed from TP=1")
 
     # one process resumed from the TP=2 checkpoint of step 2
     resume_from(d["tp2"], 2, d["one_from_tp2"])
     train(1, base + ["--job.dump_folder", d["one_from_tp2"]])
-    assert_same_losses(_losses(d["one_from_tp2"]), {s: one[s] for s in (3, 4)}, "TP=1 resumed from TP=2")
+    assert_same_steps(_metrics(d["one_from_tp2"]), {s: one[s] for s in (3, 4)}, "TP=1 resumed from TP=2")
 
     # FSDP over 2 ranks (one loader worker each: the same documents), started by the SLURM script;
     # two micro-batches of one sequence per rank, with the gathered blocks kept from one
@@ -145,7 +153,7 @@ def test_tp2_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path):
                                       "--checkpoint.enable", "false", "--training.local_batch_size", "1",
                                       "--parallelism.fsdp_reshard_after_forward", "never"])
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert_same_losses(_losses(d["fsdp2"]), one, "FSDP=2 (launched by slurm.sbatch)")
+    assert_same_steps(_metrics(d["fsdp2"]), one, "FSDP=2 (launched by slurm.sbatch)")
     record = os.path.join(d["fsdp2"], "launch", "4242")
     with open(os.path.join(record, "code_version.txt")) as f:
         version = f.read()
@@ -154,6 +162,17 @@ def test_tp2_and_fsdp2_match_one_process_and_checkpoints_reshard(tmp_path):
     with open(os.path.join(record, "config.toml")) as f:
         saved = f.read()
     assert "[parallelism]" in saved and f'dump_folder = "{d["fsdp2"]}"' in saved
+
+    # FSDP over 2 ranks x TP over 2 (4 processes, the layout of a multi-GPU node): the gradient
+    # norm sums the squares over both dimensions of the 2-D shards. Its checkpoint of step 2
+    # resumes on FSDP=2 alone (the data-parallel degree, which the data state needs, stays 2).
+    one_rank_per_share = base + ["--data.num_workers", "1", "--training.local_batch_size", "1"]
+    train(4, one_rank_per_share + tp + ["--job.dump_folder", d["fsdp2_tp2"]])
+    assert_same_steps(_metrics(d["fsdp2_tp2"]), one, "FSDP=2 x TP=2")
+    resume_from(d["fsdp2_tp2"], 2, d["fsdp2_from_fsdp2_tp2"])
+    train(2, one_rank_per_share + ["--job.dump_folder", d["fsdp2_from_fsdp2_tp2"]])
+    assert_same_steps(_metrics(d["fsdp2_from_fsdp2_tp2"]), {s: one[s] for s in (3, 4)},
+                      "FSDP=2 resumed from FSDP=2 x TP=2")
 
 
 def test_launch_scripts_parse():
