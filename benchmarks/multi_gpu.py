@@ -160,6 +160,7 @@ class Run:
                "timed_out": getattr(self, "timed_out", False), "wall_seconds": round(seconds, 1),
                "command": " ".join(self.command), "steps": [r["step"] for r in records],
                "losses": [r["loss"] for r in records],
+               "grad_norms": [r.get("grad_norm") for r in records],
                # per step, so that stalls (compiles, a slow rank) show beside the median
                "tokens_per_second_by_step": [round(r["tokens_per_second"]) for r in records]}
         timed = [r for r in records if r["step"] > self.args.skip]
