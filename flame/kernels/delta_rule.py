@@ -608,7 +608,8 @@ def _forward_op(
         return (o, ht) + _nothing_saved(q)
     # the reference path saves nothing: its backward differentiates a recomputation
     o, ht = _reference(q, k, v, g, beta, initial_state, cu_seqlens, scale)
-    return (o.to(v.dtype), ht.to(_state_dtype(q))) + _nothing_saved(q)
+    # contiguous, as the fake outputs are (the reference's o is a view into a chunk-padded buffer)
+    return (o.to(v.dtype).contiguous(), ht.to(_state_dtype(q)).contiguous()) + _nothing_saved(q)
 
 
 def _state_dtype(q: torch.Tensor) -> torch.dtype:
@@ -670,7 +671,9 @@ def _backward_op(
     dq, dk, dv, dbeta = result[:4]
     dg = result[4].to(g.dtype) if g is not None else q.new_empty(0)
     dh0 = result[-1].to(initial_state.dtype) if initial_state is not None else q.new_empty(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dbeta.to(beta.dtype), dh0
+    # laid out like the inputs (contiguous), as the fake outputs are
+    return tuple(x.contiguous() for x in (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg,
+                                          dbeta.to(beta.dtype), dh0))
 
 
 @_backward_op.register_fake

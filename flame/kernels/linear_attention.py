@@ -439,7 +439,9 @@ def _fwd_op(
     if not triton_backend:
         q, k = _expand_heads(q, k, v.shape[2])
         o, ht = linear_attention_reference(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-        return o, ht if ht is not None else empty(torch.float32), empty(), empty(), empty(torch.float32)
+        # contiguous, as the fake outputs are
+        return (o.contiguous(), ht.contiguous() if ht is not None else empty(torch.float32), empty(), empty(),
+                empty(torch.float32))
     B, T = q.shape[:2]
     chunks = _chunks_for(q, cu_seqlens)
     o, ht, a, h, b = _triton_forward(_flat(q), _flat(k), _flat(v), _flat(g), scale, initial_state,
@@ -515,7 +517,8 @@ def _reference_backward(q, k, v, g, scale, initial_state, cu_seqlens, do, dht):
     (_, ht), vjp = torch.func.vjp(forward, *primals)
     grads = vjp((do, torch.zeros_like(ht) if dht is None else dht.to(ht.dtype)))
     dh0 = grads[4] if initial_state is not None else q.new_empty(0, dtype=torch.float32)
-    return grads[0], grads[1], grads[2], grads[3], dh0
+    # laid out like the inputs (contiguous), as the fake outputs are
+    return tuple(x.contiguous() for x in (*grads[:4], dh0))
 
 
 @_bwd_op.register_fake
