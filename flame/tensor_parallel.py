@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                parallelize_module)
@@ -458,6 +459,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     parallelize_module(model, tp_mesh, {
         "embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
     })
+    model.embeddings.register_forward_hook(_finish_collective)
     if not model.cfg.tie_embeddings:
         _distribute_params(model.lm_head, tp_mesh, Shard(0))
     _distribute_params(model.norm, tp_mesh, Replicate())
@@ -466,6 +468,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         parallelize_block(block, tp_mesh)
     _make_vocab_parallel(model)
     return model
+
+
+def _finish_collective(module, inputs, output):
+    """The embeddings' reduce-scatter returns an AsyncCollectiveTensor (the collective may still
+    be in flight). Handed to a compiled block as it is, its gradient is lost: torch.compile
+    waits on it outside autograd, and the embeddings receive a zero gradient from the residual
+    stream. Waiting here, through the differentiable wait_tensor, hands the block a plain tensor
+    whose gradient flows back."""
+    if isinstance(output, AsyncCollectiveTensor):
+        return wait_tensor(output)
+    return output
 
 
 def reduce_partial_grads(model: nn.Module) -> None:

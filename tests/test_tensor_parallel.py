@@ -103,15 +103,20 @@ def _blocks_worker(rank, mesh):
 def _model_worker(rank, mesh):
     torch.manual_seed(1)
     layers = list(MIXERS)  # a hybrid with one layer of every mixer
-    for tie in (True, False):
+    # compiled: each block compiled on its own, as the trainer does (aot_eager: the graphs
+    # and their autograd as inductor gets them, without inductor's code generation)
+    for tie, compiled in ((True, False), (False, False), (True, True)):
         cfg = tiny(mixer=layers, n_layers=len(layers), tie_embeddings=tie)
         ref = build_model(cfg).double()
         mine = apply_tensor_parallel(copy.deepcopy(ref), mesh)
+        if compiled:
+            for block in mine.layers:
+                block.compile(backend="aot_eager", fullgraph=True)
         ids = torch.randint(0, cfg.vocab_size, (B, T))
         labels = torch.randint(0, cfg.vocab_size, (B, T))
         labels[:, :3] = -100
         cu = torch.tensor([0, 7, 16, 20, B * T], dtype=torch.int32)
-        what = f"rank {rank}, hybrid model, tie_embeddings={tie}"
+        what = f"rank {rank}, hybrid model, tie_embeddings={tie}, compiled blocks={compiled}"
 
         loss_ref = ref(ids, labels=labels, cu_seqlens=cu)
         loss_ref.backward()
@@ -119,6 +124,8 @@ def _model_worker(rank, mesh):
         loss_mine.backward()
         assert rel(loss_mine, loss_ref) < TOL, f"{what}: loss {loss_mine.item()} != {loss_ref.item()}"
         _check_grads(ref, mine, what)
+        if compiled:  # below: the same code as without compile
+            continue
 
         with torch.no_grad():
             logits_ref = ref(ids, cu_seqlens=cu)
