@@ -1,4 +1,5 @@
-"""Applying parallelism to a LanguageModel, in torchtitan's order: TP -> AC -> compile -> FSDP2.
+"""Applying parallelism to a LanguageModel, in torchtitan's order: TP -> AC -> compile -> FSDP2
+(with TP and AC, compile comes before AC: apply_checkpointing_and_compile says why).
 
 Each step works block by block (`model.layers`), so one block is the unit of sharding,
 recomputation and compilation.
@@ -21,11 +22,12 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device)
     processes) in place."""
     if dims.tp_enabled:
         apply_tensor_parallel(model, dims.get_mesh("tp"))
-    if cfg.activation_checkpoint.mode != "none":
-        apply_activation_checkpointing(model, cfg.activation_checkpoint.mode,
-                                       int(cfg.activation_checkpoint.selective_ac_option))
-    if cfg.compile.enable and "model" in cfg.compile.components:
-        apply_compile(model, cfg.compile.backend)
+    ac = cfg.activation_checkpoint
+    compiled = cfg.compile.enable and "model" in cfg.compile.components
+    apply_checkpointing_and_compile(model, checkpoint=ac.mode,
+                                    every=int(ac.selective_ac_option) if ac.mode == "selective" else 1,
+                                    compile_backend=cfg.compile.backend if compiled else None,
+                                    tensor_parallel=dims.tp_enabled)
     apply_fsdp(model, dims, device, param_dtype=cfg.training.mixed_precision_param,
                reduce_dtype=cfg.training.mixed_precision_reduce,
                reshard_after_forward=cfg.parallelism.fsdp_reshard_after_forward,
@@ -42,7 +44,25 @@ def parallelize(model: nn.Module, cfg, dims: ParallelDims, device: torch.device)
 
 
 # ------------------------------------------------------------------------------------------
-# Activation checkpointing
+# Activation checkpointing and compile
+
+
+def apply_checkpointing_and_compile(model: nn.Module, *, checkpoint: str = "none", every: int = 1,
+                                    compile_backend: str | None = None, tensor_parallel: bool = False) -> None:
+    """Activation checkpointing (mode `checkpoint`, every `every`-th block when selective), then
+    per-block compile with `compile_backend` (None: no compile), so that torch.compile sees the
+    checkpointed region. With tensor parallelism the other way round, each compiled block inside
+    its checkpoint wrapper: compiling a checkpointed attention block under tensor parallelism
+    fails in AOT autograd (a DeviceMesh among the tensors saved for backward, torch 2.13), while
+    a compiled block inside the wrapper gives the same gradients (tests/test_tensor_parallel.py)."""
+    checkpointed = checkpoint != "none"
+    compile_first = compile_backend is not None and (tensor_parallel or not checkpointed)
+    if compile_first:
+        apply_compile(model, compile_backend)
+    if checkpointed:
+        apply_activation_checkpointing(model, checkpoint, every)
+    if compile_backend is not None and not compile_first:
+        apply_compile(model, compile_backend)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> None:

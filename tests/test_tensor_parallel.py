@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from flame.config import ParallelismConfig
 from flame.models import MIXERS, ModelConfig, build_model
+from flame.parallel import apply_checkpointing_and_compile
 from flame.tensor_parallel import (apply_tensor_parallel, check_parallel_layout, check_tensor_parallel,
                                    parallelize_block, reduce_partial_grads)
 from tests.gloo_ranks import run_on_ranks
@@ -56,6 +57,7 @@ def _check_grads(ref: torch.nn.Module, mine: torch.nn.Module, what: str) -> None
     ref_params = dict(ref.named_parameters())
     seen = 0
     for name, p in mine.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")  # the checkpoint wrapper's level
         want = ref_params[name].grad
         assert p.grad is not None, f"{what}: no gradient for {name}"
         got = full(p.grad)
@@ -103,20 +105,21 @@ def _blocks_worker(rank, mesh):
 def _model_worker(rank, mesh):
     torch.manual_seed(1)
     layers = list(MIXERS)  # a hybrid with one layer of every mixer
-    # compiled: each block compiled on its own, as the trainer does (aot_eager: the graphs
-    # and their autograd as inductor gets them, without inductor's code generation)
-    for tie, compiled in ((True, False), (False, False), (True, True)):
+    # compiled: each block compiled on its own as the trainer does, alone or inside activation
+    # checkpointing (aot_eager: the graphs and their autograd as inductor gets them, without
+    # inductor's code generation)
+    for tie, compiled in ((True, False), (False, False), (True, "none"), (False, "full")):
         cfg = tiny(mixer=layers, n_layers=len(layers), tie_embeddings=tie)
         ref = build_model(cfg).double()
         mine = apply_tensor_parallel(copy.deepcopy(ref), mesh)
         if compiled:
-            for block in mine.layers:
-                block.compile(backend="aot_eager", fullgraph=True)
+            apply_checkpointing_and_compile(mine, checkpoint=compiled, compile_backend="aot_eager",
+                                            tensor_parallel=True)
         ids = torch.randint(0, cfg.vocab_size, (B, T))
         labels = torch.randint(0, cfg.vocab_size, (B, T))
         labels[:, :3] = -100
         cu = torch.tensor([0, 7, 16, 20, B * T], dtype=torch.int32)
-        what = f"rank {rank}, hybrid model, tie_embeddings={tie}, compiled blocks={compiled}"
+        what = f"rank {rank}, hybrid model, tie_embeddings={tie}, compiled blocks (checkpointing)={compiled}"
 
         loss_ref = ref(ids, labels=labels, cu_seqlens=cu)
         loss_ref.backward()
