@@ -1,6 +1,7 @@
 """Tensor parallelism on 2 gloo processes (CPU, float64): every block (each token mixer with the
 sequence-parallel norms and the MLP) and the whole language model (a hybrid of all mixers,
-vocab-parallel embedding and loss) give the outputs and gradients of the single-process module;
+vocab-parallel embedding and loss; eager, and with blocks compiled alone or inside activation
+checkpointing) give the outputs and gradients of the single-process module;
 and the layouts tensor parallelism cannot split are refused with a clear message."""
 
 import copy
