@@ -29,10 +29,12 @@ compared, and each rank keeps the recipe's data.num_workers. Without it, a layou
 step, which spreads the per-step cost (optimizer, clipping) over more tokens.
 
 --resume SRC DST: the first recipe's SRC run also writes a checkpoint at step steps/2; then a
-DST run in the same dump folder first shows that loading it with another data-parallel degree is refused with
-a clear error (the data stream of one rank cannot be split), then resumes it with
-checkpoint.exclude_from_loading = ["dataloader"] (model and optimizer re-sharded by DCP) and
-trains to the end; its losses after the resume are compared with SRC's.
+DST run in the same dump folder resumes it (model and optimizer re-sharded by DCP) and trains to
+the end. With another data-parallel degree, a first DST run shows that loading the data state is
+refused with a clear error (the data stream of one rank cannot be split), and the resumed run
+sets checkpoint.exclude_from_loading = ["dataloader"] (new batches: losses compared as means);
+with the same degree (e.g. fsdp2_tp2 -> fsdp2) the data state loads too and the losses after
+the resume are compared with SRC's step by step.
 
     python benchmarks/multi_gpu.py --recipes gated_deltanet_374M transformer_374M --layouts 1gpu fsdp2 tp2
     python benchmarks/multi_gpu.py --recipes gated_deltanet_1.37B --layouts 1gpu fsdp2 fsdp4 fsdp2_tp2 \\
@@ -261,24 +263,33 @@ def summarise(rows: list[dict], weak: bool = False) -> list[dict]:
 
 
 def resume_check(recipe, src: str, dst: str, args, workdir, src_row: dict) -> tuple[list[dict], dict]:
-    """The SRC run (already finished, checkpoint at steps/2) resumed on the DST layout."""
+    """The SRC run (already finished, checkpoint at steps/2) resumed on the DST layout. With
+    another data-parallel degree the data state cannot follow: loading it is refused, and the
+    run resumes without it (new batches, losses compared as means). With the same degree the
+    whole state loads and the run reads SRC's batches: losses compared step by step."""
     dump = workdir / f"{recipe_name(recipe)}_{src}"
     half = args.steps // 2
     # the resumed run continues in SRC's folder: SRC's last checkpoint and metrics move aside
     shutil.rmtree(dump / "checkpoint" / f"step-{args.steps}", ignore_errors=True)
     (dump / "metrics.jsonl").rename(dump / "metrics_before_resume.jsonl")
     common = [*checkpoint_args(half), "--checkpoint.load_step", str(half)]
-    refused = Run(recipe, dst, args, workdir, name=f"{recipe_name(recipe)}_{src}_to_{dst}_refused", dump=dump, extra=common)
+    same_dp = LAYOUTS[src][0] == LAYOUTS[dst][0]
     resumed = Run(recipe, dst, args, workdir, name=f"{recipe_name(recipe)}_{src}_resumed_on_{dst}", dump=dump,
-                  extra=[*common, "--checkpoint.exclude_from_loading", "dataloader"])
-    rows = []
-    for r in (refused, resumed):
-        rows += run_packed([r], gpu_count())
-    ref, res = rows
+                  extra=common if same_dp else [*common, "--checkpoint.exclude_from_loading", "dataloader"])
     result = {"recipe": recipe, "saved_on": src, "resumed_on": dst, "checkpoint_step": half,
-              "refused_without_exclude": ref["rc"] != 0 and "data-parallel" in ref.get("log_tail", ""),
-              "refusal_message": next((line for line in ref.get("log_tail", "").splitlines()
-                                       if "cannot resume" in line), None)}
+              "data_state": "loaded (same data-parallel degree)" if same_dp else "restarted"}
+    rows = []
+    if not same_dp:
+        refused = Run(recipe, dst, args, workdir, name=f"{recipe_name(recipe)}_{src}_to_{dst}_refused",
+                      dump=dump, extra=common)
+        rows += run_packed([refused], gpu_count())
+        ref = rows[-1]
+        result.update({
+            "refused_without_exclude": ref["rc"] != 0 and "data-parallel" in ref.get("log_tail", ""),
+            "refusal_message": next((line for line in ref.get("log_tail", "").splitlines()
+                                     if "cannot resume" in line), None)})
+    rows += run_packed([resumed], gpu_count())
+    res = rows[-1]
     after = [(s, loss) for s, loss in zip(res["steps"], res["losses"]) if s > half]
     if res["rc"] == 0 and after and after[0][0] == half + 1:
         src_by_step = dict(zip(src_row["steps"], src_row["losses"]))
@@ -289,12 +300,18 @@ def resume_check(recipe, src: str, dst: str, args, workdir, src_row: dict) -> tu
             "src_loss_last5_before_checkpoint": statistics.mean(before),
             "resumed_loss_first5": statistics.mean(loss for _, loss in after[:5]),
             "resumed_loss_mean": statistics.mean(loss for _, loss in after),
-            "src_loss_mean_same_steps": statistics.mean(src_after) if src_after else None,
-            "note": "the resumed run restarts the data stream (different batches than SRC after "
-                    "the checkpoint), so its losses are compared as means, not step by step"})
-        result["continues_with_expected_loss"] = (
-            result["src_loss_mean_same_steps"] is not None
-            and abs(result["resumed_loss_mean"] / result["src_loss_mean_same_steps"] - 1) <= 0.05)
+            "src_loss_mean_same_steps": statistics.mean(src_after) if src_after else None})
+        if same_dp:
+            diffs = [abs(loss / src_by_step[s] - 1) for s, loss in after if s in src_by_step]
+            result.update({"step_rel_diff_first": diffs[0], "step_rel_diff_mean": statistics.mean(diffs),
+                           "continues_with_expected_loss": diffs[0] <= STEP1_TOLERANCE
+                           and statistics.mean(diffs) <= MEAN_TOLERANCE})
+        else:
+            result["note"] = ("the resumed run restarts the data stream (different batches than SRC after "
+                              "the checkpoint), so its losses are compared as means, not step by step")
+            result["continues_with_expected_loss"] = (
+                result["src_loss_mean_same_steps"] is not None
+                and abs(result["resumed_loss_mean"] / result["src_loss_mean_same_steps"] - 1) <= 0.05)
     else:
         result["error"] = "the resumed run failed or did not start at the step after the checkpoint"
     return rows, result
