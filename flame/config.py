@@ -195,6 +195,8 @@ class ActivationCheckpointConfig:
 class CompileConfig:
     # torch.compile each block separately (one graph per block, reused by identical blocks).
     enable: bool = False
+    # "model": the blocks. "loss" is accepted, as torchtitan configs list it, and changes nothing:
+    # the loss is the fused linear cross-entropy kernel, which has nothing for compile to fuse.
     components: list[str] = field(default_factory=lambda: ["model"])
     backend: str = "inductor"
 
