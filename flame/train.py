@@ -1,8 +1,8 @@
 """The training loop: class Trainer, device-agnostic (CUDA + NCCL or CPU + gloo).
 
     TOML -> Config -> Trainer: processes and device mesh -> tokenizer -> data loader ->
-    model (meta on CUDA) -> parallelize (TP -> AC -> compile -> FSDP2) -> init weights ->
-    (one process: compute copies, flame/precision.py) ->
+    model (meta on CUDA) -> parallelize (TP -> AC -> compile -> FSDP2, flame/parallel.py) ->
+    init weights -> (one process: compute copies, flame/precision.py) ->
     optimizer, LR schedule -> resume from the latest checkpoint -> loop { micro-batches:
     forward + fused linear CE + backward -> clip -> skip a non-finite step -> step -> log ->
     checkpoint }.

@@ -18,9 +18,7 @@ from torch._library.custom_ops import CustomOpDef
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
-import flame.kernels
-import flame.modules
-from flame import kernels
+from flame import kernels, modules
 from flame.models import MIXERS, ModelConfig, build_model
 from flame.modules.swiglu import swiglu
 
@@ -38,7 +36,7 @@ def recorded_calls(monkeypatch):
             return op(*args, **kwargs)
         return call
 
-    for package in (flame.kernels, flame.modules):
+    for package in (kernels, modules):
         for info in pkgutil.iter_modules(package.__path__):
             module = importlib.import_module(f"{package.__name__}.{info.name}")
             for name, obj in list(vars(module).items()):

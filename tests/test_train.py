@@ -7,12 +7,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.gloo_ranks import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "train_configs", "debug.toml")
@@ -38,12 +39,6 @@ def tiny_config(tmp_path, name="tiny.toml", **sections) -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(args, nproc=1, script="train.py", check=True, cpu=False):
     """Run the trainer as `python train.py ...` or `torchrun --nproc_per_node=N train.py ...`;
     cpu=True hides any GPU (the comparisons across process counts hold in float32 on CPU)."""
@@ -56,7 +51,7 @@ def run(args, nproc=1, script="train.py", check=True, cpu=False):
         cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", script, *args]
+               f"--master_port={free_port()}", script, *args]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}\nstdout:\n{out.stdout[-2000:]}\n"
