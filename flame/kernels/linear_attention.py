@@ -49,6 +49,8 @@ CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
+SERIAL_WARPS = 8  # the serial scalar-gate backward (opt-in: scalar_backward_mode); untimed choice
+SERIAL_GATE_BLOCK = 1024  # tokens per step of the per-sequence gate-gradient scan
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
 GROUPED_MIN_GROUP = 2  # value heads per q/k head from which they run (1: also unshared heads)
 CHUNK_STAGES = 2
@@ -311,6 +313,9 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
+    if (scalar_gate and scalar_backward_mode() == "serial" and HQ == H and max(K, V) <= CHUNK_BLOCK
+            and (q.element_size() == 2 or not q.is_cuda)):
+        return _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks)
     if b is None:
         b = _cumsum(g, scalar_gate, H, K, chunks)
     if h is None:
@@ -379,6 +384,31 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+    )
+    return dq, dk, dv, dg, dh0
+
+
+def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
+    """Scalar gate, q/k heads = value heads, K, V <= CHUNK_BLOCK: the backward as two walks over
+    each sequence (`chunk_serial_backward_scalar_kernel`, one launch) and a per-sequence scan for
+    dg; no chunk states, no cumsum buffer. Returns (dq, dk, dv, dg, dh0)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = chunks.num_seqs
+    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
+    qdq, kdk = (torch.empty(T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    gdot = torch.empty(N, H, dtype=torch.float32, device=q.device) if dht is not None else qdq
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
+    kern.chunk_serial_backward_scalar_kernel[(H, 2 * N)](
+        q, k, v, g, do, h0 if h0 is not None else dq, dht if dht is not None else dq, dq, dk, dv, qdq, kdk,
+        gdot, dh0 if dh0 is not None else dq, chunks.cu_seqlens, N, scale,
+        H=H, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
+        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        num_warps=SERIAL_WARPS, num_stages=CHUNK_STAGES,
+    )
+    kern.sequence_gate_grad_kernel[(H, N)](
+        qdq, kdk, gdot, dg, chunks.cu_seqlens, N, H=H, HAS_DHT=dht is not None, BLOCK=SERIAL_GATE_BLOCK,
+        num_warps=NUM_WARPS,
     )
     return dq, dk, dv, dg, dh0
 
@@ -587,6 +617,26 @@ def backward_mode() -> str:
     mode = os.environ.get("FLAME_GLA_BACKWARD", "auto")
     if mode not in BACKWARD_MODES:
         raise ValueError(f"FLAME_GLA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
+    return mode
+
+
+SCALAR_BACKWARD_MODES = ("chunked", "serial")
+
+
+def scalar_backward_mode() -> str:
+    """How chunk_simple_gla's backward runs on Triton: FLAME_SCALAR_BACKWARD=chunked (default) or
+    serial.
+
+    chunked: a state pass writes every chunk's state and state gradient ([slots, H, K, V] each),
+    and a chunk-parallel kernel reads them back with q, k, v, do.
+    serial (unshared heads, K, V <= 128; else chunked): each sequence and head walked forward
+    (state in registers, dq) and backward (state gradient in registers, dk, dv) in one launch of
+    2 x sequences x heads programs; dg from a scan of q . dq - k . dk. About half the bytes of
+    chunked and no state tensors, but one program per sequence and head walks all its chunks.
+    Correct on the interpreter and the torch reference (tests); its speed is not measured yet."""
+    mode = os.environ.get("FLAME_SCALAR_BACKWARD", "chunked")
+    if mode not in SCALAR_BACKWARD_MODES:
+        raise ValueError(f"FLAME_SCALAR_BACKWARD must be one of {SCALAR_BACKWARD_MODES}, got {mode!r}")
     return mode
 
 

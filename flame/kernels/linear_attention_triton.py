@@ -507,6 +507,129 @@ def chunk_backward_scalar_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
+# Scalar gate, serial backward: two passes over each sequence's chunks with the state (or its
+# gradient) in fp32 registers, as in the fused forward, instead of chunk states h, dh written
+# by a state pass and read back by a chunk-parallel kernel. With B the cumulative sum of g over
+# the whole sequence, the loss depends on B only through e^{B_t - B_s} factors (and e^{B_T} of
+# the final state), so dL/dB_t = q_t . dq_t - k_t . dk_t, and dg_t is the reverse cumulative sum
+# of that over the sequence plus <dht, ht> (every B_t enters B_T).
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_serial_backward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h0_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
+    gdot_ptr, dh0_ptr, cu_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+):
+    """Scalar gate, K <= BK, V <= BV, q/k heads = value heads. Programs [0, N) of axis 1 walk
+    their sequence forward with the state h and write dq (and q . dq per row; with dht also
+    <dht, ht>); programs [N, 2N) walk it backward with the state gradient dh and write dk, dv
+    (and k . dk per row; dh0 with an initial state). The two walks are independent.
+
+        dq = W k + scale e^{b} (do h^T),                         h <- e^{b_L} h + (k e^{b_L - b})^T v
+        dk = W^T q + e^{b_L - b} (v dh^T),  dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh),
+                                                                 dh <- e^{b_L} dh + scale (q e^{b})^T do
+    with W = scale (do v^T * D), D[t, s] = e^{b_t - b_s} for s <= t, b the chunk's cumulative g.
+    """
+    i_h, i_p = tl.program_id(0), tl.program_id(1)
+    reverse = i_p >= N
+    i_n = i_p % N
+    dtype = q_ptr.dtype.element_ty
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    num_chunks = tl.cdiv(eos - bos, BT).to(tl.int32)
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BV)
+    mkv = (ck[:, None] < K) & (cv[None, :] < V)
+    tile = (i_n * H + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    if reverse:
+        if HAS_DHT:
+            dh = tl.load(dht_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
+        else:
+            dh = tl.zeros([BK, BV], dtype=tl.float32)
+        for i in range(0, num_chunks):
+            t0 = bos + (num_chunks - 1 - i) * BT
+            L = tl.minimum(eos - t0, BT).to(tl.int32)
+            valid = rows < L
+            mk = valid[:, None] & (ck[None, :] < K)
+            mv = valid[:, None] & (cv[None, :] < V)
+            pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+            pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+            q = tl.load(q_ptr + pk, mask=mk, other=0.0)
+            k = tl.load(k_ptr + pk, mask=mk, other=0.0)
+            v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+            do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+            g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+            b, b_last = _scalar_gate_cumsum(g, rows, L)
+            decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
+            dh_c = dh.to(dtype)
+            at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+            dv = tl.dot(at, do) + tl.dot(k, dh_c) * decay_out[:, None]
+            tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+            w = (tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale).to(dtype)
+            dk = tl.dot(tl.trans(w), q) + tl.dot(v, tl.trans(dh_c)) * decay_out[:, None]
+            tl.store(dk_ptr + pk, dk.to(dtype), mask=mk)
+            tl.store(kdk_ptr + (t0 + rows) * H + i_h, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid)
+            qd = (q.to(tl.float32) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]).to(dtype)
+            dh = dh * tl.exp(b_last) + tl.dot(tl.trans(qd), do)
+        if STORE_DH0:
+            tl.store(dh0_ptr + tile, dh, mask=mkv)
+    else:
+        if HAS_H0:
+            h = tl.load(h0_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BK, BV], dtype=tl.float32)
+        for i in range(0, num_chunks):
+            t0 = bos + i * BT
+            L = tl.minimum(eos - t0, BT).to(tl.int32)
+            valid = rows < L
+            mk = valid[:, None] & (ck[None, :] < K)
+            mv = valid[:, None] & (cv[None, :] < V)
+            pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+            pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+            q = tl.load(q_ptr + pk, mask=mk, other=0.0)
+            k = tl.load(k_ptr + pk, mask=mk, other=0.0)
+            v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+            do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+            g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+            b, b_last = _scalar_gate_cumsum(g, rows, L)
+            w = (tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale).to(dtype)
+            dq = tl.dot(w, k) + tl.dot(do, tl.trans(h.to(dtype))) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]
+            tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
+            tl.store(qdq_ptr + (t0 + rows) * H + i_h, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid)
+            h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
+        if HAS_DHT:
+            dht = tl.load(dht_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
+            tl.store(gdot_ptr + i_n * H + i_h, tl.sum(tl.sum(dht * h, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["N"])
+def sequence_gate_grad_kernel(
+    qdq_ptr, kdk_ptr, gdot_ptr, dg_ptr, cu_ptr, N,
+    H: tl.constexpr, HAS_DHT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dg_t = sum_{t' >= t in t's sequence} (q . dq - k . dk)_t' (+ <dht, ht>), one program per
+    sequence and head, BLOCK tokens at a time from the sequence's end."""
+    i_h, i_n = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    carry = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)
+    if HAS_DHT:
+        carry += tl.load(gdot_ptr + i_n * H + i_h)
+    cols = tl.arange(0, BLOCK)
+    for i in range(0, tl.cdiv(eos - bos, BLOCK)):
+        t = eos - (i + 1) * BLOCK + cols
+        mask = t >= bos
+        t = tl.where(mask, t, bos)
+        x = tl.load(qdq_ptr + t * H + i_h, mask=mask, other=0.0) - tl.load(kdk_ptr + t * H + i_h, mask=mask, other=0.0)
+        tl.store(dg_ptr + t * H + i_h, (tl.cumsum(x, axis=0, reverse=True) + carry).to(dg_ptr.dtype.element_ty),
+                 mask=mask)
+        carry += tl.sum(x, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Scalar gate with q/k heads shared by groups of value heads (Mamba2's B and C are shared by
 # all heads). The gradients of q and k are sums over a group; forming them per value head and
 # summing afterwards writes and reads G times q's bytes twice. Instead one kernel forms dv and
