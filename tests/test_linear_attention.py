@@ -206,14 +206,17 @@ def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
-def record_serial_backward(monkeypatch, block=None) -> list:
+def record_serial_backward(monkeypatch, block=None, segment=None) -> list:
     """FLAME_SCALAR_BACKWARD=serial; returns a list that records each use of the serial backward.
-    block: tokens per step of its gate-gradient scan (small: several steps on tiny sequences)."""
+    block: tokens per step of its gate-gradient scan; segment: tokens per walk (small: several
+    steps and segments on tiny sequences)."""
     from flame.kernels import linear_attention
 
     monkeypatch.setenv("FLAME_SCALAR_BACKWARD", "serial")
     if block is not None:
         monkeypatch.setattr(linear_attention, "SERIAL_GATE_BLOCK", block)
+    if segment is not None:
+        monkeypatch.setattr(linear_attention, "SERIAL_SEGMENT_TOKENS", segment)
     uses, serial = [], linear_attention._serial_scalar_backward
     monkeypatch.setattr(linear_attention, "_serial_scalar_backward", lambda *a: uses.append(1) or serial(*a))
     return uses
@@ -225,16 +228,19 @@ SERIAL_CASES = [
     (1, 150, 1, 32, 16, [0, 5, 5, 75, 150], True, 1.0),
     (1, 100, 1, 16, 16, [0, 64, 100], False, 1.0),
     (1, 40, 1, 16, 16, None, True, 30.0),
+    (1, 150, 1, 16, 16, None, True, 1.0),  # three segments of 64 tokens or two of 128
 ]
 
 
+@pytest.mark.parametrize("segment", [None, 64, 128], ids=lambda n: f"segments{n or 'default'}")
 @pytest.mark.parametrize("case", SERIAL_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-K{c[3]}-V{c[4]}-{'varlen' if c[5] else 'fixed'}"
                          f"{'-h0' if c[6] else ''}-decay{c[7]:g}")
-def test_simple_gla_serial_backward_cpu(case, triton_backend, monkeypatch):
-    """FLAME_SCALAR_BACKWARD=serial: the two walks over each sequence and the gate scan give the
-    reference's gradients, with several scan steps per sequence and an empty sequence."""
+def test_simple_gla_serial_backward_cpu(case, segment, triton_backend, monkeypatch):
+    """FLAME_SCALAR_BACKWARD=serial: the two walks and the gate scan give the reference's
+    gradients, with several scan steps per sequence, an empty sequence, and sequences cut into
+    segments of 64 or 128 tokens (entry states and state gradients carried between segments)."""
     B, T, H, K, V, cu, with_h0, decay = case
-    uses = record_serial_backward(monkeypatch, block=32)
+    uses = record_serial_backward(monkeypatch, block=32, segment=segment)
     errors = compare("simple_gla", chunk_simple_gla, True, B, T, H, K, V, cu, with_h0, torch.float32, "cpu",
                      decay_scale=decay)
     assert uses, "the serial backward did not run"
@@ -244,9 +250,9 @@ def test_simple_gla_serial_backward_cpu(case, triton_backend, monkeypatch):
 
 def test_simple_gla_serial_backward_without_final_state_cpu(triton_backend, monkeypatch):
     """No final-state gradient (the output alone in the loss): dg has no <dht, ht> term."""
-    uses = record_serial_backward(monkeypatch)
+    uses = record_serial_backward(monkeypatch, segment=64)
     q, k, v, g, h0 = make_inputs(1, 90, 2, 16, 16, True, 2, torch.float32, "cpu")
-    cu = torch.tensor([0, 33, 90], dtype=torch.int32)
+    cu = torch.tensor([0, 20, 90], dtype=torch.int32)  # the second sequence in two segments
     do = torch.randn(1, 90, 2, 16, generator=torch.Generator().manual_seed(3))
     grads = []
     for fn, dtype in ((chunk_simple_gla, torch.float32), (linear_attention_reference, torch.float64)):

@@ -51,6 +51,7 @@ FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
 SERIAL_WARPS = 8  # the serial scalar-gate backward (opt-in: scalar_backward_mode); untimed choice
 SERIAL_GATE_BLOCK = 1024  # tokens per step of the per-sequence gate-gradient scan
+SERIAL_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the serial backward walks
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
 GROUPED_MIN_GROUP = 2  # value heads per q/k head from which they run (1: also unshared heads)
 CHUNK_STAGES = 2
@@ -389,22 +390,44 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
 
 
 def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
-    """Scalar gate, q/k heads = value heads, K, V <= CHUNK_BLOCK: the backward as two walks over
-    each sequence (`chunk_serial_backward_scalar_kernel`, one launch) and a per-sequence scan for
-    dg; no chunk states, no cumsum buffer. Returns (dq, dk, dv, dg, dh0)."""
+    """Scalar gate, q/k heads = value heads, K, V <= CHUNK_BLOCK: the backward as a forward and a
+    reverse walk over each segment of at most SERIAL_SEGMENT_TOKENS tokens
+    (`chunk_serial_backward_scalar_kernel`, one launch), later segments entering with the
+    states and state gradients that two first passes carry over, and a per-sequence scan for dg;
+    no chunk states, no cumsum buffer. Returns (dq, dk, dv, dg, dh0)."""
     T, H, K = q.shape
     V = v.shape[-1]
     N = chunks.num_seqs
+    seg_len = SERIAL_SEGMENT_TOKENS
+    slots = max_num_chunks(T, N, seg_len)
+    seg_idx, seg_offsets = prepare_chunk_indices(chunks.cu_seqlens, seg_len, slots)
     dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
     qdq, kdk = (torch.empty(T, H, dtype=torch.float32, device=q.device) for _ in range(2))
-    gdot = torch.empty(N, H, dtype=torch.float32, device=q.device) if dht is not None else qdq
-    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if h0 is not None else None
-    kern.chunk_serial_backward_scalar_kernel[(H, 2 * N)](
-        q, k, v, g, do, h0 if h0 is not None else dq, dht if dht is not None else dq, dq, dk, dv, qdq, kdk,
-        gdot, dh0 if dh0 is not None else dq, chunks.cu_seqlens, N, scale,
-        H=H, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
-        HAS_H0=h0 is not None, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        num_warps=SERIAL_WARPS, num_stages=CHUNK_STAGES,
+    gdot = torch.zeros(N, H, dtype=torch.float32, device=q.device) if dht is not None else qdq
+    dh0 = None
+    if h0 is not None:  # an empty sequence has no segment and passes its final-state gradient on
+        dh0 = dht.float().clone() if dht is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
+    bk, bv = _scalar_block(K), _scalar_block(V)
+    carry = T > seg_len  # some sequence may span several segments
+    states = decay = grad_states = grad_decay = dq
+    if carry:
+        states, grad_states = (torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device) for _ in range(2))
+        decay, grad_decay = (torch.empty(slots, H, dtype=torch.float32, device=q.device) for _ in range(2))
+        grid = (cdiv(V, bv), H, slots)
+        kern.chunk_segment_state_scalar_kernel[grid](
+            k, v, g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, H=H, HQ=H, K=K, V=V, BK=bk, BV=bv,
+            num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
+        )
+        kern.chunk_segment_grad_state_scalar_kernel[grid](
+            q, do, g, grad_states, grad_decay, chunks.cu_seqlens, seg_idx, N, seg_len, scale,
+            H=H, K=K, V=V, BK=bk, BV=bv, num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
+        )
+    kern.chunk_serial_backward_scalar_kernel[(H, 2 * slots)](
+        q, k, v, g, do, h0 if h0 is not None else dq, dht if dht is not None else dq,
+        states, decay, grad_states, grad_decay, dq, dk, dv, qdq, kdk, gdot, dh0 if dh0 is not None else dq,
+        chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, slots, scale,
+        H=H, K=K, V=V, BK=bk, BV=bv, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, CARRY=carry, num_warps=SERIAL_WARPS, num_stages=CHUNK_STAGES,
     )
     kern.sequence_gate_grad_kernel[(H, N)](
         qdq, kdk, gdot, dg, chunks.cu_seqlens, N, H=H, HAS_DHT=dht is not None, BLOCK=SERIAL_GATE_BLOCK,
@@ -629,11 +652,12 @@ def scalar_backward_mode() -> str:
 
     chunked: a state pass writes every chunk's state and state gradient ([slots, H, K, V] each),
     and a chunk-parallel kernel reads them back with q, k, v, do.
-    serial (unshared heads, K, V <= 128; else chunked): each sequence and head walked forward
-    (state in registers, dq) and backward (state gradient in registers, dk, dv) in one launch of
-    2 x sequences x heads programs; dg from a scan of q . dq - k . dk. About half the bytes of
-    chunked and no state tensors, but one program per sequence and head walks all its chunks.
-    Correct on the interpreter and the torch reference (tests); its speed is not measured yet."""
+    serial (unshared heads, K, V <= 128; else chunked): each segment of at most
+    SERIAL_SEGMENT_TOKENS tokens and head walked forward (state in registers, dq) and backward
+    (state gradient in registers, dk, dv) in one launch of 2 x segments x heads programs, later
+    segments entering with what two first passes carry over; dg from a scan of q . dq - k . dk.
+    About half the bytes of chunked and no state tensors. Exact against float64 in the
+    interpreter (tests); its speed on a GPU is not measured yet."""
     mode = os.environ.get("FLAME_SCALAR_BACKWARD", "chunked")
     if mode not in SCALAR_BACKWARD_MODES:
         raise ValueError(f"FLAME_SCALAR_BACKWARD must be one of {SCALAR_BACKWARD_MODES}, got {mode!r}")

@@ -515,43 +515,97 @@ def chunk_backward_scalar_kernel(
 # of that over the sequence plus <dht, ht> (every B_t enters B_T).
 
 
-@triton.jit(do_not_specialize=["N"])
-def chunk_serial_backward_scalar_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h0_ptr, dht_ptr, dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr,
-    gdot_ptr, dh0_ptr, cu_ptr, N, scale,
+@triton.jit(do_not_specialize=["N", "seg_len"])
+def chunk_segment_grad_state_scalar_kernel(
+    q_ptr, do_ptr, g_ptr, states_ptr, decay_ptr, cu_ptr, seg_idx_ptr, N, seg_len, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
-    """Scalar gate, K <= BK, V <= BV, q/k heads = value heads. Programs [0, N) of axis 1 walk
-    their sequence forward with the state h and write dq (and q . dq per row; with dht also
-    <dht, ht>); programs [N, 2N) walk it backward with the state gradient dh and write dk, dv
-    (and k . dk per row; dh0 with an initial state). The two walks are independent.
+    """Scalar gate, for the serial backward over segments: the gradient of the state entering
+    each segment from the segment's own outputs alone (zero gradient leaving it), and the
+    segment's summed log decay:
+        states[s] = scale sum_t e^{G_t - G_start} q_t^T do_t,   decay[s] = G_end - G_start  (fp32).
+    A sequence's first segment passes nothing back, so its programs return at once."""
+    i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    dtype = q_ptr.dtype.element_ty
+    seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
+    if (seq >= N) | (tl.load(seg_idx_ptr + 2 * i_s + 1) == 0):
+        return
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    total = tl.zeros([BT], dtype=tl.float32)
+    num_chunks = tl.cdiv(end - start, BT).to(tl.int32)
+    for i in range(0, num_chunks):
+        t0 = start + (num_chunks - 1 - i) * BT
+        L = tl.minimum(end - t0, BT).to(tl.int32)
+        valid = rows < L
+        q = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :],
+                    mask=valid[:, None] & (ck[None, :] < K), other=0.0)
+        do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
+                     mask=valid[:, None] & (cv[None, :] < V), other=0.0)
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b, b_last = _scalar_gate_cumsum(g, rows, L)
+        qd = (q.to(tl.float32) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]).to(dtype)
+        dh = dh * tl.exp(b_last) + tl.dot(tl.trans(qd), do)
+        total += g
+    tl.store(states_ptr + ((i_s.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], dh,
+             mask=(ck[:, None] < K) & (cv[None, :] < V))
+    if i_v == 0:
+        tl.store(decay_ptr + i_s * H + i_h, tl.sum(total, axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "seg_len", "slots"])
+def chunk_serial_backward_scalar_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h0_ptr, dht_ptr, states_ptr, decay_ptr, grad_states_ptr, grad_decay_ptr,
+    dq_ptr, dk_ptr, dv_ptr, qdq_ptr, kdk_ptr, gdot_ptr, dh0_ptr, cu_ptr, seg_idx_ptr, seg_offsets_ptr,
+    N, seg_len, slots, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, CARRY: tl.constexpr,
+):
+    """Scalar gate, K <= BK, V <= BV, q/k heads = value heads; one program per head and segment
+    (at most seg_len tokens of a sequence) and direction. Programs [0, slots) of axis 1 walk
+    their segment forward with the state h and write dq (and q . dq per row; the sequence's last
+    segment also <dht, ht>); programs [slots, 2 slots) walk it backward with the state gradient
+    dh and write dk, dv (and k . dk per row; the first segment also dh0). The two walks are
+    independent.
 
         dq = W k + scale e^{b} (do h^T),                         h <- e^{b_L} h + (k e^{b_L - b})^T v
         dk = W^T q + e^{b_L - b} (v dh^T),  dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh),
                                                                  dh <- e^{b_L} dh + scale (q e^{b})^T do
     with W = scale (do v^T * D), D[t, s] = e^{b_t - b_s} for s <= t, b the chunk's cumulative g.
+    With CARRY a segment's h enters as the earlier segments leave it (h <- e^{decay[r]} h +
+    states[r], from h0 or zero) and its dh as the later ones pass it back (dh <- e^{grad_decay[r]}
+    dh + grad_states[r], from dht or zero, last segment first).
     """
     i_h, i_p = tl.program_id(0), tl.program_id(1)
-    reverse = i_p >= N
-    i_n = i_p % N
+    reverse = i_p >= slots
+    i_s = i_p % slots
     dtype = q_ptr.dtype.element_ty
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    num_chunks = tl.cdiv(eos - bos, BT).to(tl.int32)
+    seq, start, end, eos = _span_bounds(cu_ptr, seg_idx_ptr, i_s, N, seg_len)
+    if seq >= N:
+        return
+    num_chunks = tl.cdiv(end - start, BT).to(tl.int32)
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BV)
     mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    tile = (i_n * H + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    offs = ck[:, None] * V + cv[None, :]
+    tile = (seq * H + i_h).to(tl.int64) * K * V + offs
     if reverse:
         if HAS_DHT:
             dh = tl.load(dht_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
         else:
             dh = tl.zeros([BK, BV], dtype=tl.float32)
+        if CARRY:
+            last = tl.load(seg_offsets_ptr + seq + 1) - 1
+            for j in range(0, last - i_s):
+                r = last - j
+                dh = dh * tl.exp(tl.load(grad_decay_ptr + r * H + i_h)) + tl.load(
+                    grad_states_ptr + (r * H + i_h).to(tl.int64) * K * V + offs, mask=mkv, other=0.0)
         for i in range(0, num_chunks):
-            t0 = bos + (num_chunks - 1 - i) * BT
-            L = tl.minimum(eos - t0, BT).to(tl.int32)
+            t0 = start + (num_chunks - 1 - i) * BT
+            L = tl.minimum(end - t0, BT).to(tl.int32)
             valid = rows < L
             mk = valid[:, None] & (ck[None, :] < K)
             mv = valid[:, None] & (cv[None, :] < V)
@@ -574,16 +628,20 @@ def chunk_serial_backward_scalar_kernel(
             tl.store(kdk_ptr + (t0 + rows) * H + i_h, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid)
             qd = (q.to(tl.float32) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]).to(dtype)
             dh = dh * tl.exp(b_last) + tl.dot(tl.trans(qd), do)
-        if STORE_DH0:
+        if STORE_DH0 & (tl.load(seg_idx_ptr + 2 * i_s + 1) == 0):
             tl.store(dh0_ptr + tile, dh, mask=mkv)
     else:
         if HAS_H0:
             h = tl.load(h0_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
         else:
             h = tl.zeros([BK, BV], dtype=tl.float32)
+        if CARRY:
+            for r in range(tl.load(seg_offsets_ptr + seq), i_s):
+                h = h * tl.exp(tl.load(decay_ptr + r * H + i_h)) + tl.load(
+                    states_ptr + (r * H + i_h).to(tl.int64) * K * V + offs, mask=mkv, other=0.0)
         for i in range(0, num_chunks):
-            t0 = bos + i * BT
-            L = tl.minimum(eos - t0, BT).to(tl.int32)
+            t0 = start + i * BT
+            L = tl.minimum(end - t0, BT).to(tl.int32)
             valid = rows < L
             mk = valid[:, None] & (ck[None, :] < K)
             mv = valid[:, None] & (cv[None, :] < V)
@@ -600,9 +658,9 @@ def chunk_serial_backward_scalar_kernel(
             tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
             tl.store(qdq_ptr + (t0 + rows) * H + i_h, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid)
             h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
-        if HAS_DHT:
+        if HAS_DHT & (end >= eos):
             dht = tl.load(dht_ptr + tile, mask=mkv, other=0.0).to(tl.float32)
-            tl.store(gdot_ptr + i_n * H + i_h, tl.sum(tl.sum(dht * h, axis=1), axis=0))
+            tl.store(gdot_ptr + seq * H + i_h, tl.sum(tl.sum(dht * h, axis=1), axis=0))
 
 
 @triton.jit(do_not_specialize=["N"])
