@@ -555,6 +555,27 @@ def chunk_segment_grad_state_scalar_kernel(
         tl.store(decay_ptr + i_s * H + i_h, tl.sum(total, axis=0))
 
 
+@triton.jit
+def _serial_chunk(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, t0, end, i_h, rows, ck, cv,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One chunk's tiles for the serial backward's walks: valid rows L, their masks and offsets
+    ([BT, BK] for q, k, dq, dk; [BT, BV] for v, do, dv), q, k, v, do, and the gate's cumulative
+    sums b with b at row L - 1."""
+    L = tl.minimum(end - t0, BT).to(tl.int32)
+    valid = rows < L
+    mk = valid[:, None] & (ck[None, :] < K)
+    mv = valid[:, None] & (cv[None, :] < V)
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+    pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+    q = tl.load(q_ptr + pk, mask=mk, other=0.0)
+    k = tl.load(k_ptr + pk, mask=mk, other=0.0)
+    v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+    do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+    g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b, b_last = _scalar_gate_cumsum(g, rows, L)
+    return L, valid, mk, mv, pk, pv, q, k, v, do, b, b_last
+
+
 @triton.jit(do_not_specialize=["N", "seg_len", "slots"])
 def chunk_serial_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, do_ptr, h0_ptr, dht_ptr, states_ptr, decay_ptr, grad_states_ptr, grad_decay_ptr,
@@ -605,18 +626,8 @@ def chunk_serial_backward_scalar_kernel(
                     grad_states_ptr + (r * H + i_h).to(tl.int64) * K * V + offs, mask=mkv, other=0.0)
         for i in range(0, num_chunks):
             t0 = start + (num_chunks - 1 - i) * BT
-            L = tl.minimum(end - t0, BT).to(tl.int32)
-            valid = rows < L
-            mk = valid[:, None] & (ck[None, :] < K)
-            mv = valid[:, None] & (cv[None, :] < V)
-            pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
-            pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-            q = tl.load(q_ptr + pk, mask=mk, other=0.0)
-            k = tl.load(k_ptr + pk, mask=mk, other=0.0)
-            v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-            do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-            g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-            b, b_last = _scalar_gate_cumsum(g, rows, L)
+            L, valid, mk, mv, pk, pv, q, k, v, do, b, b_last = _serial_chunk(
+                q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, t0, end, i_h, rows, ck, cv, H, K, V)
             decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
             dh_c = dh.to(dtype)
             at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
@@ -641,18 +652,8 @@ def chunk_serial_backward_scalar_kernel(
                     states_ptr + (r * H + i_h).to(tl.int64) * K * V + offs, mask=mkv, other=0.0)
         for i in range(0, num_chunks):
             t0 = start + i * BT
-            L = tl.minimum(end - t0, BT).to(tl.int32)
-            valid = rows < L
-            mk = valid[:, None] & (ck[None, :] < K)
-            mv = valid[:, None] & (cv[None, :] < V)
-            pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
-            pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-            q = tl.load(q_ptr + pk, mask=mk, other=0.0)
-            k = tl.load(k_ptr + pk, mask=mk, other=0.0)
-            v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-            do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-            g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
-            b, b_last = _scalar_gate_cumsum(g, rows, L)
+            L, valid, mk, mv, pk, pv, q, k, v, do, b, b_last = _serial_chunk(
+                q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, t0, end, i_h, rows, ck, cv, H, K, V)
             w = (tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale).to(dtype)
             dq = tl.dot(w, k) + tl.dot(do, tl.trans(h.to(dtype))) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None]
             tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
