@@ -13,13 +13,17 @@ itself (a second timing of it, for the spread). The variants only change the GLA
 they are timed for gla alone. --forwards times simple_gla with each forward of a scalar gate
 beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
-kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
+kernel times. --backwards times simple_gla with each scalar-gate backward beside the default:
+`chunked` (state pass, then the chunk-parallel kernel) or `serial` (FLAME_SCALAR_BACKWARD=serial),
+the latter optionally with launch choices of `serial_backward_config()`, e.g.
+`serial:warps=4,stages=1`. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
 benchmarks/results/ and prints a table last.
 """
 
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -81,6 +85,31 @@ def forced_forward(choice: str):
         la.fused_forward = saved
 
 
+@contextlib.contextmanager
+def forced_backward(spec: str):
+    """Runs the block with the scalar-gate backward of SPEC: chunked, serial or serial:key=value,..."""
+    mode, _, options = spec.partition(":")
+    if mode not in la.SCALAR_BACKWARD_MODES:
+        raise ValueError(f"backward {spec!r}: the mode must be one of {la.SCALAR_BACKWARD_MODES}")
+    saved_env, saved_config = os.environ.get("FLAME_SCALAR_BACKWARD"), la.serial_backward_config
+    config = saved_config()
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if key not in config:
+            raise ValueError(f"backward {spec!r}: {key!r} is not one of {sorted(config)}")
+        config[key] = int(value)
+    os.environ["FLAME_SCALAR_BACKWARD"] = mode
+    la.serial_backward_config = lambda: dict(config)
+    try:
+        yield
+    finally:
+        la.serial_backward_config = saved_config
+        if saved_env is None:
+            os.environ.pop("FLAME_SCALAR_BACKWARD", None)
+        else:
+            os.environ["FLAME_SCALAR_BACKWARD"] = saved_env
+
+
 def profiled(fn):
     try:
         return {k: round(v, 4) for k, v in kernel_times(fn).items()}
@@ -110,7 +139,7 @@ def print_table(rows):
         entries = [("default", row)] + list(row["variants"].items())
         for spec, entry in entries:
             intra = entry.get("intra_kernels_fwdbwd_ms", {})
-            print(f"{row['kernel']:11s} {shape:8s} {spec:92s} {fmt(entry['fwd_ms'])} {fmt(entry['fwdbwd_ms'])} "
+            print(f"{row['kernel']:11s} {shape:8s} {spec:92s} {fmt(entry.get('fwd_ms'))} {fmt(entry['fwdbwd_ms'])} "
                   f"{fmt(intra.get(INTRA_KERNELS[0]))} {fmt(intra.get(INTRA_KERNELS[1]))}")
         profile = list(row["profile_fwdbwd_ms"].items())[:6]
         print("    default f+b:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile
@@ -126,10 +155,16 @@ def main():
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                         help="variant SPECs timed beside the default for gla at every shape")
     parser.add_argument("--forwards", "--scalar-forwards", nargs="*", default=[], choices=["auto", "fused", "chunked"])
+    parser.add_argument("--backwards", nargs="*", default=[],
+                        help="scalar-gate backwards timed beside the default for simple_gla: chunked, serial, "
+                             "serial:warps=4,stages=1, ...")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     for spec in args.variants:  # fail on a typo before any GPU work
         parse_spec(spec, la.gla_intra_config())
+    for spec in args.backwards:
+        with forced_backward(spec):
+            pass
     report = {"environment": environment(), "default_config": la.gla_intra_config(), "rows": []}
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
@@ -150,6 +185,11 @@ def main():
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
+            for spec in args.backwards if kernel == "simple_gla" else []:
+                with forced_backward(spec):
+                    fwdbwd()  # the first call of this backward compiles it
+                    entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                row["variants"][f"backward={spec}"] = entry
             for spec in args.variants if kernel == "gla" else []:
                 with variant(spec):
                     entry = {"config": la.gla_intra_config(), "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}

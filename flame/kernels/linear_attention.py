@@ -49,7 +49,6 @@ CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
-SERIAL_WARPS = 8  # the serial scalar-gate backward (opt-in: scalar_backward_mode); untimed choice
 SERIAL_GATE_BLOCK = 1024  # tokens per step of the per-sequence gate-gradient scan
 SERIAL_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the serial backward walks
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
@@ -82,6 +81,14 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
+
+
+def serial_backward_config() -> dict:
+    """Launch choices of the serial scalar-gate backward (FLAME_SCALAR_BACKWARD=serial): warps and
+    stages of its two walks (`chunk_serial_backward_scalar_kernel`; stages pipeline the loads of
+    a walk's next chunk). Not yet timed: 8 warps hold the [128, 128] fp32 state in 64 registers
+    per thread. Benchmarks replace this function to time alternatives in one process."""
+    return dict(warps=8, stages=CHUNK_STAGES)
 
 
 def grouped_backward_config() -> dict:
@@ -408,6 +415,7 @@ def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
     if h0 is not None:  # an empty sequence has no segment and passes its final-state gradient on
         dh0 = dht.float().clone() if dht is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
     bk, bv = _scalar_block(K), _scalar_block(V)
+    cfg = serial_backward_config()
     carry = T > seg_len  # some sequence may span several segments
     states = decay = grad_states = grad_decay = dq
     if carry:
@@ -427,7 +435,7 @@ def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
         states, decay, grad_states, grad_decay, dq, dk, dv, qdq, kdk, gdot, dh0 if dh0 is not None else dq,
         chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, slots, scale,
         H=H, K=K, V=V, BK=bk, BV=bv, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, CARRY=carry, num_warps=SERIAL_WARPS, num_stages=CHUNK_STAGES,
+        STORE_DH0=dh0 is not None, CARRY=carry, num_warps=cfg["warps"], **_stages(cfg["stages"]),
     )
     kern.sequence_gate_grad_kernel[(H, N)](
         qdq, kdk, gdot, dg, chunks.cu_seqlens, N, H=H, HAS_DHT=dht is not None, BLOCK=SERIAL_GATE_BLOCK,
