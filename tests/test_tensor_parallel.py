@@ -4,6 +4,7 @@ vocab-parallel embedding and loss; eager, and with blocks compiled alone or insi
 checkpointing) give the outputs and gradients of the single-process module;
 and the layouts tensor parallelism cannot split are refused with a clear message."""
 
+import contextlib
 import copy
 import os
 
@@ -73,7 +74,39 @@ def _check_grads(ref: torch.nn.Module, mine: torch.nn.Module, what: str) -> None
 BLOCK_CASES = [(m, True) for m in MIXERS] + [("attention", False), ("gated_deltanet", False)]
 
 
+# Mixers whose projections (and SwiGLU's gate and up, in every block) run as one matmul on this
+# rank's rows under tensor parallelism, as in one process (GLA's gate down-projection is
+# replicated, so its projections keep separate calls).
+FUSED_PROJECTIONS = {"gated_deltanet", "deltanet", "retnet"}
+
+
+@contextlib.contextmanager
+def _counted_concat_linear():
+    """Counts the fused projections of the mixers and of SwiGLU inside the block (eager only:
+    compiled code would guard on the counts)."""
+    from flame.models.mixers import common
+    from flame.modules import swiglu
+
+    calls = {"mixer": 0, "mlp": 0}
+    saved = {module: module.concat_linear for module in (common, swiglu)}
+    for module, key in ((common, "mixer"), (swiglu, "mlp")):
+        def counted(*args, _fn=saved[module], _key=key):
+            calls[_key] += 1
+            return _fn(*args)
+        module.concat_linear = counted
+    try:
+        yield calls
+    finally:
+        for module, fn in saved.items():
+            module.concat_linear = fn
+
+
 def _blocks_worker(rank, mesh):
+    with _counted_concat_linear() as calls:
+        _blocks(rank, mesh, calls)
+
+
+def _blocks(rank, mesh, calls):
     torch.manual_seed(0)
     for mixer, packed in BLOCK_CASES:
         cfg = tiny(mixer=mixer, rope_theta=500.0)
@@ -93,10 +126,14 @@ def _blocks_worker(rank, mesh):
         y_ref.backward(dy)
 
         x_mine = x[:, mine_slice].clone().requires_grad_()
+        before = dict(calls)
         y_mine = sum(mine(x_mine, cu_seqlens=cu)[:2])
         y_mine.backward(dy[:, mine_slice])
 
         what = f"rank {rank}, {mixer} block, packed={packed}"
+        assert calls["mlp"] - before["mlp"] == 1, f"{what}: SwiGLU's gate and up not fused"
+        fused = calls["mixer"] - before["mixer"]
+        assert fused == (mixer in FUSED_PROJECTIONS), f"{what}: {fused} fused projection calls"
         assert not isinstance(y_mine, DTensor)
         assert rel(y_mine, y_ref[:, mine_slice]) < TOL, f"{what}: output differs"
         assert rel(x_mine.grad, x_ref.grad[:, mine_slice]) < TOL, f"{what}: input gradient differs"

@@ -12,6 +12,7 @@ concatenation stays inside them; eagerly an autograd.Function does the same for 
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 
 def _forward(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -85,3 +86,18 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _forward_op(x, list(weights))
     return _ConcatLinear.apply(x, *weights)
+
+
+def column_shards(x: torch.Tensor, weights: list[torch.Tensor]):
+    """(x, weights) as plain tensors for concat_linear. Under tensor parallelism with column-wise
+    weights (DTensors sharded by output row) and a replicated DTensor input, they are this rank's
+    rows and the local input, marked so that its gradient counts as a partial sum over the group
+    (each rank's projections see only their own rows): the same values and gradients as
+    torch's ColwiseParallel linears, in one matmul instead of one module call each. None when
+    the weights are mixed or sharded otherwise (keep separate calls then)."""
+    if not any(isinstance(w, DTensor) for w in weights):
+        return x, weights
+    colwise = all(isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),) for w in weights)
+    if not colwise or not isinstance(x, DTensor) or tuple(x.placements) != (Replicate(),):
+        return None
+    return x.to_local(grad_placements=[Partial()]), [w.to_local() for w in weights]

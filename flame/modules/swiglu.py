@@ -4,11 +4,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from flame.kernels.dispatch import use_triton
 from flame.kernels.utils import cdiv
-from flame.modules.concat_linear import concat_linear
+from flame.modules.concat_linear import column_shards, concat_linear
 
 
 def swiglu_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -203,10 +202,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Gate and up as one matmul where the weights are plain tensors (tensor-parallel
-        # DTensor weights keep their own calls): one launch, a wider and more efficient matmul,
-        # and in the backward one input-gradient matmul instead of two and their sum.
-        if not any(isinstance(w, DTensor) for w in (self.gate_proj.weight, self.up_proj.weight)):
-            ab = concat_linear(x, [self.gate_proj.weight, self.up_proj.weight])
-            return self.down_proj(swiglu_packed(ab))
+        # Gate and up as one matmul (under tensor parallelism on this rank's rows of both): one
+        # launch, a wider and more efficient matmul, and in the backward one input-gradient
+        # matmul instead of two and their sum.
+        shards = column_shards(x, [self.gate_proj.weight, self.up_proj.weight])
+        if shards is not None:
+            return self.down_proj(swiglu_packed(concat_linear(*shards)))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

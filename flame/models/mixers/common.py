@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from flame.kernels.conv import causal_conv1d
-from flame.modules.concat_linear import concat_linear
+from flame.modules.concat_linear import column_shards, concat_linear
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
 CHUNK_SIZE = 64
@@ -78,7 +78,7 @@ def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[
     """q, k, v projections of x, each through its short convolution when the mixer has them (the
     convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v), followed by
     the projections of x named in extra (attributes of the mixer, e.g. "b_proj")."""
-    if state is None and new_state is None and _fusable(mixer, extra):
+    if state is None and new_state is None and _fusable(mixer, x, extra):
         return _project_qkv_fused(mixer, x, cu_seqlens, extra)
     q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
     if mixer.use_short_conv:
@@ -88,18 +88,18 @@ def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[
     return (q, k, v) + tuple(getattr(mixer, name)(x) for name in extra)
 
 
-def _fusable(mixer: nn.Module, extra: tuple[str, ...]) -> bool:
+def _fusable(mixer: nn.Module, x, extra: tuple[str, ...]) -> bool:
     """Whether the projections can be computed as one matmul (and q, k, v as one convolution):
-    plain weights without biases (tensor-parallel weights are DTensors whose modules
-    redistribute their inputs and outputs, so they keep separate calls) and convolutions alike."""
+    weights without biases, plain or all column-wise tensor-parallel shards
+    (`concat_linear.column_shards`), and convolutions alike."""
     projs = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + [getattr(mixer, name) for name in extra]
-    if any(p.bias is not None or isinstance(p.weight, DTensor) for p in projs):
+    if any(p.bias is not None for p in projs) or column_shards(x, [p.weight for p in projs]) is None:
         return False
     if not mixer.use_short_conv:
         return True
     convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
-    return (len({(c.kernel_size, c.activation, c.bias is None) for c in convs}) == 1
-            and not any(isinstance(c.weight, DTensor) for c in convs))
+    sharded = {isinstance(c.weight, DTensor) for c in convs}
+    return len({(c.kernel_size, c.activation, c.bias is None) for c in convs}) == 1 and len(sharded) == 1
 
 
 def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...]):
@@ -109,19 +109,21 @@ def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...]):
     calls per layer, which matters because a linear-attention layer's step is close to
     host-bound, and the narrow projections (a few outputs per head, e.g. beta's) join a wide
     matmul instead of running as small, inefficient ones, forward and backward, each with its
-    own add into x's gradient."""
-    qkv_projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj)
-    projs = qkv_projs + tuple(getattr(mixer, name) for name in extra)
-    out = concat_linear(x, [p.weight for p in projs])  # keeps the weights, not their concatenation
-    qkv_width = sum(p.out_features for p in qkv_projs)
+    own add into x's gradient. Under tensor parallelism: this rank's rows of every weight and
+    channel."""
+    projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj) + tuple(getattr(mixer, name) for name in extra)
+    x, weights = column_shards(x, [p.weight for p in projs])
+    out = concat_linear(x, weights)  # keeps the weights, not their concatenation
+    widths = [w.shape[0] for w in weights]
+    qkv_width = sum(widths[:3])
     qkv = out[..., :qkv_width]
     if mixer.use_short_conv:
         convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
-        weight = torch.cat([c.weight for c in convs]).squeeze(1)
-        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        weight = torch.cat([local(c.weight) for c in convs]).squeeze(1)
+        bias = None if convs[0].bias is None else torch.cat([local(c.bias) for c in convs])
         qkv, _ = causal_conv1d(qkv, weight, bias, convs[0].activation, cu_seqlens)
-    q, k, v = qkv.split([p.out_features for p in qkv_projs], dim=-1)
-    return (q, k, v) + tuple(out[..., qkv_width:].split([p.out_features for p in projs[3:]], dim=-1))
+    q, k, v = qkv.split(widths[:3], dim=-1)
+    return (q, k, v) + tuple(out[..., qkv_width:].split(widths[3:], dim=-1))
 
 
 @torch.no_grad()
