@@ -98,7 +98,8 @@ def _fusable(mixer: nn.Module, x, extra: tuple[str, ...]) -> bool:
     if not mixer.use_short_conv:
         return True
     convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
-    sharded = {isinstance(c.weight, DTensor) for c in convs}
+    # the convolutions' channels split like the projections' rows (both or neither)
+    sharded = {isinstance(c.weight, DTensor) for c in convs} | {isinstance(projs[0].weight, DTensor)}
     return len({(c.kernel_size, c.activation, c.bias is None) for c in convs}) == 1 and len(sharded) == 1
 
 
