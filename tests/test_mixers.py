@@ -197,7 +197,7 @@ def test_fused_qkv_projection_equals_three_calls(name, kw, extra, packed, monkey
     x = torch.randn(B, T, 32, dtype=torch.float64)
     results = []
     for fusable in (True, False):
-        monkeypatch.setattr(common, "_fusable", lambda m, extra, fusable=fusable: fusable)
+        monkeypatch.setattr(common, "_fusable", lambda m, x, extra, fusable=fusable: fusable)
         mixer.zero_grad()
         outs = common.project_qkv(mixer, x, cu, None, None, extra)
         assert len(outs) == 3 + len(extra)
@@ -225,6 +225,7 @@ def test_fused_qkv_projection_is_the_training_path(monkeypatch):
         mixer(torch.randn(1, 5, 32, dtype=next(mixer.parameters()).dtype))
     assert calls == [("a_proj", "b_proj"), ("b_proj",), ("gk_down",)]
     mixer = make("gated_deltanet")
-    assert common._fusable(mixer, ()) and common._fusable(mixer, ("a_proj", "b_proj"))
+    x = torch.randn(1, 5, 32, dtype=next(mixer.parameters()).dtype)
+    assert common._fusable(mixer, x, ()) and common._fusable(mixer, x, ("a_proj", "b_proj"))
     mixer.k_conv.activation = None  # convolutions that differ keep their own calls
-    assert not common._fusable(mixer, ())
+    assert not common._fusable(mixer, x, ())
