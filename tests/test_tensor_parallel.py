@@ -104,9 +104,15 @@ def _counted_concat_linear():
 def _blocks_worker(rank, mesh):
     with _counted_concat_linear() as calls:
         _blocks(rank, mesh, calls)
+    os.environ["FLAME_TP_FUSED_PROJECTIONS"] = "0"  # one ColwiseParallel call per projection
+    try:
+        with _counted_concat_linear() as calls:
+            _blocks(rank, mesh, calls, fused=False)
+    finally:
+        del os.environ["FLAME_TP_FUSED_PROJECTIONS"]
 
 
-def _blocks(rank, mesh, calls):
+def _blocks(rank, mesh, calls, fused=True):
     torch.manual_seed(0)
     for mixer, packed in BLOCK_CASES:
         cfg = tiny(mixer=mixer, rope_theta=500.0)
@@ -131,9 +137,10 @@ def _blocks(rank, mesh, calls):
         y_mine.backward(dy[:, mine_slice])
 
         what = f"rank {rank}, {mixer} block, packed={packed}"
-        assert calls["mlp"] - before["mlp"] == 1, f"{what}: SwiGLU's gate and up not fused"
-        fused = calls["mixer"] - before["mixer"]
-        assert fused == (mixer in FUSED_PROJECTIONS), f"{what}: {fused} fused projection calls"
+        what += "" if fused else ", FLAME_TP_FUSED_PROJECTIONS=0"
+        assert calls["mlp"] - before["mlp"] == fused, f"{what}: SwiGLU's gate and up fused: {not fused}"
+        n = calls["mixer"] - before["mixer"]
+        assert n == (fused and mixer in FUSED_PROJECTIONS), f"{what}: {n} fused projection calls"
         assert not isinstance(y_mine, DTensor)
         assert rel(y_mine, y_ref[:, mine_slice]) < TOL, f"{what}: output differs"
         assert rel(x_mine.grad, x_ref.grad[:, mine_slice]) < TOL, f"{what}: input gradient differs"

@@ -10,6 +10,8 @@ themselves are kept. Under torch.compile the forward and backward are custom ops
 concatenation stays inside them; eagerly an autograd.Function does the same for less dispatch.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -94,9 +96,12 @@ def column_shards(x: torch.Tensor, weights: list[torch.Tensor]):
     rows and the local input, marked so that its gradient counts as a partial sum over the group
     (each rank's projections see only their own rows): the same values and gradients as
     torch's ColwiseParallel linears, in one matmul instead of one module call each. None when
-    the weights are mixed or sharded otherwise (keep separate calls then)."""
+    the weights are mixed or sharded otherwise (keep separate calls then), or when the
+    environment sets FLAME_TP_FUSED_PROJECTIONS=0 (separate calls, for comparisons)."""
     if not any(isinstance(w, DTensor) for w in weights):
         return x, weights
+    if os.environ.get("FLAME_TP_FUSED_PROJECTIONS", "1") == "0":
+        return None
     colwise = all(isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),) for w in weights)
     if not colwise or not isinstance(x, DTensor) or tuple(x.placements) != (Replicate(),):
         return None
