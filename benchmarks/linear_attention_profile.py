@@ -187,8 +187,11 @@ def main():
                 row["variants"][f"forward={choice}"] = entry
             for spec in args.backwards if kernel == "simple_gla" else []:
                 with forced_backward(spec):
-                    fwdbwd()  # the first call of this backward compiles it
-                    entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                    try:  # a launch choice may not fit the GPU (shared memory): record it, go on
+                        fwdbwd()  # the first call of this backward compiles it
+                        entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                    except Exception as e:  # noqa: BLE001
+                        entry = {"fwdbwd_ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
                 row["variants"][f"backward={spec}"] = entry
             for spec in args.variants if kernel == "gla" else []:
                 with variant(spec):
