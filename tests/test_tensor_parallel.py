@@ -243,3 +243,15 @@ def test_world_size_is_split_into_degrees():
     assert check_parallel_layout(ParallelismConfig(data_parallel_replicate_degree=2,
                                                    tensor_parallel_degree=2), 8) == (2, 2, 2)
 
+
+
+
+def test_fused_projections_switch_rejects_other_values(monkeypatch):
+    from flame.modules.concat_linear import tensor_parallel_fusion
+
+    for value, fused in (("1", True), ("0", False)):
+        monkeypatch.setenv("FLAME_TP_FUSED_PROJECTIONS", value)
+        assert tensor_parallel_fusion() is fused
+    monkeypatch.setenv("FLAME_TP_FUSED_PROJECTIONS", "false")
+    with pytest.raises(ValueError, match="FLAME_TP_FUSED_PROJECTIONS must be 0 or 1"):
+        tensor_parallel_fusion()

@@ -90,6 +90,15 @@ def concat_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return _ConcatLinear.apply(x, *weights)
 
 
+def tensor_parallel_fusion() -> bool:
+    """FLAME_TP_FUSED_PROJECTIONS: 1 (default) fuses column-wise tensor-parallel projections
+    (`column_shards`), 0 keeps one ColwiseParallel call each (for comparisons)."""
+    value = os.environ.get("FLAME_TP_FUSED_PROJECTIONS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FLAME_TP_FUSED_PROJECTIONS must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def column_shards(x: torch.Tensor, weights: list[torch.Tensor]):
     """(x, weights) as plain tensors for concat_linear. Under tensor parallelism with column-wise
     weights (DTensors sharded by output row) and a replicated DTensor input, they are this rank's
@@ -100,7 +109,7 @@ def column_shards(x: torch.Tensor, weights: list[torch.Tensor]):
     environment sets FLAME_TP_FUSED_PROJECTIONS=0 (separate calls, for comparisons)."""
     if not any(isinstance(w, DTensor) for w in weights):
         return x, weights
-    if os.environ.get("FLAME_TP_FUSED_PROJECTIONS", "1") == "0":
+    if not tensor_parallel_fusion():
         return None
     colwise = all(isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),) for w in weights)
     if not colwise or not isinstance(x, DTensor) or tuple(x.placements) != (Replicate(),):
