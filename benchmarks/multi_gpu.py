@@ -50,13 +50,15 @@ import os
 import pathlib
 import shutil
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 from environment import environment as bench_environment
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from flame.titan import free_port  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,12 +75,6 @@ def checkpoint_args(interval: int) -> list[str]:
     # full checkpoints every `interval` steps; the last one holds only the model (smaller)
     return ["--checkpoint.enable", "true", "--checkpoint.interval", str(interval),
             "--checkpoint.keep_latest_k", "0", "--checkpoint.last_save_model_only", "true"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recipe_name(recipe: str) -> str:
@@ -137,7 +133,7 @@ class Run:
         self.devices, self.shared_with = devices, running
         self.log = open(self.log_path, "w")
         env = dict(os.environ, NPROC_PER_NODE=str(self.gpus), PYTHON=sys.executable,
-                   MASTER_PORT=str(_free_port()))
+                   MASTER_PORT=str(free_port()))
         if devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
         self.command = ["bash", str(ROOT / "launch" / "run.sh"), *self.trainer_args]

@@ -32,7 +32,7 @@ from flame.optim import AdamW
 __all__ = [
     "CheckpointManager", "GarbageCollection", "LRSchedulersContainer", "OptimizersContainer",
     "ParallelDims", "build_checkpointer", "build_lr_schedulers", "build_optimizers",
-    "build_parallel_dims", "clip_grad_norm_", "data_parallel_mesh", "destroy_distributed", "fsdp_mesh",
+    "build_parallel_dims", "clip_grad_norm_", "data_parallel_mesh", "destroy_distributed", "free_port", "fsdp_mesh",
     "init_distributed", "init_logger", "latest_complete_step", "logger", "peak_flops",
     "data_parallel_rank_and_size", "will_save_checkpoint",
 ]
@@ -53,7 +53,8 @@ class Runtime:
     world_size: int
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a group's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +65,7 @@ def init_distributed(timeout_s: int = 600) -> Runtime:
     Also works without torchrun (`python train.py ...`) as a group of one."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

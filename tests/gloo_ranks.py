@@ -8,17 +8,12 @@ every assertion passed. A rank whose body raises exits through the exception as 
 mp.spawn reports its traceback."""
 
 import os
-import socket
 import sys
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from flame.titan import free_port
 
 
 def _entry(rank, world, port, fn, args):

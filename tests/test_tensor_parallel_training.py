@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch.multiprocessing as mp
 
-from tests.gloo_ranks import free_port, leave_passed
+from flame.titan import free_port
+from tests.gloo_ranks import leave_passed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from tests.gloo_ranks import free_port
+from flame.titan import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG = os.path.join(ROOT, "train_configs", "debug.toml")

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from flame.kernels.cross_entropy import fused_linear_cross_entropy
 from flame.kernels.cross_entropy_ref import linear_cross_entropy_ref
-from tests.gloo_ranks import free_port, run_on_ranks
+from flame.titan import free_port
+from tests.gloo_ranks import run_on_ranks
 
 N, D, V, WORLD = 23, 8, 30, 2
 CASES = [
