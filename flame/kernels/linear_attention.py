@@ -223,12 +223,7 @@ def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     carry = T > seg_len  # some sequence may span several segments
     states = decay = o
     if carry:
-        states = torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device)
-        decay = torch.empty(slots, H, dtype=torch.float32, device=q.device)
-        kern.chunk_segment_state_scalar_kernel[grid](
-            k, v, g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, **tiles,
-            num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
-        )
+        states, decay = _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv)
     kern.chunk_fused_forward_scalar_kernel[grid](
         q, k, v, g, h0 if h0 is not None else o, states, decay, o, ht if ht is not None else o,
         chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, scale, **tiles,
@@ -236,6 +231,21 @@ def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
         num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, ht, None, None, None
+
+
+def _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv):
+    """Scalar gate, sequences cut into segments of seg_len tokens (slots of seg_idx): each
+    non-final segment's exit state from a zero entry, [slots, H, K, V], and its summed log
+    decay, [slots, H] (fp32), which carry a sequence's state into its later segments."""
+    HQ, K = k.shape[1:]
+    H, V = v.shape[1:]
+    states = torch.empty(slots, H, K, V, dtype=torch.float32, device=k.device)
+    decay = torch.empty(slots, H, dtype=torch.float32, device=k.device)
+    kern.chunk_segment_state_scalar_kernel[(cdiv(V, bv), H, slots)](
+        k, v, g, states, decay, chunks.cu_seqlens, seg_idx, chunks.num_seqs, seg_len,
+        H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
+    )
+    return states, decay
 
 
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=True):
@@ -419,14 +429,10 @@ def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
     carry = T > seg_len  # some sequence may span several segments
     states = decay = grad_states = grad_decay = dq
     if carry:
-        states, grad_states = (torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device) for _ in range(2))
-        decay, grad_decay = (torch.empty(slots, H, dtype=torch.float32, device=q.device) for _ in range(2))
-        grid = (cdiv(V, bv), H, slots)
-        kern.chunk_segment_state_scalar_kernel[grid](
-            k, v, g, states, decay, chunks.cu_seqlens, seg_idx, N, seg_len, H=H, HQ=H, K=K, V=V, BK=bk, BV=bv,
-            num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
-        )
-        kern.chunk_segment_grad_state_scalar_kernel[grid](
+        states, decay = _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv)
+        grad_states = torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device)
+        grad_decay = torch.empty(slots, H, dtype=torch.float32, device=q.device)
+        kern.chunk_segment_grad_state_scalar_kernel[(cdiv(V, bv), H, slots)](
             q, do, g, grad_states, grad_decay, chunks.cu_seqlens, seg_idx, N, seg_len, scale,
             H=H, K=K, V=V, BK=bk, BV=bv, num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
         )

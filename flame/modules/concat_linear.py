@@ -99,19 +99,27 @@ def tensor_parallel_fusion() -> bool:
     return value == "1"
 
 
+def column_shards_fit(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether `column_shards` can hand (x, weights) to concat_linear: plain weights, or
+    column-wise tensor-parallel shards (DTensors sharded by output row) with a replicated DTensor
+    input, unless FLAME_TP_FUSED_PROJECTIONS=0 (`tensor_parallel_fusion`)."""
+    if not any(isinstance(w, DTensor) for w in weights):
+        return True
+    if not tensor_parallel_fusion():
+        return False
+    colwise = all(isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),) for w in weights)
+    return colwise and isinstance(x, DTensor) and tuple(x.placements) == (Replicate(),)
+
+
 def column_shards(x: torch.Tensor, weights: list[torch.Tensor]):
-    """(x, weights) as plain tensors for concat_linear. Under tensor parallelism with column-wise
-    weights (DTensors sharded by output row) and a replicated DTensor input, they are this rank's
-    rows and the local input, marked so that its gradient counts as a partial sum over the group
-    (each rank's projections see only their own rows): the same values and gradients as
-    torch's ColwiseParallel linears, in one matmul instead of one module call each. None when
-    the weights are mixed or sharded otherwise (keep separate calls then), or when the
-    environment sets FLAME_TP_FUSED_PROJECTIONS=0 (separate calls, for comparisons)."""
+    """(x, weights) as plain tensors for concat_linear. Under tensor parallelism (column-wise
+    weight shards, replicated DTensor input) they are this rank's rows and the local input,
+    marked so that its gradient counts as a partial sum over the group (each rank's projections
+    see only their own rows): the same values and gradients as torch's ColwiseParallel linears,
+    in one matmul instead of one module call each. None where `column_shards_fit` says no (keep
+    separate calls then)."""
+    if not column_shards_fit(x, weights):
+        return None
     if not any(isinstance(w, DTensor) for w in weights):
         return x, weights
-    if not tensor_parallel_fusion():
-        return None
-    colwise = all(isinstance(w, DTensor) and tuple(w.placements) == (Shard(0),) for w in weights)
-    if not colwise or not isinstance(x, DTensor) or tuple(x.placements) != (Replicate(),):
-        return None
     return x.to_local(grad_placements=[Partial()]), [w.to_local() for w in weights]

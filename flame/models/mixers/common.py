@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from flame.kernels.conv import causal_conv1d
-from flame.modules.concat_linear import column_shards, concat_linear
+from flame.modules.concat_linear import column_shards, column_shards_fit, concat_linear
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
 CHUNK_SIZE = 64
@@ -91,9 +91,9 @@ def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[
 def _fusable(mixer: nn.Module, x, extra: tuple[str, ...]) -> bool:
     """Whether the projections can be computed as one matmul (and q, k, v as one convolution):
     weights without biases, plain or all column-wise tensor-parallel shards
-    (`concat_linear.column_shards`), and convolutions alike."""
+    (`concat_linear.column_shards_fit`), and convolutions alike."""
     projs = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + [getattr(mixer, name) for name in extra]
-    if any(p.bias is not None for p in projs) or column_shards(x, [p.weight for p in projs]) is None:
+    if any(p.bias is not None for p in projs) or not column_shards_fit(x, [p.weight for p in projs]):
         return False
     if not mixer.use_short_conv:
         return True
