@@ -72,7 +72,7 @@ def micro_batch(recipe, seq_len):
 
 
 def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, log_freq=1, micro_batches=1,
-                num_workers=None):
+                num_workers=None, pin_memory=None):
     """One training run of `micro_batches` micro-batches of `batch` sequences per optimizer step;
     returns (rc, metric records, seconds, log tail)."""
     dump = pathlib.Path(workdir) / f"{recipe['arch']}_{recipe['size']}_{seq_len}"
@@ -93,6 +93,8 @@ def run_trainer(recipe, seq_len, steps, batch, workdir, timeout, compile_model, 
            "--checkpoint.enable", "false", "--metrics.log_freq", str(log_freq),
            "--compile.enable", "true" if compile_model else "false",
            "--job.dump_folder", str(dump)]
+    if pin_memory is not None:
+        cmd += ["--data.pin_memory", pin_memory]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -115,7 +117,8 @@ def throughput(args, selected, workdir):
             rc, records, seconds, log, cmd = run_trainer(recipe, seq_len, args.steps, batch, workdir,
                                                          args.timeout, not args.no_compile,
                                                          micro_batches=args.micro_batches,
-                                                         num_workers=args.num_workers)
+                                                         num_workers=args.num_workers,
+                                                         pin_memory=args.pin_memory)
             timed = [r for r in records if r["step"] > args.skip]
             row = {"recipe": os.path.basename(recipe["path"]), "arch": recipe["arch"], "size": recipe["size"],
                    "class": recipe["class"], "seq_len": seq_len, "local_batch_size": batch,
@@ -196,6 +199,8 @@ def main():
     p.add_argument("--num-workers", type=int, default=None,
                    help="data-loader workers per run (default: the recipe's; at 2 the 340M runs waited on "
                         "the loader for 3-14%% of each step on an H100 host)")
+    p.add_argument("--pin-memory", choices=("true", "false"), default=None,
+                   help="the loader's data.pin_memory (default: the recipe's)")
     p.add_argument("--loss-steps", type=int, default=200)
     p.add_argument("--loss-batch", type=int, default=4, help="sequences of 4096 per step in --mode loss")
     p.add_argument("--timeout", type=int, default=300, help="seconds per run before it is stopped")

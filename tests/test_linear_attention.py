@@ -614,7 +614,9 @@ def test_simple_gla_segmented_forward_gpu_bf16(case, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [c for c in GPU_FORWARD_CASES if max(c[4], c[5]) <= 128]
-                         + [("simple_gla", 1, 600, 4, 128, 128, [0, 100, 101, 600], True)],
+                         + [("simple_gla", 1, 600, 4, 128, 128, [0, 100, 101, 600], True),
+                            # three segments: the gate gradient sums over all of them
+                            ("simple_gla", 1, 9000, 2, 128, 128, [0, 300, 9000], True)],
                          ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
 def test_simple_gla_serial_backward_gpu_bf16(case, monkeypatch):
     """FLAME_SCALAR_BACKWARD=serial in bf16 (unshared heads; grouped cases keep the chunked one)."""

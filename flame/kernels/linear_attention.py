@@ -86,9 +86,11 @@ def gla_intra_config() -> dict:
 def serial_backward_config() -> dict:
     """Launch choices of the serial scalar-gate backward (FLAME_SCALAR_BACKWARD=serial): warps and
     stages of its two walks (`chunk_serial_backward_scalar_kernel`; stages pipeline the loads of
-    a walk's next chunk). Not yet timed: 8 warps hold the [128, 128] fp32 state in 64 registers
-    per thread. Benchmarks replace this function to time alternatives in one process."""
-    return dict(warps=8, stages=CHUNK_STAGES)
+    a walk's next chunk); tf32: the products with the state, its gradient and the decayed k, q
+    in tf32 from fp32 operands (1) or rounded to the inputs' dtype (0; bf16 gate gradients then
+    drift with the sequence's length). Benchmarks replace this function to time alternatives in
+    one process."""
+    return dict(warps=8, stages=CHUNK_STAGES, tf32=1)
 
 
 def grouped_backward_config() -> dict:
@@ -441,7 +443,8 @@ def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
         states, decay, grad_states, grad_decay, dq, dk, dv, qdq, kdk, gdot, dh0 if dh0 is not None else dq,
         chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, slots, scale,
         H=H, K=K, V=V, BK=bk, BV=bv, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, CARRY=carry, num_warps=cfg["warps"], **_stages(cfg["stages"]),
+        STORE_DH0=dh0 is not None, CARRY=carry, TF32_STATE=bool(cfg["tf32"]),
+        num_warps=cfg["warps"], **_stages(cfg["stages"]),
     )
     kern.sequence_gate_grad_kernel[(H, N)](
         qdq, kdk, gdot, dg, chunks.cu_seqlens, N, H=H, HAS_DHT=dht is not None, BLOCK=SERIAL_GATE_BLOCK,
