@@ -13,17 +13,13 @@ itself (a second timing of it, for the spread). The variants only change the GLA
 they are timed for gla alone. --forwards times simple_gla with each forward of a scalar gate
 beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
-kernel times. --backwards times simple_gla with each scalar-gate backward beside the default:
-`chunked` (state pass, then the chunk-parallel kernel) or `serial` (FLAME_SCALAR_BACKWARD=serial),
-the latter optionally with launch choices of `serial_backward_config()`, e.g.
-`serial:warps=4,stages=1`. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
+kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
 benchmarks/results/ and prints a table last.
 """
 
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import sys
 import time
@@ -85,31 +81,6 @@ def forced_forward(choice: str):
         la.fused_forward = saved
 
 
-@contextlib.contextmanager
-def forced_backward(spec: str):
-    """Runs the block with the scalar-gate backward of SPEC: chunked, serial or serial:key=value,..."""
-    mode, _, options = spec.partition(":")
-    if mode not in la.SCALAR_BACKWARD_MODES:
-        raise ValueError(f"backward {spec!r}: the mode must be one of {la.SCALAR_BACKWARD_MODES}")
-    saved_env, saved_config = os.environ.get("FLAME_SCALAR_BACKWARD"), la.serial_backward_config
-    config = saved_config()
-    for item in filter(None, options.split(",")):
-        key, _, value = item.partition("=")
-        if key not in config:
-            raise ValueError(f"backward {spec!r}: {key!r} is not one of {sorted(config)}")
-        config[key] = int(value)
-    os.environ["FLAME_SCALAR_BACKWARD"] = mode
-    la.serial_backward_config = lambda: dict(config)
-    try:
-        yield
-    finally:
-        la.serial_backward_config = saved_config
-        if saved_env is None:
-            os.environ.pop("FLAME_SCALAR_BACKWARD", None)
-        else:
-            os.environ["FLAME_SCALAR_BACKWARD"] = saved_env
-
-
 def profiled(fn):
     try:
         return {k: round(v, 4) for k, v in kernel_times(fn).items()}
@@ -155,16 +126,10 @@ def main():
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                         help="variant SPECs timed beside the default for gla at every shape")
     parser.add_argument("--forwards", "--scalar-forwards", nargs="*", default=[], choices=["auto", "fused", "chunked"])
-    parser.add_argument("--backwards", nargs="*", default=[],
-                        help="scalar-gate backwards timed beside the default for simple_gla: chunked, serial, "
-                             "serial:warps=4,stages=1, ...")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     for spec in args.variants:  # fail on a typo before any GPU work
         parse_spec(spec, la.gla_intra_config())
-    for spec in args.backwards:
-        with forced_backward(spec):
-            pass
     report = {"environment": environment(), "default_config": la.gla_intra_config(), "rows": []}
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
@@ -185,14 +150,6 @@ def main():
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
-            for spec in args.backwards if kernel == "simple_gla" else []:
-                with forced_backward(spec):
-                    try:  # a launch choice may not fit the GPU (shared memory): record it, go on
-                        fwdbwd()  # the first call of this backward compiles it
-                        entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
-                    except Exception as e:  # noqa: BLE001
-                        entry = {"fwdbwd_ms": None, "error": f"{type(e).__name__}: {e}"[:300]}
-                row["variants"][f"backward={spec}"] = entry
             for spec in args.variants if kernel == "gla" else []:
                 with variant(spec):
                     entry = {"config": la.gla_intra_config(), "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}

@@ -206,73 +206,6 @@ def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
-def record_serial_backward(monkeypatch, block=None, segment=None) -> list:
-    """FLAME_SCALAR_BACKWARD=serial; returns a list that records each use of the serial backward.
-    block: tokens per step of its gate-gradient scan; segment: tokens per walk (small: several
-    steps and segments on tiny sequences)."""
-    from flame.kernels import linear_attention
-
-    monkeypatch.setenv("FLAME_SCALAR_BACKWARD", "serial")
-    if block is not None:
-        monkeypatch.setattr(linear_attention, "SERIAL_GATE_BLOCK", block)
-    if segment is not None:
-        monkeypatch.setattr(linear_attention, "SERIAL_SEGMENT_TOKENS", segment)
-    uses, serial = [], linear_attention._serial_scalar_backward
-    monkeypatch.setattr(linear_attention, "_serial_scalar_backward", lambda *a: uses.append(1) or serial(*a))
-    return uses
-
-
-SERIAL_CASES = [
-    # B, T, H, K, V, cu_seqlens, initial state, decay scale
-    (2, 70, 2, 16, 32, None, True, 1.0),
-    (1, 150, 1, 32, 16, [0, 5, 5, 75, 150], True, 1.0),
-    (1, 100, 1, 16, 16, [0, 64, 100], False, 1.0),
-    (1, 40, 1, 16, 16, None, True, 30.0),
-    (1, 150, 1, 16, 16, None, True, 1.0),  # three segments of 64 tokens or two of 128
-]
-
-
-@pytest.mark.parametrize("segment", [None, 64, 128], ids=lambda n: f"segments{n or 'default'}")
-@pytest.mark.parametrize("case", SERIAL_CASES, ids=lambda c: f"B{c[0]}-T{c[1]}-K{c[3]}-V{c[4]}-{'varlen' if c[5] else 'fixed'}"
-                         f"{'-h0' if c[6] else ''}-decay{c[7]:g}")
-def test_simple_gla_serial_backward_cpu(case, segment, triton_backend, monkeypatch):
-    """FLAME_SCALAR_BACKWARD=serial: the two walks and the gate scan give the reference's
-    gradients, with several scan steps per sequence, an empty sequence, and sequences cut into
-    segments of 64 or 128 tokens (entry states and state gradients carried between segments)."""
-    B, T, H, K, V, cu, with_h0, decay = case
-    uses = record_serial_backward(monkeypatch, block=32, segment=segment)
-    errors = compare("simple_gla", chunk_simple_gla, True, B, T, H, K, V, cu, with_h0, torch.float32, "cpu",
-                     decay_scale=decay)
-    assert uses, "the serial backward did not run"
-    for key, err in errors.items():
-        assert err < 1e-5, f"{key}: relative error {err:.2e}"
-
-
-def test_simple_gla_serial_backward_without_final_state_cpu(triton_backend, monkeypatch):
-    """No final-state gradient (the output alone in the loss): dg has no <dht, ht> term."""
-    uses = record_serial_backward(monkeypatch, segment=64)
-    q, k, v, g, h0 = make_inputs(1, 90, 2, 16, 16, True, 2, torch.float32, "cpu")
-    cu = torch.tensor([0, 20, 90], dtype=torch.int32)  # the second sequence in two segments
-    do = torch.randn(1, 90, 2, 16, generator=torch.Generator().manual_seed(3))
-    grads = []
-    for fn, dtype in ((chunk_simple_gla, torch.float32), (linear_attention_reference, torch.float64)):
-        leaves = [x.detach().clone().to(dtype).requires_grad_() for x in (q, k, v, g, h0)]
-        o, _ = fn(*leaves[:4], initial_state=leaves[4], output_final_state=False, cu_seqlens=cu)
-        (o * do.to(dtype)).sum().backward()
-        grads.append([x.grad for x in leaves])
-    assert uses
-    for name, a, b in zip(["dq", "dk", "dv", "dg", "dh0"], *grads):
-        assert rel_err(a, b) < 1e-5, f"{name}: relative error {rel_err(a, b):.2e}"
-
-
-def test_scalar_backward_mode_rejects_unknown(monkeypatch):
-    from flame.kernels.linear_attention import scalar_backward_mode
-
-    monkeypatch.setenv("FLAME_SCALAR_BACKWARD", "fast")
-    with pytest.raises(ValueError, match="FLAME_SCALAR_BACKWARD"):
-        scalar_backward_mode()
-
-
 @pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
 def test_strong_decay_stays_finite_and_exact(kernel, triton_backend):
     # Decays of e^-30 per step: any intra-chunk factorisation with a positive exponent overflows.
@@ -609,20 +542,6 @@ def test_simple_gla_segmented_forward_gpu_bf16(case, monkeypatch):
     monkeypatch.setattr(linear_attention, "FUSED_SEGMENT_TOKENS", 256)
     uses = force_fused_forward(monkeypatch, True)
     _check_gpu_bf16(case, "-segmented-fwd")
-    assert uses
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in GPU_FORWARD_CASES if max(c[4], c[5]) <= 128]
-                         + [("simple_gla", 1, 600, 4, 128, 128, [0, 100, 101, 600], True),
-                            # three segments: the gate gradient sums over all of them
-                            ("simple_gla", 1, 9000, 2, 128, 128, [0, 300, 9000], True)],
-                         ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
-def test_simple_gla_serial_backward_gpu_bf16(case, monkeypatch):
-    """FLAME_SCALAR_BACKWARD=serial in bf16 (unshared heads; grouped cases keep the chunked one)."""
-    monkeypatch.delenv("FLAME_BACKEND", raising=False)
-    uses = record_serial_backward(monkeypatch)
-    _check_gpu_bf16(case, "-serial-bwd")
     assert uses
 
 

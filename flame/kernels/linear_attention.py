@@ -49,8 +49,6 @@ CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
 FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
-SERIAL_GATE_BLOCK = 1024  # tokens per step of the per-sequence gate-gradient scan
-SERIAL_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the serial backward walks
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
 GROUPED_MIN_GROUP = 2  # value heads per q/k head from which they run (1: also unshared heads)
 CHUNK_STAGES = 2
@@ -81,16 +79,6 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
-
-
-def serial_backward_config() -> dict:
-    """Launch choices of the serial scalar-gate backward (FLAME_SCALAR_BACKWARD=serial): warps and
-    stages of its two walks (`chunk_serial_backward_scalar_kernel`; stages pipeline the loads of
-    a walk's next chunk); tf32: the products with the state, its gradient and the decayed k, q
-    in tf32 from fp32 operands (1) or rounded to the inputs' dtype (0; bf16 gate gradients then
-    drift with the sequence's length). Benchmarks replace this function to time alternatives in
-    one process."""
-    return dict(warps=8, stages=CHUNK_STAGES, tf32=1)
 
 
 def grouped_backward_config() -> dict:
@@ -333,9 +321,6 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
-    if (scalar_gate and scalar_backward_mode() == "serial" and HQ == H and max(K, V) <= CHUNK_BLOCK
-            and (q.element_size() == 2 or not q.is_cuda)):
-        return _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks)
     if b is None:
         b = _cumsum(g, scalar_gate, H, K, chunks)
     if h is None:
@@ -404,51 +389,6 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
-    )
-    return dq, dk, dv, dg, dh0
-
-
-def _serial_scalar_backward(q, k, v, g, scale, h0, do, dht, chunks):
-    """Scalar gate, q/k heads = value heads, K, V <= CHUNK_BLOCK: the backward as a forward and a
-    reverse walk over each segment of at most SERIAL_SEGMENT_TOKENS tokens
-    (`chunk_serial_backward_scalar_kernel`, one launch), later segments entering with the
-    states and state gradients that two first passes carry over, and a per-sequence scan for dg;
-    no chunk states, no cumsum buffer. Returns (dq, dk, dv, dg, dh0)."""
-    T, H, K = q.shape
-    V = v.shape[-1]
-    N = chunks.num_seqs
-    seg_len = SERIAL_SEGMENT_TOKENS
-    slots = max_num_chunks(T, N, seg_len)
-    seg_idx, seg_offsets = prepare_chunk_indices(chunks.cu_seqlens, seg_len, slots)
-    dq, dk, dv, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g)
-    qdq, kdk = (torch.empty(T, H, dtype=torch.float32, device=q.device) for _ in range(2))
-    gdot = torch.zeros(N, H, dtype=torch.float32, device=q.device) if dht is not None else qdq
-    dh0 = None
-    if h0 is not None:  # an empty sequence has no segment and passes its final-state gradient on
-        dh0 = dht.float().clone() if dht is not None else q.new_zeros(N, H, K, V, dtype=torch.float32)
-    bk, bv = _scalar_block(K), _scalar_block(V)
-    cfg = serial_backward_config()
-    carry = T > seg_len  # some sequence may span several segments
-    states = decay = grad_states = grad_decay = dq
-    if carry:
-        states, decay = _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv)
-        grad_states = torch.empty(slots, H, K, V, dtype=torch.float32, device=q.device)
-        grad_decay = torch.empty(slots, H, dtype=torch.float32, device=q.device)
-        kern.chunk_segment_grad_state_scalar_kernel[(cdiv(V, bv), H, slots)](
-            q, do, g, grad_states, grad_decay, chunks.cu_seqlens, seg_idx, N, seg_len, scale,
-            H=H, K=K, V=V, BK=bk, BV=bv, num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
-        )
-    kern.chunk_serial_backward_scalar_kernel[(H, 2 * slots)](
-        q, k, v, g, do, h0 if h0 is not None else dq, dht if dht is not None else dq,
-        states, decay, grad_states, grad_decay, dq, dk, dv, qdq, kdk, gdot, dh0 if dh0 is not None else dq,
-        chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, slots, scale,
-        H=H, K=K, V=V, BK=bk, BV=bv, HAS_H0=h0 is not None, HAS_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, CARRY=carry, TF32_STATE=bool(cfg["tf32"]),
-        num_warps=cfg["warps"], **_stages(cfg["stages"]),
-    )
-    kern.sequence_gate_grad_kernel[(H, N)](
-        qdq, kdk, gdot, dg, chunks.cu_seqlens, N, H=H, HAS_DHT=dht is not None, BLOCK=SERIAL_GATE_BLOCK,
-        num_warps=NUM_WARPS,
     )
     return dq, dk, dv, dg, dh0
 
@@ -657,27 +597,6 @@ def backward_mode() -> str:
     mode = os.environ.get("FLAME_GLA_BACKWARD", "auto")
     if mode not in BACKWARD_MODES:
         raise ValueError(f"FLAME_GLA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
-    return mode
-
-
-SCALAR_BACKWARD_MODES = ("chunked", "serial")
-
-
-def scalar_backward_mode() -> str:
-    """How chunk_simple_gla's backward runs on Triton: FLAME_SCALAR_BACKWARD=chunked (default) or
-    serial.
-
-    chunked: a state pass writes every chunk's state and state gradient ([slots, H, K, V] each),
-    and a chunk-parallel kernel reads them back with q, k, v, do.
-    serial (unshared heads, K, V <= 128; else chunked): each segment of at most
-    SERIAL_SEGMENT_TOKENS tokens and head walked forward (state in registers, dq) and backward
-    (state gradient in registers, dk, dv) in one launch of 2 x segments x heads programs, later
-    segments entering with what two first passes carry over; dg from a scan of q . dq - k . dk.
-    About half the bytes of chunked and no state tensors. Exact against float64 in the
-    interpreter (tests); its speed on a GPU is not measured yet."""
-    mode = os.environ.get("FLAME_SCALAR_BACKWARD", "chunked")
-    if mode not in SCALAR_BACKWARD_MODES:
-        raise ValueError(f"FLAME_SCALAR_BACKWARD must be one of {SCALAR_BACKWARD_MODES}, got {mode!r}")
     return mode
 
 
