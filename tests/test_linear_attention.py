@@ -223,22 +223,26 @@ def test_backward_modes_cpu(kernel, triton_backend, monkeypatch):
     from flame.kernels import linear_attention
 
     calls = []
-    states = linear_attention._states
+    states, cumsum = linear_attention._states, linear_attention._cumsum
 
-    def spy_states(*args, **kwargs):
-        # (forward, backward) passes, and whether the pass forms the gate cumsums from g
-        calls.append(("states", args[8], args[9], args[4] is None))
-        return states(*args, **kwargs)
+    def spy_states(*args):
+        calls.append(("states", args[8], args[9]))  # (forward, backward) passes
+        return states(*args)
+
+    def spy_cumsum(*args):
+        calls.append(("cumsum",))
+        return cumsum(*args)
 
     monkeypatch.setattr(linear_attention, "_states", spy_states)
+    monkeypatch.setattr(linear_attention, "_cumsum", spy_cumsum)
     force_fused_forward(monkeypatch, False)  # the recomputing forward's passes are counted below
     fn, scalar_gate = KERNELS[kernel]
     q, k, v, g, h0 = make_inputs(1, 100, 2, 16, 32, scalar_gate, 2, torch.float32, "cpu")
     cu = torch.tensor([0, 30, 100], dtype=torch.int32)
     gen = torch.Generator().manual_seed(1)
     do, dht = torch.randn(1, 100, 2, 32, generator=gen), torch.randn(2, 2, 16, 32, generator=gen)
-    results, expected = {}, {"saved": [("states", True, False, True), ("states", False, True, False)],
-                             "recompute": [("states", True, False, True), ("states", True, True, True)]}
+    results, expected = {}, {"saved": [("cumsum",), ("states", True, False), ("states", False, True)],
+                             "recompute": [("cumsum",), ("states", True, False), ("cumsum",), ("states", True, True)]}
     for mode in ("saved", "recompute"):
         monkeypatch.setenv("FLAME_GLA_BACKWARD", mode)
         calls.clear()

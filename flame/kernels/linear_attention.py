@@ -10,8 +10,7 @@ more than any other GLA kernel), and for GLA by default the chunk states and the
 cumulative sums that the forward computed anyway (`backward_mode`). A scalar gate's forward
 that keeps nothing runs as one kernel serial over the chunks of each segment (at most 4096
 tokens of a sequence; later segments enter with the state a first pass carries) where segments
-and heads fill the GPU (`fused_forward`), else as a state pass (which also forms the gate's
-cumulative sums) and a chunk-parallel output.
+and heads fill the GPU (`fused_forward`), else as cumsum, state pass and chunk-parallel output.
 """
 
 import os
@@ -117,6 +116,17 @@ class _Chunks:
         self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.CHUNK_SIZE, self.slots)
 
 
+def _cumsum(g, scalar_gate, H, K, chunks):
+    # A scalar gate keeps one cumulative sum per head: [T, H, 1].
+    b = torch.empty(g.shape[0], H, 1 if scalar_gate else K, dtype=torch.float32, device=g.device)
+    grid = (chunks.slots, H, 1 if scalar_gate else cdiv(K, STATE_BLOCK))
+    kern.chunk_cumsum_kernel[grid](
+        g, b, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, num_warps=NUM_WARPS,
+    )
+    return b
+
+
 def _state_block(num_seqs, H, K, V, passes):
     # 64x64 tiles when the sequences and heads fill the GPU; else 32x32 tiles, four times
     # the programs, so few long sequences still run on most SMs.
@@ -124,22 +134,15 @@ def _state_block(num_seqs, H, K, V, passes):
     return STATE_BLOCK if num_seqs * H * tiles * passes >= STATE_PROGRAMS else STATE_BLOCK // 2
 
 
-def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_state, chunks, g=None):
+def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_state, chunks):
     """Chunk-entry states h and/or chunk-exit state gradients dh, [slots, H, K, V] in q's dtype,
-    H the value heads (q and k may have fewer, each shared by a group of value heads). With g
-    (and b None, forward set) the pass forms the gate's chunk-local cumulative sums b itself
-    and stores them, instead of reading them from a cumsum pass.
+    H the value heads (q and k may have fewer, each shared by a group of value heads).
 
-    Returns (h, dh, ht, dh0, b); ht fp32 if output_final_state, dh0 fp32 if h0 is given.
+    Returns (h, dh, ht, dh0); ht fp32 if output_final_state, dh0 fp32 if h0 is given.
     """
     HQ, K = q.shape[1:]
     H, V = v.shape[1:]
     N = chunks.num_seqs
-    from_g = b is None
-    if from_g:
-        if g is None or not forward:
-            raise ValueError("_states: without b, g and the forward pass are needed to form it")
-        b = torch.empty(g.shape[0], H, 1 if g.dim() == 2 else K, dtype=torch.float32, device=g.device)
     shape = (chunks.slots, H, K, V)
     h = torch.empty(shape, dtype=q.dtype, device=q.device) if forward else None
     dh = torch.empty(shape, dtype=q.dtype, device=q.device) if backward else None
@@ -149,14 +152,14 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
     blk = _state_block(N, H, K, V, passes)
     grid = (cdiv(K, blk) * cdiv(V, blk), H, N * passes)
     dummy = h if h is not None else dh
-    args = (k, v, q, do if do is not None else v, b, g if from_g else b,
+    args = (k, v, q, do if do is not None else v, b,
             h0 if h0 is not None else dummy, dht if dht is not None else dummy,
             dummy if h is None else h, dummy if dh is None else dh,
             ht if ht is not None else dummy, dh0 if dh0 is not None else dummy,
             chunks.cu_seqlens, chunks.offsets, N, scale)
     options = dict(SCALAR_GATE=b.shape[-1] == 1, H=H, HQ=HQ, K=K, V=V, FORWARD=forward, BACKWARD=backward,
                    HAS_H0=forward and h0 is not None, HAS_DHT=backward and dht is not None,
-                   STORE_HT=ht is not None, STORE_DH0=dh0 is not None, B_FROM_G=from_g, num_warps=NUM_WARPS)
+                   STORE_HT=ht is not None, STORE_DH0=dh0 is not None, num_warps=NUM_WARPS)
 
     def tiles(blk):
         return dict(BK=blk, BV=blk, num_stages=STATE_STAGES if blk == STATE_BLOCK else STATE_STAGES_SMALL)
@@ -165,7 +168,7 @@ def _states(q, k, v, do, b, scale, h0, dht, forward, backward, output_final_stat
         choices = (STATE_BLOCK, STATE_BLOCK // 2)
         compile_variants(kern.chunk_state_kernel, args, options, [tiles(x) for x in choices])
     kern.chunk_state_kernel[grid](*args, **options, **tiles(blk))
-    return h, dh, ht, dh0, b
+    return h, dh, ht, dh0
 
 
 FUSED_SEGMENT_TOKENS = 4096  # longest stretch of a sequence one program of the fused scalar-gate forward walks
@@ -176,8 +179,8 @@ FUSED_FORWARD_WARPS = 4
 def fused_forward(num_seqs: int, H: int, V: int, tokens: int, sms: int) -> bool:
     """Whether the scalar-gate forward runs fused (`chunk_fused_forward_scalar_kernel`: one
     program per segment of at most FUSED_SEGMENT_TOKENS tokens of a sequence, value head and
-    V tile, serial over the segment's chunks) rather than as state pass and chunk-parallel
-    output. It reads q, k, v once and writes only o; segments after a
+    V tile, serial over the segment's chunks) rather than as cumsum, state pass and
+    chunk-parallel output. It reads q, k, v once and writes only o; segments after a
     sequence's first take their entry state from a first pass over k and v. It needs at least
     one program per SM. H100, bf16, H = 16, K = V = 128, forward kernels fused against chunked:
     8x4096 (256 programs) 0.28 ms against 0.55; 1x32768 (8 segments, 256 programs) 0.41 against
@@ -256,7 +259,8 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             other(q, k, v, g, scale, h0, output_final_state, chunks)
         if fused:
             return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
-    h, _, ht, _, b = _states(q, k, v, None, None, scale, h0, None, True, False, output_final_state, chunks, g=g)
+    b = _cumsum(g, scalar_gate, H, K, chunks)
+    h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     if scalar_gate:
         bv = _scalar_block(V)
@@ -317,10 +321,12 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
-    if h is None or b is None:  # both passes again, the forward one forming b from g
-        h, dh, _, dh0, b = _states(q, k, v, do, None, scale, h0, dht, True, True, False, chunks, g=g)
+    if b is None:
+        b = _cumsum(g, scalar_gate, H, K, chunks)
+    if h is None:
+        h, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, True, True, False, chunks)
     else:
-        _, dh, _, dh0, _ = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
+        _, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
     # fp32 tiles of the fused kernels would pass the shared memory of one SM.
@@ -582,7 +588,7 @@ def backward_mode() -> str:
     for its own output, so the backward runs only the reverse state pass and no cumsum. They
     cost per layer and chunk of 64 tokens H * K * V * 2 bytes (bf16; twice v's bytes at K = 128)
     plus 4 bytes per token, head and gate column (one column for a scalar gate).
-    recompute: the backward reruns the forward state pass (which forms the gate cumsums again).
+    recompute: the backward reruns the gate cumsum and the forward state pass.
     auto: saved for chunk_gla, recompute for chunk_simple_gla. H100, bf16, 340M recipes at
     4096 x 8 x 16 micro-batches, one call: GLA 159,709 -> 163,700 tokens/s with the states kept
     (+5.4 GiB); for a scalar gate the reverse pass alone took as long as both passes together

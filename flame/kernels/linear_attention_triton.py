@@ -53,13 +53,34 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
     return seq, t0, (end - t0).to(tl.int32)
 
 
+@triton.jit(do_not_specialize=["N"])
+def chunk_cumsum_kernel(
+    g_ptr, b_ptr, cu_ptr, chunk_idx_ptr, N,
+    H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr, BK: tl.constexpr,
+):
+    """b = chunk-local inclusive cumulative sum of g, fp32 [T, H] or [T, H, K]."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    rows = tl.arange(0, BT)
+    if SCALAR_GATE:
+        g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
+        b = tl.cumsum(g.to(tl.float32), axis=0)
+        tl.store(b_ptr + (t0 + rows) * H + i_h, b, mask=rows < L)
+    else:
+        cols = i_k * BK + tl.arange(0, BK)
+        mask = (rows[:, None] < L) & (cols[None, :] < K)
+        g = tl.load(g_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], mask=mask, other=0.0)
+        b = tl.cumsum(g.to(tl.float32), axis=0)
+        tl.store(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], b, mask=mask)
+
+
 @triton.jit
 def _state_pass(
-    x_ptr, y_ptr, b_ptr, g_ptr, start_ptr, states_ptr, end_ptr, i_n, i_h, i_k, i_v, bos, eos, first, num_chunks,
-    scale, store_b,
+    x_ptr, y_ptr, b_ptr, start_ptr, states_ptr, end_ptr, i_n, i_h, i_k, i_v, bos, eos, first, num_chunks, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr, B_FROM_G: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """One [BK, BV] tile of the recurrence over a sequence's chunks, state kept in fp32 registers.
 
@@ -67,8 +88,6 @@ def _state_pass(
     REVERSE (x, y = q, do): states[c] = dh leaving chunk c; dh <- e^{b_L} dh + scale (q e^{b})^T do.
     The chunk tiles do not depend on h, so their loads are pipelined ahead of the update.
     x has HQ heads (q/k heads), shared by H // HQ consecutive value heads.
-    B_FROM_G: b is the chunk-local cumulative sum of g formed here (no cumsum pass before), and
-    stored where store_b (one program per gate tile) for the kernels after this one.
     """
     rows = tl.arange(0, BT)
     ck = i_k * BK + tl.arange(0, BK)
@@ -90,15 +109,8 @@ def _state_pass(
         y = tl.load(y_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :],
                     mask=(rows[:, None] < L) & (cv[None, :] < V), other=0.0)
         if SCALAR_GATE:
-            if B_FROM_G:
-                g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0).to(tl.float32)
-                b, b_last = _scalar_gate_cumsum(g, rows, L)
-                if not REVERSE:
-                    if store_b:
-                        tl.store(b_ptr + (t0 + rows) * H + i_h, b, mask=rows < L)
-            else:
-                b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
-                b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+            b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
+            b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
             if REVERSE:
                 w = tl.where(rows < L, tl.exp(b) * scale, 0.0)
             else:
@@ -106,16 +118,8 @@ def _state_pass(
             xd = (x.to(tl.float32) * w[:, None]).to(y.dtype)
             h = h * tl.exp(b_last) + tl.dot(tl.trans(xd), y)
         else:
-            pb = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
-            if B_FROM_G:
-                b = tl.cumsum(tl.load(g_ptr + pb, mask=mk, other=0.0).to(tl.float32), axis=0)
-                b_last = tl.sum(tl.where(rows[:, None] == L - 1, b, 0.0), axis=0)
-                if not REVERSE:
-                    if store_b:
-                        tl.store(b_ptr + pb, b, mask=mk)
-            else:
-                b = tl.load(b_ptr + pb, mask=mk, other=0.0)
-                b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+            b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
             if REVERSE:
                 w = tl.where(mk, tl.exp(b) * scale, 0.0)
             else:
@@ -128,20 +132,18 @@ def _state_pass(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_state_kernel(
-    k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, g_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
+    k_ptr, v_ptr, q_ptr, do_ptr, b_ptr, h0_ptr, dht_ptr, h_ptr, dh_ptr, ht_ptr, dh0_ptr,
     cu_ptr, chunk_offsets_ptr, N, scale,
     SCALAR_GATE: tl.constexpr, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     FORWARD: tl.constexpr, BACKWARD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    STORE_HT: tl.constexpr, STORE_DH0: tl.constexpr, B_FROM_G: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    STORE_HT: tl.constexpr, STORE_DH0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """The only sequential passes, one program per (K, V tile, head, sequence, direction).
 
     FORWARD writes h (state entering each chunk) and ht; BACKWARD writes dh (gradient of the
     state leaving each chunk) and dh0. With both, the two independent passes share one launch:
     programs past the first N sequences run the reverse pass, which doubles the parallelism
-    when few long sequences leave SMs idle. B_FROM_G: every program forms the gate's chunk-local
-    cumulative sums b from g itself, and the forward programs of the first V tile (and, for a
-    scalar gate, the first K tile) store them: the cumsum pass's read of g and its launch saved.
+    when few long sequences leave SMs idle.
     """
     i_kv, i_h, i_p = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -158,15 +160,11 @@ def chunk_state_kernel(
     first = tl.load(chunk_offsets_ptr + i_n).to(tl.int64)
     num_chunks = (tl.load(chunk_offsets_ptr + i_n + 1) - first).to(tl.int32)
     if reverse:
-        _state_pass(q_ptr, do_ptr, b_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
-                    num_chunks, scale, i_v < 0, SCALAR_GATE, H, HQ, K, V, True, HAS_DHT, STORE_DH0, B_FROM_G, BK, BV)
+        _state_pass(q_ptr, do_ptr, b_ptr, dht_ptr, dh_ptr, dh0_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
+                    num_chunks, scale, SCALAR_GATE, H, HQ, K, V, True, HAS_DHT, STORE_DH0, BK, BV)
     else:
-        if SCALAR_GATE:
-            store_b = (i_v == 0) & (i_k == 0)
-        else:
-            store_b = i_v == 0
-        _state_pass(k_ptr, v_ptr, b_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
-                    num_chunks, 1.0, store_b, SCALAR_GATE, H, HQ, K, V, False, HAS_H0, STORE_HT, B_FROM_G, BK, BV)
+        _state_pass(k_ptr, v_ptr, b_ptr, h0_ptr, h_ptr, ht_ptr, i_n, i_h, i_k, i_v, bos, eos, first,
+                    num_chunks, 1.0, SCALAR_GATE, H, HQ, K, V, False, HAS_H0, STORE_HT, BK, BV)
 
 
 @triton.jit
