@@ -47,6 +47,18 @@ def environment() -> dict:
     }
 
 
+def sm_clock_mhz() -> int | None:
+    """The GPU's current SM clock (nvidia-smi), or None where it cannot be read. Long runs of
+    matmuls hit the power limit and the clock falls (an H100 at 700 W: 1980 -> ~1200-1350 MHz),
+    so a time taken after another implementation's run is not taken at the same clock."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def write_report(report: dict, out, name: str) -> pathlib.Path:
     """Writes a benchmark's report (with its "environment") as JSON to `out`, or by default to
     benchmarks/results/<name>_<gpu>.json; prints and returns the path."""
