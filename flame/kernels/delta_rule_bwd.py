@@ -267,12 +267,19 @@ def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
     return BV, 8 if BK >= 128 else 4
 
 
-def chunk_grad_stages(element_size: int) -> int:
+def chunk_grad_stages(element_size: int, gated: bool, BK: int) -> int:
     """Software-pipeline stages of the chunk gradient kernel's V loop: at 2 the next V block's
     tiles load while the current one computes. H100, K = V = 128, 8x4096: 1.79 -> 1.51 ms per
     call gated, 1.06 -> 0.89 plain (results/delta_rule_prep_full_h100.json, grad_stages=2);
-    139-172 KB of shared memory in bf16. fp32 inputs keep one stage (twice the bytes)."""
-    return 2 if element_size <= 2 else 1
+    139-172 KB of shared memory in bf16. Gated heads of K <= 128 take 3 (one H100 call,
+    results/delta_rule_grad_stages_9ae2bd7_h100.json, kernel ms 2 -> 3 stages: H = 16, K = V =
+    128, 8x4096 1.483 -> 1.349, 1x32768 1.509 -> 1.423; the GDN 1.37B layer, 8 heads of K = 128,
+    V = 256, 4x4096 0.585 -> 0.497; the 374M one, 4 heads, 8x4096 0.576 -> 0.490); the plain
+    rule's kernel does not fit the shared memory at 3. fp32 inputs keep one stage (twice the
+    bytes)."""
+    if element_size > 2:
+        return 1
+    return 3 if gated and BK <= 128 else 2
 
 
 def split_dv_local(gated: bool, serial_programs: int, sms: int, packed_segments: bool = False) -> bool:
@@ -391,7 +398,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         cu_seqlens, chunk_indices, chunk_offsets, scale,
         T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVC,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-        num_warps=warps, num_stages=chunk_grad_stages(q.element_size()),
+        num_warps=warps, num_stages=chunk_grad_stages(q.element_size(), g is not None, BK),
     )
     if HV != H:
         dq = sum_head_groups(dq, H).to(q.dtype)
