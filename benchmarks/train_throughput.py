@@ -7,7 +7,8 @@ the real trainer for a few steps:
 
 on the embedded default corpus (no network needed) with a micro-batch that fits one H100, then
 reads tokens/s and MFU from `<dump_folder>/metrics.jsonl` (median over the steps after the
-first `--skip` ones, which include compilation and autotuning). MFU is the trainer's: the model's
+first `--skip` ones, which include compilation and autotuning; the table also gives the overall
+rate, the timed steps' tokens over their total time). MFU is the trainer's: the model's
 own FLOPs per token (`LanguageModel.flops_per_token`) over the GPU's peak dense bf16 FLOP/s.
 
     python benchmarks/train_throughput.py                          # all recipes, seq 2048/4096/16384
@@ -127,6 +128,9 @@ def throughput(args, selected, workdir):
                    "steps": args.steps, "rc": rc, "wall_seconds": round(seconds, 1), "command": cmd}
             if rc == 0 and timed:
                 row["tokens_per_second"] = statistics.median(r["tokens_per_second"] for r in timed)
+                # every timed step holds the same tokens: their total over the steps' total time (a
+                # Transformer's steps differ by their documents' lengths, which a median weighs unevenly)
+                row["tokens_per_second_overall"] = statistics.harmonic_mean(r["tokens_per_second"] for r in timed)
                 mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
                 row["mfu"] = statistics.median(mfus) if mfus else None
                 row["memory_gib"] = max(r.get("memory_gib") or 0 for r in timed)
@@ -148,15 +152,18 @@ def throughput(args, selected, workdir):
                 and r["class"] == row["class"] and "tokens_per_second" in r]
         if base and "tokens_per_second" in row:
             row["vs_transformer"] = row["tokens_per_second"] / base[0]["tokens_per_second"]
-    print(f"\n{'recipe':28s} {'seq':>6s} {'batch':>5s} {'tokens/s':>10s} {'MFU':>6s} {'x Transf.':>9s} {'GiB':>6s}")
+            row["vs_transformer_overall"] = row["tokens_per_second_overall"] / base[0]["tokens_per_second_overall"]
+    print(f"\n{'recipe':28s} {'seq':>6s} {'batch':>5s} {'tokens/s':>10s} {'MFU':>6s} {'x Transf.':>9s} {'GiB':>6s}"
+          f" {'overall tokens/s':>16s} {'x Transf.':>9s}")
     for r in rows:
         if "tokens_per_second" not in r:
             print(f"{r['recipe']:28s} {r['seq_len']:6d} {r['local_batch_size']:5d}   failed (rc {r['rc']})")
             continue
         mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "   n/a"
         ratio = f"{r['vs_transformer']:8.2f}x" if "vs_transformer" in r else "      n/a"
+        overall = f"{r['vs_transformer_overall']:8.2f}x" if "vs_transformer_overall" in r else "      n/a"
         print(f"{r['recipe']:28s} {r['seq_len']:6d} {r['local_batch_size']:5d} {r['tokens_per_second']:10.0f} "
-              f"{mfu} {ratio} {r.get('memory_gib', 0):6.1f}")
+              f"{mfu} {ratio} {r.get('memory_gib', 0):6.1f} {r['tokens_per_second_overall']:16.0f} {overall}")
     return rows
 
 
