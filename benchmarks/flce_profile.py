@@ -18,11 +18,12 @@ import pathlib
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from environment import environment, sm_clock_mhz  # noqa: E402
+from flce import step as flce_step, torch_eager  # noqa: E402
+from trace_summary import union_length  # noqa: E402
 from flame.kernels import fused_linear_cross_entropy  # noqa: E402
 
 
@@ -45,30 +46,21 @@ def traced(fn, trace_path=None):
         torch.cuda.synchronize()
     if trace_path:
         prof.export_chrome_trace(trace_path)
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    busy, end, idle = 0.0, kernels[0][0], 0.0
-    for a, b in kernels:
-        if a > end:
-            idle += a - end
-        busy += max(0.0, b - max(a, end))
-        end = max(end, b)
-    return {"kernel_busy_ms": busy / 1e3, "span_ms": (end - kernels[0][0]) / 1e3, "idle_ms": idle / 1e3,
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()  # microseconds
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    busy = union_length(kernels)
+    span = max(b for _, b in kernels) - min(a for a, _ in kernels)
+    return {"kernel_busy_ms": busy / 1e3, "span_ms": span / 1e3, "idle_ms": (span - busy) / 1e3,
             "kernels": len(kernels)}
 
 
 def timeline(x, w, target, trace_path):
     from triton.testing import do_bench
 
-    def eager(x, w, t):
-        return F.cross_entropy((x @ w.T).float(), t, ignore_index=-100)
-
-    compiled = torch.compile(eager)
     rows = {}
-    for name, loss in (("flame", fused_linear_cross_entropy), ("torch_compile", compiled)):
+    for name, loss in (("flame", fused_linear_cross_entropy), ("torch_compile", torch.compile(torch_eager))):
         def step(loss=loss):
-            x.grad = w.grad = None
-            loss(x, w, target).backward()
+            flce_step(loss, x, w, target)
 
         for _ in range(3):
             step()
@@ -104,10 +96,8 @@ def main() -> None:
                                                           "timeline": rows}, indent=2) + "\n")
         return
 
-    def step():
-        # gradients set to None first, as in benchmarks/flce.py (no accumulation into old ones)
-        x.grad = w.grad = None
-        fused_linear_cross_entropy(x, w, target).backward()
+    def step():  # gradients set to None first, as in benchmarks/flce.py (no accumulation into old ones)
+        flce_step(fused_linear_cross_entropy, x, w, target)
 
     for _ in range(3):
         step()

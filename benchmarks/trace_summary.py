@@ -22,7 +22,7 @@ import json
 from collections import defaultdict
 
 
-def _union(intervals: list[tuple[float, float]]) -> float:
+def union_length(intervals: list[tuple[float, float]]) -> float:
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
         if b <= end:
@@ -34,7 +34,7 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
     """Length of (union of a) intersected with (union of b)."""
-    return _union(a) + _union(b) - _union(a + b)
+    return union_length(a) + union_length(b) - union_length(a + b)
 
 
 def _innermost_ops(events):
@@ -136,8 +136,8 @@ def summarise(path: str) -> dict:
         "trace_gpu": (trace.get("deviceProperties") or [{}])[0].get("name"),
         "host_step_ms": max((e["dur"] for e in steps), default=0.0) * ms,
         "gpu_span_ms": (last - first) * ms,
-        "gpu_busy_ms": _union(span(kernels)) * ms,
-        "compute_busy_ms": _union(span(compute)) * ms,
+        "gpu_busy_ms": union_length(span(kernels)) * ms,
+        "compute_busy_ms": union_length(span(compute)) * ms,
         "compute_kernel_sum_ms": sum(e["dur"] for e in compute) * ms,
         "main_stream_kernel_ms": by_stream[main_stream] * ms,
         "comm_kernel_ms": sum(e["dur"] for e in comm) * ms,
