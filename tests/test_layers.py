@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flame.kernels.conv import causal_conv1d
+from flame.kernels.conv import causal_conv1d, causal_conv1d_qkv
 from flame.kernels.norm import gated_rms_norm, rms_norm
 from flame.kernels.rotary import apply_rotary
 from flame.kernels.skip_gated_norm import skip_gated_rms_norm
@@ -288,6 +288,71 @@ def test_short_conv_batch_rows_are_documents(monkeypatch, backend, dtype, tol):
     check(ours, ref, [x, w], dtype, tol)
 
 
+def qkv_reference(x, w, b, cu, widths, norm_dim, activation="silu"):
+    """The split convolution from conv_per_document, then F.normalize per head of q and k."""
+    c = sum(widths)
+    y, _ = conv_per_document(x[..., :c], w, b, None, cu, activation)
+    q, k, v = y.split(widths, dim=-1)
+    if norm_dim:
+        q, k = (F.normalize(t.unflatten(-1, (-1, norm_dim)), dim=-1, eps=1e-6).flatten(-2) for t in (q, k))
+    return q, k, v, x[..., c:]
+
+
+@pytest.mark.parametrize("widths, norm_dim, activation, bias", [
+    ((32, 32, 64), 8, "silu", True),     # four heads per channel block, v over two blocks
+    ((16, 16, 48), 16, None, False),     # one head per block, no activation
+    ((32, 32, 64), None, "silu", False),  # split only
+    ((24, 24, 40), 12, "silu", True),    # heads of 12: the composed path
+], ids=["heads8-silu-bias", "heads16-linear", "no-norm", "heads12-composed"])
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_short_conv_qkv_split_and_normalised(monkeypatch, backend, dtype, tol, widths, norm_dim, activation, bias):
+    """q, k, v of a fused projection (with 5 more channels after them) through one convolution:
+    the three pieces, q and k L2-normalised per head, and the rest, with every gradient."""
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    c = sum(widths)
+    x, w = randn(1, 25, c + 5, seed=0), randn(c, K, seed=1)
+    inputs = [x, w] + ([randn(c, seed=2)] if bias else [])
+
+    def ours(x, w, b=None):
+        return causal_conv1d_qkv(x, w, b, activation, CU, widths, norm_dim)
+
+    def ref(x, w, b=None):
+        return qkv_reference(x, w, b, CU, widths, norm_dim, activation)
+
+    check(ours, ref, inputs, dtype, tol)
+
+
+@pytest.mark.parametrize("backend, dtype, tol", BACKENDS, ids=BACKEND_IDS)
+def test_short_conv_qkv_rows_and_unused_outputs(monkeypatch, backend, dtype, tol):
+    """Batch rows as documents, several row runs per program grid, and a loss that reaches only
+    q and v (k and the rest get no gradient: zeros in their place)."""
+    monkeypatch.setenv("FLAME_BACKEND", backend)
+    widths = (32, 32, 32)
+    x, w = randn(2, 150, 100, seed=0), randn(96, K, seed=1)
+    mine = [t.detach().to(dtype).requires_grad_() for t in (x, w)]
+    q, k, v, rest = causal_conv1d_qkv(*mine, None, "silu", None, widths, 16)
+    loss = (q * torch.linspace(-1, 1, 32, dtype=dtype)).sum() + v.square().sum()
+    loss.backward()
+    cu = torch.tensor([0, 150, 300])
+    ref = [t.detach().double().requires_grad_() for t in (x, w)]
+    qr, kr, vr, rr = qkv_reference(ref[0].reshape(1, 300, 100), ref[1], None, cu, widths, 16)
+    ((qr * torch.linspace(-1, 1, 32, dtype=torch.float64)).sum() + vr.square().sum()).backward()
+    assert rel(k.reshape(1, 300, 32), kr) < tol and rel(rest.reshape(1, 300, 4), rr) < tol
+    assert rel(mine[0].grad, ref[0].grad) < tol and rel(mine[1].grad, ref[1].grad) < tol
+
+
+def test_short_conv_qkv_bad_input():
+    x, w = torch.randn(1, 5, 70), torch.randn(64, K)
+    with pytest.raises(ValueError, match="three positive"):
+        causal_conv1d_qkv(x, w, widths=(32, 32))
+    with pytest.raises(ValueError, match="must be"):
+        causal_conv1d_qkv(torch.randn(1, 5, 60), w, widths=(16, 16, 32))
+    with pytest.raises(ValueError, match="qk_norm_dim"):
+        causal_conv1d_qkv(x, w, widths=(16, 16, 32), qk_norm_dim=12)
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d_qkv(x, torch.randn(60, K), widths=(16, 16, 32))
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "cu_seqlens"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_short_conv_empty_sequence(monkeypatch, backend, packed):
@@ -424,6 +489,11 @@ def test_gpu_layers_bf16_against_float64():
           lambda x, w: conv_per_document(x[..., 32:288].reshape(1, 600, 256), w, None, None,
                                          torch.tensor([0, 300, 600]))[0].reshape(2, 300, 256),
           [wide, wc], torch.bfloat16, tol, "cuda")
+    # q, k, v of a GDN-shaped fused projection (heads of 128, two narrow gates after them)
+    widths, proj = (512, 512, 1024), randn(1, 300, 2056, seed=12)
+    check(lambda x, w: causal_conv1d_qkv(x, w, None, "silu", cu.cuda(), widths, 128),
+          lambda x, w: qkv_reference(x, w, None, cu, widths, 128), [proj, randn(2048, 4, seed=17)],
+          torch.bfloat16, tol, "cuda")
     check(swiglu, lambda a, b: F.silu(a) * b, [randn(64, 512, seed=9), randn(64, 512, seed=10)], torch.bfloat16, tol, "cuda")
     yw, xw, zw, D = randn(2, 300, 2048, seed=13), randn(2, 300, 2304, seed=14), randn(2, 300, 4384, seed=15), randn(32, seed=16)
     check(lambda y, x, D, z, w: skip_gated_rms_norm(y, x[..., :2048], D, z[..., :2048], w),

@@ -219,11 +219,13 @@ def test_fused_qkv_projection_is_the_training_path(monkeypatch):
 
     calls = []
     fused = common._project_qkv_fused
-    monkeypatch.setattr(common, "_project_qkv_fused", lambda m, x, cu, extra: calls.append(extra) or fused(m, x, cu, extra))
+    monkeypatch.setattr(common, "_project_qkv_fused",
+                        lambda m, x, cu, extra, norm: calls.append((extra, norm)) or fused(m, x, cu, extra, norm))
     for name in ("gated_deltanet", "deltanet", "gla"):
         mixer = make(name)
         mixer(torch.randn(1, 5, 32, dtype=next(mixer.parameters()).dtype))
-    assert calls == [("a_proj", "b_proj"), ("b_proj",), ("gk_down",)]
+    # the delta-rule mixers' q and k normalised per head (of 16 here) in the fused path
+    assert calls == [(("a_proj", "b_proj"), 16), (("b_proj",), 16), (("gk_down",), None)]
     mixer = make("gated_deltanet")
     x = torch.randn(1, 5, 32, dtype=next(mixer.parameters()).dtype)
     assert common._fusable(mixer, x, ()) and common._fusable(mixer, x, ("a_proj", "b_proj"))

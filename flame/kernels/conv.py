@@ -10,6 +10,7 @@ cu_seqlens[n]:cu_seqlens[n+1]; without it, each of the B rows is a document.
 """
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -165,12 +166,52 @@ def _rows_before(x_ptr, r0, cols, cmask, x_stride, K: tl.constexpr):
 
 
 @triton.jit
+def _head_l2norm(y, eps, BLOCK_C: tl.constexpr, NORM_D: tl.constexpr):
+    """y / max(||y||, eps) over each head of NORM_D consecutive channels (F.normalize)."""
+    y2 = tl.reshape(y, [BLOCK_C // NORM_D, NORM_D])
+    den = tl.maximum(tl.sqrt(tl.sum(y2 * y2, axis=1)), eps)
+    return tl.reshape(y2 / den[:, None], [BLOCK_C])
+
+
+@triton.jit
+def _head_l2norm_bwd(y, dyn, eps, BLOCK_C: tl.constexpr, NORM_D: tl.constexpr):
+    """The gradient of y from that of yn = y / max(||y||, eps), per head:
+    (dyn - yn (yn . dyn)) / ||y|| where ||y|| > eps, dyn / eps elsewhere."""
+    y2 = tl.reshape(y, [BLOCK_C // NORM_D, NORM_D])
+    d2 = tl.reshape(dyn, [BLOCK_C // NORM_D, NORM_D])
+    nrm = tl.sqrt(tl.sum(y2 * y2, axis=1))
+    den = tl.maximum(nrm, eps)
+    yn = y2 / den[:, None]
+    dot = tl.where(nrm > eps, tl.sum(yn * d2, axis=1), 0.0)
+    return tl.reshape((d2 - yn * dot[:, None]) / den[:, None], [BLOCK_C])
+
+
+@triton.jit
+def _output_piece(y_ptr, y1_ptr, y2_ptr, c0, c1, c2, n_cols, SPLIT: tl.constexpr):
+    """(pointer, row width, first channel) of the output piece that holds the program's channels
+    c0 .. c0 + BLOCK_C - 1: with SPLIT, channels [0, c1), [c1, c2) and [c2, n_cols) go to three
+    tensors of their own (the caller makes every piece a whole number of channel blocks)."""
+    if SPLIT:
+        if c0 < c1:
+            base, width, col0 = y_ptr, c1, 0
+        elif c0 < c2:
+            base, width, col0 = y1_ptr, c2 - c1, c1
+        else:
+            base, width, col0 = y2_ptr, n_cols - c2, c2
+    else:
+        base, width, col0 = y_ptr, n_cols, 0
+    return base, width, col0
+
+
+@triton.jit
 def _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end, r1, n_docs, cols, cmask,
-              n_cols, K: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr, ROWS: tl.constexpr,
-              INSIDE: tl.constexpr):
-    """Outputs of rows t0 .. t0 + ROWS - 1 (inputs xs). INSIDE: the caller has checked that all
-    these rows and the K - 1 before them lie in one document and the rows are the program's, so
-    no row needs a mask or a document step."""
+              n_cols, y_width, y_col0, normalize, eps, K: tl.constexpr, HAS_CACHE: tl.constexpr,
+              IS_SILU: tl.constexpr, ROWS: tl.constexpr, INSIDE: tl.constexpr, BLOCK_C: tl.constexpr,
+              NORM_D: tl.constexpr):
+    """Outputs of rows t0 .. t0 + ROWS - 1 (inputs xs) into the output piece y_ptr, rows y_width
+    apart, that starts at channel y_col0; L2-normalised per head of NORM_D channels where
+    `normalize`. INSIDE: the caller has checked that all these rows and the K - 1 before them lie
+    in one document and the rows are the program's, so no row needs a mask or a document step."""
     for j in tl.static_range(ROWS):
         t = t0 + j
         xt = xs[j].to(tl.float32)
@@ -184,7 +225,10 @@ def _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start
                 pre += w[K - 1 - b] * _tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE)
         if IS_SILU:
             pre = pre / (1.0 + tl.exp(-pre))
-        off = t.to(tl.int64) * n_cols + cols
+        if NORM_D > 0:
+            if normalize:
+                pre = _head_l2norm(pre, eps, BLOCK_C, NORM_D)
+        off = t.to(tl.int64) * y_width + (cols - y_col0)
         if INSIDE:
             tl.store(y_ptr + off, pre.to(y_ptr.dtype.element_ty), mask=cmask)
         else:
@@ -205,13 +249,18 @@ def _fwd_rows(x_ptr, t0, r1, cols, cmask, x_stride, ROWS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_docs"])
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr,
-    n_rows, n_cols, x_stride, n_docs, rows_per_program,
+    x_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, y_ptr, y1_ptr, y2_ptr,
+    n_rows, n_cols, x_stride, n_docs, rows_per_program, c1, c2, norm_cols, eps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr, NORM_D: tl.constexpr,
 ):
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # SPLIT: the output goes to three tensors (`_output_piece`); NORM_D > 0: channels below
+    # norm_cols are L2-normalised per head of NORM_D after the activation.
+    c0 = tl.program_id(1) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     cmask = cols < n_cols
+    y_base, y_width, y_col0 = _output_piece(y_ptr, y1_ptr, y2_ptr, c0, c1, c2, n_cols, SPLIT)
+    normalize = c0 < norm_cols
     r0 = tl.program_id(0) * rows_per_program
     r1 = tl.minimum(r0 + rows_per_program, n_rows)
     w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
@@ -224,18 +273,22 @@ def _conv_fwd_kernel(
         doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
         # most steps lie inside one document: those skip the per-row masks and document walk
         if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1):
-            prev, doc, start, end = _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
-                                              r1, n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, True)
+            prev, doc, start, end = _fwd_step(x_ptr, y_base, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
+                                              r1, n_docs, cols, cmask, n_cols, y_width, y_col0, normalize, eps, K,
+                                              HAS_CACHE, IS_SILU, ROWS, True, BLOCK_C, NORM_D)
         else:
-            prev, doc, start, end = _fwd_step(x_ptr, y_ptr, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
-                                              r1, n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, False)
+            prev, doc, start, end = _fwd_step(x_ptr, y_base, cache_ptr, cu_ptr, xs, t0, prev, w, bias, doc, start, end,
+                                              r1, n_docs, cols, cmask, n_cols, y_width, y_col0, normalize, eps, K,
+                                              HAS_CACHE, IS_SILU, ROWS, False, BLOCK_C, NORM_D)
 
 
 @triton.jit
 def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1, n_docs,
-              cols, cmask, n_cols, K: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-              ROWS: tl.constexpr, INSIDE: tl.constexpr):
-    """Rows t0 .. t0 + ROWS - 1 of the backward walk. INSIDE: the caller has checked that these
+              cols, cmask, n_cols, dx_stride, normalize, eps, K: tl.constexpr, HAS_CACHE: tl.constexpr,
+              IS_SILU: tl.constexpr, ROWS: tl.constexpr, INSIDE: tl.constexpr, BLOCK_C: tl.constexpr,
+              NORM_D: tl.constexpr):
+    """Rows t0 .. t0 + ROWS - 1 of the backward walk (dx rows dx_stride apart; dys the gradients
+    of the normalised outputs where `normalize`). INSIDE: the caller has checked that these
     rows and the K - 1 before them lie in one document and are all the program's own, so no
     tap, gradient share or store needs a mask and no row a document step."""
     for j in tl.static_range(ROWS):
@@ -250,11 +303,19 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
             for b in tl.static_range(1, K):
                 taps = taps + (_tap(prev[b - 1], b, t, start, doc, cache_ptr, cols, cmask, n_cols, K, HAS_CACHE),)
         dpre = dys[j].to(tl.float32)
-        if IS_SILU:
+        if IS_SILU or NORM_D > 0:
             pre = bias
             for b in tl.static_range(K):
                 pre += w[K - 1 - b] * taps[b]
+        if IS_SILU:
             sig = 1.0 / (1.0 + tl.exp(-pre))
+        if NORM_D > 0:
+            if normalize:
+                if IS_SILU:
+                    dpre = _head_l2norm_bwd(pre * sig, dpre, eps, BLOCK_C, NORM_D)
+                else:
+                    dpre = _head_l2norm_bwd(pre, dpre, eps, BLOCK_C, NORM_D)
+        if IS_SILU:
             dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
         if INSIDE:
             dpre_own = dpre
@@ -266,7 +327,7 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
             dw_next = dw_next + (dw[i] + dpre_own * taps[K - 1 - i],)
         dw = dw_next
         u = t - (K - 1)
-        off = u.to(tl.int64) * n_cols + cols
+        off = u.to(tl.int64) * dx_stride + cols
         if INSIDE:
             dx = pending[K - 2] + w[0] * dpre
             tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
@@ -285,33 +346,40 @@ def _bwd_step(dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, 
 
 
 @triton.jit
-def _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, x_stride, ROWS: tl.constexpr):
-    """Rows t0 .. t0 + ROWS - 1 of x and dy (zeros past the last row), as tuples."""
+def _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, x_stride, dy_width, dy_col0, ROWS: tl.constexpr):
+    """Rows t0 .. t0 + ROWS - 1 of x and dy (zeros past the last row), as tuples; dy is the
+    output piece of the program's channels (`_output_piece`)."""
     xs = ()
     dys = ()
     for j in tl.static_range(ROWS):
         t = t0 + j
         mask = tl.where(t < n_rows, cmask, False)
         xs = xs + (tl.load(x_ptr + t.to(tl.int64) * x_stride + cols, mask=mask, other=0.0),)
-        dys = dys + (tl.load(dy_ptr + t.to(tl.int64) * n_cols + cols, mask=mask, other=0.0),)
+        dys = dys + (tl.load(dy_ptr + t.to(tl.int64) * dy_width + (cols - dy_col0), mask=mask, other=0.0),)
     return xs, dys
 
 
 @triton.jit(do_not_specialize=["n_docs"])
 def _conv_bwd_kernel(
-    x_ptr, dy_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
-    n_rows, n_cols, x_stride, n_docs, rows_per_program,
+    x_ptr, dy_ptr, dy1_ptr, dy2_ptr, w_ptr, b_ptr, cache_ptr, cu_ptr, dx_ptr, dw_ptr, db_ptr,
+    n_rows, n_cols, x_stride, dx_stride, n_docs, rows_per_program, c1, c2, norm_cols, eps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CACHE: tl.constexpr, IS_SILU: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    NORM_D: tl.constexpr,
 ):
     # Row t's pre-activation gradient dpre[t] = dy[t] * act'(pre[t]) goes to the weight gradient,
     # dw[i] += dpre[t] * tap(K-1-i), and to dx[t - b] += w[K-1-b] * dpre[t] for each tap b that
     # lies inside t's document. The program walks its rows r0 .. r1 - 1 and K - 1 more (their
     # dpre finishes dx of its last rows); dx of row t - (K-1) is complete once row t is done, so
     # the K - 1 rows of dx still open stay in registers ("pending", nearest first).
+    # SPLIT, NORM_D: the forward's (the gradient arrives in three pieces; the normalisation's
+    # backward comes first, from the recomputed activation).
     pid_t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(1) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
     cmask = cols < n_cols
+    dy_base, dy_width, dy_col0 = _output_piece(dy_ptr, dy1_ptr, dy2_ptr, c0, c1, c2, n_cols, SPLIT)
+    normalize = c0 < norm_cols
     r0 = pid_t * rows_per_program
     r1 = tl.minimum(r0 + rows_per_program, n_rows)
     w, bias = _weights(w_ptr, b_ptr, cols, cmask, K, HAS_BIAS)
@@ -330,22 +398,25 @@ def _conv_bwd_kernel(
     # PREFETCH: the next step's rows are loaded before this step's math, so that their loads are
     # in flight while it runs (at the cost of the registers that hold them).
     if PREFETCH:
-        xs, dys = _bwd_rows(x_ptr, dy_ptr, r0, n_rows, cols, cmask, n_cols, x_stride, ROWS)
+        xs, dys = _bwd_rows(x_ptr, dy_base, r0, n_rows, cols, cmask, x_stride, dy_width, dy_col0, ROWS)
     for t0 in range(r0, r1 + K - 1, ROWS):
         if PREFETCH:
-            next_xs, next_dys = _bwd_rows(x_ptr, dy_ptr, t0 + ROWS, n_rows, cols, cmask, n_cols, x_stride, ROWS)
+            next_xs, next_dys = _bwd_rows(x_ptr, dy_base, t0 + ROWS, n_rows, cols, cmask, x_stride, dy_width, dy_col0,
+                                          ROWS)
         else:
-            xs, dys = _bwd_rows(x_ptr, dy_ptr, t0, n_rows, cols, cmask, n_cols, x_stride, ROWS)
+            xs, dys = _bwd_rows(x_ptr, dy_base, t0, n_rows, cols, cmask, x_stride, dy_width, dy_col0, ROWS)
         doc, start, end = _advance(cu_ptr, n_docs, t0, doc, start, end)
         # most steps lie inside one document and the program's rows: those skip the masks
         if (t0 - (K - 1) >= start) & (t0 + ROWS <= end) & (t0 + ROWS <= r1) & (t0 - (K - 1) >= r0):
             prev, pending, dw, db, doc, start, end = _bwd_step(
                 dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1,
-                n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, True)
+                n_docs, cols, cmask, n_cols, dx_stride, normalize, eps, K, HAS_CACHE, IS_SILU, ROWS, True,
+                BLOCK_C, NORM_D)
         else:
             prev, pending, dw, db, doc, start, end = _bwd_step(
                 dx_ptr, cache_ptr, cu_ptr, xs, dys, t0, prev, pending, dw, db, w, bias, doc, start, end, r0, r1,
-                n_docs, cols, cmask, n_cols, K, HAS_CACHE, IS_SILU, ROWS, False)
+                n_docs, cols, cmask, n_cols, dx_stride, normalize, eps, K, HAS_CACHE, IS_SILU, ROWS, False,
+                BLOCK_C, NORM_D)
         if PREFETCH:
             xs, dys = next_xs, next_dys
     for i in tl.static_range(K):
@@ -400,27 +471,61 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return xf if xf.stride(-1) == 1 else xf.contiguous()
 
 
+def _launch_fwd(xf, w, bias, cache, cu, outs, block, warps, activation, c1=0, c2=0, norm_cols=0, norm_dim=0,
+                eps=0.0):
+    """The forward kernel over xf [rows, C] (rows may be further apart than C) into outs: one
+    [rows, C] tensor, or three pieces split at channels c1 and c2 (`_output_piece`)."""
+    n_rows, n_cols = xf.shape
+    split = len(outs) == 3
+    y, y1, y2 = outs if split else (outs[0],) * 3
+    constexprs = dict(K=w.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+                      IS_SILU=activation == "silu", ROWS=_FWD_ROWS, BLOCK_C=block, SPLIT=split, NORM_D=norm_dim)
+
+    def args(rows_per_program):
+        return (xf, w, bias if bias is not None else w, cache if cache is not None else xf, cu, y, y1, y2,
+                n_rows, n_cols, xf.stride(0), cu.shape[0] - 1, rows_per_program, c1, c2, norm_cols, eps)
+
+    c_blocks = cdiv(n_cols, block)
+    programs_t, per_program = _row_runs(_conv_fwd_kernel, args, constexprs, warps, n_rows, c_blocks, _FWD_ROWS)
+    _conv_fwd_kernel[(programs_t, c_blocks)](*args(per_program), **constexprs, num_warps=warps)
+
+
+def _launch_bwd(xf, dys, w, bias, cache, cu, dx, block, warps, activation, c1=0, c2=0, norm_cols=0, norm_dim=0,
+                eps=0.0):
+    """The backward kernel: dx [rows, >= C] (its first C channels) and (dw, db) in fp32, from
+    the output gradient dys (as the forward's outs)."""
+    n_rows, n_cols = xf.shape
+    split = len(dys) == 3
+    dy, dy1, dy2 = dys if split else (dys[0],) * 3
+    constexprs = dict(K=w.shape[-1], HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
+                      IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block, PREFETCH=_BWD_PREFETCH,
+                      SPLIT=split, NORM_D=norm_dim)
+
+    def args(dw_partial, db_partial, rows_per_program):
+        return (xf, dy, dy1, dy2, w, bias if bias is not None else w, cache if cache is not None else xf, cu,
+                dx, dw_partial, db_partial, n_rows, n_cols, xf.stride(0), dx.stride(0), cu.shape[0] - 1,
+                rows_per_program, c1, c2, norm_cols, eps)
+
+    c_blocks = cdiv(n_cols, block)
+    scratch = xf.new_empty(0, dtype=torch.float32)
+    programs_t, per_program = _row_runs(_conv_bwd_kernel, lambda rows: args(scratch, scratch, rows), constexprs,
+                                        warps, n_rows, c_blocks, _BWD_ROWS)
+    dw_partial = torch.empty(programs_t, n_cols, w.shape[-1], device=xf.device, dtype=torch.float32)
+    db_partial = torch.empty(programs_t, n_cols, device=xf.device, dtype=torch.float32)
+    _conv_bwd_kernel[(programs_t, c_blocks)](*args(dw_partial, db_partial, per_program), **constexprs,
+                                             num_warps=warps)
+    return dw_partial.sum(0), db_partial.sum(0)
+
+
 def _conv_fwd_impl(x, weight, bias, cu, initial_state, activation):
     xf = _rows(x)
     n_rows, n_cols = xf.shape
     y = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return y.view(x.shape)
-    k = weight.shape[-1]
-    w = weight.contiguous()
     cache = initial_state.contiguous() if initial_state is not None else None
     block, warps = _channel_blocks(n_cols)
-    c_blocks = cdiv(n_cols, block)
-    constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-                      IS_SILU=activation == "silu", ROWS=_FWD_ROWS, BLOCK_C=block)
-
-    def args(rows_per_program):
-        return (xf, w, bias if bias is not None else w, cache if cache is not None else xf, cu, y,
-                n_rows, n_cols, xf.stride(0), cu.shape[0] - 1, rows_per_program)
-
-    programs_t, per_program = _row_runs(_conv_fwd_kernel, args, constexprs, warps, n_rows,
-                                        c_blocks, _FWD_ROWS)
-    _conv_fwd_kernel[(programs_t, c_blocks)](*args(per_program), **constexprs, num_warps=warps)
+    _launch_fwd(xf, weight.contiguous(), bias, cache, cu, [y], block, warps, activation)
     return y.view(x.shape)
 
 
@@ -438,23 +543,7 @@ def _conv_bwd_impl(dy, x, weight, bias, cu, initial_state, activation):
         db = torch.zeros(n_cols, device=x.device, dtype=torch.float32)
     else:
         block, warps = _channel_blocks(n_cols)
-        c_blocks = cdiv(n_cols, block)
-        constexprs = dict(K=k, HAS_BIAS=bias is not None, HAS_CACHE=cache is not None,
-                          IS_SILU=activation == "silu", ROWS=_BWD_ROWS, BLOCK_C=block,
-                          PREFETCH=_BWD_PREFETCH)
-
-        def args(dw_partial, db_partial, rows_per_program):
-            return (xf, dyf, w, bias if bias is not None else w, cache if cache is not None else xf, cu,
-                    dx, dw_partial, db_partial, n_rows, n_cols, xf.stride(0), cu.shape[0] - 1, rows_per_program)
-
-        scratch = xf.new_empty(0, dtype=torch.float32)
-        programs_t, per_program = _row_runs(_conv_bwd_kernel, lambda rows: args(scratch, scratch, rows), constexprs,
-                                            warps, n_rows, c_blocks, _BWD_ROWS)
-        dw_partial = torch.empty(programs_t, n_cols, k, device=x.device, dtype=torch.float32)
-        db_partial = torch.empty(programs_t, n_cols, device=x.device, dtype=torch.float32)
-        _conv_bwd_kernel[(programs_t, c_blocks)](*args(dw_partial, db_partial, per_program), **constexprs,
-                                                 num_warps=warps)
-        dw, db = dw_partial.sum(0), db_partial.sum(0)
+        dw, db = _launch_bwd(xf, [dyf], w, bias, cache, cu, dx, block, warps, activation)
     if initial_state is not None:
         d_state = _initial_state_grad(dyf, xf, w, bias, cache, cu, activation)
     else:
@@ -597,6 +686,159 @@ def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, init
             [_input_at(xf, initial_state, docs, starts, ends - (k - 1 - i), k) for i in range(k - 1)], dim=-1
         )
     return y, final
+
+
+# ----------------------------------------------------------------------------- q, k, v of one projection
+
+
+def _qkv_channel_block(widths: list[int], norm_dim: int):
+    """(BLOCK_C, warps) for the split convolution, or None where the kernels cannot take it:
+    every piece a whole number of channel blocks (so that a program writes one piece), and the
+    normalised heads whole inside a block (a power-of-two head size)."""
+    block, _ = _channel_blocks(sum(widths))
+    while block > 1 and any(w % block for w in widths):
+        block //= 2
+    if norm_dim and (block < norm_dim or block % norm_dim):
+        return None
+    return block, max(1, block // (32 * _THREAD_COLS))
+
+
+def _qkv_fwd_impl(x, weight, bias, cu, widths, norm_dim, eps, activation):
+    c = sum(widths)
+    xf = x.reshape(-1, x.shape[-1])
+    n_rows = xf.shape[0]
+    outs = [torch.empty(n_rows, width, dtype=x.dtype, device=x.device) for width in widths]
+    if n_rows:
+        block, warps = _qkv_channel_block(widths, norm_dim)
+        _launch_fwd(xf[:, :c], weight.contiguous(), bias, None, cu, outs, block, warps, activation,
+                    widths[0], widths[0] + widths[1], widths[0] + widths[1] if norm_dim else 0, norm_dim, eps)
+    # the projection's other channels (narrow gates), as a tensor of their own (outputs of a
+    # custom op may not alias its inputs, so always a copy)
+    rest = torch.empty(n_rows, x.shape[-1] - c, dtype=x.dtype, device=x.device)
+    rest.copy_(xf[:, c:])
+    return tuple(t.view(*x.shape[:-1], t.shape[-1]) for t in outs + [rest])
+
+
+def _qkv_bwd_impl(dq, dk, dv, drest, x, weight, bias, cu, widths, norm_dim, eps, activation):
+    c = sum(widths)
+    xf = x.reshape(-1, x.shape[-1])
+    n_rows = xf.shape[0]
+    dx = torch.empty(n_rows, x.shape[-1], dtype=x.dtype, device=x.device)
+    if n_rows:
+        block, warps = _qkv_channel_block(widths, norm_dim)
+        dys = [d.reshape(n_rows, width).contiguous() for d, width in zip((dq, dk, dv), widths)]
+        dw, db = _launch_bwd(xf[:, :c], dys, weight.contiguous(), bias, None, cu, dx, block, warps, activation,
+                             widths[0], widths[0] + widths[1], widths[0] + widths[1] if norm_dim else 0, norm_dim, eps)
+    else:
+        dw = torch.zeros(c, weight.shape[-1], device=x.device, dtype=torch.float32)
+        db = torch.zeros(c, device=x.device, dtype=torch.float32)
+    dx[:, c:] = drest.reshape(n_rows, -1)
+    return dx.view(x.shape), dw.to(weight.dtype), db
+
+
+@torch.library.custom_op("flame::conv_qkv_fwd", mutates_args=())
+def _qkv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor, widths: list[int],
+             norm_dim: int, eps: float, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _qkv_fwd_impl(x, weight, bias, cu, widths, norm_dim, eps, activation)
+
+
+@_qkv_fwd.register_fake
+def _(x, weight, bias, cu, widths, norm_dim, eps, activation):
+    lead = x.shape[:-1]
+    return tuple(x.new_empty(*lead, width) for width in list(widths) + [x.shape[-1] - sum(widths)])
+
+
+@torch.library.custom_op("flame::conv_qkv_bwd", mutates_args=())
+def _qkv_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, drest: torch.Tensor, x: torch.Tensor,
+             weight: torch.Tensor, bias: torch.Tensor | None, cu: torch.Tensor, widths: list[int], norm_dim: int,
+             eps: float, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _qkv_bwd_impl(dq, dk, dv, drest, x, weight, bias, cu, widths, norm_dim, eps, activation)
+
+
+@_qkv_bwd.register_fake
+def _(dq, dk, dv, drest, x, weight, bias, cu, widths, norm_dim, eps, activation):
+    return x.new_empty(x.shape), torch.empty_like(weight), x.new_empty(sum(widths), dtype=torch.float32)
+
+
+def _qkv_setup(ctx, inputs, output):
+    x, weight, bias, cu, widths, norm_dim, eps, activation = inputs
+    ctx.options = (list(widths), norm_dim, eps, activation)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias, cu)
+
+
+def _qkv_grads(ctx, dq, dk, dv, drest):
+    """Zeros for outputs the loss did not reach (autograd passes None for them)."""
+    x = ctx.saved_tensors[0]
+    widths = ctx.options[0]
+    lead = x.shape[:-1]
+    grads = [g if g is not None else x.new_zeros(*lead, width)
+             for g, width in zip((dq, dk, dv, drest), widths + [x.shape[-1] - sum(widths)])]
+    return grads
+
+
+def _qkv_backward(ctx, dq, dk, dv, drest):
+    x, weight, bias, cu = ctx.saved_tensors
+    dx, dw, db = _qkv_bwd(*_qkv_grads(ctx, dq, dk, dv, drest), x, weight, bias, cu, *ctx.options)
+    return dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None, None, None, None, None
+
+
+_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+class _ConvQKV(torch.autograd.Function):
+    """The custom ops' forward and backward for eager mode (as _CausalConv1d)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cu, widths, norm_dim, eps, activation):
+        out = _qkv_fwd_impl(x, weight, bias, cu, widths, norm_dim, eps, activation)
+        _qkv_setup(ctx, (x, weight, bias, cu, widths, norm_dim, eps, activation), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv, drest):
+        x, weight, bias, cu = ctx.saved_tensors
+        dx, dw, db = _qkv_bwd_impl(*_qkv_grads(ctx, dq, dk, dv, drest), x, weight, bias, cu, *ctx.options)
+        return dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None, None, None, None, None
+
+
+def causal_conv1d_qkv(x, weight, bias=None, activation="silu", cu_seqlens=None, widths=(), qk_norm_dim=None,
+                      eps=1e-6):
+    """The short convolution of a fused q, k, v projection, for training (no decoding caches).
+
+    x [B, T, C + R]: the projection's output, whose first C = sum(widths) channels are q, k and v
+    side by side (widths (Cq, Ck, Cv)) and whose last R are other projections (narrow gates);
+    weight [C, kernel_size]. Returns (q, k, v, rest): the convolution's output split into the
+    three pieces, each a tensor of its own, and x[..., C:]. With qk_norm_dim, q and k are
+    L2-normalised over heads of that many channels after the activation (F.normalize, eps).
+
+    On the Triton path one kernel writes the three pieces and normalises q and k, and its
+    backward reads their gradients where they lie and writes x's whole gradient, rest included:
+    the splits, normalisations and concatenations around a plain convolution cost a memory
+    round trip each, forward and backward."""
+    widths = [int(w) for w in widths]
+    c = sum(widths)
+    if len(widths) != 3 or min(widths) <= 0:
+        raise ValueError(f"widths={widths}: q, k and v need three positive channel counts")
+    if x.dim() != 3 or x.shape[-1] < c:
+        raise ValueError(f"x has shape {tuple(x.shape)}; it must be [B, T, >= {c}] (q, k, v channels {widths})")
+    if qk_norm_dim is not None and (qk_norm_dim <= 0 or widths[0] % qk_norm_dim or widths[1] % qk_norm_dim):
+        raise ValueError(f"qk_norm_dim={qk_norm_dim} must divide the q and k widths {widths[:2]}")
+    _check_conv_inputs(x[..., :c], weight, bias, activation, cu_seqlens, None)
+    norm_dim = qk_norm_dim or 0
+    fits = (use_triton(x, weight) and weight.shape[-1] <= _MAX_KERNEL and x.stride(-1) == 1
+            and _qkv_channel_block(widths, norm_dim) is not None)
+    if not fits:
+        y, _ = causal_conv1d(x[..., :c], weight, bias, activation, cu_seqlens)
+        q, k, v = y.split(widths, dim=-1)
+        if qk_norm_dim:
+            q, k = (F.normalize(t.unflatten(-1, (-1, qk_norm_dim)), dim=-1, eps=eps).flatten(-2) for t in (q, k))
+        return q, k, v, x[..., c:]
+    cu = _cu_of(x, cu_seqlens)
+    x = x if x.is_contiguous() else x.contiguous()
+    if torch.compiler.is_compiling():
+        return _qkv_fwd(x, weight, bias, cu, widths, norm_dim, eps, activation or "none")
+    return _ConvQKV.apply(x, weight, bias, cu, widths, norm_dim, eps, activation or "none")
 
 
 def causal_conv1d_step(x, cache, weight, bias=None, activation="silu"):

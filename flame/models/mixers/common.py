@@ -4,10 +4,11 @@ convolutions with their decoding caches, positions for rotary, and gate initiali
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from flame.kernels.conv import causal_conv1d
+from flame.kernels.conv import causal_conv1d_qkv
 from flame.modules.concat_linear import column_shards, column_shards_fit, concat_linear
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
@@ -15,6 +16,8 @@ CHUNK_SIZE = 64
 # Up to this many new tokens, a call that continues from a decoding state runs the
 # token-by-token kernels; longer inputs (prefill, training) run the chunked ones.
 RECURRENT_MAX_TOKENS = 64
+# eps of the delta-rule mixers' L2 normalisation of q and k (F.normalize's, as the published models)
+QK_NORM_EPS = 1e-6
 
 
 def linear_attention_flops(K: int, V: int, C: int = CHUNK_SIZE) -> float:
@@ -74,18 +77,34 @@ def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
     return y
 
 
-def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[str, ...] = ()):
+def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[str, ...] = (),
+                qk_norm_dim: int | None = None):
     """q, k, v projections of x, each through its short convolution when the mixer has them (the
     convolutions' decoding caches go to new_state under conv_q / conv_k / conv_v), followed by
-    the projections of x named in extra (attributes of the mixer, e.g. "b_proj")."""
+    the projections of x named in extra (attributes of the mixer, e.g. "b_proj").
+
+    qk_norm_dim (the delta-rule mixers): q and k come back L2-normalised over heads of that many
+    channels, after the convolutions' SiLU or, for a mixer without short convolutions, after a
+    SiLU of q, k and v."""
     if state is None and new_state is None and _fusable(mixer, x, extra):
-        return _project_qkv_fused(mixer, x, cu_seqlens, extra)
+        return _project_qkv_fused(mixer, x, cu_seqlens, extra, qk_norm_dim)
     q, k, v = mixer.q_proj(x), mixer.k_proj(x), mixer.v_proj(x)
     if mixer.use_short_conv:
         q = apply_conv(mixer.q_conv, q, cu_seqlens, state, new_state, "conv_q")
         k = apply_conv(mixer.k_conv, k, cu_seqlens, state, new_state, "conv_k")
         v = apply_conv(mixer.v_conv, v, cu_seqlens, state, new_state, "conv_v")
+    q, k, v = _normalise_qk(mixer, q, k, v, qk_norm_dim)
     return (q, k, v) + tuple(getattr(mixer, name)(x) for name in extra)
+
+
+def _normalise_qk(mixer: nn.Module, q, k, v, qk_norm_dim: int | None):
+    """project_qkv's qk_norm_dim, outside the convolution's kernel."""
+    if qk_norm_dim is None:
+        return q, k, v
+    if not mixer.use_short_conv:
+        q, k, v = F.silu(q), F.silu(k), F.silu(v)
+    q, k = (F.normalize(t.unflatten(-1, (-1, qk_norm_dim)), dim=-1, eps=QK_NORM_EPS).flatten(-2) for t in (q, k))
+    return q, k, v
 
 
 def _fusable(mixer: nn.Module, x, extra: tuple[str, ...]) -> bool:
@@ -103,28 +122,32 @@ def _fusable(mixer: nn.Module, x, extra: tuple[str, ...]) -> bool:
     return len({(c.kernel_size, c.activation, c.bias is None) for c in convs}) == 1 and len(sharded) == 1
 
 
-def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...]):
+def _project_qkv_fused(mixer: nn.Module, x, cu_seqlens, extra: tuple[str, ...], qk_norm_dim: int | None):
     """The training path of project_qkv: one matmul against all the weights side by side and one
     convolution over the q, k, v channels of its output (read in place). Same values as separate
     calls (the convolution is depthwise, so channels do not mix); fewer kernel launches and op
     calls per layer, which matters because a linear-attention layer's step is close to
     host-bound, and the narrow projections (a few outputs per head, e.g. beta's) join a wide
     matmul instead of running as small, inefficient ones, forward and backward, each with its
-    own add into x's gradient. Under tensor parallelism: this rank's rows of every weight and
-    channel."""
+    own add into x's gradient. The convolution's kernel also writes q, k and v as tensors of
+    their own, normalises q and k (qk_norm_dim), and in backward assembles the matmul output's
+    whole gradient (`causal_conv1d_qkv`). Under tensor parallelism: this rank's rows of every
+    weight and channel."""
     projs = (mixer.q_proj, mixer.k_proj, mixer.v_proj) + tuple(getattr(mixer, name) for name in extra)
     x, weights = column_shards(x, [p.weight for p in projs])
     out = concat_linear(x, weights)  # keeps the weights, not their concatenation
     widths = [w.shape[0] for w in weights]
     qkv_width = sum(widths[:3])
-    qkv = out[..., :qkv_width]
     if mixer.use_short_conv:
         convs = (mixer.q_conv, mixer.k_conv, mixer.v_conv)
         weight = torch.cat([local(c.weight) for c in convs]).squeeze(1)
         bias = None if convs[0].bias is None else torch.cat([local(c.bias) for c in convs])
-        qkv, _ = causal_conv1d(qkv, weight, bias, convs[0].activation, cu_seqlens)
-    q, k, v = qkv.split(widths[:3], dim=-1)
-    return (q, k, v) + tuple(out[..., qkv_width:].split(widths[3:], dim=-1))
+        q, k, v, rest = causal_conv1d_qkv(out, weight, bias, convs[0].activation, cu_seqlens, widths[:3],
+                                          qk_norm_dim, QK_NORM_EPS)
+    else:
+        q, k, v = _normalise_qk(mixer, *out[..., :qkv_width].split(widths[:3], dim=-1), qk_norm_dim)
+        rest = out[..., qkv_width:]
+    return (q, k, v) + tuple(rest.split(widths[3:], dim=-1))
 
 
 @torch.no_grad()

@@ -68,11 +68,9 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         H, K, V = self.n_heads, self.head_k, self.head_v
         new_state = {} if use_cache else None
-        q, k, v, a, b = project_qkv(self, x, cu_seqlens, state, new_state, extra=("a_proj", "b_proj"))
-        if not self.use_short_conv:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q = F.normalize(q.view(B, T, H, K), dim=-1, eps=1e-6)
-        k = F.normalize(k.view(B, T, H, K), dim=-1, eps=1e-6)
+        q, k, v, a, b = project_qkv(self, x, cu_seqlens, state, new_state, extra=("a_proj", "b_proj"),
+                                    qk_norm_dim=K)
+        q, k = q.view(B, T, H, K), k.view(B, T, H, K)
         v = v.view(B, T, H, V)
         beta = b.sigmoid()
         gate_dtype = torch.promote_types(x.dtype, torch.float32)  # gates in at least fp32
