@@ -156,6 +156,32 @@ def test_max_seqlen_hint_leaves_results_unchanged(mixer):
             model(ids, cu_seqlens=cu, max_seqlen=bad)
 
 
+def test_blocks_see_few_max_seqlen_values(monkeypatch):
+    """The bound the blocks get is a power of two (at least 1024) capped at the row: over every
+    longest-document length of a 16384-token row, 5 values, each a bound on the document, and
+    the delta rule's long-document decision unchanged."""
+    from flame.kernels.delta_rule_segments import LONG_DOCUMENT_TOKENS
+    from flame.models import lm
+
+    bounds = {n: lm.bucketed_max_seqlen(n, 16384) for n in range(1, 16385)}
+    assert sorted(set(bounds.values())) == [1024, 2048, 4096, 8192, 16384]
+    assert all(n <= b for n, b in bounds.items())
+    assert all((n > LONG_DOCUMENT_TOKENS) == (b > LONG_DOCUMENT_TOKENS) for n, b in bounds.items())
+    assert lm.bucketed_max_seqlen(None, 3000) == 3000 and lm.bucketed_max_seqlen(1500, 3000) == 2048
+    # what the blocks receive from the model
+    model = build_model(tiny(mixer="gated_deltanet"))
+    seen = []
+    block_forward = type(model.layers[0]).forward
+    monkeypatch.setattr(type(model.layers[0]), "forward",
+                        lambda self, *a, **kw: seen.append(kw["max_seqlen"]) or block_forward(self, *a, **kw))
+    ids = torch.randint(0, 97, (1, 2000))
+    model(ids, cu_seqlens=torch.tensor([0, 700, 2000], dtype=torch.int32), max_seqlen=1300)
+    assert set(seen) == {2000}  # 2048, capped at the row
+    seen.clear()
+    model(ids, cu_seqlens=torch.tensor([0, 700, 2000], dtype=torch.int32), max_seqlen=900)
+    assert set(seen) == {1024}
+
+
 def test_batch_with_cu_seqlens_is_flattened():
     """A [B, T] batch with cu_seqlens over its flattened tokens (rows are boundaries too)."""
     torch.manual_seed(2)

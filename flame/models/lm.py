@@ -24,6 +24,25 @@ from flame.models.config import ModelConfig
 from flame.models.mlp import build_mlp
 
 
+# Smallest bound bucketed_max_seqlen hands the blocks: shorter longest documents share it.
+MIN_SEQLEN_BUCKET = 1024
+
+
+def bucketed_max_seqlen(max_seqlen: int | None, row: int) -> int:
+    """The bound on the longest document that the blocks see: max_seqlen (or the row length)
+    rounded up to a power of two of at least MIN_SEQLEN_BUCKET, and at most the row length.
+
+    Every kernel takes it as an upper bound only, but a compiled block specialises on the ints
+    that some ops take (varlen attention's max_q / max_k on CUDA) and recompiles for each new
+    value, and torch.compile stops a fullgraph block after 8: a batch's longest document varies
+    from step to step, its power of two only over a few values. The delta rule's long-document
+    decision (max_seqlen > 8192, a power of two) is the same for the bucket as for the bound."""
+    bound = row if max_seqlen is None else min(max_seqlen, row)
+    if not isinstance(bound, int):  # symbolic: the whole model is being compiled, which guards as it must
+        return bound
+    return min(row, max(MIN_SEQLEN_BUCKET, 1 << (bound - 1).bit_length()))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mixer: nn.Module):
         super().__init__()
@@ -107,7 +126,7 @@ class LanguageModel(nn.Module):
             x = self.embeddings(input_ids)
         # every row start is a document boundary, so no document is longer than a row
         row = input_ids.shape[1]
-        max_seqlen = (min(max_seqlen, row) if max_seqlen is not None else row) if cu_seqlens is not None else None
+        max_seqlen = bucketed_max_seqlen(max_seqlen, row) if cu_seqlens is not None else None
         new_states = [] if use_cache else None
         update = None
         for i, layer in enumerate(self.layers):
