@@ -80,9 +80,23 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
 # Compile
 
 
+# Graphs each kind of block may compile of the blocks' shared forward before torch.compile
+# stops (fullgraph: with an error): the first compile and its dynamic-shape one, one per
+# power-of-two bound on the longest document where a kernel specialises on it (varlen attention;
+# 1024 .. 16384 and more, see LanguageModel), and the delta rule's long-document switch.
+GRAPHS_PER_BLOCK_KIND = 12
+
+
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """Compile each block on its own: identical blocks share one compiled graph, and compile
-    time stays that of one block however deep the model."""
+    time stays that of one block however deep the model.
+
+    All blocks run one forward, so torch.compile counts the graphs of every kind of block (each
+    mixer type, checkpointed or not, and the first block, which starts the residual stream)
+    against one limit (8 by default): a hybrid of Gated DeltaNet and attention layers reached it
+    at its second step on an H100. The limit is raised to GRAPHS_PER_BLOCK_KIND per kind."""
+    kinds = len({(type(block), type(getattr(block, "mixer", None))) for block in model.layers}) + 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, GRAPHS_PER_BLOCK_KIND * kinds)
     for block in model.layers:
         block.compile(backend=backend, fullgraph=True)
 
