@@ -62,22 +62,23 @@ def test_gradient_sync_is_left_alone_without_fsdp():
     assert not hasattr(model, "set_requires_gradient_sync")
 
 
-def test_compile_limit_covers_every_kind_of_block(monkeypatch):
+def test_compile_limit_covers_every_kind_of_block():
     """The blocks share one forward, whose graph limit torch.compile counts over all of them: it
     is raised to GRAPHS_PER_BLOCK_KIND for each mixer type (checkpointed blocks apart) and the
     first block, never lowered."""
     from flame.models import ModelConfig, build_model
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     cfg = ModelConfig(mixer=["gated_deltanet", "gated_deltanet", "gated_deltanet", "attention"], vocab_size=96,
                       dim=64, n_layers=4, n_heads=4, head_dim=16, attn_n_heads=4, n_kv_heads=2, mlp_hidden_dim=64)
-    hybrid = build_model(cfg)
-    parallel.apply_compile(hybrid, backend="eager")
-    assert torch._dynamo.config.recompile_limit == 3 * parallel.GRAPHS_PER_BLOCK_KIND
-    checkpointed = build_model(cfg)
-    parallel.apply_checkpointing_and_compile(checkpointed, checkpoint="selective", every=2, compile_backend="eager")
-    # layers 0 and 2 checkpointed: Gated DeltaNet blocks in and out of the wrapper, attention, the first
-    assert torch._dynamo.config.recompile_limit == 4 * parallel.GRAPHS_PER_BLOCK_KIND
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1000)
-    parallel.apply_compile(build_model(cfg), backend="eager")
-    assert torch._dynamo.config.recompile_limit == 1000
+    # config.patch puts the process-wide setting back afterwards
+    with torch._dynamo.config.patch(recompile_limit=8):
+        parallel.apply_compile(build_model(cfg), backend="eager")
+        assert torch._dynamo.config.recompile_limit == 3 * parallel.GRAPHS_PER_BLOCK_KIND
+    with torch._dynamo.config.patch(recompile_limit=8):
+        parallel.apply_checkpointing_and_compile(build_model(cfg), checkpoint="selective", every=2,
+                                                 compile_backend="eager")
+        # layers 0 and 2 checkpointed: Gated DeltaNet blocks in and out of the wrapper, attention, the first
+        assert torch._dynamo.config.recompile_limit == 4 * parallel.GRAPHS_PER_BLOCK_KIND
+    with torch._dynamo.config.patch(recompile_limit=1000):
+        parallel.apply_compile(build_model(cfg), backend="eager")
+        assert torch._dynamo.config.recompile_limit == 1000
