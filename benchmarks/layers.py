@@ -1,7 +1,8 @@
 """Fused layers at [32768, 2048] bf16 on one GPU: RMSNorm (plain and with the residual add),
 gated RMSNorm, Mamba2's skip-gated RMSNorm (32 heads; also with x and z as channel slices of
 wider tensors, as Mamba2 passes them), short causal convolution (8 documents of 4096 tokens,
-kernel 4) and SwiGLU.
+kernel 4; also as the fused q, k, v projection's, `causal_conv1d_qkv`: the GDN 374M layer's
+widths, q and k normalised per head of 128) and SwiGLU.
 
     python benchmarks/layers.py
     python benchmarks/layers.py --only skip_gated_rms_norm skip_gated_rms_norm_slices
@@ -32,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.conv as conv_kernels  # noqa: E402
 import flame.kernels.norm as norm_kernels  # noqa: E402
-from flame.kernels.conv import causal_conv1d  # noqa: E402
+from flame.kernels.conv import causal_conv1d, causal_conv1d_qkv  # noqa: E402
 from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
 from flame.kernels.skip_gated_norm import skip_gated_rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
@@ -90,6 +91,18 @@ def conv_torch(x, w):
     return F.silu(y).transpose(1, 2)
 
 
+QKV_WIDTHS, QKV_HEAD = (512, 512, 1024), 128  # the GDN 374M layer's q, k, v channels (then 8 gate channels)
+
+
+def conv_qkv_torch(x, w):
+    """The fused projection's convolution composed as before causal_conv1d_qkv: the convolution
+    over the first channels, the split, F.normalize of q and k per head, the gates' channels."""
+    c = sum(QKV_WIDTHS)
+    q, k, v = conv_torch(x[..., :c], w).split(QKV_WIDTHS, dim=-1)
+    q, k = (F.normalize(t.unflatten(-1, (-1, QKV_HEAD)), dim=-1, eps=1e-6).flatten(-2) for t in (q, k))
+    return q, k, v, x[..., c:]
+
+
 def swiglu_torch(a, b):
     return F.silu(a) * b
 
@@ -111,6 +124,7 @@ def cases():
     # (4384 channels; torch.compile pads such rows to 4416)
     xs = torch.randn(ROWS, DIM + 256, device="cuda", dtype=torch.bfloat16)[:, :DIM]
     zs = torch.randn(ROWS, 4416, device="cuda", dtype=torch.bfloat16)[:, :DIM]
+    xq = torch.randn(DOCS, ROWS // DOCS, DIM + 8, device="cuda", dtype=torch.bfloat16)
     # name: (inputs, flame fn, torch fn, forward bytes, forward+backward bytes)
     return {
         "rms_norm": ((x, w), lambda x, w: rms_norm(x, w)[0], rms_norm_torch, 2 * e, 5 * e),
@@ -123,6 +137,10 @@ def cases():
         # the training path: the same 8 documents packed in one row, with cu_seqlens (torch: the batch)
         "short_conv_packed": ((xc, wc), lambda x, w: causal_conv1d(x.view(1, ROWS, DIM), w, None, "silu", cu)[0],
                               conv_torch, 2 * e, 5 * e),
+        # the projection output [.., 2048 + 8] in, q, k, v and the 8 gate channels out (and back)
+        "short_conv_qkv": ((xq, wc), lambda x, w: causal_conv1d_qkv(x.view(1, ROWS, -1), w, None, "silu", cu,
+                                                                    QKV_WIDTHS, QKV_HEAD),
+                           conv_qkv_torch, 2 * e, 5 * e),
         "swiglu": ((x, g), swiglu, swiglu_torch, 3 * e, 8 * e),
     }
 
