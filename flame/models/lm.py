@@ -34,9 +34,10 @@ def bucketed_max_seqlen(max_seqlen: int | None, row: int) -> int:
 
     Every kernel takes it as an upper bound only, but a compiled block specialises on the ints
     that some ops take (varlen attention's max_q / max_k on CUDA) and recompiles for each new
-    value, and torch.compile stops a fullgraph block after 8: a batch's longest document varies
-    from step to step, its power of two only over a few values. The delta rule's long-document
-    decision (max_seqlen > 8192, a power of two) is the same for the bucket as for the bound."""
+    value, against a cap on the graphs per code object (`parallel.apply_compile`): a batch's
+    longest document varies from step to step, its power of two only over a few values. The
+    delta rule's long-document decision (max_seqlen > 8192, a power of two) is the same for the
+    bucket as for the bound."""
     bound = row if max_seqlen is None else min(max_seqlen, row)
     if not isinstance(bound, int):  # symbolic: the whole model is being compiled, which guards as it must
         return bound
