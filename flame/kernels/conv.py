@@ -9,6 +9,8 @@ each document (oldest first). With cu_seqlens, x is [1, L, C] and documents are
 cu_seqlens[n]:cu_seqlens[n+1]; without it, each of the B rows is a document.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -691,16 +693,24 @@ def causal_conv1d(x, weight, bias=None, activation="silu", cu_seqlens=None, init
 # ----------------------------------------------------------------------------- q, k, v of one projection
 
 
-def _qkv_channel_block(widths: list[int], norm_dim: int):
-    """(BLOCK_C, warps) for the split convolution, or None where the kernels cannot take it:
-    every piece a whole number of channel blocks (so that a program writes one piece), and the
-    normalised heads whole inside a block (a power-of-two head size)."""
+def l2_normalize_heads(x: torch.Tensor, head_dim: int, eps: float) -> torch.Tensor:
+    """x [..., C] / max(||.||, eps) over each head of head_dim consecutive channels (torch)."""
+    return F.normalize(x.unflatten(-1, (-1, head_dim)), dim=-1, eps=eps).flatten(-2)
+
+
+@functools.lru_cache(maxsize=None)
+def _qkv_launch(widths: tuple[int, ...], norm_dim: int):
+    """(BLOCK_C, warps, c1, c2, norm_cols) of the split convolution, or None where the kernels
+    cannot take it: every piece a whole number of channel blocks (so that a program writes one
+    piece), and the normalised heads whole inside a block (a power-of-two head size). c1, c2:
+    where k and v start; norm_cols: the channels normalised (q and k, or none)."""
     block, _ = _channel_blocks(sum(widths))
     while block > 1 and any(w % block for w in widths):
         block //= 2
     if norm_dim and (block < norm_dim or block % norm_dim):
         return None
-    return block, max(1, block // (32 * _THREAD_COLS))
+    c1, c2 = widths[0], widths[0] + widths[1]
+    return block, max(1, block // (32 * _THREAD_COLS)), c1, c2, c2 if norm_dim else 0
 
 
 def _qkv_fwd_impl(x, weight, bias, cu, widths, norm_dim, eps, activation):
@@ -709,9 +719,9 @@ def _qkv_fwd_impl(x, weight, bias, cu, widths, norm_dim, eps, activation):
     n_rows = xf.shape[0]
     outs = [torch.empty(n_rows, width, dtype=x.dtype, device=x.device) for width in widths]
     if n_rows:
-        block, warps = _qkv_channel_block(widths, norm_dim)
+        block, warps, c1, c2, norm_cols = _qkv_launch(tuple(widths), norm_dim)
         _launch_fwd(xf[:, :c], weight.contiguous(), bias, None, cu, outs, block, warps, activation,
-                    widths[0], widths[0] + widths[1], widths[0] + widths[1] if norm_dim else 0, norm_dim, eps)
+                    c1, c2, norm_cols, norm_dim, eps)
     # the projection's other channels (narrow gates), as a tensor of their own (outputs of a
     # custom op may not alias its inputs, so always a copy)
     rest = torch.empty(n_rows, x.shape[-1] - c, dtype=x.dtype, device=x.device)
@@ -725,10 +735,10 @@ def _qkv_bwd_impl(dq, dk, dv, drest, x, weight, bias, cu, widths, norm_dim, eps,
     n_rows = xf.shape[0]
     dx = torch.empty(n_rows, x.shape[-1], dtype=x.dtype, device=x.device)
     if n_rows:
-        block, warps = _qkv_channel_block(widths, norm_dim)
+        block, warps, c1, c2, norm_cols = _qkv_launch(tuple(widths), norm_dim)
         dys = [d.reshape(n_rows, width).contiguous() for d, width in zip((dq, dk, dv), widths)]
         dw, db = _launch_bwd(xf[:, :c], dys, weight.contiguous(), bias, None, cu, dx, block, warps, activation,
-                             widths[0], widths[0] + widths[1], widths[0] + widths[1] if norm_dim else 0, norm_dim, eps)
+                             c1, c2, norm_cols, norm_dim, eps)
     else:
         dw = torch.zeros(c, weight.shape[-1], device=x.device, dtype=torch.float32)
         db = torch.zeros(c, device=x.device, dtype=torch.float32)
@@ -827,12 +837,12 @@ def causal_conv1d_qkv(x, weight, bias=None, activation="silu", cu_seqlens=None, 
     _check_conv_inputs(x[..., :c], weight, bias, activation, cu_seqlens, None)
     norm_dim = qk_norm_dim or 0
     fits = (use_triton(x, weight) and weight.shape[-1] <= _MAX_KERNEL and x.stride(-1) == 1
-            and _qkv_channel_block(widths, norm_dim) is not None)
+            and _qkv_launch(tuple(widths), norm_dim) is not None)
     if not fits:
         y, _ = causal_conv1d(x[..., :c], weight, bias, activation, cu_seqlens)
         q, k, v = y.split(widths, dim=-1)
         if qk_norm_dim:
-            q, k = (F.normalize(t.unflatten(-1, (-1, qk_norm_dim)), dim=-1, eps=eps).flatten(-2) for t in (q, k))
+            q, k = l2_normalize_heads(q, qk_norm_dim, eps), l2_normalize_heads(k, qk_norm_dim, eps)
         return q, k, v, x[..., c:]
     cu = _cu_of(x, cu_seqlens)
     x = x if x.is_contiguous() else x.contiguous()

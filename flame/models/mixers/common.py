@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from flame.kernels.conv import causal_conv1d_qkv
+from flame.kernels.conv import causal_conv1d_qkv, l2_normalize_heads
 from flame.modules.concat_linear import column_shards, column_shards_fit, concat_linear
 
 # Chunk length of the chunked kernels (the C in the FLOP counts below).
@@ -103,7 +103,7 @@ def _normalise_qk(mixer: nn.Module, q, k, v, qk_norm_dim: int | None):
         return q, k, v
     if not mixer.use_short_conv:
         q, k, v = F.silu(q), F.silu(k), F.silu(v)
-    q, k = (F.normalize(t.unflatten(-1, (-1, qk_norm_dim)), dim=-1, eps=QK_NORM_EPS).flatten(-2) for t in (q, k))
+    q, k = l2_normalize_heads(q, qk_norm_dim, QK_NORM_EPS), l2_normalize_heads(k, qk_norm_dim, QK_NORM_EPS)
     return q, k, v
 
 
