@@ -4,6 +4,7 @@ two GLA kernels on 16-row blocks, each timed beside the default in the same proc
 
     python benchmarks/linear_attention_profile.py [--shapes 8x4096 1x32768] [--kernels gla simple_gla]
                                                   [--variants SPEC ...] [--forwards auto fused chunked]
+                                                  [--backwards SPEC ...]
                                                   [--out PATH]
 
 A variant SPEC is comma-separated key=value over the keys of
@@ -13,8 +14,9 @@ itself (a second timing of it, for the spread). The variants only change the GLA
 they are timed for gla alone. --forwards times simple_gla with each forward of a scalar gate
 beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
-kernel times. H=16, K=V=128, bf16. Writes JSON (GPU, torch, Triton, commit) to
-benchmarks/results/ and prints a table last.
+kernel times. --backwards times simple_gla's fused backward with other launches (SPECs over
+the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). H=16, K=V=128,
+bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/ and prints a table last.
 """
 
 import argparse
@@ -81,6 +83,18 @@ def forced_forward(choice: str):
         la.fused_forward = saved
 
 
+@contextlib.contextmanager
+def scalar_backward(spec: str):
+    """Runs the block with `scalar_backward_config` answering the SPEC (keys of that config)."""
+    saved = la.scalar_backward_config
+    config = parse_spec(spec, saved())
+    la.scalar_backward_config = lambda: dict(config)
+    try:
+        yield
+    finally:
+        la.scalar_backward_config = saved
+
+
 def profiled(fn):
     try:
         return {k: round(v, 4) for k, v in kernel_times(fn).items()}
@@ -112,6 +126,9 @@ def print_table(rows):
             intra = entry.get("intra_kernels_fwdbwd_ms", {})
             print(f"{row['kernel']:11s} {shape:8s} {spec:92s} {fmt(entry.get('fwd_ms'))} {fmt(entry['fwdbwd_ms'])} "
                   f"{fmt(intra.get(INTRA_KERNELS[0]))} {fmt(intra.get(INTRA_KERNELS[1]))}")
+            if spec.startswith("backward:"):
+                print("    f+b:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}"
+                                         for k, v in list(entry["profile_fwdbwd_ms"].items())[:3] if isinstance(v, float)))
         profile = list(row["profile_fwdbwd_ms"].items())[:6]
         print("    default f+b:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}" for k, v in profile
                                          if isinstance(v, float)))
@@ -126,10 +143,15 @@ def main():
     parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS,
                         help="variant SPECs timed beside the default for gla at every shape")
     parser.add_argument("--forwards", "--scalar-forwards", nargs="*", default=[], choices=["auto", "fused", "chunked"])
+    parser.add_argument("--backwards", nargs="*", default=[],
+                        help="SPECs over the keys of scalar_backward_config() timed for simple_gla, e.g. "
+                             "block_v=64,warps=8,stages=2")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     for spec in args.variants:  # fail on a typo before any GPU work
         parse_spec(spec, la.gla_intra_config())
+    for spec in args.backwards:
+        parse_spec(spec, la.scalar_backward_config())
     report = {"environment": environment(), "default_config": la.gla_intra_config(), "rows": []}
     for shape in args.shapes:
         B, T = (int(x) for x in shape.split("x"))
@@ -150,6 +172,12 @@ def main():
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
+            for spec in args.backwards if kernel == "simple_gla" else []:
+                with scalar_backward(spec):
+                    fwdbwd()  # the first call of this launch compiles it
+                    entry = {"config": la.scalar_backward_config(), "fwdbwd_ms": timed(fwdbwd),
+                             "profile_fwdbwd_ms": profiled(fwdbwd)}
+                row["variants"][f"backward:{spec}"] = entry
             for spec in args.variants if kernel == "gla" else []:
                 with variant(spec):
                     entry = {"config": la.gla_intra_config(), "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}

@@ -206,6 +206,42 @@ def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+def use_scalar_backward(monkeypatch, block_v, warps=4, stages=2):
+    """The fused scalar-gate backward walking V in tiles of block_v (None: all of V at once);
+    returns the list of kernel names it launches."""
+    from flame.kernels import linear_attention
+
+    monkeypatch.setattr(linear_attention, "scalar_backward_config",
+                        lambda: dict(block_v=block_v, warps=warps, stages=stages))
+    launched = []
+    for name in ("chunk_backward_scalar_kernel", "chunk_backward_scalar_looped_kernel"):
+        kernel = getattr(linear_attention.kern, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launched.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(linear_attention.kern, name, Spy())
+    return launched
+
+
+# (B, T, H, K, V, cu_seqlens, initial states): V over several tiles of 16 or 32, K != V, a
+# partial last chunk, an empty sequence.
+LOOPED_BACKWARD_CASES = [(2, 80, 2, 16, 64, None, True), (1, 150, 1, 32, 48, [0, 20, 20, 150], False)]
+
+
+@pytest.mark.parametrize("block_v", [16, 32])
+@pytest.mark.parametrize("case", LOOPED_BACKWARD_CASES, ids=lambda c: f"T{c[1]}-K{c[3]}-V{c[4]}")
+def test_simple_gla_looped_backward_cpu(case, block_v, triton_backend, monkeypatch):
+    launched = use_scalar_backward(monkeypatch, block_v)
+    B, T, H, K, V, cu, with_h0 = case
+    errors = compare("simple_gla", chunk_simple_gla, True, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
+    assert launched == ["chunk_backward_scalar_looped_kernel"]
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
 def test_strong_decay_stays_finite_and_exact(kernel, triton_backend):
     # Decays of e^-30 per step: any intra-chunk factorisation with a positive exponent overflows.
@@ -505,6 +541,17 @@ def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
     errors = compare_grouped(*case, torch.bfloat16, "cuda")
     _record(f"simple_gla-grouped-HQ{case[2]}-HV{case[3]}", errors)
     assert_bf16_tolerances(errors)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_v,warps,stages", [(64, 8, 2), (32, 8, 3)])
+@pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] == "simple_gla"],
+                         ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
+def test_simple_gla_looped_backward_gpu_bf16(case, block_v, warps, stages, monkeypatch):
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    launched = use_scalar_backward(monkeypatch, block_v, warps, stages)
+    _check_gpu_bf16(case, f"-looped{block_v}x{warps}x{stages}")
+    assert launched == ["chunk_backward_scalar_looped_kernel"]
 
 
 # The scalar gate's two forwards (the defaults pick by shape: the small test shapes take the

@@ -97,6 +97,18 @@ def grouped_backward_config() -> dict:
     return dict(heads=8, dvg_warps=4, dvg_stages=2, dqk_bk=128, dqk_warps=8, dqk_stages=3)
 
 
+def scalar_backward_config() -> dict:
+    """Launch choices of the fused scalar-gate backward (one program per chunk and value head,
+    q/k heads not shared).
+
+    block_v: None runs `chunk_backward_scalar_kernel` (all of V at once); a tile width runs
+    `chunk_backward_scalar_looped_kernel`, which walks V in tiles of that width.
+    warps, stages: the launch (stages pipeline the looped kernel's V loop).
+    Benchmarks replace this function to time alternatives in one process.
+    """
+    return dict(block_v=None, warps=FUSED_WARPS, stages=1)
+
+
 def _stages(num_stages):
     return {} if num_stages is None else {"num_stages": num_stages}
 
@@ -337,10 +349,13 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         return dq, dk, dv, dg, dh0
     dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))  # per value head
     if whole_chunk and FUSED_SCALAR_BACKWARD:
-        kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
+        cfg = scalar_backward_config()
+        kernel, bv = kern.chunk_backward_scalar_kernel, _scalar_block(V)
+        if cfg["block_v"] is not None:
+            kernel, bv = kern.chunk_backward_scalar_looped_kernel, min(bv, cfg["block_v"])
+        kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=_scalar_block(V),
-            num_warps=FUSED_WARPS, num_stages=1,
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:
