@@ -15,8 +15,8 @@ they are timed for gla alone. --forwards times simple_gla with each forward of a
 beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
 kernel times. --backwards times simple_gla's fused backward with other launches (SPECs over
-the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). H=16, K=V=128,
-bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/ and prints a table last.
+the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). Shapes BxT have
+H=16, K=V=128; BxTxHxKxV names them all. bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/ and prints a table last.
 """
 
 import argparse
@@ -53,14 +53,24 @@ def variant(spec: str):
         la.gla_intra_config = saved
 
 
-def inputs(kernel, B, T, H=16, D=128):
+def parse_shape(shape: str) -> tuple:
+    """BxT (16 heads of K = V = 128) or BxTxHxKxV."""
+    dims = [int(x) for x in shape.split("x")]
+    if len(dims) == 2:
+        dims += [16, 128, 128]
+    if len(dims) != 5:
+        raise ValueError(f"a shape is BxT or BxTxHxKxV, got {shape!r}")
+    return tuple(dims)
+
+
+def inputs(kernel, B, T, H=16, K=128, V=128):
     """Closures running the forward and the forward+backward (gradients of q, k, v, g)."""
     dev, bf = "cuda", torch.bfloat16
-    q = torch.randn(B, T, H, D, device=dev, dtype=bf)
-    k = torch.randn(B, T, H, D, device=dev, dtype=bf)
-    v = torch.randn(B, T, H, D, device=dev, dtype=bf)
+    q = torch.randn(B, T, H, K, device=dev, dtype=bf)
+    k = torch.randn(B, T, H, K, device=dev, dtype=bf)
+    v = torch.randn(B, T, H, V, device=dev, dtype=bf)
     if kernel == "gla":
-        g = F.logsigmoid(torch.randn(B, T, H, D, device=dev)) / 16  # as benchmarks/kernels.py
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=dev)) / 16  # as benchmarks/kernels.py
         fn = chunk_gla
     else:
         g = F.logsigmoid(torch.randn(B, T, H, device=dev))
@@ -118,13 +128,13 @@ def fmt(x, width=7):
 
 
 def print_table(rows):
-    print(f"{'kernel':11s} {'shape':8s} {'variant':92s} {'fwd':>7s} {'f+b':>7s} {'scores':>7s} {'intra':>7s}")
+    print(f"{'kernel':11s} {'shape':16s} {'variant':84s} {'fwd':>7s} {'f+b':>7s} {'scores':>7s} {'intra':>7s}")
     for row in rows:
-        shape = f"{row['B']}x{row['T']}"
+        shape = "x".join(str(row[d]) for d in "BTHKV")
         entries = [("default", row)] + list(row["variants"].items())
         for spec, entry in entries:
             intra = entry.get("intra_kernels_fwdbwd_ms", {})
-            print(f"{row['kernel']:11s} {shape:8s} {spec:92s} {fmt(entry.get('fwd_ms'))} {fmt(entry['fwdbwd_ms'])} "
+            print(f"{row['kernel']:11s} {shape:16s} {spec:84s} {fmt(entry.get('fwd_ms'))} {fmt(entry['fwdbwd_ms'])} "
                   f"{fmt(intra.get(INTRA_KERNELS[0]))} {fmt(intra.get(INTRA_KERNELS[1]))}")
             if spec.startswith("backward:"):
                 print("    f+b:", ", ".join(f"{k.strip('_').replace('_kernel', '')} {v:.3f}"
@@ -148,19 +158,21 @@ def main():
                              "block_v=64,warps=8,stages=2")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    for spec in args.variants:  # fail on a typo before any GPU work
+    for shape in args.shapes:  # fail on a typo before any GPU work
+        parse_shape(shape)
+    for spec in args.variants:
         parse_spec(spec, la.gla_intra_config())
     for spec in args.backwards:
         parse_spec(spec, la.scalar_backward_config())
     report = {"environment": environment(), "default_config": la.gla_intra_config(), "rows": []}
     for shape in args.shapes:
-        B, T = (int(x) for x in shape.split("x"))
+        B, T, H, K, V = parse_shape(shape)
         for kernel in args.kernels:
-            fwd, fwdbwd = inputs(kernel, B, T)
+            fwd, fwdbwd = inputs(kernel, B, T, H, K, V)
             start = time.perf_counter()
             fwdbwd()
             torch.cuda.synchronize()
-            row = {"kernel": kernel, "B": B, "T": T, "first_call_s": round(time.perf_counter() - start, 2),
+            row = {"kernel": kernel, "B": B, "T": T, "H": H, "K": K, "V": V, "first_call_s": round(time.perf_counter() - start, 2),
                    "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
             row["profile_fwdbwd_ms"] = profiled(fwdbwd)
             row["intra_kernels_fwdbwd_ms"] = intra_times(row["profile_fwdbwd_ms"])

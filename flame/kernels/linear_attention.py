@@ -101,12 +101,14 @@ def scalar_backward_config() -> dict:
     """Launch choices of the fused scalar-gate backward (one program per chunk and value head,
     q/k heads not shared).
 
-    block_v: None runs `chunk_backward_scalar_kernel` (all of V at once); a tile width runs
-    `chunk_backward_scalar_looped_kernel`, which walks V in tiles of that width.
-    warps, stages: the launch (stages pipeline the looped kernel's V loop).
+    block_v: None runs `chunk_backward_scalar_kernel` (all of V at once, V <= CHUNK_BLOCK); a
+    tile width runs `chunk_backward_scalar_looped_kernel`, which walks V in tiles of that width
+    (at least CHUNK_MIN_BLOCK) and takes any V.
+    warps, stages: the launch (stages pipeline the looped kernel's V loop); maxnreg: a cap on
+    registers per thread (None: the compiler's choice), which can let two programs share an SM.
     Benchmarks replace this function to time alternatives in one process.
     """
-    return dict(block_v=None, warps=FUSED_WARPS, stages=1)
+    return dict(block_v=None, warps=FUSED_WARPS, stages=1, maxnreg=None)
 
 
 def _stages(num_stages):
@@ -341,21 +343,26 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         _, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
-    # fp32 tiles of the fused kernels would pass the shared memory of one SM.
-    whole_chunk = scalar_gate and max(K, V) <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda)
-    if whole_chunk and GROUPED_BACKWARD and H // HQ >= GROUPED_MIN_GROUP:
+    # fp32 tiles of the fused kernels would pass the shared memory of one SM. The looped
+    # kernel takes any V (it walks V in tiles); the whole-V kernel V <= CHUNK_BLOCK.
+    cfg = scalar_backward_config()
+    looped = cfg["block_v"] is not None
+    whole_chunk = (scalar_gate and K <= CHUNK_BLOCK and (looped or V <= CHUNK_BLOCK)
+                   and (q.element_size() == 2 or not q.is_cuda))
+    if whole_chunk and V <= CHUNK_BLOCK and GROUPED_BACKWARD and H // HQ >= GROUPED_MIN_GROUP:
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks)
         return dq, dk, dv, dg, dh0
     dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))  # per value head
     if whole_chunk and FUSED_SCALAR_BACKWARD:
-        cfg = scalar_backward_config()
         kernel, bv = kern.chunk_backward_scalar_kernel, _scalar_block(V)
-        if cfg["block_v"] is not None:
-            kernel, bv = kern.chunk_backward_scalar_looped_kernel, min(bv, cfg["block_v"])
+        if looped:
+            bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
+            kernel = kern.chunk_backward_scalar_looped_kernel
         kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:

@@ -526,8 +526,9 @@ def chunk_backward_scalar_looped_kernel(
         return
     dtype = q_ptr.dtype.element_ty
     rows, valid, ck, _, mk, _, _ = _whole_chunk_tiles(L, 0, K, V, BK, BV)
-    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
-    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
+    # q, k (shared by a group); offsets are formed where used, as tiles of them held across the
+    # loop would take registers the loop needs
+    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
     b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
     b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
@@ -555,7 +556,9 @@ def chunk_backward_scalar_looped_kernel(
         dk_state = tl.dot(v, tl.trans(dh), dk_state)
         dq_state = tl.dot(do, tl.trans(h), dq_state)
         h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
-    # q and k again (from L2): holding them across the loop costs registers the loop needs
+    # q and k again (from L2): held across the loop, they too would take its registers
+    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
     k = tl.load(k_ptr + pq, mask=mk, other=0.0)
     # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
