@@ -47,8 +47,7 @@ CHUNK_BLOCK = 128  # widest V (K) tile of the scalar-gate whole-chunk kernels
 CHUNK_MIN_BLOCK = MIN_DOT_TILE  # narrowest tile of those kernels (why: utils.MIN_DOT_TILE)
 CHUNK_BLOCK_K = 64  # reduction tile of the scalar-gate whole-chunk kernels
 CHUNK_WARPS = 4
-FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K, V <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
-FUSED_WARPS = 4  # 8 warps: no spills but slower (H100 sweep)
+FUSED_SCALAR_BACKWARD = True  # scalar gate, 16-bit, K <= CHUNK_BLOCK: dq, dk, dv, dg in one kernel
 GROUPED_BACKWARD = True  # scalar gate, q/k heads shared by value heads: the two grouped kernels
 GROUPED_MIN_GROUP = 2  # value heads per q/k head from which they run (1: also unshared heads)
 CHUNK_STAGES = 2
@@ -98,17 +97,21 @@ def grouped_backward_config() -> dict:
 
 
 def scalar_backward_config() -> dict:
-    """Launch choices of the fused scalar-gate backward (one program per chunk and value head,
-    q/k heads not shared).
+    """Launch choices of the fused scalar-gate backward (`chunk_backward_scalar_kernel`: one
+    program per chunk and value head, walking V in tiles; q/k heads not shared).
 
-    block_v: None runs `chunk_backward_scalar_kernel` (all of V at once, V <= CHUNK_BLOCK); a
-    tile width runs `chunk_backward_scalar_looped_kernel`, which walks V in tiles of that width
-    (at least CHUNK_MIN_BLOCK) and takes any V.
-    warps, stages: the launch (stages pipeline the looped kernel's V loop); maxnreg: a cap on
-    registers per thread (None: the compiler's choice), which can let two programs share an SM.
+    block_v: the V tile (at least CHUNK_MIN_BLOCK); warps, stages: the launch (stages pipeline
+    the V loop); maxnreg: a cap on registers per thread (None: the compiler's choice).
     Benchmarks replace this function to time alternatives in one process.
+
+    H100, bf16, H = 16, K = V = 128, backward kernel ms at 8x4096 / 1x32768 (one call,
+    results/simple_gla_backward_looped_9e03399_h100.json): 64 x 8 warps x 3 stages 0.882 /
+    0.877; 2 stages 0.951 / 0.956; with 128 registers (two programs per SM, spilling) 1.87-1.91;
+    4 warps 1.99; all of V in one program (the kernel before, 4 warps) 1.193 / 1.196. At
+    8 heads of K = 128, V = 256 (RetNet 371M's layer, 4x4096): 0.310 against 0.417 for the
+    separate dv and dqk kernels that served V > 128 before.
     """
-    return dict(block_v=None, warps=FUSED_WARPS, stages=1, maxnreg=None)
+    return dict(block_v=64, warps=8, stages=3, maxnreg=None, reload_qk=1)
 
 
 def _stages(num_stages):
@@ -343,26 +346,20 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         _, dh, _, dh0 = _states(q, k, v, do, b, scale, h0, dht, False, True, False, chunks)
     dv = torch.empty_like(v)
     dg = torch.empty_like(g)
-    # fp32 tiles of the fused kernels would pass the shared memory of one SM. The looped
-    # kernel takes any V (it walks V in tiles); the whole-V kernel V <= CHUNK_BLOCK.
-    cfg = scalar_backward_config()
-    looped = cfg["block_v"] is not None
-    whole_chunk = (scalar_gate and K <= CHUNK_BLOCK and (looped or V <= CHUNK_BLOCK)
-                   and (q.element_size() == 2 or not q.is_cuda))
+    # fp32 tiles of the fused kernels would pass the shared memory of one SM.
+    whole_chunk = scalar_gate and K <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda)
     if whole_chunk and V <= CHUNK_BLOCK and GROUPED_BACKWARD and H // HQ >= GROUPED_MIN_GROUP:
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         _grouped_scalar_backward(q, k, v, b, do, h, dh, dq, dk, dv, dg, scale, chunks)
         return dq, dk, dv, dg, dh0
     dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))  # per value head
     if whole_chunk and FUSED_SCALAR_BACKWARD:
-        kernel, bv = kern.chunk_backward_scalar_kernel, _scalar_block(V)
-        if looped:
-            bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
-            kernel = kern.chunk_backward_scalar_looped_kernel
-        kernel[(chunks.slots, H)](
+        cfg = scalar_backward_config()
+        bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
+        kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
-            **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
+            RELOAD_QK=bool(cfg.get("reload_qk", 1)), **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:

@@ -459,66 +459,17 @@ def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    RELOAD_QK: tl.constexpr = True,
 ):
-    """Scalar gate, K <= BK and V <= BV: dq, dk, dv and dg of one whole chunk in one program.
+    """Scalar gate, K <= BK: dq, dk, dv and dg of one whole chunk in one program, walking V in
+    BV-column tiles.
 
-    The same products as the dv and dqk kernels, but q, k, v, do, h, dh are read once per
-    chunk instead of once per kernel, and the gate gradient (a reverse cumulative sum over
-    the chunk) is finished here.
-    """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
-    if seq >= N:
-        return
-    dtype = q_ptr.dtype.element_ty
-    rows, valid, ck, cv, mk, mv, mkv = _whole_chunk_tiles(L, 0, K, V, BK, BV)
-    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
-    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
-    pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-    ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
-    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
-    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
-    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
-    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
-    do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-    dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
-    decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
-    # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh)
-    at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
-    dv = tl.dot(at, do) + tl.dot(k, dh) * decay_out[:, None]
-    tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
-    # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
-    v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-    w = (tl.dot(do, tl.trans(v)) * _decay_matrix(b, rows, L, False) * scale).to(dtype)
-    dk = tl.dot(v, tl.trans(dh)) * decay_out[:, None]
-    kf = k.to(tl.float32)
-    dbl = tl.sum(tl.sum(kf * dk, axis=1), axis=0)
-    dk += tl.dot(tl.trans(w), q)
-    tl.store(dk_ptr + pk, dk.to(dtype), mask=mk)
-    db = -tl.sum(kf * dk, axis=1)
-    # dq = W k + scale e^{b} (do h^T)
-    h = tl.load(h_ptr + ph, mask=mkv, other=0.0)
-    dbl += tl.exp(b_last) * tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
-    dq = tl.dot(do, tl.trans(h.to(dtype))) * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None] + tl.dot(w, k)
-    tl.store(dq_ptr + pk, dq.to(dtype), mask=mk)
-    db += tl.sum(q.to(tl.float32) * dq, axis=1)
-    dg = _scalar_gate_grad(db, dbl)
-    tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit(do_not_specialize=["N"])
-def chunk_backward_scalar_looped_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
-    cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-):
-    """Scalar gate, K <= BK: dq, dk, dv and dg of one whole chunk in one program, as
-    `chunk_backward_scalar_kernel`, but walking V in BV-column tiles.
-
-    q, k and the transposed scores are held for the whole chunk; each V tile's do, v, h and dh
-    are loaded once (pipelined over the loop by num_stages), give that tile's dv, and add to
-    the fp32 sums over V: W = do v^T, v dh^T, do h^T and <h, dh>. dq, dk and dg follow after
-    the loop. The tiles in flight are a quarter to a half of the whole-V kernel's.
+    The same products as the dv and dqk kernels, but q, k, v, do, h, dh are read once per chunk
+    instead of once per kernel, and the gate gradient (a reverse cumulative sum over the chunk)
+    is finished here. q, k and the transposed scores are held for the whole chunk; each V
+    tile's do, v, h and dh are loaded once (pipelined over the loop by num_stages), give that
+    tile's dv, and add to the fp32 sums over V: W = do v^T, v dh^T, do h^T and <h, dh>. dq, dk
+    and dg follow after the loop.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
@@ -559,8 +510,9 @@ def chunk_backward_scalar_looped_kernel(
     # q and k again (from L2): held across the loop, they too would take its registers
     pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
     pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
-    q = tl.load(q_ptr + pq, mask=mk, other=0.0)
-    k = tl.load(k_ptr + pq, mask=mk, other=0.0)
+    if RELOAD_QK:
+        q = tl.load(q_ptr + pq, mask=mk, other=0.0)
+        k = tl.load(k_ptr + pq, mask=mk, other=0.0)
     # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
     w = (w * _decay_matrix(b, rows, L, False) * scale).to(dtype)
     dk = dk_state * decay_out[:, None]
