@@ -109,9 +109,11 @@ def scalar_backward_config() -> dict:
     0.877; 2 stages 0.951 / 0.956; with 128 registers (two programs per SM, spilling) 1.87-1.91;
     4 warps 1.99; all of V in one program (the kernel before, 4 warps) 1.193 / 1.196. At
     8 heads of K = 128, V = 256 (RetNet 371M's layer, 4x4096): 0.310 against 0.417 for the
-    separate dv and dqk kernels that served V > 128 before.
+    separate dv and dqk kernels that served V > 128 before. q and k held through the loop
+    rather than read again after it: 0.874 against 0.887 (8x4096), 0.295 against 0.313 (V =
+    256) (simple_gla_backward_tiles_21a4537_h100.json).
     """
-    return dict(block_v=64, warps=8, stages=3, maxnreg=None, reload_qk=1)
+    return dict(block_v=64, warps=8, stages=3, maxnreg=None)
 
 
 def _stages(num_stages):
@@ -359,7 +361,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
             H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
-            RELOAD_QK=bool(cfg.get("reload_qk", 1)), **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
+            **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:

@@ -459,7 +459,6 @@ def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    RELOAD_QK: tl.constexpr = True,
 ):
     """Scalar gate, K <= BK: dq, dk, dv and dg of one whole chunk in one program, walking V in
     BV-column tiles.
@@ -477,9 +476,8 @@ def chunk_backward_scalar_kernel(
         return
     dtype = q_ptr.dtype.element_ty
     rows, valid, ck, _, mk, _, _ = _whole_chunk_tiles(L, 0, K, V, BK, BV)
-    # q, k (shared by a group); offsets are formed where used, as tiles of them held across the
-    # loop would take registers the loop needs
-    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
+    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
     b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
     b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
@@ -507,12 +505,6 @@ def chunk_backward_scalar_kernel(
         dk_state = tl.dot(v, tl.trans(dh), dk_state)
         dq_state = tl.dot(do, tl.trans(h), dq_state)
         h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
-    # q and k again (from L2): held across the loop, they too would take its registers
-    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
-    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
-    if RELOAD_QK:
-        q = tl.load(q_ptr + pq, mask=mk, other=0.0)
-        k = tl.load(k_ptr + pq, mask=mk, other=0.0)
     # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
     w = (w * _decay_matrix(b, rows, L, False) * scale).to(dtype)
     dk = dk_state * decay_out[:, None]
