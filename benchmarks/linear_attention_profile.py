@@ -42,15 +42,16 @@ DEFAULT_VARIANTS = ["default"] + VARIANTS  # the default twice: the spread of on
 
 
 @contextlib.contextmanager
-def variant(spec: str):
-    """Runs the block with `gla_intra_config` answering the SPEC's config."""
-    saved = la.gla_intra_config
+def config_spec(name: str, spec: str):
+    """Runs the block with the config function `la.<name>` (gla_intra_config,
+    scalar_backward_config) answering the SPEC's config."""
+    saved = getattr(la, name)
     config = parse_spec(spec, saved())
-    la.gla_intra_config = lambda: dict(config)
+    setattr(la, name, lambda: dict(config))
     try:
         yield
     finally:
-        la.gla_intra_config = saved
+        setattr(la, name, saved)
 
 
 def parse_shape(shape: str) -> tuple:
@@ -91,18 +92,6 @@ def forced_forward(choice: str):
         yield
     finally:
         la.fused_forward = saved
-
-
-@contextlib.contextmanager
-def scalar_backward(spec: str):
-    """Runs the block with `scalar_backward_config` answering the SPEC (keys of that config)."""
-    saved = la.scalar_backward_config
-    config = parse_spec(spec, saved())
-    la.scalar_backward_config = lambda: dict(config)
-    try:
-        yield
-    finally:
-        la.scalar_backward_config = saved
 
 
 def profiled(fn):
@@ -185,13 +174,13 @@ def main():
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
             for spec in args.backwards if kernel == "simple_gla" else []:
-                with scalar_backward(spec):
+                with config_spec("scalar_backward_config", spec):
                     fwdbwd()  # the first call of this launch compiles it
                     entry = {"config": la.scalar_backward_config(), "fwdbwd_ms": timed(fwdbwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"backward:{spec}"] = entry
             for spec in args.variants if kernel == "gla" else []:
-                with variant(spec):
+                with config_spec("gla_intra_config", spec):
                     entry = {"config": la.gla_intra_config(), "fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd)}
                     entry["intra_kernels_fwdbwd_ms"] = intra_times(profiled(fwdbwd))
                 row["variants"][spec] = entry

@@ -197,7 +197,7 @@ def test_gla_intra_variants_cpu(case, variant, triton_backend, monkeypatch):
 
 
 def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
-    # The separate dv / dqk kernels serve K or V above the fused kernel's tile.
+    # The separate dv / dqk kernels serve K above the fused kernel's tile and fp32 on a GPU.
     from flame.kernels import linear_attention
 
     monkeypatch.setattr(linear_attention, "FUSED_SCALAR_BACKWARD", False)
