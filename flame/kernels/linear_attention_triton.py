@@ -521,6 +521,91 @@ def chunk_backward_scalar_kernel(
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
 
 
+@triton.jit(do_not_specialize=["N"])
+def chunk_backward_scalar_split_kernel(
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+    cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BKS: tl.constexpr,
+    BV: tl.constexpr,
+):
+    """Scalar gate, K <= BK: the products of `chunk_backward_scalar_kernel` shared by BK / BKS
+    programs per chunk, so that each holds less and several share an SM.
+
+    Program s of a chunk forms dq and dk of the K slice [s BKS, (s + 1) BKS) (walking V for
+    do h^T, v dh^T and the W = do v^T that every slice needs), then dv of the V tiles s,
+    s + BK / BKS, ... (the scores k q^T over all of K), and its share of dg: the gate gradient is
+    a sum over K of per-row terms plus a reverse cumulative sum, linear in those terms, so each
+    slice's part is added into dg (fp32, zeroed; two addends onto zero sum the same in either
+    order, so the result does not depend on which program adds first).
+    """
+    NKS: tl.constexpr = BK // BKS
+    i_c, i_s, i_h = tl.program_id(0) // NKS, tl.program_id(0) % NKS, tl.program_id(1)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    dtype = q_ptr.dtype.element_ty
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    cs = i_s * BKS + tl.arange(0, BKS)  # this program's K slice
+    ms = valid[:, None] & (cs[None, :] < K)
+    row_q = (t0 + rows[:, None]) * HQ + i_h // (H // HQ)  # q, k rows (shared by a group)
+    b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
+    b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
+    decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
+    state = (i_c.to(tl.int64) * H + i_h) * K  # first row of this chunk's h, dh
+    w = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, summed over V
+    dk_state = tl.zeros([BT, BKS], dtype=tl.float32)  # v dh^T
+    dq_state = tl.zeros([BT, BKS], dtype=tl.float32)  # do h^T
+    h_dh = 0.0  # <h, dh> over this slice
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        msv = (cs[:, None] < K) & (cv[None, :] < V)
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+        h = tl.load(h_ptr + (state + cs[:, None]) * V + cv[None, :], mask=msv, other=0.0).to(dtype)
+        dh = tl.load(dh_ptr + (state + cs[:, None]) * V + cv[None, :], mask=msv, other=0.0).to(dtype)
+        w = tl.dot(do, tl.trans(v), w)
+        dk_state = tl.dot(v, tl.trans(dh), dk_state)
+        dq_state = tl.dot(do, tl.trans(h), dq_state)
+        h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
+    # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh), for this program's V tiles
+    ck = tl.arange(0, BK)
+    mk = valid[:, None] & (ck[None, :] < K)
+    q = tl.load(q_ptr + row_q * K + ck[None, :], mask=mk, other=0.0)
+    k = tl.load(k_ptr + row_q * K + ck[None, :], mask=mk, other=0.0)
+    at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
+    for v0 in range(i_s * BV, V, NKS * BV):
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        dh = tl.load(dh_ptr + (state + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0).to(dtype)
+        dv = tl.dot(at, do, tl.dot(k, dh) * decay_out[:, None])
+        tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+    # dk = W^T q + e^{b_L - b} (v dh^T), dq = W k + scale e^{b} (do h^T), on this slice
+    qs = tl.load(q_ptr + row_q * K + cs[None, :], mask=ms, other=0.0)
+    ks = tl.load(k_ptr + row_q * K + cs[None, :], mask=ms, other=0.0)
+    ps = ((t0 + rows[:, None]) * H + i_h) * K + cs[None, :]  # dq, dk (per value head)
+    w = (w * _decay_matrix(b, rows, L, False) * scale).to(dtype)
+    dk = dk_state * decay_out[:, None]
+    kf = ks.to(tl.float32)
+    dbl = tl.sum(tl.sum(kf * dk, axis=1), axis=0) + tl.exp(b_last) * h_dh
+    dk += tl.dot(tl.trans(w), qs)
+    tl.store(dk_ptr + ps, dk.to(dtype), mask=ms)
+    db = -tl.sum(kf * dk, axis=1)
+    dq = dq_state * tl.where(valid, tl.exp(b) * scale, 0.0)[:, None] + tl.dot(w, ks)
+    tl.store(dq_ptr + ps, dq.to(dtype), mask=ms)
+    db += tl.sum(qs.to(tl.float32) * dq, axis=1)
+    dg = _scalar_gate_grad(db, dbl)
+    if NKS == 1:
+        tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
+    else:
+        tl.atomic_add(dg_ptr + (t0 + rows) * H + i_h, dg, mask=valid)
+
+
 # ---------------------------------------------------------------------------------------------
 # Scalar gate with q/k heads shared by groups of value heads (Mamba2's B and C are shared by
 # all heads). The gradients of q and k are sums over a group; forming them per value head and
