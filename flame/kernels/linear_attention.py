@@ -101,9 +101,7 @@ def scalar_backward_config() -> dict:
     program per chunk and value head, walking V in tiles; q/k heads not shared).
 
     block_v: the V tile (at least CHUNK_MIN_BLOCK); warps, stages: the launch (stages pipeline
-    the V loop); maxnreg: a cap on registers per thread (None: the compiler's choice);
-    split_k: None, or a K slice (at least CHUNK_MIN_BLOCK) that shares each chunk's products
-    among K / split_k programs (`chunk_backward_scalar_split_kernel`).
+    the V loop); maxnreg: a cap on registers per thread (None: the compiler's choice).
     Benchmarks replace this function to time alternatives in one process.
 
     H100, bf16, H = 16, K = V = 128, backward kernel ms at 8x4096 / 1x32768 (one call,
@@ -115,7 +113,7 @@ def scalar_backward_config() -> dict:
     rather than read again after it: 0.874 against 0.887 (8x4096), 0.295 against 0.313 (V =
     256) (simple_gla_backward_tiles_21a4537_h100.json).
     """
-    return dict(block_v=64, warps=8, stages=3, maxnreg=None, split_k=None)
+    return dict(block_v=64, warps=8, stages=3, maxnreg=None)
 
 
 def _stages(num_stages):
@@ -359,22 +357,12 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     dq, dk = (torch.empty(T, H, K, dtype=q.dtype, device=q.device) for _ in range(2))  # per value head
     if whole_chunk and FUSED_SCALAR_BACKWARD:
         cfg = scalar_backward_config()
-        bk, bv = _scalar_block(K), max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
-        launch = dict(num_warps=cfg["warps"], num_stages=cfg["stages"],
-                      **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}))
-        bks = max(cfg.get("split_k") or bk, CHUNK_MIN_BLOCK)
-        if bks < bk:
-            dg = torch.zeros(T, H, dtype=torch.float32, device=q.device)  # the slices add into it
-            kern.chunk_backward_scalar_split_kernel[(chunks.slots * (bk // bks), H)](
-                q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-                H=H, HQ=HQ, K=K, V=V, BK=bk, BKS=bks, BV=bv, **launch,
-            )
-            dg = dg.to(g.dtype)
-        else:
-            kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
-                q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-                H=H, HQ=HQ, K=K, V=V, BK=bk, BV=bv, **launch,
-            )
+        bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
+        kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
+            q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            **({} if cfg.get("maxnreg") is None else {"maxnreg": cfg["maxnreg"]}),
+        )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:
         bv = _scalar_block(V)
