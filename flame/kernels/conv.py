@@ -787,10 +787,15 @@ def _qkv_grads(ctx, dq, dk, dv, drest):
     return grads
 
 
-def _qkv_backward(ctx, dq, dk, dv, drest):
+def _qkv_backward_by(bwd, ctx, dq, dk, dv, drest):
+    """The autograd backward through bwd: the custom op under compile, its implementation eagerly."""
     x, weight, bias, cu = ctx.saved_tensors
-    dx, dw, db = _qkv_bwd(*_qkv_grads(ctx, dq, dk, dv, drest), x, weight, bias, cu, *ctx.options)
+    dx, dw, db = bwd(*_qkv_grads(ctx, dq, dk, dv, drest), x, weight, bias, cu, *ctx.options)
     return dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None, None, None, None, None
+
+
+def _qkv_backward(ctx, dq, dk, dv, drest):
+    return _qkv_backward_by(_qkv_bwd, ctx, dq, dk, dv, drest)
 
 
 _qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
@@ -807,9 +812,7 @@ class _ConvQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv, drest):
-        x, weight, bias, cu = ctx.saved_tensors
-        dx, dw, db = _qkv_bwd_impl(*_qkv_grads(ctx, dq, dk, dv, drest), x, weight, bias, cu, *ctx.options)
-        return dx, dw, db.to(bias.dtype) if ctx.has_bias else None, None, None, None, None, None
+        return _qkv_backward_by(_qkv_bwd_impl, ctx, dq, dk, dv, drest)
 
 
 def causal_conv1d_qkv(x, weight, bias=None, activation="silu", cu_seqlens=None, widths=(), qk_norm_dim=None,
