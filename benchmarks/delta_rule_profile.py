@@ -20,7 +20,8 @@ pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' te
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (the V block of
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
-FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), segment_block=N (columns per program of their transition
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
+backward, equal-length sequences), segment_block=N (columns per program of their transition
 passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -124,6 +125,7 @@ def variant(spec: str):
     saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
+    saved_join = segments.BACKWARD_JOIN
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -163,6 +165,8 @@ def variant(spec: str):
                 segments.segment_column_block = lambda *a, n=int(value): n
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
+            elif key == "backward_join":
+                segments.BACKWARD_JOIN = int(value)
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield
@@ -172,6 +176,7 @@ def variant(spec: str):
         segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
+        segments.BACKWARD_JOIN = saved_join
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)
         else:

@@ -328,6 +328,48 @@ def test_segments(case, backward, monkeypatch):
         assert rel(grad, whole) < 1e-6, name
 
 
+@pytest.mark.parametrize("join", [1, 2, 3, 5])
+def test_segments_joined_backward(join, monkeypatch):
+    """The backward of equal-length sequences over runs of `join` of the forward's five segments
+    (2 x 300 tokens, segments of 64), their transition the product of the parts' (a short last
+    run for join 2 and 3): float64 within the tolerances of the whole-sequence passes, and their
+    results up to fp32 rounding. With join 5 every sequence is one run: the reverse pass runs
+    over whole sequences and the segments' reverse transition pass is not used."""
+    from flame.kernels import delta_rule_bwd, delta_rule_segments
+
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setattr(delta_rule_segments, "BACKWARD_JOIN", join)
+    plans = []
+    joined = delta_rule_segments.joined_segments
+
+    def recording(*args):
+        result = joined(*args)
+        plans.append(result[0])
+        return result
+
+    monkeypatch.setattr(delta_rule_bwd, "joined_segments", recording)
+    inputs = make_inputs(2, 300, 1, 2, 16, 32, 2, dtype=torch.float32)
+    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, None, True)
+    results = {}
+    for segments in (64, None):
+        uses = force_segments(monkeypatch, segments)
+        results[segments] = run_public(*inputs, None, True, do, dht)
+        expected = ["entry"] + (["end"] if join < 5 else []) if segments else []
+        assert uses == expected, uses
+    assert len(plans) == 1
+    if join == 1:
+        assert plans[0].length == 64
+    elif join < 5:  # two sequences of ceil(5 / join) runs each
+        assert plans[0].length == 64 * join and int(plans[0].offsets[-1]) == 2 * -(-5 // join), plans[0]
+    else:
+        assert plans[0] is None
+    (o, ht, grads), (_, _, grads1) = results[64], results[None]
+    assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5
+    for name, grad, ref, whole in zip(NAMES, grads, grads_ref, grads1):
+        assert rel(grad, ref) < 1e-5, name
+        assert rel(grad, whole) < 1e-6, name
+
+
 def test_segments_without_states(monkeypatch):
     """No initial state and no final state: the combine starts from zero in both directions."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")

@@ -16,7 +16,8 @@ and the state pass, storing the states and v'). Then:
      needs no state gradient, comes from `_local_dv_kernel` (chunk-parallel, written into the
      dv' buffer) before the serial pass, which then only adds the state term: two of its five
      products per chunk leave the chain. Where the forward ran over segments, so does this pass,
-     from the end gradients that the segments' transitions give (delta_rule_segments.py).
+     from the end gradients that the segments' transitions give (delta_rule_segments.py; for
+     equal-length sequences over runs of the forward's segments, `joined_segments`).
   2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
      stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
      reverse cumsum of the gate gradient within the chunk.
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
-from flame.kernels.delta_rule_segments import first_segment_grads, plan_segments, segment_end_grads
+from flame.kernels.delta_rule_segments import first_segment_grads, joined_segments, plan_segments, segment_end_grads
 from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks, num_sms, prepare_chunk_indices,
                                 sum_head_groups)
 
@@ -348,6 +349,8 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         chunk_indices = None
         grid = (cdiv(T, CHUNK), B * HV)
     seg = plan_segments(q, cu_seqlens, HV, V, long_docs)
+    if seg is not None:  # over longer segments than the forward's, for equal-length sequences
+        seg, transitions = joined_segments(seg, transitions, q)
     programs = seg.slots if seg is not None else N  # of the reverse pass: per segment or per sequence
     BV = state_block(q, programs, HV, V)
     local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device),

@@ -18,7 +18,9 @@ The reverse pass is affine too: the state gradient entering a chunk is T^T dS1 p
 do, so over a segment dS_start = M^T dS_end + F. The forward keeps M for the backward;
 `_segment_transition_grad_kernel` forms F for each segment but a sequence's first (the reverse
 pass from a zero end gradient, value columns only), the combine runs from the last segment to
-the first, and the reverse pass runs over the segments from their end gradients.
+the first, and the reverse pass runs over the segments from their end gradients. For
+equal-length sequences the backward's segments are runs of the forward's (`joined_segments`),
+their M the product of the parts'.
 """
 
 import os
@@ -38,6 +40,9 @@ SEGMENT_TOKENS = 4096  # tokens of a segment of equal-length sequences: 64 chunk
 PACKED_SEGMENT_TOKENS = 2048  # of a packed batch's documents (`use_segments`)
 # A packed batch's passes run over segments when its longest document is longer than this.
 LONG_DOCUMENT_TOKENS = 4 * PACKED_SEGMENT_TOKENS
+# The backward of equal-length sequences joins this many of the forward's segments into one
+# (`joined_segments`).
+BACKWARD_JOIN = 2
 
 
 @dataclass
@@ -143,11 +148,52 @@ def plan_segments(q: torch.Tensor, cu_seqlens: torch.Tensor | None, HV: int, V: 
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cu = cu_seqlens if cu_seqlens is not None else default_cu_seqlens(B, T, q.device)
     packed = cu_seqlens is not None
-    tokens = segment_tokens(packed)
+    return _plan(cu, B * T, N, segment_tokens(packed), packed, slots)
+
+
+def _plan(cu, total, N, tokens, packed, slots=None) -> Segments:
+    slots = slots or max_num_chunks(total, N, tokens)
     indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, tokens, slots)
-    _, chunk_offsets = prepare_chunk_indices(bounds, CHUNK, max_num_chunks(B * T, slots, CHUNK))
+    _, chunk_offsets = prepare_chunk_indices(bounds, CHUNK, max_num_chunks(total, slots, CHUNK))
     return Segments(tokens, packed, N, slots, cu, indices, offsets, bounds, first, last,
                     nonempty if packed else None, chunk_offsets)
+
+
+def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int | None = None):
+    """The segments of the backward's serial passes and their transitions: for equal-length
+    sequences, runs of `join` (BACKWARD_JOIN) consecutive segments of the forward as one, with
+    M the product of the parts' transitions (the later on the left); (None, None) where each
+    sequence is then one segment (the reverse pass runs over whole sequences). Packed batches
+    keep the forward's segments.
+
+    Why: the backward's transition pass walks every segment but a sequence's first, the reverse
+    pass every segment, so fewer, longer segments shorten the one and lengthen the other's
+    chain; the forward has no such trade (its transition pass walks all but a sequence's last
+    segment whatever their length). H100, 1x32768, H = 16, K = V = 128, both directions over
+    segments of 4096 against 8192 tokens, forward (kept for the backward) / forward+backward ms
+    (results/delta_rule_segment_tokens_7447864_h100.json): plain 1.280 / 2.969 against
+    1.363 / 2.997, gated 1.399 / 3.982 against 1.469 / 3.857."""
+    join = BACKWARD_JOIN if join is None else join
+    if seg.packed or join <= 1:
+        return seg, m
+    B, T = q.shape[:2]
+    per_seq = cdiv(T, seg.length)
+    joined = cdiv(per_seq, join)
+    if joined == 1:
+        return None, None
+    big = _plan(seg.cu_seqlens, B * T, seg.num_seqs, join * seg.length, packed=False)
+    N, HV, K = seg.num_seqs, m.shape[1], m.shape[2]
+    parts = m[: N * per_seq].view(N, per_seq, HV, K, K)
+    if joined * join > per_seq:  # the last run is short: identities stand for its missing parts
+        eye = torch.eye(K, dtype=m.dtype, device=m.device).expand(N, joined * join - per_seq, HV, K, K)
+        parts = torch.cat([parts, eye], dim=1)
+    parts = parts.view(N, joined, join, HV, K, K)
+    product = parts[:, :, 0]
+    for p in range(1, join):
+        product = torch.matmul(parts[:, :, p], product)
+    m_big = m.new_empty(big.slots, HV, K, K)
+    m_big[: N * joined] = product.reshape(N * joined, HV, K, K)
+    return big, m_big
 
 
 def segment_column_block(element_size: int) -> int:
