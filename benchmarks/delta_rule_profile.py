@@ -21,7 +21,9 @@ reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (t
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
-backward, equal-length sequences), segment_block=N (columns per program of their transition
+backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
+flame.kernels.utils.HEADS_FAST), segment_grad_block=N (columns per program of the reverse transition pass),
+segment_block=N (columns per program of their transition
 passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -48,6 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flame.kernels.delta_rule as fwd_mod  # noqa: E402
 import flame.kernels.delta_rule_bwd as bwd  # noqa: E402
 import flame.kernels.delta_rule_segments as segments  # noqa: E402
+import flame.kernels.utils as kernel_utils  # noqa: E402
 from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_delta_rule, chunk_gated_delta_rule  # noqa: E402
 from flame.kernels.delta_rule_ref import chunk_delta_rule_ref  # noqa: E402
@@ -125,7 +128,9 @@ def variant(spec: str):
     saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
+    saved_grad_block = segments.segment_grad_column_block
     saved_join = segments.BACKWARD_JOIN
+    saved_heads_fast = kernel_utils.HEADS_FAST
     try:
         for item in filter(None, spec.split(",")):
             key, value = item.split("=")
@@ -167,6 +172,10 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = int(value)
+            elif key == "segment_grad_block":
+                segments.segment_grad_column_block = lambda *a, n=int(value): n
+            elif key == "heads_fast":
+                kernel_utils.HEADS_FAST = bool(int(value))
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield
@@ -176,7 +185,9 @@ def variant(spec: str):
         segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
+        segments.segment_grad_column_block = saved_grad_block
         segments.BACKWARD_JOIN = saved_join
+        kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)
         else:

@@ -15,7 +15,8 @@ they are timed for gla alone. --forwards times simple_gla with each forward of a
 beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial over each
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
 kernel times. --backwards times simple_gla's fused backward with other launches (SPECs over
-the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). Shapes BxT have
+the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). --heads-fast 0 1
+times both kernels with each order of the chunk-parallel grids (flame.kernels.utils.HEADS_FAST). Shapes BxT have
 H=16, K=V=128; BxTxHxKxV names them all. bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/ and prints a table last.
 """
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.linear_attention as la  # noqa: E402
+import flame.kernels.utils as kernel_utils  # noqa: E402
 from environment import environment, write_report  # noqa: E402
 from flame.kernels import chunk_gla, chunk_simple_gla  # noqa: E402
 from kernels import autograd_calls, kernel_times, timed  # noqa: E402
@@ -52,6 +54,17 @@ def config_spec(name: str, spec: str):
         yield
     finally:
         setattr(la, name, saved)
+
+
+@contextlib.contextmanager
+def heads_fast(on: bool):
+    """Runs the block with the chunk-parallel grids' head axis fastest-varying (on) or not."""
+    saved = kernel_utils.HEADS_FAST
+    kernel_utils.HEADS_FAST = on
+    try:
+        yield
+    finally:
+        kernel_utils.HEADS_FAST = saved
 
 
 def parse_shape(shape: str) -> tuple:
@@ -145,6 +158,9 @@ def main():
     parser.add_argument("--backwards", nargs="*", default=[],
                         help="SPECs over the keys of scalar_backward_config() timed for simple_gla, e.g. "
                              "block_v=64,warps=8,stages=2")
+    parser.add_argument("--heads-fast", nargs="*", type=int, default=[], choices=[0, 1],
+                        help="time each kernel with utils.HEADS_FAST set to each value (the chunk-parallel "
+                             "grids' head axis fastest-varying or not)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     for shape in args.shapes:  # fail on a typo before any GPU work
@@ -173,6 +189,11 @@ def main():
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
+            for value in args.heads_fast:
+                with heads_fast(bool(value)):
+                    fwdbwd()  # the first call of this grid order compiles it
+                    entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                row["variants"][f"heads_fast={value}"] = entry
             for spec in args.backwards if kernel == "simple_gla" else []:
                 with config_spec("scalar_backward_config", spec):
                     fwdbwd()  # the first call of this launch compiles it

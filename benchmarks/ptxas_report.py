@@ -94,15 +94,16 @@ def rows_for(fwd, bwd, gated: bool, K: int, V: int, HV: int, state_blocks: tuple
     """(name, kernel, constexprs, warps) of every delta-rule kernel at one head shape; the serial
     passes at each V block in state_blocks (64 with many sequences, 16 or 32 with few)."""
     heads = dict(H=HV, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=True)
+    chunked = dict(heads, HEADS_FAST=True)  # the chunk-parallel kernels
     BV, warps = bwd.chunk_grad_config(2, K, V)
-    rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(heads, BV=BV, USE_G=gated), warps)]
+    rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(chunked, BV=BV, USE_G=gated), warps)]
     BC, prep_warps = fwd.prepare_config(2, K, V)
-    rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(heads, BC=BC, USE_G=gated, STORE_W=True, STORE_U=True), prep_warps))
+    rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(chunked, BC=BC, USE_G=gated, STORE_W=True, STORE_U=True), prep_warps))
     BVO, out_warps = fwd.output_config(2, K, V)
     rows.append((f"_output_kernel BV={BVO}", fwd._output_kernel,
-                 dict(heads, BK=min(fwd.OUTPUT_K_BLOCK, K), BV=BVO, USE_G=gated), out_warps))
+                 dict(chunked, BK=min(fwd.OUTPUT_K_BLOCK, K), BV=BVO, USE_G=gated), out_warps))
     BVL, local_warps = bwd.local_dv_config(2, K, V)
-    rows.append((f"_local_dv_kernel BV={BVL}", bwd._local_dv_kernel, dict(heads, BV=BVL, USE_G=gated), local_warps))
+    rows.append((f"_local_dv_kernel BV={BVL}", bwd._local_dv_kernel, dict(chunked, BV=BVL, USE_G=gated), local_warps))
     for BVS in state_blocks:
         state = dict(heads, BV=BVS, USE_G=gated, USE_H0=False)
         rows.append((f"_state_output_kernel BV={BVS} (o and saved states)", fwd._state_output_kernel,

@@ -370,6 +370,30 @@ def test_segments_joined_backward(join, monkeypatch):
         assert rel(grad, whole) < 1e-6, name
 
 
+@pytest.mark.parametrize("order", ["heads-fast", "chunks-fast", "chunks-past-grid-limit"])
+def test_chunk_grid_orders(order, monkeypatch):
+    """The chunk-parallel kernels (prep, output, in-chunk dv', chunk gradient) take their
+    (chunk, head) from either grid order (flame.kernels.utils.HEADS_FAST; past the grid's y limit
+    the chunks stay on x): float64 within 1e-5, dense and packed, gated with both splits on."""
+    from flame.kernels import utils
+
+    monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setattr(utils, "HEADS_FAST", order != "chunks-fast")
+    if order == "chunks-past-grid-limit":
+        monkeypatch.setattr(utils, "GRID_YZ_LIMIT", 1)
+    uses = force_splits(monkeypatch, True, True)
+    for case in ("dense", "varlen"):
+        B, T, H, HV, K, V, cu = CASES[case]
+        cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+        inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
+        o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, True)
+        o, ht, grads = run_public(*inputs, cu, True, do, dht)
+        assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5, case
+        for name, grad, ref in zip(NAMES, grads, grads_ref):
+            assert rel(grad, ref) < 1e-5, (case, name)
+    assert uses.count("output") == 2 and uses.count("dv_local") == 2, uses
+
+
 def test_segments_without_states(monkeypatch):
     """No initial state and no final state: the combine starts from zero in both directions."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")

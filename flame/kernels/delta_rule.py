@@ -37,8 +37,8 @@ from flame.kernels.delta_rule_ref import chunk_delta_rule_ref
 from flame.kernels.delta_rule_segments import (last_segment_states, long_documents, plan_segments,
                                                segment_entry_states, segment_slots)
 from flame.kernels.dispatch import use_triton
-from flame.kernels.utils import (cdiv, check_max_seqlen, compile_variants, max_num_chunks, needs_backward,
-                                 next_power_of_2, num_sms, prepare_chunk_indices)
+from flame.kernels.utils import (cdiv, check_max_seqlen, chunk_grid, chunk_head_ids, compile_variants, heads_fast,
+                                 max_num_chunks, needs_backward, next_power_of_2, num_sms, prepare_chunk_indices)
 
 CHUNK = 64
 
@@ -101,6 +101,7 @@ def _prepare_kernel(
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr,
     USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_W: tl.constexpr, STORE_U: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     # Two phases per (chunk, value head). 1: the gate cumsum, L, and the inverse A = (I + L)^-1
     # of the chunk of 64 by blocks of 16 (diagonal blocks by doubling, the rest by block forward
@@ -111,8 +112,7 @@ def _prepare_kernel(
     # writes (a serial pass that forms v' from A and v itself, `_state_output_kernel`'s FROM_V,
     # reads no u, and the inference forward needs no w either).
     tl.static_assert(BT == 64)
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
+    j, bh = chunk_head_ids(HEADS_FAST, False)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     rr = tl.arange(0, BT)
     rows = bos + i * BT + rr
@@ -280,15 +280,14 @@ def _output_kernel(
     q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     # o = scale (exp(gc) q S0 + tril(q k^T e) v') for one chunk and V block, from the state S0
     # entering the chunk and v' as the serial pass stored them (in q's dtype). The K dimension is
     # walked in BK blocks (q S0 and q k^T accumulate in fp32), so that one K block's loads overlap
     # the previous one's products; the gate scales the [BT, BV] and [BT, BT] results, not q.
-    j = tl.program_id(0)
+    j, bh = chunk_head_ids(HEADS_FAST, True)
     iv = tl.program_id(1)
-    bh = tl.program_id(2)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
     slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
@@ -337,20 +336,20 @@ def _prepare(k, v, g, beta, cu_seqlens, store_a=False, store_w=True, store_u=Non
     gcum = torch.empty(B, T, HV, dtype=torch.float32, device=k.device) if g is not None else None
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
-        grid = (chunk_indices.shape[0], HV)
+        chunks, heads = chunk_indices.shape[0], HV
     else:
         chunk_indices = None
-        grid = (cdiv(T, CHUNK), B * HV)
+        chunks, heads = cdiv(T, CHUNK), B * HV
     # A passes through memory (every entry written, zeros included) even when not returned.
     a = torch.empty(B, T, HV, CHUNK, dtype=k.dtype, device=k.device)
     BC, warps = prepare_config(k.element_size(), _pow2(K), _pow2(V))
     # L = beta k k^T Gamma, fp32, read back by the program that wrote it (16x16 blocks)
     lbuf = torch.empty(B, T, HV, CHUNK, dtype=torch.float32, device=k.device)
-    _prepare_kernel[grid](
+    _prepare_kernel[chunk_grid(chunks, heads)](
         k, v, g, beta, w, u, gcum, a, lbuf, cu_seqlens, chunk_indices,
         T, N, H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, STORE_W=store_w, STORE_U=store_u,
-        num_warps=warps,
+        HEADS_FAST=heads_fast(chunks), num_warps=warps,
     )
     return w, u, gcum, (a if store_a or not store_u else None)
 
@@ -511,10 +510,10 @@ def _output(q, k, gcum, hs, vn, cu_seqlens, scale):
         chunk_indices = None
         chunks, heads = cdiv(T, CHUNK), B * HV
     BV, warps = output_config(q.element_size(), _pow2(K), _pow2(V))
-    _output_kernel[(chunks, cdiv(V, BV), heads)](
+    _output_kernel[chunk_grid(chunks, heads, cdiv(V, BV))](
         q, k, gcum, hs, vn, o, cu_seqlens, chunk_indices, scale,
         T, N, H, HV, K, V, BT=CHUNK, BK=min(OUTPUT_K_BLOCK, _pow2(K)), BV=BV,
-        USE_G=gcum is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_G=gcum is not None, IS_VARLEN=cu_seqlens is not None, HEADS_FAST=heads_fast(chunks),
         num_warps=warps,
     )
     return o

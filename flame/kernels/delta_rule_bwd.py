@@ -30,8 +30,8 @@ import triton.language as tl
 
 from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
 from flame.kernels.delta_rule_segments import first_segment_grads, joined_segments, plan_segments, segment_end_grads
-from flame.kernels.utils import (cdiv, chunk_span, compile_variants, max_num_chunks, num_sms, prepare_chunk_indices,
-                                sum_head_groups)
+from flame.kernels.utils import (cdiv, chunk_grid, chunk_head_ids, chunk_span, compile_variants, heads_fast,
+                                max_num_chunks, num_sms, prepare_chunk_indices, sum_head_groups)
 
 CHUNK = 64
 
@@ -54,13 +54,12 @@ def _local_dv_kernel(
     q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     # The in-chunk term of dv' = scale tril(q k^T e)^T do, for one chunk and V block; the serial
     # pass (LOCAL_DV) reads it back from dv2 and adds the state term.
-    j = tl.program_id(0)
+    j, bh = chunk_head_ids(HEADS_FAST, True)
     iv = tl.program_id(1)
-    bh = tl.program_id(2)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
@@ -144,10 +143,9 @@ def _chunk_grad_kernel(
     cu_seqlens, chunk_indices, chunk_offsets, scale,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
+    j, bh = chunk_head_ids(HEADS_FAST, False)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
     slot = j.to(tl.int64) if IS_VARLEN else (b * tl.cdiv(T, BT) + j).to(tl.int64)
@@ -344,10 +342,11 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dv2 = torch.empty_like(vn)
     if cu_seqlens is not None:
         chunk_indices, _ = prepare_chunk_indices(cu_seqlens, CHUNK, max_num_chunks(T, N, CHUNK))
-        grid = (chunk_indices.shape[0], HV)
+        chunks, heads = chunk_indices.shape[0], HV
     else:
         chunk_indices = None
-        grid = (cdiv(T, CHUNK), B * HV)
+        chunks, heads = cdiv(T, CHUNK), B * HV
+    fast = heads_fast(chunks)
     seg = plan_segments(q, cu_seqlens, HV, V, long_docs)
     if seg is not None:  # over longer segments than the forward's, for equal-length sequences
         seg, transitions = joined_segments(seg, transitions, q)
@@ -363,11 +362,11 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         BVL, warps = local_dv_config(q.element_size(), BK, _pow2(V))
         local_args = (q, k, gcum, do, dv2, cu_seqlens, chunk_indices, scale, T, N, H, HV, K, V)
         local_options = dict(BT=CHUNK, BK=BK, BV=BVL, USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
-                             num_warps=warps)
+                             HEADS_FAST=fast, num_warps=warps)
         if compile_all:
             compile_variants(_local_dv_kernel, local_args, {}, [local_options])
         if local_dv:
-            _local_dv_kernel[(grid[0], cdiv(V, BVL), grid[1])](*local_args, **local_options)
+            _local_dv_kernel[chunk_grid(chunks, heads, cdiv(V, BVL))](*local_args, **local_options)
     # With segments the reverse pass runs over them as sequences of their own, from the state
     # gradients leaving them that the transition pass and the combine give (delta_rule_segments.py).
     dS_end, offsets, first_slots = dht, cu_seqlens, chunk_offsets
@@ -396,11 +395,11 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     dbeta = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device) if g is not None else None
     BVC, warps = chunk_grad_config(q.element_size(), BK, _pow2(V))
-    _chunk_grad_kernel[grid](
+    _chunk_grad_kernel[chunk_grid(chunks, heads)](
         q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
         cu_seqlens, chunk_indices, chunk_offsets, scale,
         T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVC,
-        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None,
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, HEADS_FAST=fast,
         num_warps=warps, num_stages=chunk_grad_stages(q.element_size(), g is not None, BK),
     )
     if HV != H:

@@ -24,10 +24,12 @@ from flame.kernels.utils import (
     MIN_DOT_TILE,
     cdiv,
     check_cu_seqlens,
+    chunk_grid,
     check_head_dim,
     check_initial_state,
     compile_variants,
     default_cu_seqlens,
+    heads_fast,
     max_num_chunks,
     needs_backward,
     next_power_of_2,
@@ -358,9 +360,10 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     if whole_chunk and FUSED_SCALAR_BACKWARD:
         cfg = scalar_backward_config()
         bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
-        kern.chunk_backward_scalar_kernel[(chunks.slots, H)](
+        kern.chunk_backward_scalar_kernel[chunk_grid(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"], num_stages=cfg["stages"],
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HEADS_FAST=heads_fast(chunks.slots),
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
             **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
         )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0

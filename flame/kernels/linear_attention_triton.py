@@ -26,6 +26,8 @@ programs whose chunk slot lies past the real chunks return at once.
 import triton
 import triton.language as tl
 
+from flame.kernels.utils import chunk_head_ids
+
 CHUNK_SIZE = 64
 SUB_CHUNK_SIZE = 16
 BT = tl.constexpr(CHUNK_SIZE)
@@ -459,6 +461,7 @@ def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Scalar gate, K <= BK: dq, dk, dv and dg of one whole chunk in one program, walking V in
     BV-column tiles.
@@ -470,7 +473,7 @@ def chunk_backward_scalar_kernel(
     tile's dv, and add to the fp32 sums over V: W = do v^T, v dh^T, do h^T and <h, dh>. dq, dk
     and dg follow after the loop.
     """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return

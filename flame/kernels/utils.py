@@ -298,6 +298,42 @@ def chunk_span(j, b, chunk_indices, cu_seqlens, T, N, BT: tl.constexpr, IS_VARLE
     return i, bos, eos
 
 
+# Chunk-parallel kernels read their (chunk, head) from the outer axes of their grid. With HEADS_FAST the head (and
+# batch row) is the fastest-varying axis, so that programs launched together read the same
+# tokens' rows: a token's heads are adjacent in [B, T, H, D], a chunk of one head is 64 rows of
+# 2 * D bytes, H * D * 2 apart. Grid axes y and z take at most GRID_YZ_LIMIT programs.
+HEADS_FAST = True
+GRID_YZ_LIMIT = 65535
+
+
+def heads_fast(chunks: int) -> bool:
+    """Whether a chunk-parallel grid of `chunks` chunks puts the heads first (HEADS_FAST, and the
+    chunks fit a y axis)."""
+    return HEADS_FAST and chunks <= GRID_YZ_LIMIT
+
+
+def chunk_grid(chunks: int, heads: int, middle: int | None = None) -> tuple:
+    """The grid of a chunk-parallel kernel over `chunks` x `heads` (x `middle`, an inner axis
+    such as V blocks, kept in the middle), in the order `chunk_head_ids` reads."""
+    outer = (heads, chunks) if heads_fast(chunks) else (chunks, heads)
+    return outer if middle is None else (outer[0], middle, outer[1])
+
+
+@triton.jit
+def chunk_head_ids(HEADS_FAST: tl.constexpr, MIDDLE: tl.constexpr):
+    """(chunk, head) grid indices of a program of a `chunk_grid` grid; MIDDLE: the grid has a
+    middle axis (tl.program_id(1))."""
+    if MIDDLE:
+        last = tl.program_id(2)
+    else:
+        last = tl.program_id(1)
+    if HEADS_FAST:
+        chunk, head = last, tl.program_id(0)
+    else:
+        chunk, head = tl.program_id(0), last
+    return chunk, head
+
+
 # Narrowest head-dim tile of the chunk kernels' products. With 16- or 32-wide tiles in a tl.dot,
 # Triton 3.6 built wrong kernels on Hopper (H100, H200) that are exact in the interpreter:
 # chunk_simple_gla's output at K = 64, V = 32 and an illegal memory access at K = V = 32; the
