@@ -22,8 +22,7 @@ both serial passes, whatever the number of sequences), grad_stages=N (pipeline s
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
-flame.kernels.utils.HEADS_FAST), segment_grad_block=N (columns per program of the reverse transition pass),
-segment_block=N (columns per program of their transition
+flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
 passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -128,7 +127,6 @@ def variant(spec: str):
     saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
-    saved_grad_block = segments.segment_grad_column_block
     saved_join = segments.BACKWARD_JOIN
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
@@ -172,8 +170,6 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = int(value)
-            elif key == "segment_grad_block":
-                segments.segment_grad_column_block = lambda *a, n=int(value): n
             elif key == "heads_fast":
                 kernel_utils.HEADS_FAST = bool(int(value))
             else:
@@ -185,7 +181,6 @@ def variant(spec: str):
         segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
-        segments.segment_grad_column_block = saved_grad_block
         segments.BACKWARD_JOIN = saved_join
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:

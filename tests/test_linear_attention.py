@@ -240,18 +240,22 @@ def test_simple_gla_fused_backward_tiles_cpu(case, block_v, triton_backend, monk
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("kernel", ["simple_gla", "gla"])
 @pytest.mark.parametrize("order", ["heads-fast", "chunks-fast", "chunks-past-grid-limit"])
-def test_simple_gla_fused_backward_grid_orders_cpu(order, triton_backend, monkeypatch):
-    """The fused backward's (chunk, head) from either grid order (flame.kernels.utils.HEADS_FAST;
-    past the grid's y limit the chunks stay on x): float64 within 1e-5."""
+def test_grid_orders_cpu(order, kernel, triton_backend, monkeypatch):
+    """The chunk-parallel kernels (simple GLA's fused backward; GLA's scores, output, dv, intra
+    and inter gradients) take their (chunk, head) from either grid order
+    (flame.kernels.utils.HEADS_FAST; past the grid's y limit the chunks stay on x): float64
+    within 1e-5."""
     from flame.kernels import utils
 
     monkeypatch.setattr(utils, "HEADS_FAST", order != "chunks-fast")
     if order == "chunks-past-grid-limit":
         monkeypatch.setattr(utils, "GRID_YZ_LIMIT", 1)
-    launched = use_scalar_backward(monkeypatch, 64)
-    errors = compare("simple_gla", chunk_simple_gla, True, 2, 80, 2, 16, 96, None, True, torch.float32, "cpu")
-    assert len(launched) == 1
+    launched = use_scalar_backward(monkeypatch, 64) if kernel == "simple_gla" else None
+    fn, scalar_gate = KERNELS[kernel]
+    errors = compare(kernel, fn, scalar_gate, 2, 80, 2, 16, 96, None, True, torch.float32, "cpu")
+    assert launched is None or len(launched) == 1
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 

@@ -188,11 +188,11 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int |
         eye = torch.eye(K, dtype=m.dtype, device=m.device).expand(N, joined * join - per_seq, HV, K, K)
         parts = torch.cat([parts, eye], dim=1)
     parts = parts.view(N, joined, join, HV, K, K)
-    product = parts[:, :, 0]
-    for p in range(1, join):
-        product = torch.matmul(parts[:, :, p], product)
     m_big = m.new_empty(big.slots, HV, K, K)
-    m_big[: N * joined] = product.reshape(N * joined, HV, K, K)
+    product = parts[:, :, 0]
+    for p in range(1, join):  # the last product straight into m_big (no copy kernel)
+        out = m_big[: N * joined].view(N, joined, HV, K, K) if p == join - 1 else None
+        product = torch.matmul(parts[:, :, p], product, out=out)
     return big, m_big
 
 
@@ -200,17 +200,6 @@ def segment_column_block(element_size: int) -> int:
     """Columns (of V + K) per program of the transition passes: the V block of the serial
     passes for 16-bit heads of K <= 128, half of it for fp32 tiles (shared memory)."""
     return 32 if element_size > 2 else 64
-
-
-def segment_grad_column_block(element_size: int, segments: int, HV: int, V: int, sms: int) -> int:
-    """Columns per program of the reverse transition pass: `segment_column_block`'s, halved down
-    to 32 while its programs (`segments` that pass a gradient on, x HV x column blocks) would
-    leave SMs idle. At 1x32768 (16 heads, V = 128) its segments of 8192 tokens (`joined_segments`)
-    are three per sequence that pass one on: 96 programs of 64 columns."""
-    BC = segment_column_block(element_size)
-    while BC > 32 and segments * HV * cdiv(V, BC) < sms:
-        BC //= 2
-    return BC
 
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
@@ -395,10 +384,7 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    # segments that pass a gradient on: all but each sequence's first (and the spare slots, of
-    # which equal-length sequences have one each)
-    passing = seg.slots if seg.packed else seg.slots - 2 * seg.num_seqs
-    BC = segment_grad_column_block(q.element_size(), passing, HV, V, num_sms(q.device))
+    BC = segment_column_block(q.element_size())
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=4, num_stages=1 if q.element_size() > 2 else 2)

@@ -293,9 +293,11 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
         return o, ht, None, h, b
     a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
-    kern.chunk_gla_output_kernel[(chunks.slots * cdiv(V, bv), H)](
+    programs = chunks.slots * cdiv(V, bv)
+    kern.chunk_gla_output_kernel[chunk_grid(programs, H)](
         q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, HEADS_FAST=heads_fast(programs),
+        num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return o, ht, a, h, b
 
@@ -323,12 +325,12 @@ def _gla_scores(q, k, b, scale, chunks):
     """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
-    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
+    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
-    kern.chunk_gla_scores_kernel[grid](
+    kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
         q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
@@ -390,29 +392,33 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     if a is None:
         a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
-    kern.chunk_gla_dv_kernel[(chunks.slots * cdiv(V, bv), H)](
+    programs = chunks.slots * cdiv(V, bv)
+    kern.chunk_gla_dv_kernel[chunk_grid(programs, H)](
         k, b, a, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, HEADS_FAST=heads_fast(programs),
+        num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    grid = (chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE), H)
+    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
     # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
-    scratch = (torch.empty(grid[0] * grid[1] * bc * bc, dtype=torch.float32, device=q.device)
+    scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
                if cfg["grad_scratch"] else dq_intra)
-    kern.chunk_gla_intra_grad_kernel[grid](
+    kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
         UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
-        num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
-    kern.chunk_gla_grad_kernel[(chunks.slots * cdiv(K, bk), H)](
+    programs = chunks.slots * cdiv(K, bk)
+    kern.chunk_gla_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), HEADS_FAST=heads_fast(programs),
+        num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     return dq, dk, dv, dg, dh0
 

@@ -650,6 +650,7 @@ def chunk_scalar_gate_grad_kernel(
 def chunk_gla_scores_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
@@ -660,7 +661,8 @@ def chunk_gla_scores_kernel(
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
     """
     NC: tl.constexpr = BT // BC
-    i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
+    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
+    i_c, i_i = i_x // NC, i_x % NC
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
@@ -717,10 +719,12 @@ def chunk_gla_scores_kernel(
 def chunk_gla_output_kernel(
     q_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale)."""
     NV: tl.constexpr = (V + BV - 1) // BV
-    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
+    i_c, i_v = i_x // NV, i_x % NV
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
@@ -749,10 +753,12 @@ def chunk_gla_output_kernel(
 def chunk_gla_dv_kernel(
     k_ptr, b_ptr, a_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """dv = A^T do + (k e^{b_L - b}) dh for one chunk and V tile."""
     NV: tl.constexpr = (V + BV - 1) // BV
-    i_c, i_v, i_h = tl.program_id(0) // NV, tl.program_id(0) % NV, tl.program_id(1)
+    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
+    i_c, i_v = i_x // NV, i_x % NV
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
@@ -836,6 +842,7 @@ def chunk_gla_intra_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
 
@@ -850,7 +857,8 @@ def chunk_gla_intra_grad_kernel(
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
     """
     NC: tl.constexpr = BT // BC
-    i_c, i_i, i_h = tl.program_id(0) // NC, tl.program_id(0) % NC, tl.program_id(1)
+    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
+    i_c, i_i = i_x // NC, i_x % NC
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
@@ -940,6 +948,7 @@ def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """dq, dk and dg of one chunk and K tile: inter-chunk terms as whole-chunk matmuls plus the
     intra-chunk parts, then the gate gradient.
@@ -949,7 +958,8 @@ def chunk_gla_grad_kernel(
     (through the state leaving the chunk); dg is its reverse cumulative sum over the chunk.
     """
     NK: tl.constexpr = (K + BK - 1) // BK
-    i_c, i_k, i_h = tl.program_id(0) // NK, tl.program_id(0) % NK, tl.program_id(1)
+    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
+    i_c, i_k = i_x // NK, i_x % NK
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
