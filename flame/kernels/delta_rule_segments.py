@@ -169,10 +169,10 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int |
     Why: the backward's transition pass walks every segment but a sequence's first, the reverse
     pass every segment, so fewer, longer segments shorten the one and lengthen the other's
     chain; the forward has no such trade (its transition pass walks all but a sequence's last
-    segment whatever their length). H100, 1x32768, H = 16, K = V = 128, both directions over
-    segments of 4096 against 8192 tokens, forward (kept for the backward) / forward+backward ms
-    (results/delta_rule_segment_tokens_7447864_h100.json): plain 1.280 / 2.969 against
-    1.363 / 2.997, gated 1.399 / 3.982 against 1.469 / 3.857."""
+    segment whatever their length), and its segments of 4096 measured best. H100, 1x32768,
+    H = 16, K = V = 128, forward+backward ms with the backward over runs of 1 / 2 / 4 segments
+    of 4096 (results/delta_rule_backward_join_4bf7994_h100.json): plain 2.958 / 2.933 / 3.420,
+    gated 3.940 / 3.844 / 4.717; 8x4096 (one segment per sequence) unchanged."""
     join = BACKWARD_JOIN if join is None else join
     if seg.packed or join <= 1:
         return seg, m
