@@ -162,14 +162,20 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
-# scratch or from reductions, split diagonal gradient terms, several K tiles per program. Each
+# scratch or from reductions, split diagonal gradient terms, several K tiles per program, the
+# output formed by the scores kernel (with the diagonal tile apart and within the row). Each
 # names every switch, so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
-    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False),
+    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False,
+                  scores_output=False),
     "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
-                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
-    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False),
-    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True),
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16, scores_output=True),
+    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False,
+                    scores_output=True),
+    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True,
+                  scores_output=False),
+    "split-output": dict(scores_unroll=4, scores_split=True, grad_unroll=2, grad_scratch=True, grad_split=True,
+                         scores_output=True),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
@@ -194,6 +200,27 @@ def test_gla_intra_variants_cpu(case, variant, triton_backend, monkeypatch):
     errors = compare("gla", chunk_gla, False, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["diag-apart", "diag-in-row"])
+def test_gla_scores_kernel_forms_output_cpu(split, triton_backend, monkeypatch):
+    """With scores_output the forward's scores kernel writes o and the output kernel is not
+    launched: float64 within 1e-5 (outputs, states, every gradient), packed and fixed-length."""
+    from flame.kernels import linear_attention
+
+    default = linear_attention.gla_intra_config()
+    monkeypatch.setattr(linear_attention, "gla_intra_config",
+                        lambda: {**default, "scores_output": True, "scores_split": split})
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("chunk_gla_output_kernel launched")
+
+    monkeypatch.setattr(linear_attention.kern, "chunk_gla_output_kernel", NotLaunched())
+    for _, B, T, H, K, V, cu, with_h0 in GLA_VARIANT_CASES:
+        errors = compare("gla", chunk_gla, False, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
+        for key, err in errors.items():
+            assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
 def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):

@@ -71,6 +71,8 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
+    scores_output: the forward's scores kernel also forms o (heads of V <= CHUNK_BLOCK), in place
+    of `chunk_gla_output_kernel`; off until timed on a GPU.
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -79,7 +81,8 @@ def gla_intra_config() -> dict:
     off. More unrolling (8, 16) or a K tile of 32 measured slower.
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
-                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
+                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
+                scores_output=False)
 
 
 def grouped_backward_config() -> dict:
@@ -291,6 +294,8 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None, h, b
+    if gla_intra_config()["scores_output"] and V <= CHUNK_BLOCK:
+        return o, ht, _gla_scores(q, k, b, scale, chunks, v, h, o), h, b
     a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     programs = chunks.slots * cdiv(V, bv)
@@ -321,17 +326,22 @@ def _unroll(rows):
     return rows
 
 
-def _gla_scores(q, k, b, scale, chunks):
-    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
+def _gla_scores(q, k, b, scale, chunks, v=None, h=None, o=None):
+    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype.
+    Given v, the chunk-entry states h and o [T, H, V] (V <= CHUNK_BLOCK), the same launch also
+    writes the output into o (`gla_intra_config`'s scores_output)."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
+    output = o is not None
+    V = v.shape[-1] if output else MIN_DOT_TILE  # (unused without the output)
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
-        q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
-        num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
+        q, k, b, a, v if output else a, h if output else a, o if output else a,
+        chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, V=V, BK=_intra_block(K, cfg["scores_bk"]), BV=max(next_power_of_2(V), MIN_DOT_TILE),
+        UNROLL=_unroll(cfg["scores_unroll"]), SPLIT_DIAG=bool(cfg["scores_split"]), OUTPUT=output,
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
 

@@ -648,9 +648,9 @@ def chunk_scalar_gate_grad_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
-    q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    q_ptr, k_ptr, b_ptr, a_ptr, v_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr, OUTPUT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
@@ -659,6 +659,11 @@ def chunk_gla_scores_kernel(
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
+
+    OUTPUT (V <= BV): also the block's rows of o = scale (q e^{b}) h + A v, as
+    `chunk_gla_output_kernel` forms them (A rounded to q's dtype first), from the q and b tiles
+    already loaded and the state h entering the chunk: the output kernel's reads of q, b and A
+    go away.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -677,6 +682,8 @@ def chunk_gla_scores_kernel(
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
+    cv = tl.arange(0, BV)
+    o_state = tl.zeros([BC, BV], dtype=tl.float32)  # (q e^b) h, used with OUTPUT only
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
@@ -684,6 +691,10 @@ def chunk_gla_scores_kernel(
         mb = before[:, None] & mck[None, :]
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        if OUTPUT:
+            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
+                        mask=mck[:, None] & (cv[None, :] < V), other=0.0)
+            o_state += tl.dot(tl.where(mi, q_i * tl.exp(b_i), 0.0).to(dtype), h.to(dtype))
         r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
         k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
         b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
@@ -713,6 +724,18 @@ def chunk_gla_scores_kernel(
         tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
     else:
         tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+    if OUTPUT:
+        a_rows = acc
+        if SPLIT_DIAG:  # the diagonal tile into its columns of the row: [BC, NC, BC] -> [BC, BT]
+            blocks = tl.arange(0, NC)
+            placed = tl.where((blocks == i_i)[None, :, None], diag[:, None, :], 0.0)
+            a_rows += tl.reshape(placed, [BC, BT])
+        mv = cv[None, :] < V
+        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=(rows < L)[:, None] & mv,
+                    other=0.0)
+        o = o_state * scale + tl.dot((a_rows * scale).to(dtype), v.to(dtype))
+        tl.store(o_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=valid_i[:, None] & mv)
 
 
 @triton.jit(do_not_specialize=["N"])
