@@ -394,11 +394,20 @@ def test_chunk_grid_orders(order, monkeypatch):
     assert uses.count("output") == 2 and uses.count("dv_local") == 2, uses
 
 
-def test_segments_without_states(monkeypatch):
-    """No initial state and no final state: the combine starts from zero in both directions."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "equal-length"])
+def test_segments_without_states(packed, monkeypatch):
+    """No initial state and no final state: the combine starts from zero in both directions, and
+    the first segment's M, which nothing then needs, is neither formed nor read (the transitions
+    start as NaN here; equal-length sequences also take the backward over runs of segments)."""
+    from flame.kernels import delta_rule_segments
+
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    q, k, v, g, beta, _ = make_inputs(1, 260, 1, 2, 16, 16, 2, dtype=torch.float32)
-    cu = torch.tensor([0, 200, 260], dtype=torch.int32)
+    monkeypatch.setattr(delta_rule_segments, "transition_buffer",
+                        lambda *shape_device: torch.full(shape_device[:3] + shape_device[2:3], float("nan")))
+    # V = 32: the identity columns get column blocks of their own (32 wide in fp32)
+    q, k, v, g, beta, _ = make_inputs(1 if packed else 2, 260 if packed else 300, 1, 2, 16, 32, 2,
+                                      dtype=torch.float32)
+    cu = torch.tensor([0, 200, 260], dtype=torch.int32) if packed else None
     grads = {}
     for segments in (64, None):
         uses = force_segments(monkeypatch, segments)
