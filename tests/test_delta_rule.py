@@ -402,6 +402,7 @@ def test_segments_without_states(packed, monkeypatch):
     from flame.kernels import delta_rule_segments
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
+    monkeypatch.setattr(delta_rule_segments, "FORM_UNUSED_FIRST_M", False)
     monkeypatch.setattr(delta_rule_segments, "transition_buffer",
                         lambda *shape_device: torch.full(shape_device[:3] + shape_device[2:3], float("nan")))
     # V = 32: the identity columns get column blocks of their own (32 wide in fp32)
@@ -762,6 +763,37 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
         monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     check_bf16_gpu(cases[case], gated, f"{case} segments", max_seqlen=9200 if case == "packed-long" else None)
     assert uses == ["entry", "end"], uses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form_first_m", [True, False], ids=["first-m", "no-first-m"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_segments_without_states_bf16_gpu(gated, form_first_m, monkeypatch):
+    """Training over the default segments without initial or final states (as the trainer
+    runs), one sequence of three segments and a backward over runs of two, with and without the
+    first segment's unused M. bf16 against float64: outputs within 5e-3, every gradient within 2e-2."""
+    from flame.kernels import delta_rule_segments
+
+    monkeypatch.setattr(delta_rule_segments, "FORM_UNUSED_FIRST_M", form_first_m)
+    uses = force_segments(monkeypatch, None)
+    monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
+    inputs = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")[:5]
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    q, k, v, g, beta = leaves
+    o = chunk_gated_delta_rule(q, k, v, g, beta)[0] if gated else chunk_delta_rule(q, k, v, beta)[0]
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, leaves if gated else [q, k, v, beta], do)
+    leaves64 = [x.detach().double().requires_grad_() for x in inputs]
+    q, k, v, g, beta = leaves64
+    o_ref = chunk_delta_rule_ref(q, k, v, beta, g=g if gated else None)[0]
+    grads_ref = torch.autograd.grad(o_ref, leaves64 if gated else [q, k, v, beta], do.double())
+    assert uses == ["entry", "end"], uses
+    errors = {"o": rel(o, o_ref)}
+    names = ("q", "k", "v", "g", "beta") if gated else ("q", "k", "v", "beta")
+    errors.update({"d" + n: rel(x, ref) for n, x, ref in zip(names, grads, grads_ref)})
+    print("segments without states", "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
+    assert errors["o"] < 5e-3, errors
+    assert all(e < 2e-2 for n, e in errors.items() if n.startswith("d")), errors
 
 
 @pytest.mark.gpu
