@@ -163,19 +163,24 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
 # scratch or from reductions, split diagonal gradient terms, several K tiles per program, the
-# output formed by the scores kernel (with the diagonal tile apart and within the row). Each
+# output formed by the scores kernel (with the diagonal tile apart and within the row), the
+# diagonal block's cross-half pairs through a second reference row. Each
 # names every switch, so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
-    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False,
-                  scores_output=False),
-    "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
-                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16, scores_output=True),
-    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False,
-                    scores_output=True),
-    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True,
-                  scores_output=False),
-    "split-output": dict(scores_unroll=4, scores_split=True, grad_unroll=2, grad_scratch=True, grad_split=True,
-                         scores_output=True),
+    "plain": dict(scores_unroll=1, scores_split=False, scores_halves=False, scores_output=False,
+                  grad_unroll=1, grad_scratch=False, grad_split=False),
+    "split-scratch": dict(scores_unroll=4, scores_split=True, scores_halves=False, scores_output=True, scores_bk=16,
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
+    "scratch": dict(scores_unroll=2, scores_split=False, scores_halves=False, scores_output=True,
+                    grad_unroll=2, grad_scratch=True, grad_split=False),
+    "split": dict(scores_unroll=1, scores_split=False, scores_halves=False, scores_output=False,
+                  grad_unroll=8, grad_scratch=False, grad_split=True),
+    "split-output": dict(scores_unroll=4, scores_split=True, scores_halves=False, scores_output=True,
+                         grad_unroll=2, grad_scratch=True, grad_split=True),
+    "halves": dict(scores_unroll=2, scores_split=True, scores_halves=True, scores_output=False,
+                   grad_unroll=2, grad_scratch=True, grad_split=True),
+    "halves-output": dict(scores_unroll=1, scores_split=True, scores_halves=True, scores_output=True, scores_bk=16,
+                          grad_unroll=2, grad_scratch=True, grad_split=True),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
@@ -283,6 +288,16 @@ def test_grid_orders_cpu(order, kernel, triton_backend, monkeypatch):
     fn, scalar_gate = KERNELS[kernel]
     errors = compare(kernel, fn, scalar_gate, 2, 80, 2, 16, 96, None, True, torch.float32, "cpu")
     assert launched is None or len(launched) == 1
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("variant", ["halves", "halves-output"])
+def test_gla_halves_strong_decay_cpu(variant, triton_backend, monkeypatch):
+    # Decays of e^-30 per step through the second reference row: its factors must never take a
+    # positive exponent (a row of the other half), or they overflow.
+    use_gla_variant(monkeypatch, variant)
+    errors = compare("gla", chunk_gla, False, 1, 40, 1, 16, 16, None, True, torch.float32, "cpu", decay_scale=30.0)
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 

@@ -71,6 +71,9 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
+    scores_halves (with scores_split): the scores kernel takes the cross-half pairs of each
+    16-row block through a second reference row (one small dot), so that its serial loop runs
+    8 steps of two key rows instead of 16; off until timed on a GPU.
     scores_output: the forward's scores kernel also forms o (heads of V <= CHUNK_BLOCK), in place
     of `chunk_gla_output_kernel`; off until timed on a GPU.
     Benchmarks replace this function to time alternatives in one process.
@@ -82,7 +85,7 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                scores_output=False)
+                scores_output=False, scores_halves=False)
 
 
 def grouped_backward_config() -> dict:
@@ -320,9 +323,11 @@ def _intra_block(K, block):
     return _gla_block(K) if block is None else min(next_power_of_2(K), block)
 
 
-def _unroll(rows):
-    if rows < 1 or kern.SUB_CHUNK_SIZE % rows:
-        raise ValueError(f"partner rows per step must divide {kern.SUB_CHUNK_SIZE}, got {rows}")
+def _unroll(rows, halves=False):
+    """Partner rows per step of a serial loop over a block's rows (over half of them with halves)."""
+    span = kern.SUB_CHUNK_SIZE // 2 if halves else kern.SUB_CHUNK_SIZE
+    if rows < 1 or span % rows:
+        raise ValueError(f"partner rows per step must divide {span}, got {rows}")
     return rows
 
 
@@ -334,13 +339,16 @@ def _gla_scores(q, k, b, scale, chunks, v=None, h=None, o=None):
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
+    if cfg["scores_halves"] and not cfg["scores_split"]:
+        raise ValueError("gla_intra_config: scores_halves needs scores_split")
     output = o is not None
     V = v.shape[-1] if output else MIN_DOT_TILE  # (unused without the output)
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
         q, k, b, a, v if output else a, h if output else a, o if output else a,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_intra_block(K, cfg["scores_bk"]), BV=max(next_power_of_2(V), MIN_DOT_TILE),
-        UNROLL=_unroll(cfg["scores_unroll"]), SPLIT_DIAG=bool(cfg["scores_split"]), OUTPUT=output,
+        UNROLL=_unroll(cfg["scores_unroll"], cfg["scores_halves"]), SPLIT_DIAG=bool(cfg["scores_split"]),
+        OUTPUT=output, HALVES=bool(cfg["scores_halves"]),
         HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a

@@ -646,11 +646,55 @@ def chunk_scalar_gate_grad_kernel(
 # o = scale (q e^b) h + A v, dv = A^T do + (k e^{b_L - b}) dh, and the inter-chunk dq, dk.
 
 
+@triton.jit
+def _second_half_scores(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, mi, cols_i, H: tl.constexpr,
+                        K: tl.constexpr, dtype: tl.constexpr):
+    """[BC, BC] scores of a block's second-half rows t against its first-half keys s, through the
+    reference row m of the second half's start: (q_t e^{b_t - b_m}) . (k_s e^{b_m - b_s}), both
+    exponents <= 0; zero elsewhere (the masked exponents are -inf, never positive)."""
+    HB: tl.constexpr = BC // 2
+    second = cols_i >= HB
+    m_row = i_i * BC + HB
+    r = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(m_row < L, K, 0), other=0.0)
+    k_i = tl.load(k_ptr + ((t0 + i_i * BC + cols_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi,
+                  other=0.0).to(tl.float32)
+    q_m = q_i * tl.exp(tl.where(mi & second[:, None], b_i - r[None, :], float("-inf")))
+    # no second half past the sequence: r is then no row's, and its factors stay zero
+    first = ~second & (m_row < L)
+    k_m = k_i * tl.exp(tl.where(mi & first[:, None], r[None, :] - b_i, float("-inf")))
+    return tl.dot(q_m.to(dtype), tl.trans(k_m.to(dtype)))
+
+
+@triton.jit
+def _diagonal_halves_column(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, cols_i, valid_i, j, H: tl.constexpr,
+                            K: tl.constexpr):
+    """Exact scores of key j of each half against the same half's rows: column j for the
+    first half's rows, column BC / 2 + j for the second's, as a [BC, BC] tile."""
+    HB: tl.constexpr = BC // 2
+    second = cols_i >= HB
+    s1 = i_i * BC + j
+    s2 = s1 + HB
+    m1 = ck < tl.where(s1 < L, K, 0)  # a key row past the sequence loads nothing
+    m2 = ck < tl.where(s2 < L, K, 0)
+    k_1 = tl.load(k_ptr + ((t0 + s1) * H + i_h) * K + ck, mask=m1, other=0.0).to(tl.float32)
+    b_1 = tl.load(b_ptr + ((t0 + s1) * H + i_h) * K + ck, mask=m1, other=0.0)
+    k_2 = tl.load(k_ptr + ((t0 + s2) * H + i_h) * K + ck, mask=m2, other=0.0).to(tl.float32)
+    b_2 = tl.load(b_ptr + ((t0 + s2) * H + i_h) * K + ck, mask=m2, other=0.0)
+    k_s = tl.where(second[:, None], k_2[None, :], k_1[None, :])
+    b_s = tl.where(second[:, None], b_2[None, :], b_1[None, :])
+    col = j + tl.where(second, HB, 0)  # the key's column in the block, per row
+    pair = (cols_i >= col) & valid_i
+    e = tl.exp(tl.where(pair[:, None], b_i - b_s, float("-inf")))
+    a_s = tl.sum(q_i * k_s * e, axis=1)
+    return tl.where(cols_i[None, :] == col[:, None], a_s[:, None], 0.0)
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, v_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr, OUTPUT: tl.constexpr, HEADS_FAST: tl.constexpr,
+    UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr, OUTPUT: tl.constexpr, HALVES: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
@@ -659,6 +703,11 @@ def chunk_gla_scores_kernel(
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
+
+    HALVES (with SPLIT_DIAG): the block's second half of rows takes the keys of its first half
+    through a second reference row, the half's first (both exponents <= 0 again), in one
+    [BC, BK] x [BK, BC] dot; the exact per-pair loop then runs over the two halves together,
+    BC / 2 steps of two key rows (one per half) instead of BC steps.
 
     OUTPUT (V <= BV): also the block's rows of o = scale (q e^{b}) h + A v, as
     `chunk_gla_output_kernel` forms them (A rounded to q's dtype first), from the q and b tiles
@@ -682,6 +731,8 @@ def chunk_gla_scores_kernel(
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
+    # HALVES: the cross-half dot's sum, kept apart from diag (the loop's layout) until the end
+    cross = tl.zeros([BC, BC], dtype=tl.float32)
     cv = tl.arange(0, BV)
     o_state = tl.zeros([BC, BV], dtype=tl.float32)  # (q e^b) h, used with OUTPUT only
     for k0 in range(0, K, BK):
@@ -701,20 +752,29 @@ def chunk_gla_scores_kernel(
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         acc += tl.dot(q_r, tl.trans(k_r))
-        for j0 in range(0, BC, UNROLL):
-            for u in tl.static_range(UNROLL):
-                j = j0 + u
-                s = i_i * BC + j
-                ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
-                k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                pair = (rows_i >= s) & valid_i
-                e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
-                a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
-                if SPLIT_DIAG:
-                    diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
-                else:
-                    acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+        if HALVES:
+            cross += _second_half_scores(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, mi, cols_i, H, K, dtype)
+            for j0 in range(0, BC // 2, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    diag += _diagonal_halves_column(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, cols_i, valid_i,
+                                                    j0 + u, H, K)
+        else:
+            for j0 in range(0, BC, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    j = j0 + u
+                    s = i_i * BC + j
+                    ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                    pair = (rows_i >= s) & valid_i
+                    e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+                    a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
+                    if SPLIT_DIAG:
+                        diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
+                    else:
+                        acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+    if HALVES:
+        diag += cross
     row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
     if SPLIT_DIAG:
         # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
