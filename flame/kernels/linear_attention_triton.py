@@ -647,21 +647,21 @@ def chunk_scalar_gate_grad_kernel(
 
 
 @triton.jit
-def _second_half_scores(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, mi, cols_i, H: tl.constexpr,
-                        K: tl.constexpr, dtype: tl.constexpr):
-    """[BC, BC] scores of a block's second-half rows t against its first-half keys s, through the
-    reference row m of the second half's start: (q_t e^{b_t - b_m}) . (k_s e^{b_m - b_s}), both
-    exponents <= 0; zero elsewhere (the masked exponents are -inf, never positive)."""
+def _cross_half_scores(q_i, b_i, k_b, b_b, b_ptr, t0, i_i, i_h, L, rows, ck, mck, mi, cols_i, H: tl.constexpr,
+                       K: tl.constexpr, dtype: tl.constexpr):
+    """[BC, BT] scores of a block's second-half rows t against its first-half keys s (columns of
+    the chunk), through the reference row m that starts the second half:
+    (q_t e^{b_t - b_m}) . (k_s e^{b_m - b_s}), both exponents <= 0; zero elsewhere (masked
+    exponents are -inf, never positive). k_b, b_b: the chunk's key rows, loaded through the
+    first half of the block. A product 64 columns wide, as the other products of the kernel."""
     HB: tl.constexpr = BC // 2
-    second = cols_i >= HB
     m_row = i_i * BC + HB
     r = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(m_row < L, K, 0), other=0.0)
-    k_i = tl.load(k_ptr + ((t0 + i_i * BC + cols_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi,
-                  other=0.0).to(tl.float32)
+    second = cols_i >= HB
     q_m = q_i * tl.exp(tl.where(mi & second[:, None], b_i - r[None, :], float("-inf")))
-    # no second half past the sequence: r is then no row's, and its factors stay zero
-    first = ~second & (m_row < L)
-    k_m = k_i * tl.exp(tl.where(mi & first[:, None], r[None, :] - b_i, float("-inf")))
+    # no second half past the sequence: r is then no row's, and the keys' factors stay zero
+    first_half = (rows >= i_i * BC) & (rows < m_row) & (m_row < L)
+    k_m = k_b * tl.exp(tl.where(first_half[:, None] & mck[None, :], r[None, :] - b_b, float("-inf")))
     return tl.dot(q_m.to(dtype), tl.trans(k_m.to(dtype)))
 
 
@@ -706,7 +706,7 @@ def chunk_gla_scores_kernel(
 
     HALVES (with SPLIT_DIAG): the block's second half of rows takes the keys of its first half
     through a second reference row, the half's first (both exponents <= 0 again), in one
-    [BC, BK] x [BK, BC] dot; the exact per-pair loop then runs over the two halves together,
+    [BC, BK] x [BK, BT] dot; the exact per-pair loop then runs over the two halves together,
     BC / 2 steps of two key rows (one per half) instead of BC steps.
 
     OUTPUT (V <= BV): also the block's rows of o = scale (q e^{b}) h + A v, as
@@ -731,8 +731,13 @@ def chunk_gla_scores_kernel(
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
-    # HALVES: the cross-half dot's sum, kept apart from diag (the loop's layout) until the end
-    cross = tl.zeros([BC, BC], dtype=tl.float32)
+    # HALVES: the cross-half products' sum by chunk column, added into diag after the K loop
+    # (kept apart, diag would take the products' layout and convert every loop step)
+    cross = tl.zeros([BC, BT], dtype=tl.float32)
+    if HALVES:  # the key rows loaded per K tile reach through the block's first half
+        keys = rows < i_i * BC + BC // 2
+    else:
+        keys = before
     cv = tl.arange(0, BV)
     o_state = tl.zeros([BC, BV], dtype=tl.float32)  # (q e^b) h, used with OUTPUT only
     for k0 in range(0, K, BK):
@@ -747,13 +752,15 @@ def chunk_gla_scores_kernel(
                         mask=mck[:, None] & (cv[None, :] < V), other=0.0)
             o_state += tl.dot(tl.where(mi, q_i * tl.exp(b_i), 0.0).to(dtype), h.to(dtype))
         r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+        mkeys = keys[:, None] & mck[None, :]
+        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0).to(tl.float32)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0)
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         acc += tl.dot(q_r, tl.trans(k_r))
         if HALVES:
-            cross += _second_half_scores(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, mi, cols_i, H, K, dtype)
+            cross += _cross_half_scores(q_i, b_i, k_b, b_b, b_ptr, t0, i_i, i_h, L, rows, ck, mck, mi, cols_i, H, K,
+                                        dtype)
             for j0 in range(0, BC // 2, UNROLL):
                 for u in tl.static_range(UNROLL):
                     diag += _diagonal_halves_column(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, cols_i, valid_i,
@@ -773,8 +780,9 @@ def chunk_gla_scores_kernel(
                         diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
                     else:
                         acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-    if HALVES:
-        diag += cross
+    if HALVES:  # the block's own columns of the cross-half products: [BC, NC, BC] -> [BC, BC]
+        blocks = tl.arange(0, NC)
+        diag += tl.sum(tl.where((blocks == i_i)[None, :, None], tl.reshape(cross, [BC, NC, BC]), 0.0), axis=1)
     row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
     if SPLIT_DIAG:
         # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
