@@ -168,19 +168,19 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 # names every switch, so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
     "plain": dict(scores_unroll=1, scores_split=False, scores_halves=False, scores_output=False,
-                  grad_unroll=1, grad_scratch=False, grad_split=False),
+                  grad_unroll=1, grad_scratch=False, grad_split=False, grad_halves=False),
     "split-scratch": dict(scores_unroll=4, scores_split=True, scores_halves=False, scores_output=True, scores_bk=16,
-                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_halves=False, grad_bk=16),
     "scratch": dict(scores_unroll=2, scores_split=False, scores_halves=False, scores_output=True,
-                    grad_unroll=2, grad_scratch=True, grad_split=False),
+                    grad_unroll=2, grad_scratch=True, grad_split=False, grad_halves=False),
     "split": dict(scores_unroll=1, scores_split=False, scores_halves=False, scores_output=False,
-                  grad_unroll=8, grad_scratch=False, grad_split=True),
+                  grad_unroll=8, grad_scratch=False, grad_split=True, grad_halves=False),
     "split-output": dict(scores_unroll=4, scores_split=True, scores_halves=False, scores_output=True,
-                         grad_unroll=2, grad_scratch=True, grad_split=True),
+                         grad_unroll=2, grad_scratch=True, grad_split=True, grad_halves=False),
     "halves": dict(scores_unroll=2, scores_split=True, scores_halves=True, scores_output=False,
-                   grad_unroll=2, grad_scratch=True, grad_split=True),
+                   grad_unroll=2, grad_scratch=True, grad_split=True, grad_halves=True),
     "halves-output": dict(scores_unroll=1, scores_split=True, scores_halves=True, scores_output=True, scores_bk=16,
-                          grad_unroll=2, grad_scratch=True, grad_split=True),
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_halves=True, grad_bk=16),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
@@ -294,12 +294,14 @@ def test_grid_orders_cpu(order, kernel, triton_backend, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["halves", "halves-output"])
 def test_gla_halves_strong_decay_cpu(variant, triton_backend, monkeypatch):
-    # Decays of e^-30 per step through the second reference row: its factors must never take a
-    # positive exponent (a row of the other half), or they overflow.
+    # Decays of e^-30 per step through the second reference rows: their factors must never take
+    # a positive exponent (a row of the other half, or none), or they overflow. T = 37 and 40:
+    # the last block ends inside its first half, and where its second half would start.
     use_gla_variant(monkeypatch, variant)
-    errors = compare("gla", chunk_gla, False, 1, 40, 1, 16, 16, None, True, torch.float32, "cpu", decay_scale=30.0)
-    for key, err in errors.items():
-        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+    for T in (37, 40):
+        errors = compare("gla", chunk_gla, False, 1, T, 1, 16, 16, None, True, torch.float32, "cpu", decay_scale=30.0)
+        for key, err in errors.items():
+            assert err < 1e-5, f"T={T} {key}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("kernel", ["simple_gla", "gla"])

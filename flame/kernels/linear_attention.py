@@ -74,6 +74,8 @@ def gla_intra_config() -> dict:
     scores_halves (with scores_split): the scores kernel takes the cross-half pairs of each
     16-row block through a second reference row (one small dot), so that its serial loop runs
     8 steps of two key rows instead of 16; off until timed on a GPU.
+    grad_halves (with grad_split and grad_scratch): the same for the intra-chunk gradient
+    kernel (dq of the second half, dk of the first, through reference rows); off until timed.
     scores_output: the forward's scores kernel also forms o (heads of V <= CHUNK_BLOCK), in place
     of `chunk_gla_output_kernel`; off until timed on a GPU.
     Benchmarks replace this function to time alternatives in one process.
@@ -85,7 +87,7 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                scores_output=False, scores_halves=False)
+                scores_output=False, scores_halves=False, grad_halves=False)
 
 
 def grouped_backward_config() -> dict:
@@ -420,6 +422,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
+    if cfg["grad_halves"] and not (cfg["grad_split"] and cfg["grad_scratch"]):
+        raise ValueError("gla_intra_config: grad_halves needs grad_split and grad_scratch")
     # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
@@ -427,7 +431,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
-        UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
+        UNROLL=_unroll(cfg["grad_unroll"], cfg["grad_halves"]), SCRATCH=bool(cfg["grad_scratch"]),
+        SPLIT_DIAG=bool(cfg["grad_split"]), HALVES=bool(cfg["grad_halves"]),
         HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)

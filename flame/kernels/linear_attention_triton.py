@@ -928,11 +928,68 @@ def _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i,
     return dq, dk
 
 
+@triton.jit
+def _intra_grad_diag_halves(q_ptr, k_ptr, b_ptr, slot, b_i, t0, L, i_i, i_h, ck,
+                            H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr):
+    """`_intra_grad_diag` for the pairs inside each half of block i (the cross-half pairs go
+    through reference rows, HALVES): BC / 2 steps, each with one partner row per half, row j of
+    the first half for the first half's rows and row BC / 2 + j for the second's. dA's diagonal
+    block comes from the scratch slot, by row and by column per half."""
+    HB: tl.constexpr = BC // 2
+    cols_i = tl.arange(0, BC)
+    rows_i = i_i * BC + cols_i
+    valid_i = rows_i < L
+    second = cols_i >= HB
+    dq = tl.zeros([BC, BK], dtype=tl.float32)
+    dk = tl.zeros([BC, BK], dtype=tl.float32)
+    for j0 in range(0, HB, UNROLL):
+        for u in tl.static_range(UNROLL):
+            j = j0 + u
+            q_1, k_1, b_1 = _partner_row(q_ptr, k_ptr, b_ptr, t0, i_i * BC + j, L, i_h, ck, H, K)
+            q_2, k_2, b_2 = _partner_row(q_ptr, k_ptr, b_ptr, t0, i_i * BC + HB + j, L, i_h, ck, H, K)
+            q_s = tl.where(second[:, None], q_2[None, :], q_1[None, :])
+            k_s = tl.where(second[:, None], k_2[None, :], k_1[None, :])
+            b_s = tl.where(second[:, None], b_2[None, :], b_1[None, :])
+            col = j + tl.where(second, HB, 0)  # each row's partner, as a column of the block
+            da_t = tl.load(slot + cols_i * BC + col)  # dA[t, partner of t]
+            da_u = tl.load(slot + col * BC + cols_i)  # dA[partner of u, u]
+            later = (cols_i >= col) & valid_i
+            earlier = (cols_i <= col) & (i_i * BC + col < L)
+            e = tl.exp(tl.where((cols_i >= col)[:, None], b_i - b_s, b_s - b_i))
+            dq += da_t[:, None] * k_s * tl.where(later[:, None], e, 0.0)
+            dk += da_u[:, None] * q_s * tl.where(earlier[:, None], e, 0.0)
+    return dq, dk
+
+
+@triton.jit
+def _cross_half_grads(da_cross_q, da_cross_k, k_b, b_b, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi,
+                      first_half, second_half, H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
+    """The dq, dk terms of the pairs across block i's halves (fp32 [BC, BK], rows of the
+    block): dq_t = e^{b_t - b_m} sum_s dA_ts k_s e^{b_m - b_s} for second-half rows t and
+    first-half keys s, m the second half's first row; dk_s = e^{b_n - b_s} sum_t dA_ts q_t
+    e^{b_t - b_n} for first-half rows s and second-half queries t, n = m - 1. Every exponent
+    kept is <= 0; masked ones are -inf (a half past the sequence forms nothing)."""
+    cols_i = tl.arange(0, BC)
+    second = cols_i >= BC // 2
+    has_second = m_row < L
+    r_m = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(has_second, K, 0), other=0.0)
+    r_n = tl.load(b_ptr + ((t0 + m_row - 1) * H + i_h) * K + ck, mask=ck < tl.where(m_row - 1 < L, K, 0),
+                  other=0.0)
+    keys = (first_half & has_second)[:, None] & mck[None, :]
+    k_m = k_b * tl.exp(tl.where(keys, r_m[None, :] - b_b, float("-inf")))
+    dq = tl.dot(da_cross_q, k_m.to(dtype)) * tl.exp(tl.where(mi & second[:, None], b_i - r_m[None, :], float("-inf")))
+    queries = second_half[:, None] & mck[None, :]
+    q_n = q_a * tl.exp(tl.where(queries, b_a - r_n[None, :], float("-inf")))
+    dk = tl.dot(da_cross_k, q_n.to(dtype)) * tl.exp(
+        tl.where(mi & ~second[:, None] & has_second, r_n[None, :] - b_i, float("-inf")))
+    return dq, dk
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr, HALVES: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
@@ -946,6 +1003,10 @@ def chunk_gla_intra_grad_kernel(
     scratch (fp32, BC * BC per program; it stays in cache) and read back by row and column.
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
+    HALVES (with SPLIT_DIAG and SCRATCH): the pairs across the block's two halves through
+    reference rows as well (dq of the second half through its first row m, dk of the first half
+    through its last row m - 1; all exponents <= 0), one more product each; the exact loop
+    covers the pairs within each half, both halves per step (`_intra_grad_diag_halves`).
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -988,27 +1049,48 @@ def chunk_gla_intra_grad_kernel(
         diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
         tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
         tl.debug_barrier()  # every thread reads entries other threads wrote
+    HB: tl.constexpr = BC // 2
+    m_row = i_i * BC + HB  # the second half's first row
+    first_half = (rows >= i_i * BC) & (rows < m_row)
+    second_half = (rows >= m_row) & (rows < (i_i + 1) * BC) & valid
+    if HALVES:  # dA of second-half rows at first-half columns, and its transpose's counterpart
+        da_cross_q = tl.where((cols_i >= HB)[:, None] & first_half[None, :], da_row, 0.0).to(dtype)
+        da_cross_k = tl.where((cols_i < HB)[:, None] & second_half[None, :], da_col, 0.0).to(dtype)
+        keys = before | first_half
+        queries = after | second_half
+    else:
+        keys = before
+        queries = after
 
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
         mi = valid_i[:, None] & mck[None, :]
         b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
+        if HALVES:  # first, so that the dot results are not live across its loop
+            dq_d, dk_d = _intra_grad_diag_halves(q_ptr, k_ptr, b_ptr, slot, b_i, t0, L, i_i, i_h, ck, H, K, BK, UNROLL)
+        elif SPLIT_DIAG:
             dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
                                           H, K, BK, UNROLL, SCRATCH)
         r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
         r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
         mb = before[:, None] & mck[None, :]
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+        mkeys = keys[:, None] & mck[None, :]
+        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0).to(tl.float32)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0)
         k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
         dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
         ma = after[:, None] & mck[None, :]
-        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
+        mqueries = queries[:, None] & mck[None, :]
+        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mqueries, other=0.0).to(tl.float32)
+        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mqueries, other=0.0)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
         dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
+        if HALVES:
+            dq_c, dk_c = _cross_half_grads(da_cross_q, da_cross_k, k_b, b_b, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h,
+                                           ck, mck, mi, first_half, second_half, H, K, dtype)
+            dq += dq_c
+            dk += dk_c
         if SPLIT_DIAG:
             dq += dq_d
             dk += dk_d
