@@ -717,6 +717,17 @@ def test_bf16_gpu(case, gated, backward, split, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gate_gradient_by_rows_bf16_gpu(case, monkeypatch):
+    """The gated chunk gradient with its gate terms as row dot products (GATE_BY_ROWS), bf16
+    against float64 on every GPU case."""
+    from flame.kernels import delta_rule_bwd
+
+    monkeypatch.setattr(delta_rule_bwd, "gate_by_rows", lambda: True)
+    check_bf16_gpu(GPU_CASES[case], True, f"{case} gate by rows")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_inference_bf16_gpu(case, gated):
