@@ -292,6 +292,28 @@ def test_grid_orders_cpu(order, kernel, triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("variant", ["halves-output", "split-output"])
+def test_gla_reads_nothing_past_the_tokens_cpu(variant, triton_backend, monkeypatch):
+    """q, k, v and g at the front of NaN-filled buffers (T = 70: the last chunk's blocks end
+    inside their first half): a kernel that loads rows past the last token turns the output or a
+    gradient non-finite."""
+    use_gla_variant(monkeypatch, variant)
+    B, T, H, K, V = 1, 70, 1, 32, 16
+    inputs = make_inputs(B, T, H, K, V, False, 0, torch.float32, "cpu")[:4]
+
+    def at_front_of_nan(x):
+        buffer = torch.full((x.numel() + 64 * H * x.shape[-1],), float("nan"))
+        buffer[: x.numel()] = x.flatten()
+        return buffer[: x.numel()].view(x.shape).requires_grad_()
+
+    leaves = [at_front_of_nan(x) for x in inputs]
+    o, _ = chunk_gla(*leaves)
+    o.sum().backward()
+    assert torch.isfinite(o).all()
+    for name, x in zip("qkvg", leaves):
+        assert torch.isfinite(x.grad).all(), name
+
+
 @pytest.mark.parametrize("variant", ["halves", "halves-output"])
 def test_gla_halves_strong_decay_cpu(variant, triton_backend, monkeypatch):
     # Decays of e^-30 per step through the second reference rows: their factors must never take

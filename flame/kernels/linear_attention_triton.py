@@ -661,7 +661,7 @@ def _cross_half_scores(q_i, b_i, k_b, b_b, b_ptr, t0, i_i, i_h, L, rows, ck, mck
     q_m = q_i * tl.exp(tl.where(mi & second[:, None], b_i - r[None, :], float("-inf")))
     # no second half past the sequence: r is then no row's, and the keys' factors stay zero
     first_half = (rows >= i_i * BC) & (rows < m_row) & (m_row < L)
-    k_m = k_b * tl.exp(tl.where(first_half[:, None] & mck[None, :], r[None, :] - b_b, float("-inf")))
+    k_m = tl.where(first_half[:, None] & mck[None, :], k_b * tl.exp(r[None, :] - b_b), 0.0)
     return tl.dot(q_m.to(dtype), tl.trans(k_m.to(dtype)))
 
 
@@ -735,7 +735,7 @@ def chunk_gla_scores_kernel(
     # (kept apart, diag would take the products' layout and convert every loop step)
     cross = tl.zeros([BC, BT], dtype=tl.float32)
     if HALVES:  # the key rows loaded per K tile reach through the block's first half
-        keys = rows < i_i * BC + BC // 2
+        keys = (rows < i_i * BC + BC // 2) & (rows < L)
     else:
         keys = before
     cv = tl.arange(0, BV)
@@ -976,10 +976,10 @@ def _cross_half_grads(da_cross_q, da_cross_k, k_b, b_b, q_a, b_a, b_i, b_ptr, t0
     r_n = tl.load(b_ptr + ((t0 + m_row - 1) * H + i_h) * K + ck, mask=ck < tl.where(m_row - 1 < L, K, 0),
                   other=0.0)
     keys = (first_half & has_second)[:, None] & mck[None, :]
-    k_m = k_b * tl.exp(tl.where(keys, r_m[None, :] - b_b, float("-inf")))
+    k_m = tl.where(keys, k_b * tl.exp(r_m[None, :] - b_b), 0.0)
     dq = tl.dot(da_cross_q, k_m.to(dtype)) * tl.exp(tl.where(mi & second[:, None], b_i - r_m[None, :], float("-inf")))
     queries = second_half[:, None] & mck[None, :]
-    q_n = q_a * tl.exp(tl.where(queries, b_a - r_n[None, :], float("-inf")))
+    q_n = tl.where(queries, q_a * tl.exp(b_a - r_n[None, :]), 0.0)
     dk = tl.dot(da_cross_k, q_n.to(dtype)) * tl.exp(
         tl.where(mi & ~second[:, None] & has_second, r_n[None, :] - b_i, float("-inf")))
     return dq, dk
@@ -1051,7 +1051,7 @@ def chunk_gla_intra_grad_kernel(
         tl.debug_barrier()  # every thread reads entries other threads wrote
     HB: tl.constexpr = BC // 2
     m_row = i_i * BC + HB  # the second half's first row
-    first_half = (rows >= i_i * BC) & (rows < m_row)
+    first_half = (rows >= i_i * BC) & (rows < m_row) & valid
     second_half = (rows >= m_row) & (rows < (i_i + 1) * BC) & valid
     if HALVES:  # dA of second-half rows at first-half columns, and its transpose's counterpart
         da_cross_q = tl.where((cols_i >= HB)[:, None] & first_half[None, :], da_row, 0.0).to(dtype)
