@@ -42,6 +42,15 @@ def oracle(q, k, v, g, beta, h0, cu_seqlens, gated):
     return o, ht, grads, do, dht
 
 
+def case_inputs(shape, gated):
+    """fp32 inputs of a (B, T, H, HV, K, V, cu_seqlens) case, its cu_seqlens tensor (or None)
+    and the float64 oracle's (o, final state, gradients, do, dht)."""
+    B, T, H, HV, K, V, cu = shape
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
+    return inputs, cu, oracle(*inputs, cu, gated)
+
+
 def run_public(q, k, v, g, beta, h0, cu_seqlens, gated, do, dht, max_seqlen=None):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
     qx, kx, vx, gx, bx, hx = leaves
@@ -178,10 +187,7 @@ def test_saved_backward(case, gated, monkeypatch):
     from flame.kernels import delta_rule
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    B, T, H, HV, K, V, cu = CASES[case]
-    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
-    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(CASES[case], gated)
     prepare, calls = delta_rule._prepare, []
     monkeypatch.setattr(delta_rule, "_prepare", lambda *a, **kw: calls.append(1) or prepare(*a, **kw))
     results = {}
@@ -222,10 +228,7 @@ def test_split_passes(case, gated, monkeypatch):
     the single passes, and the same results as those up to fp32 rounding."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", "saved")
-    B, T, H, HV, K, V, cu = CASES[case]
-    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
-    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(CASES[case], gated)
     results = {}
     for split in (False, True):
         uses = force_splits(monkeypatch, split, split)
@@ -306,10 +309,8 @@ def test_segments(case, backward, monkeypatch):
     reverse transition pass)."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     monkeypatch.setenv("FLAME_DELTA_BACKWARD", backward)
-    B, T, H, HV, K, V, cu, tokens, gated = SEGMENT_CASES[case]
-    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
-    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, gated)
+    *shape, tokens, gated = SEGMENT_CASES[case]
+    inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(shape, gated)
     force_splits(monkeypatch, True, gated)
     # the recomputing backward runs the forward's state pass again, over the same segments
     expected = ["entry", "end"] if backward == "saved" else ["entry", "entry", "end"]
@@ -383,10 +384,7 @@ def test_chunk_grid_orders(order, monkeypatch):
         monkeypatch.setattr(utils, "GRID_YZ_LIMIT", 1)
     uses = force_splits(monkeypatch, True, True)
     for case in ("dense", "varlen"):
-        B, T, H, HV, K, V, cu = CASES[case]
-        cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-        inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
-        o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, True)
+        inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(CASES[case], True)
         o, ht, grads = run_public(*inputs, cu, True, do, dht)
         assert rel(o, o_ref) < 1e-5 and rel(ht, ht_ref) < 1e-5, case
         for name, grad, ref in zip(NAMES, grads, grads_ref):
@@ -401,10 +399,7 @@ def test_gate_gradient_by_rows(case, monkeypatch):
     from flame.kernels import delta_rule_bwd
 
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    B, T, H, HV, K, V, cu = CASES[case]
-    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-    inputs = make_inputs(B, T, H, HV, K, V, B if cu is None else len(cu) - 1, dtype=torch.float32)
-    o_ref, ht_ref, grads_ref, do, dht = oracle(*inputs, cu, True)
+    inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(CASES[case], True)
     results = {}
     for by_rows in (True, False):
         monkeypatch.setattr(delta_rule_bwd, "gate_by_rows", lambda on=by_rows: on)
