@@ -962,27 +962,33 @@ def _intra_grad_diag_halves(q_ptr, k_ptr, b_ptr, slot, b_i, t0, L, i_i, i_h, ck,
 
 
 @triton.jit
-def _cross_half_grads(da_cross_q, da_cross_k, k_b, b_b, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi,
-                      first_half, second_half, H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
-    """The dq, dk terms of the pairs across block i's halves (fp32 [BC, BK], rows of the
-    block): dq_t = e^{b_t - b_m} sum_s dA_ts k_s e^{b_m - b_s} for second-half rows t and
-    first-half keys s, m the second half's first row; dk_s = e^{b_n - b_s} sum_t dA_ts q_t
-    e^{b_t - b_n} for first-half rows s and second-half queries t, n = m - 1. Every exponent
-    kept is <= 0; masked ones are -inf (a half past the sequence forms nothing)."""
-    cols_i = tl.arange(0, BC)
-    second = cols_i >= BC // 2
+def _cross_half_dq(da_cross_q, k_b, b_b, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, first_half,
+                   H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
+    """dq of the pairs across block i's halves (fp32 [BC, BK]): dq_t = e^{b_t - b_m} sum_s dA_ts
+    k_s e^{b_m - b_s} for second-half rows t and first-half keys s, m the second half's first row.
+    Every exponent kept is <= 0 (a second half past the sequence forms nothing)."""
+    second = tl.arange(0, BC) >= BC // 2
     has_second = m_row < L
     r_m = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(has_second, K, 0), other=0.0)
-    r_n = tl.load(b_ptr + ((t0 + m_row - 1) * H + i_h) * K + ck, mask=ck < tl.where(m_row - 1 < L, K, 0),
-                  other=0.0)
     keys = (first_half & has_second)[:, None] & mck[None, :]
     k_m = tl.where(keys, k_b * tl.exp(r_m[None, :] - b_b), 0.0)
-    dq = tl.dot(da_cross_q, k_m.to(dtype)) * tl.exp(tl.where(mi & second[:, None], b_i - r_m[None, :], float("-inf")))
+    return tl.dot(da_cross_q, k_m.to(dtype)) * tl.exp(tl.where(mi & second[:, None], b_i - r_m[None, :], float("-inf")))
+
+
+@triton.jit
+def _cross_half_dk(da_cross_k, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, second_half,
+                   H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
+    """dk of the pairs across block i's halves (fp32 [BC, BK]): dk_s = e^{b_n - b_s} sum_t dA_ts
+    q_t e^{b_t - b_n} for first-half rows s and second-half queries t, n = m - 1 the first half's
+    last row. Every exponent kept is <= 0 (a second half past the sequence forms nothing)."""
+    first = tl.arange(0, BC) < BC // 2
+    has_second = m_row < L
+    r_n = tl.load(b_ptr + ((t0 + m_row - 1) * H + i_h) * K + ck, mask=ck < tl.where(m_row - 1 < L, K, 0),
+                  other=0.0)
     queries = second_half[:, None] & mck[None, :]
     q_n = tl.where(queries, q_a * tl.exp(b_a - r_n[None, :]), 0.0)
-    dk = tl.dot(da_cross_k, q_n.to(dtype)) * tl.exp(
-        tl.where(mi & ~second[:, None] & has_second, r_n[None, :] - b_i, float("-inf")))
-    return dq, dk
+    return tl.dot(da_cross_k, q_n.to(dtype)) * tl.exp(
+        tl.where(mi & first[:, None] & has_second, r_n[None, :] - b_i, float("-inf")))
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -1080,6 +1086,9 @@ def chunk_gla_intra_grad_kernel(
         b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0)
         k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
         dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
+        if HALVES:  # while k_b is loaded (keeping it to the end would cost registers)
+            dq += _cross_half_dq(da_cross_q, k_b, b_b, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, first_half, H, K,
+                                 dtype)
         ma = after[:, None] & mck[None, :]
         mqueries = queries[:, None] & mck[None, :]
         q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mqueries, other=0.0).to(tl.float32)
@@ -1087,10 +1096,8 @@ def chunk_gla_intra_grad_kernel(
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
         dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
         if HALVES:
-            dq_c, dk_c = _cross_half_grads(da_cross_q, da_cross_k, k_b, b_b, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h,
-                                           ck, mck, mi, first_half, second_half, H, K, dtype)
-            dq += dq_c
-            dk += dk_c
+            dk += _cross_half_dk(da_cross_k, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, second_half, H, K,
+                                 dtype)
         if SPLIT_DIAG:
             dq += dq_d
             dk += dk_d
