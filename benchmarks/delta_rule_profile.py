@@ -23,7 +23,8 @@ of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes 
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), gate_rows=0|1 (the chunk gradient's gate terms as row dot products,
-delta_rule_bwd.gate_by_rows), segment_block=N (columns per program of their transition
+delta_rule_bwd.gate_by_rows), form_first_m=0|1 (the transition pass forms the unused M of a sequence's first
+segment, delta_rule_segments.FORM_UNUSED_FIRST_M), segment_block=N (columns per program of their transition
 passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -129,6 +130,7 @@ def variant(spec: str):
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
     saved_join = segments.BACKWARD_JOIN
+    saved_first_m = segments.FORM_UNUSED_FIRST_M
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
         for item in filter(None, spec.split(",")):
@@ -171,6 +173,8 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = int(value)
+            elif key == "form_first_m":
+                segments.FORM_UNUSED_FIRST_M = bool(int(value))
             elif key == "gate_rows":
                 bwd.gate_by_rows = lambda on=bool(int(value)): on
             elif key == "heads_fast":
@@ -185,6 +189,7 @@ def variant(spec: str):
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
         segments.BACKWARD_JOIN = saved_join
+        segments.FORM_UNUSED_FIRST_M = saved_first_m
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)
