@@ -33,7 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flame.kernels.conv as conv_kernels  # noqa: E402
 import flame.kernels.norm as norm_kernels  # noqa: E402
-from flame.kernels.conv import causal_conv1d, causal_conv1d_qkv  # noqa: E402
+from flame.kernels.conv import causal_conv1d, causal_conv1d_qkv, l2_normalize_heads  # noqa: E402
 from flame.kernels.norm import gated_rms_norm, rms_norm  # noqa: E402
 from flame.kernels.skip_gated_norm import skip_gated_rms_norm  # noqa: E402
 from flame.modules.swiglu import swiglu  # noqa: E402
@@ -99,7 +99,7 @@ def conv_qkv_torch(x, w):
     over the first channels, the split, F.normalize of q and k per head, the gates' channels."""
     c = sum(QKV_WIDTHS)
     q, k, v = conv_torch(x[..., :c], w).split(QKV_WIDTHS, dim=-1)
-    q, k = (F.normalize(t.unflatten(-1, (-1, QKV_HEAD)), dim=-1, eps=1e-6).flatten(-2) for t in (q, k))
+    q, k = l2_normalize_heads(q, QKV_HEAD, 1e-6), l2_normalize_heads(k, QKV_HEAD, 1e-6)
     return q, k, v, x[..., c:]
 
 
