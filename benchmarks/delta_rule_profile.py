@@ -22,9 +22,7 @@ both serial passes, whatever the number of sequences), grad_stages=N (pipeline s
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
-flame.kernels.utils.HEADS_FAST), gate_rows=0|1 (the chunk gradient's gate terms as row dot products,
-delta_rule_bwd.gate_by_rows), form_first_m=0|1 (the transition pass forms the unused M of a sequence's first
-segment, delta_rule_segments.FORM_UNUSED_FIRST_M), segment_block=N (columns per program of their transition
+flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
 passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -122,7 +120,7 @@ def variant(spec: str):
     """Applies a variant SPEC (see the module docstring) for the duration of the block."""
     modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod, "_state_block": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
-               "chunk_grad_stages": bwd, "gate_by_rows": bwd,
+               "chunk_grad_stages": bwd,
                "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod, "values_in_pass": fwd_mod}
     saved = {name: getattr(module, name) for name, module in modules.items()}
     saved_mode = os.environ.get("FLAME_DELTA_SEGMENTS")
@@ -130,7 +128,6 @@ def variant(spec: str):
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
     saved_join = segments.BACKWARD_JOIN
-    saved_first_m = segments.FORM_UNUSED_FIRST_M
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
         for item in filter(None, spec.split(",")):
@@ -173,10 +170,6 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = int(value)
-            elif key == "form_first_m":
-                segments.FORM_UNUSED_FIRST_M = bool(int(value))
-            elif key == "gate_rows":
-                bwd.gate_by_rows = lambda on=bool(int(value)): on
             elif key == "heads_fast":
                 kernel_utils.HEADS_FAST = bool(int(value))
             else:
@@ -189,7 +182,6 @@ def variant(spec: str):
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
         segments.BACKWARD_JOIN = saved_join
-        segments.FORM_UNUSED_FIRST_M = saved_first_m
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)

@@ -96,10 +96,7 @@ def rows_for(fwd, bwd, gated: bool, K: int, V: int, HV: int, state_blocks: tuple
     heads = dict(H=HV, HV=HV, K=K, V=V, BT=64, BK=K, IS_VARLEN=True)
     chunked = dict(heads, HEADS_FAST=True)  # the chunk-parallel kernels
     BV, warps = bwd.chunk_grad_config(2, K, V)
-    rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(chunked, BV=BV, USE_G=gated, GATE_BY_ROWS=False), warps)]
-    if gated:
-        rows.append(("_chunk_grad_kernel (GATE_BY_ROWS)", bwd._chunk_grad_kernel,
-                     dict(chunked, BV=BV, USE_G=gated, GATE_BY_ROWS=True), warps))
+    rows = [("_chunk_grad_kernel", bwd._chunk_grad_kernel, dict(chunked, BV=BV, USE_G=gated), warps)]
     BC, prep_warps = fwd.prepare_config(2, K, V)
     rows.append(("_prepare_kernel", fwd._prepare_kernel, dict(chunked, BC=BC, USE_G=gated, STORE_W=True, STORE_U=True), prep_warps))
     BVO, out_warps = fwd.output_config(2, K, V)

@@ -392,34 +392,11 @@ def test_chunk_grid_orders(order, monkeypatch):
     assert uses.count("output") == 2 and uses.count("dv_local") == 2, uses
 
 
-@pytest.mark.parametrize("case", ["dense", "varlen"])
-def test_gate_gradient_by_rows(case, monkeypatch):
-    """The chunk gradient kernel's gate-gradient score terms as row dot products (GATE_BY_ROWS):
-    float64 within 1e-5 for every gradient, and the default form's results up to fp32 rounding."""
-    from flame.kernels import delta_rule_bwd
-
-    monkeypatch.setenv("FLAME_BACKEND", "triton")
-    inputs, cu, (o_ref, ht_ref, grads_ref, do, dht) = case_inputs(CASES[case], True)
-    results = {}
-    for by_rows in (True, False):
-        monkeypatch.setattr(delta_rule_bwd, "gate_by_rows", lambda on=by_rows: on)
-        results[by_rows] = run_public(*inputs, cu, True, do, dht)[2]
-    for name, grad, ref, default in zip(NAMES, results[True], grads_ref, results[False]):
-        assert rel(grad, ref) < 1e-5, name
-        assert rel(grad, default) < 1e-5, name
-
-
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "equal-length"])
 def test_segments_without_states(packed, monkeypatch):
-    """No initial state and no final state: the combine starts from zero in both directions, and
-    the first segment's M, which nothing then needs, is neither formed nor read (the transitions
-    start as NaN here; equal-length sequences also take the backward over runs of segments)."""
-    from flame.kernels import delta_rule_segments
-
+    """No initial state and no final state: the combine starts from zero in both directions
+    (equal-length sequences also take the backward over runs of segments)."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
-    monkeypatch.setattr(delta_rule_segments, "FORM_UNUSED_FIRST_M", False)
-    monkeypatch.setattr(delta_rule_segments, "transition_buffer",
-                        lambda *shape_device: torch.full(shape_device[:3] + shape_device[2:3], float("nan")))
     # V = 32: the identity columns get column blocks of their own (32 wide in fp32)
     q, k, v, g, beta, _ = make_inputs(1 if packed else 2, 260 if packed else 300, 1, 2, 16, 32, 2,
                                       dtype=torch.float32)
@@ -712,17 +689,6 @@ def test_bf16_gpu(case, gated, backward, split, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", list(GPU_CASES))
-def test_gate_gradient_by_rows_bf16_gpu(case, monkeypatch):
-    """The gated chunk gradient with its gate terms as row dot products (GATE_BY_ROWS), bf16
-    against float64 on every GPU case."""
-    from flame.kernels import delta_rule_bwd
-
-    monkeypatch.setattr(delta_rule_bwd, "gate_by_rows", lambda: True)
-    check_bf16_gpu(GPU_CASES[case], True, f"{case} gate by rows")
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_inference_bf16_gpu(case, gated):
@@ -792,15 +758,11 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form_first_m", [True, False], ids=["first-m", "no-first-m"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_segments_without_states_bf16_gpu(gated, form_first_m, monkeypatch):
+def test_segments_without_states_bf16_gpu(gated, monkeypatch):
     """Training over the default segments without initial or final states (as the trainer
-    runs), one sequence of three segments and a backward over runs of two, with and without the
-    first segment's unused M. bf16 against float64: outputs within 5e-3, every gradient within 2e-2."""
-    from flame.kernels import delta_rule_segments
-
-    monkeypatch.setattr(delta_rule_segments, "FORM_UNUSED_FIRST_M", form_first_m)
+    runs), one sequence of three segments and a backward over runs of two. bf16 against float64:
+    outputs within 5e-3, every gradient within 2e-2."""
     uses = force_segments(monkeypatch, None)
     monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     inputs = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")[:5]

@@ -143,12 +143,8 @@ def _chunk_grad_kernel(
     cu_seqlens, chunk_indices, chunk_offsets, scale,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr, GATE_BY_ROWS: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    # GATE_BY_ROWS: the gate gradient's terms through the in-chunk scores (o's tril(q k^T e) and
-    # L's k k^T e) as row dot products with the q and k gradients those scores give, e.g.
-    # sum_j dPe_ij q_i.k_j - sum_j dPe_ji q_j.k_i = q_i.(dPe k)_i - k_i.(dPe^T q)_i, instead of
-    # row and column sums of [64, 64] tiles: no q k^T product, no column reductions.
     j, bh = chunk_head_ids(HEADS_FAST, False)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
@@ -218,17 +214,13 @@ def _chunk_grad_kernel(
     # Output: o = scale (gam q S0 + tril(q k^T e) v').
     dPe = dP * e * scale
     dq_inter = dq_inter * (scale * gam)[:, None]
-    if USE_G and not GATE_BY_ROWS:
+    if USE_G:
         Z = dPe * tl.dot(b_q, tl.trans(b_k))
         dgc += tl.sum(dq_inter * b_q.to(tl.float32), 1) + tl.sum(Z, 1) - tl.sum(Z, 0)
     b_dq = dq_inter + tl.dot(dPe.to(dt), b_k)
     tok_k = rows[:, None] * (HV * K) + hv * K + ck[None, :]
     tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=kmask)
-    if USE_G and GATE_BY_ROWS:  # each term as soon as its tile is final (short live ranges)
-        dgc += tl.sum(b_dq * b_q.to(tl.float32), 1)
     b_dk = tl.dot(tl.trans(dPe).to(dt), b_q)
-    if USE_G and GATE_BY_ROWS:
-        dgc -= tl.sum(b_dk * kf, 1)
     # State update: S1 = exp(gl) S0 + (k exp(gl - gc))^T v'.
     dk_state = dk_state * kdec[:, None]
     if USE_G:
@@ -251,36 +243,19 @@ def _chunk_grad_kernel(
     kk = tl.dot(b_k, tl.trans(b_k))
     dLe = dL * e
     dkk = dLe * b_beta[:, None]
-    if USE_G and GATE_BY_ROWS:
-        dk_rows = tl.dot(dkk.to(dt), b_k)  # (dkk k)_i: k_i . it is row i's sum of dkk * kk
-        dgc += tl.sum(dk_rows * kf, 1)
-        b_dk += dk_rows
-        dk_cols = tl.dot(tl.trans(dkk).to(dt), b_k)  # (dkk^T k)_i: k_i . it is column i's
-        dgc -= tl.sum(dk_cols * kf, 1)
-        b_dk += dk_cols
-    else:
-        b_dk += tl.dot(dkk.to(dt), b_k) + tl.dot(tl.trans(dkk).to(dt), b_k)
+    b_dk += tl.dot(dkk.to(dt), b_k) + tl.dot(tl.trans(dkk).to(dt), b_k)
     dbeta_acc += tl.sum(dLe * kk, 1)
     tl.store(dbeta + rows * HV + hv, dbeta_acc.to(dbeta.dtype.element_ty), mask=rmask)
     tl.store(dk + tok_k, b_dk.to(dk.dtype.element_ty), mask=kmask)
     if USE_G:
-        if not GATE_BY_ROWS:
-            G = dLe * kk * b_beta[:, None]
-            dgc += tl.sum(G, 1) - tl.sum(G, 0)
+        G = dLe * kk * b_beta[:, None]
+        dgc += tl.sum(G, 1) - tl.sum(G, 0)
         # then of g, by a reverse cumsum; the chunk's last row also carries the state decay's
         last_row = tl.minimum(i * BT + BT, eos - bos) - 1 - i * BT
         dgc = tl.where(r == last_row, dgc + dgl_total, dgc)
         dgc = tl.where(rmask, dgc, 0.0)
         b_dg = tl.cumsum(dgc, 0, reverse=True)
         tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
-
-
-def gate_by_rows() -> bool:
-    """Whether the chunk gradient kernel forms the gate gradient's score terms as row dot
-    products (`_chunk_grad_kernel`'s GATE_BY_ROWS): one [64, 64] x [64, K] product and four
-    [64, 64] reductions (two across warps) fewer, in a kernel that spills. Off until timed on a
-    GPU (benchmarks/delta_rule_profile.py --variants gate_rows=1)."""
-    return False
 
 
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
@@ -424,7 +399,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         q, k, v, beta, gcum, a, hs, vn, do, dhs, dv2, dq, dk, dv, dbeta, dg,
         cu_seqlens, chunk_indices, chunk_offsets, scale,
         T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVC,
-        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, HEADS_FAST=fast, GATE_BY_ROWS=gate_by_rows(),
+        USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, HEADS_FAST=fast,
         num_warps=warps, num_stages=chunk_grad_stages(q.element_size(), g is not None, BK),
     )
     if HV != H:

@@ -43,11 +43,6 @@ LONG_DOCUMENT_TOKENS = 4 * PACKED_SEGMENT_TOKENS
 # The backward of equal-length sequences joins this many of the forward's segments into one
 # (`joined_segments`).
 BACKWARD_JOIN = 2
-# Whether the transition pass forms M of a sequence's first segment when no initial state
-# enters it (nothing reads it then). Skipping it is exact in the interpreter and compiles for
-# sm_90, but has not run on a GPU yet: on until tests/test_delta_rule.py's
-# test_segments_without_states_bf16_gpu has passed there.
-FORM_UNUSED_FIRST_M = True
 
 
 @dataclass
@@ -227,13 +222,10 @@ def _segment_transition_kernel(
     k, w, u, a, v, beta, gcum, e, m, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, FROM_V: tl.constexpr,
-    FIRST_M: tl.constexpr,
 ):
     # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
     # identity, whose values are zero (u, or v, is read for c < V only). FROM_V: v' from A, v
     # and beta as in the main serial pass (delta_rule.values_in_pass), not from w and u.
-    # FIRST_M: M of a sequence's first segment too, which only an initial state passes through
-    # (the reverse combine never reads it).
     ic = tl.program_id(0)
     s = tl.program_id(1)
     hv = tl.program_id(2)
@@ -241,13 +233,9 @@ def _segment_transition_kernel(
     i, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
     # E is needed for every segment but a sequence's last, M (the forward's combine, and the
     # backward's, which runs the other way) for every segment of a sequence of more than one:
-    # spare slots, one-segment sequences and the value columns of a last segment return at once,
-    # and without FIRST_M the identity columns of a first segment.
+    # spare slots, one-segment sequences and the value columns of a last segment return at once.
     if (end <= start) | ((end >= eos) & ((i == 0) | ((ic + 1) * BC <= V))):
         return
-    if not FIRST_M:
-        if (i == 0) & (ic * BC >= V):
-            return
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cc = ic * BC + tl.arange(0, BC)
@@ -342,8 +330,6 @@ def _segment_combine_kernel(
         S = tl.zeros([BK, BV], dtype=tl.float32)
     mmask = (ck[:, None] < K) & (ck[None, :] < K)
     for t in range(0, count - 1):
-        # entered with zero, the first segment's M is neither needed nor formed (FIRST_M)
-        needed = (t > 0) | USE_IN | REVERSE
         if REVERSE:
             s = first + count - 1 - t
         else:
@@ -353,7 +339,7 @@ def _segment_combine_kernel(
         if REVERSE:
             M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
         else:
-            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & needed, other=0.0)
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
         E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
         S = tl.dot(M, S) + E
     if REVERSE:
@@ -375,26 +361,18 @@ def _combine(e, m, h_in, seg: Segments, reverse):
     return h_seg
 
 
-def transition_buffer(slots: int, HV: int, K: int, device) -> torch.Tensor:
-    """The segments' transitions M, fp32 [slots, HV, K, K], uninitialised (entries nobody
-    needs stay unwritten)."""
-    return torch.empty(slots, HV, K, K, dtype=torch.float32, device=device)
-
-
 def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments):
     """(the state entering every segment, each segment's transition M): fp32 [slots, HV, K, V]
-    and [slots, HV, K, K] (M unwritten for spare slots, one-segment sequences and, without an
-    initial state, each sequence's first segment). v' from w and
+    and [slots, HV, K, K] (M unwritten for spare slots and one-segment sequences). v' from w and
     u, or without u from A, v and beta."""
     H, K = k.shape[2], k.shape[3]
     HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
-    m = transition_buffer(seg.slots, HV, K, k.device)
+    m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
     BC = segment_column_block(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
-        FIRST_M=initial_state is not None or FORM_UNUSED_FIRST_M,
         num_warps=4, num_stages=1 if k.element_size() > 2 else 2,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m

@@ -71,13 +71,6 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
-    scores_halves (with scores_split): the scores kernel takes the cross-half pairs of each
-    16-row block through a second reference row (one small dot), so that its serial loop runs
-    8 steps of two key rows instead of 16; off until timed on a GPU.
-    grad_halves (with grad_split and grad_scratch): the same for the intra-chunk gradient
-    kernel (dq of the second half, dk of the first, through reference rows); off until timed.
-    scores_output: the forward's scores kernel also forms o (heads of V <= CHUNK_BLOCK), in place
-    of `chunk_gla_output_kernel`; off until timed on a GPU.
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -86,8 +79,7 @@ def gla_intra_config() -> dict:
     off. More unrolling (8, 16) or a K tile of 32 measured slower.
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
-                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                scores_output=False, scores_halves=False, grad_halves=False)
+                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
 
 
 def grouped_backward_config() -> dict:
@@ -299,8 +291,6 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None, h, b
-    if gla_intra_config()["scores_output"] and V <= CHUNK_BLOCK:
-        return o, ht, _gla_scores(q, k, b, scale, chunks, v, h, o), h, b
     a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     programs = chunks.slots * cdiv(V, bv)
@@ -325,33 +315,23 @@ def _intra_block(K, block):
     return _gla_block(K) if block is None else min(next_power_of_2(K), block)
 
 
-def _unroll(rows, halves=False):
-    """Partner rows per step of a serial loop over a block's rows (over half of them with halves)."""
-    span = kern.SUB_CHUNK_SIZE // 2 if halves else kern.SUB_CHUNK_SIZE
-    if rows < 1 or span % rows:
-        raise ValueError(f"partner rows per step must divide {span}, got {rows}")
+def _unroll(rows):
+    if rows < 1 or kern.SUB_CHUNK_SIZE % rows:
+        raise ValueError(f"partner rows per step must divide {kern.SUB_CHUNK_SIZE}, got {rows}")
     return rows
 
 
-def _gla_scores(q, k, b, scale, chunks, v=None, h=None, o=None):
-    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype.
-    Given v, the chunk-entry states h and o [T, H, V] (V <= CHUNK_BLOCK), the same launch also
-    writes the output into o (`gla_intra_config`'s scores_output)."""
+def _gla_scores(q, k, b, scale, chunks):
+    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
-    if cfg["scores_halves"] and not cfg["scores_split"]:
-        raise ValueError("gla_intra_config: scores_halves needs scores_split")
-    output = o is not None
-    V = v.shape[-1] if output else MIN_DOT_TILE  # (unused without the output)
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
-        q, k, b, a, v if output else a, h if output else a, o if output else a,
-        chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=_intra_block(K, cfg["scores_bk"]), BV=max(next_power_of_2(V), MIN_DOT_TILE),
-        UNROLL=_unroll(cfg["scores_unroll"], cfg["scores_halves"]), SPLIT_DIAG=bool(cfg["scores_split"]),
-        OUTPUT=output, HALVES=bool(cfg["scores_halves"]),
-        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
+        q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
+        num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
 
@@ -422,8 +402,6 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
-    if cfg["grad_halves"] and not (cfg["grad_split"] and cfg["grad_scratch"]):
-        raise ValueError("gla_intra_config: grad_halves needs grad_split and grad_scratch")
     # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
@@ -431,8 +409,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
-        UNROLL=_unroll(cfg["grad_unroll"], cfg["grad_halves"]), SCRATCH=bool(cfg["grad_scratch"]),
-        SPLIT_DIAG=bool(cfg["grad_split"]), HALVES=bool(cfg["grad_halves"]),
+        UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
         HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)

@@ -646,54 +646,10 @@ def chunk_scalar_gate_grad_kernel(
 # o = scale (q e^b) h + A v, dv = A^T do + (k e^{b_L - b}) dh, and the inter-chunk dq, dk.
 
 
-@triton.jit
-def _cross_half_scores(q_i, b_i, k_b, b_b, b_ptr, t0, i_i, i_h, L, rows, ck, mck, mi, cols_i, H: tl.constexpr,
-                       K: tl.constexpr, dtype: tl.constexpr):
-    """[BC, BT] scores of a block's second-half rows t against its first-half keys s (columns of
-    the chunk), through the reference row m that starts the second half:
-    (q_t e^{b_t - b_m}) . (k_s e^{b_m - b_s}), both exponents <= 0; zero elsewhere (masked
-    exponents are -inf, never positive). k_b, b_b: the chunk's key rows, loaded through the
-    first half of the block. A product 64 columns wide, as the other products of the kernel."""
-    HB: tl.constexpr = BC // 2
-    m_row = i_i * BC + HB
-    r = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(m_row < L, K, 0), other=0.0)
-    second = cols_i >= HB
-    q_m = q_i * tl.exp(tl.where(mi & second[:, None], b_i - r[None, :], float("-inf")))
-    # no second half past the sequence: r is then no row's, and the keys' factors stay zero
-    first_half = (rows >= i_i * BC) & (rows < m_row) & (m_row < L)
-    k_m = tl.where(first_half[:, None] & mck[None, :], k_b * tl.exp(r[None, :] - b_b), 0.0)
-    return tl.dot(q_m.to(dtype), tl.trans(k_m.to(dtype)))
-
-
-@triton.jit
-def _diagonal_halves_column(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, cols_i, valid_i, j, H: tl.constexpr,
-                            K: tl.constexpr):
-    """Exact scores of key j of each half against the same half's rows: column j for the
-    first half's rows, column BC / 2 + j for the second's, as a [BC, BC] tile."""
-    HB: tl.constexpr = BC // 2
-    second = cols_i >= HB
-    s1 = i_i * BC + j
-    s2 = s1 + HB
-    m1 = ck < tl.where(s1 < L, K, 0)  # a key row past the sequence loads nothing
-    m2 = ck < tl.where(s2 < L, K, 0)
-    k_1 = tl.load(k_ptr + ((t0 + s1) * H + i_h) * K + ck, mask=m1, other=0.0).to(tl.float32)
-    b_1 = tl.load(b_ptr + ((t0 + s1) * H + i_h) * K + ck, mask=m1, other=0.0)
-    k_2 = tl.load(k_ptr + ((t0 + s2) * H + i_h) * K + ck, mask=m2, other=0.0).to(tl.float32)
-    b_2 = tl.load(b_ptr + ((t0 + s2) * H + i_h) * K + ck, mask=m2, other=0.0)
-    k_s = tl.where(second[:, None], k_2[None, :], k_1[None, :])
-    b_s = tl.where(second[:, None], b_2[None, :], b_1[None, :])
-    col = j + tl.where(second, HB, 0)  # the key's column in the block, per row
-    pair = (cols_i >= col) & valid_i
-    e = tl.exp(tl.where(pair[:, None], b_i - b_s, float("-inf")))
-    a_s = tl.sum(q_i * k_s * e, axis=1)
-    return tl.where(cols_i[None, :] == col[:, None], a_s[:, None], 0.0)
-
-
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
-    q_ptr, k_ptr, b_ptr, a_ptr, v_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr, OUTPUT: tl.constexpr, HALVES: tl.constexpr,
+    q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
@@ -703,16 +659,6 @@ def chunk_gla_scores_kernel(
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
-
-    HALVES (with SPLIT_DIAG): the block's second half of rows takes the keys of its first half
-    through a second reference row, the half's first (both exponents <= 0 again), in one
-    [BC, BK] x [BK, BT] dot; the exact per-pair loop then runs over the two halves together,
-    BC / 2 steps of two key rows (one per half) instead of BC steps.
-
-    OUTPUT (V <= BV): also the block's rows of o = scale (q e^{b}) h + A v, as
-    `chunk_gla_output_kernel` forms them (A rounded to q's dtype first), from the q and b tiles
-    already loaded and the state h entering the chunk: the output kernel's reads of q, b and A
-    go away.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -731,15 +677,6 @@ def chunk_gla_scores_kernel(
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
-    # HALVES: the cross-half products' sum by chunk column, added into diag after the K loop
-    # (kept apart, diag would take the products' layout and convert every loop step)
-    cross = tl.zeros([BC, BT], dtype=tl.float32)
-    if HALVES:  # the key rows loaded per K tile reach through the block's first half
-        keys = (rows < i_i * BC + BC // 2) & (rows < L)
-    else:
-        keys = before
-    cv = tl.arange(0, BV)
-    o_state = tl.zeros([BC, BV], dtype=tl.float32)  # (q e^b) h, used with OUTPUT only
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
@@ -747,42 +684,26 @@ def chunk_gla_scores_kernel(
         mb = before[:, None] & mck[None, :]
         q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
         b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        if OUTPUT:
-            h = tl.load(h_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
-                        mask=mck[:, None] & (cv[None, :] < V), other=0.0)
-            o_state += tl.dot(tl.where(mi, q_i * tl.exp(b_i), 0.0).to(dtype), h.to(dtype))
         r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-        mkeys = keys[:, None] & mck[None, :]
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0)
+        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
         k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         acc += tl.dot(q_r, tl.trans(k_r))
-        if HALVES:
-            cross += _cross_half_scores(q_i, b_i, k_b, b_b, b_ptr, t0, i_i, i_h, L, rows, ck, mck, mi, cols_i, H, K,
-                                        dtype)
-            for j0 in range(0, BC // 2, UNROLL):
-                for u in tl.static_range(UNROLL):
-                    diag += _diagonal_halves_column(q_i, b_i, k_ptr, b_ptr, t0, i_i, i_h, L, ck, cols_i, valid_i,
-                                                    j0 + u, H, K)
-        else:
-            for j0 in range(0, BC, UNROLL):
-                for u in tl.static_range(UNROLL):
-                    j = j0 + u
-                    s = i_i * BC + j
-                    ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
-                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                    pair = (rows_i >= s) & valid_i
-                    e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
-                    a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
-                    if SPLIT_DIAG:
-                        diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
-                    else:
-                        acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-    if HALVES:  # the block's own columns of the cross-half products: [BC, NC, BC] -> [BC, BC]
-        blocks = tl.arange(0, NC)
-        diag += tl.sum(tl.where((blocks == i_i)[None, :, None], tl.reshape(cross, [BC, NC, BC]), 0.0), axis=1)
+        for j0 in range(0, BC, UNROLL):
+            for u in tl.static_range(UNROLL):
+                j = j0 + u
+                s = i_i * BC + j
+                ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+                k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                pair = (rows_i >= s) & valid_i
+                e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+                a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
+                if SPLIT_DIAG:
+                    diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
+                else:
+                    acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
     row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
     if SPLIT_DIAG:
         # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
@@ -792,18 +713,6 @@ def chunk_gla_scores_kernel(
         tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
     else:
         tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
-    if OUTPUT:
-        a_rows = acc
-        if SPLIT_DIAG:  # the diagonal tile into its columns of the row: [BC, NC, BC] -> [BC, BT]
-            blocks = tl.arange(0, NC)
-            placed = tl.where((blocks == i_i)[None, :, None], diag[:, None, :], 0.0)
-            a_rows += tl.reshape(placed, [BC, BT])
-        mv = cv[None, :] < V
-        v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=(rows < L)[:, None] & mv,
-                    other=0.0)
-        o = o_state * scale + tl.dot((a_rows * scale).to(dtype), v.to(dtype))
-        tl.store(o_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=valid_i[:, None] & mv)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -928,74 +837,11 @@ def _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i,
     return dq, dk
 
 
-@triton.jit
-def _intra_grad_diag_halves(q_ptr, k_ptr, b_ptr, slot, b_i, t0, L, i_i, i_h, ck,
-                            H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr):
-    """`_intra_grad_diag` for the pairs inside each half of block i (the cross-half pairs go
-    through reference rows, HALVES): BC / 2 steps, each with one partner row per half, row j of
-    the first half for the first half's rows and row BC / 2 + j for the second's. dA's diagonal
-    block comes from the scratch slot, by row and by column per half."""
-    HB: tl.constexpr = BC // 2
-    cols_i = tl.arange(0, BC)
-    rows_i = i_i * BC + cols_i
-    valid_i = rows_i < L
-    second = cols_i >= HB
-    dq = tl.zeros([BC, BK], dtype=tl.float32)
-    dk = tl.zeros([BC, BK], dtype=tl.float32)
-    for j0 in range(0, HB, UNROLL):
-        for u in tl.static_range(UNROLL):
-            j = j0 + u
-            q_1, k_1, b_1 = _partner_row(q_ptr, k_ptr, b_ptr, t0, i_i * BC + j, L, i_h, ck, H, K)
-            q_2, k_2, b_2 = _partner_row(q_ptr, k_ptr, b_ptr, t0, i_i * BC + HB + j, L, i_h, ck, H, K)
-            q_s = tl.where(second[:, None], q_2[None, :], q_1[None, :])
-            k_s = tl.where(second[:, None], k_2[None, :], k_1[None, :])
-            b_s = tl.where(second[:, None], b_2[None, :], b_1[None, :])
-            col = j + tl.where(second, HB, 0)  # each row's partner, as a column of the block
-            da_t = tl.load(slot + cols_i * BC + col)  # dA[t, partner of t]
-            da_u = tl.load(slot + col * BC + cols_i)  # dA[partner of u, u]
-            later = (cols_i >= col) & valid_i
-            earlier = (cols_i <= col) & (i_i * BC + col < L)
-            e = tl.exp(tl.where((cols_i >= col)[:, None], b_i - b_s, b_s - b_i))
-            dq += da_t[:, None] * k_s * tl.where(later[:, None], e, 0.0)
-            dk += da_u[:, None] * q_s * tl.where(earlier[:, None], e, 0.0)
-    return dq, dk
-
-
-@triton.jit
-def _cross_half_dq(da_cross_q, k_b, b_b, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, first_half,
-                   H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
-    """dq of the pairs across block i's halves (fp32 [BC, BK]): dq_t = e^{b_t - b_m} sum_s dA_ts
-    k_s e^{b_m - b_s} for second-half rows t and first-half keys s, m the second half's first row.
-    Every exponent kept is <= 0 (a second half past the sequence forms nothing)."""
-    second = tl.arange(0, BC) >= BC // 2
-    has_second = m_row < L
-    r_m = tl.load(b_ptr + ((t0 + m_row) * H + i_h) * K + ck, mask=ck < tl.where(has_second, K, 0), other=0.0)
-    keys = (first_half & has_second)[:, None] & mck[None, :]
-    k_m = tl.where(keys, k_b * tl.exp(r_m[None, :] - b_b), 0.0)
-    return tl.dot(da_cross_q, k_m.to(dtype)) * tl.exp(tl.where(mi & second[:, None], b_i - r_m[None, :], float("-inf")))
-
-
-@triton.jit
-def _cross_half_dk(da_cross_k, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, second_half,
-                   H: tl.constexpr, K: tl.constexpr, dtype: tl.constexpr):
-    """dk of the pairs across block i's halves (fp32 [BC, BK]): dk_s = e^{b_n - b_s} sum_t dA_ts
-    q_t e^{b_t - b_n} for first-half rows s and second-half queries t, n = m - 1 the first half's
-    last row. Every exponent kept is <= 0 (a second half past the sequence forms nothing)."""
-    first = tl.arange(0, BC) < BC // 2
-    has_second = m_row < L
-    r_n = tl.load(b_ptr + ((t0 + m_row - 1) * H + i_h) * K + ck, mask=ck < tl.where(m_row - 1 < L, K, 0),
-                  other=0.0)
-    queries = second_half[:, None] & mck[None, :]
-    q_n = tl.where(queries, q_a * tl.exp(b_a - r_n[None, :]), 0.0)
-    return tl.dot(da_cross_k, q_n.to(dtype)) * tl.exp(
-        tl.where(mi & first[:, None] & has_second, r_n[None, :] - b_i, float("-inf")))
-
-
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr, HALVES: tl.constexpr,
+    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
@@ -1009,10 +855,6 @@ def chunk_gla_intra_grad_kernel(
     scratch (fp32, BC * BC per program; it stays in cache) and read back by row and column.
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
-    HALVES (with SPLIT_DIAG and SCRATCH): the pairs across the block's two halves through
-    reference rows as well (dq of the second half through its first row m, dk of the first half
-    through its last row m - 1; all exponents <= 0), one more product each; the exact loop
-    covers the pairs within each half, both halves per step (`_intra_grad_diag_halves`).
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -1055,49 +897,27 @@ def chunk_gla_intra_grad_kernel(
         diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
         tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
         tl.debug_barrier()  # every thread reads entries other threads wrote
-    HB: tl.constexpr = BC // 2
-    m_row = i_i * BC + HB  # the second half's first row
-    first_half = (rows >= i_i * BC) & (rows < m_row) & valid
-    second_half = (rows >= m_row) & (rows < (i_i + 1) * BC) & valid
-    if HALVES:  # dA of second-half rows at first-half columns, and its transpose's counterpart
-        da_cross_q = tl.where((cols_i >= HB)[:, None] & first_half[None, :], da_row, 0.0).to(dtype)
-        da_cross_k = tl.where((cols_i < HB)[:, None] & second_half[None, :], da_col, 0.0).to(dtype)
-        keys = before | first_half
-        queries = after | second_half
-    else:
-        keys = before
-        queries = after
 
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mck = ck < K
         mi = valid_i[:, None] & mck[None, :]
         b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        if HALVES:  # first, so that the dot results are not live across its loop
-            dq_d, dk_d = _intra_grad_diag_halves(q_ptr, k_ptr, b_ptr, slot, b_i, t0, L, i_i, i_h, ck, H, K, BK, UNROLL)
-        elif SPLIT_DIAG:
+        if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
             dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
                                           H, K, BK, UNROLL, SCRATCH)
         r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
         r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
         mb = before[:, None] & mck[None, :]
-        mkeys = keys[:, None] & mck[None, :]
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mkeys, other=0.0)
+        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
         k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
         dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
-        if HALVES:  # while k_b is loaded (keeping it to the end would cost registers)
-            dq += _cross_half_dq(da_cross_q, k_b, b_b, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, first_half, H, K,
-                                 dtype)
         ma = after[:, None] & mck[None, :]
-        mqueries = queries[:, None] & mck[None, :]
-        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mqueries, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mqueries, other=0.0)
+        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
+        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
         q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
         dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
-        if HALVES:
-            dk += _cross_half_dk(da_cross_k, q_a, b_a, b_i, b_ptr, t0, m_row, L, i_h, ck, mck, mi, second_half, H, K,
-                                 dtype)
         if SPLIT_DIAG:
             dq += dq_d
             dk += dk_d
