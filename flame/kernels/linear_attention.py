@@ -71,8 +71,6 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
-    scores_cumsum: the forward's scores kernel forms the gate's chunk-local cumulative sums
-    itself and writes them for the later kernels, instead of reading them from a separate pass.
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -81,8 +79,7 @@ def gla_intra_config() -> dict:
     off. More unrolling (8, 16) or a K tile of 32 measured slower.
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
-                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                scores_cumsum=True)
+                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
 
 
 def grouped_backward_config() -> dict:
@@ -283,12 +280,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             other(q, k, v, g, scale, h0, output_final_state, chunks)
         if fused:
             return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
-    a = None
-    if scalar_gate or not gla_intra_config()["scores_cumsum"]:
-        b = _cumsum(g, scalar_gate, H, K, chunks)
-    else:  # the scores kernel forms b as it goes
-        b = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-        a = _gla_scores(q, k, b, scale, chunks, g)
+    b = _cumsum(g, scalar_gate, H, K, chunks)
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     if scalar_gate:
@@ -299,8 +291,7 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None, h, b
-    if a is None:
-        a = _gla_scores(q, k, b, scale, chunks)
+    a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     programs = chunks.slots * cdiv(V, bv)
     kern.chunk_gla_output_kernel[chunk_grid(programs, H)](
@@ -330,18 +321,16 @@ def _unroll(rows):
     return rows
 
 
-def _gla_scores(q, k, b, scale, chunks, g=None):
-    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype.
-    With g, the kernel also forms the gate's chunk-local cumulative sum into b (an empty
-    [T, H, K] fp32 buffer) as it goes."""
+def _gla_scores(q, k, b, scale, chunks):
+    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
-        q, k, b if g is None else g, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs), FROM_G=g is not None,
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a

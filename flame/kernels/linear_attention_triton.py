@@ -648,9 +648,9 @@ def chunk_scalar_gate_grad_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
-    q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr, FROM_G: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
@@ -659,12 +659,6 @@ def chunk_gla_scores_kernel(
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
-
-    FROM_G: b is this kernel's output rather than its input. Each program sums g over the
-    chunk's rows up to its block's last (the prefix of a row depends on the rows up to it only,
-    so every program forms the same bits for the rows they share), keeps the earlier blocks'
-    rows in registers and writes its own block's rows to b, which the rest of the forward and
-    the backward read: the forward needs no separate cumulative-sum pass over g.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -688,26 +682,13 @@ def chunk_gla_scores_kernel(
         mck = ck < K
         mi = valid_i[:, None] & mck[None, :]
         mb = before[:, None] & mck[None, :]
-        if FROM_G:
-            upto = (rows < (i_i + 1) * BC) & (rows < L)
-            tile = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
-            g = tl.load(g_ptr + tile, mask=upto[:, None] & mck[None, :], other=0.0)
-            b_all = tl.cumsum(g.to(tl.float32), axis=0)
-            tl.store(b_ptr + tile, b_all, mask=(upto & (rows >= i_i * BC))[:, None] & mck[None, :])
-            r = tl.sum(tl.where(rows[:, None] == i_i * BC, b_all, 0.0), axis=0)  # exact: one term
-            k_b = tl.load(k_ptr + tile, mask=mb, other=0.0).to(tl.float32)
-            k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_all), 0.0).to(dtype)
-            tl.debug_barrier()  # this block's rows of b, read back below by every thread
-            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        else:
-            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-            k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-            b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-            k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
+        q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
+        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
+        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
         q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
+        k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
         acc += tl.dot(q_r, tl.trans(k_r))
         for j0 in range(0, BC, UNROLL):
             for u in tl.static_range(UNROLL):
