@@ -162,14 +162,20 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
-# scratch or from reductions, split diagonal gradient terms, several K tiles per program. Each
-# names every switch, so that the set stays the same when the defaults change.
+# scratch or from reductions, split diagonal gradient terms, several K tiles per program; the
+# blocks' own pairs exact (max_spread -1) or through reference rows. Each names every switch,
+# so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
-    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False),
+    "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False,
+                  max_spread=-1),
     "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
-                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16),
-    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False),
-    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True),
+                          grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16, max_spread=-1),
+    "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False,
+                    max_spread=-1),
+    "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True,
+                  max_spread=-1),
+    "factored": dict(scores_unroll=4, scores_split=True, scores_bk=16, scores_stages=1,
+                     grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),
@@ -194,6 +200,29 @@ def test_gla_intra_variants_cpu(case, variant, triton_backend, monkeypatch):
     errors = compare("gla", chunk_gla, False, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("max_spread", [30, -1], ids=["factored", "exact"])
+def test_gla_mixed_decay_blocks_cpu(max_spread, triton_backend, monkeypatch):
+    """Blocks of weak and of strong decay in one launch: with max_spread 30 the weak ones take
+    their own pairs through reference rows and the strong ones (a spread of ~100 or more: their
+    factors would overflow) the exact pairs; both match float64 for every output and gradient."""
+    from flame.kernels import linear_attention
+
+    default = linear_attention.gla_intra_config()
+    monkeypatch.setattr(linear_attention, "gla_intra_config", lambda: {**default, "max_spread": max_spread})
+    q, k, v, g, h0 = make_inputs(1, 150, 2, 16, 32, False, 2, torch.float32, "cpu")
+    g[:, 20:24] *= 60.0  # one block of the first sequence
+    g[:, 100:, 1] *= 60.0  # the second sequence's blocks from row 100, one head
+    cu = torch.tensor([0, 70, 150], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(1, 150, 2, 32, generator=gen), torch.randn(2, 2, 16, 32, generator=gen)
+    o, ht, grads = forward_backward(chunk_gla, q, k, v, g, h0, cu, do, dht)
+    ro, rht, rgrads = forward_backward(linear_attention_reference, q, k, v, g, h0, cu, do, dht, torch.float64)
+    assert torch.isfinite(o).all() and all(torch.isfinite(x).all() for x in grads)
+    assert rel_err(o, ro) < 1e-5 and rel_err(ht, rht) < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, rgrads):
+        assert rel_err(a, b) < 1e-5, name
 
 
 def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):

@@ -71,6 +71,9 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
+    max_spread: blocks whose gate cumsum spreads over at most this many (nats, in any key dim)
+    take their own pairs through reference rows in one product; blocks of stronger decay form
+    them exactly (-1: every block exactly).
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -79,7 +82,8 @@ def gla_intra_config() -> dict:
     off. More unrolling (8, 16) or a K tile of 32 measured slower.
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
-                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None)
+                grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
+                max_spread=30)
 
 
 def grouped_backward_config() -> dict:
@@ -330,7 +334,7 @@ def _gla_scores(q, k, b, scale, chunks):
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
         q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs), MAX_SPREAD=float(cfg["max_spread"]),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
@@ -410,7 +414,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
         UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
-        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
+        HEADS_FAST=heads_fast(programs), MAX_SPREAD=float(cfg["max_spread"]), num_warps=cfg["warps"],
+        **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
     programs = chunks.slots * cdiv(K, bk)

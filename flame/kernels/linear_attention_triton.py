@@ -646,11 +646,26 @@ def chunk_scalar_gate_grad_kernel(
 # o = scale (q e^b) h + A v, dv = A^T do + (k e^{b_L - b}) dh, and the inter-chunk dq, dk.
 
 
+@triton.jit
+def _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Largest spread of b over a block's valid rows, max over k of (max_t b_tk - min_t b_tk):
+    every factor e^{b_t - b_r} between two of its rows lies within e^{+-spread}."""
+    spread = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mi = valid_i[:, None] & (ck[None, :] < K)
+        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+        top = tl.max(tl.where(mi, b_i, float("-inf")), axis=0)
+        low = tl.min(tl.where(mi, b_i, float("inf")), axis=0)
+        spread = tl.maximum(spread, tl.where(ck < K, top - low, 0.0))
+    return tl.max(spread, axis=0)
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    HEADS_FAST: tl.constexpr, MAX_SPREAD: tl.constexpr,
 ):
     """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
 
@@ -659,6 +674,11 @@ def chunk_gla_scores_kernel(
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
+
+    A block whose gate spread (`_block_spread`) is at most MAX_SPREAD takes its own keys through
+    the same reference row: their factors e^{r - b_s} then lie in [1, e^MAX_SPREAD], finite, so
+    the whole row is one fp32 (tf32) product, with the entries s > t masked after it. Blocks of
+    stronger decay keep the exact pairs.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -676,6 +696,26 @@ def chunk_gla_scores_kernel(
     before = rows < i_i * BC
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
+    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
+    if _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H, K, BK) <= MAX_SPREAD:
+        upto = (rows < (i_i + 1) * BC) & (rows < L)
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            mu = upto[:, None] & mck[None, :]
+            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
+            k_u = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
+            b_u = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
+            q_r = tl.where(mi, q_i.to(tl.float32) * tl.exp(b_i - r[None, :]), 0.0)
+            k_r = tl.where(mu, k_u.to(tl.float32) * tl.exp(r[None, :] - b_u), 0.0)
+            acc += tl.dot(q_r, tl.trans(k_r))
+        causal = rows[None, :] <= rows_i[:, None]
+        tl.store(row_ptr + rows[None, :], tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty),
+                 mask=valid_i[:, None])
+        return
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
@@ -704,7 +744,6 @@ def chunk_gla_scores_kernel(
                     diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
                 else:
                     acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
     if SPLIT_DIAG:
         # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
         outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
@@ -842,7 +881,7 @@ def chunk_gla_intra_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    HEADS_FAST: tl.constexpr, MAX_SPREAD: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
 
@@ -855,6 +894,10 @@ def chunk_gla_intra_grad_kernel(
     scratch (fp32, BC * BC per program; it stays in cache) and read back by row and column.
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
+
+    A block whose gate spread (`_block_spread`) is at most MAX_SPREAD takes its own pairs
+    through the same two reference rows (factors within e^{+-MAX_SPREAD}, finite): dq and dk are
+    then one fp32 (tf32) product each, over the keys up to and the queries from the block.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -889,6 +932,32 @@ def chunk_gla_intra_grad_kernel(
         da_col += tl.dot(v_i, tl.trans(do_a))
     da_row = da_row * scale
     da_col = da_col * scale
+    if _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H, K, BK) <= MAX_SPREAD:
+        upto = (rows < (i_i + 1) * BC) & valid
+        da_upto = tl.where(rows[None, :] <= rows_i[:, None], da_row, 0.0)  # dA[t, s], s <= t
+        da_from = tl.where((rows[None, :] >= rows_i[:, None]) & valid[None, :], da_col, 0.0)  # dA[t, s], t >= s
+        frm = rows >= i_i * BC
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            mu = upto[:, None] & mck[None, :]
+            k_u = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
+            b_u = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
+            k_r = tl.where(mu, k_u.to(tl.float32) * tl.exp(r1[None, :] - b_u), 0.0)
+            dq = tl.where(mi, tl.dot(da_upto, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
+            mf = (frm & valid)[:, None] & mck[None, :]
+            q_f = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mf, other=0.0)
+            b_f = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mf, other=0.0)
+            q_r = tl.where(mf, q_f.to(tl.float32) * tl.exp(b_f - r2[None, :]), 0.0)
+            dk = tl.where(mi, tl.dot(da_from, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
+            p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
+            tl.store(dqi_ptr + p, dq, mask=mi)
+            tl.store(dki_ptr + p, dk, mask=mi)
+        return
     da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
     da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
     slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
