@@ -124,10 +124,9 @@ def main() -> None:
     for spec in ["default"] + list(args.variants):
         cfg = parse_spec(spec, default)
         scores = dict(H=16, K=K, BK=launch._intra_block(K, cfg["scores_bk"]), UNROLL=cfg["scores_unroll"], SPLIT_DIAG=bool(cfg["scores_split"]),
-                      HEADS_FAST=True, MAX_SPREAD=float(cfg["max_spread"]))
+                      HEADS_FAST=True)
         grad = dict(H=16, K=K, V=V, BK=launch._intra_block(K, cfg["grad_bk"]), BV=BV, UNROLL=cfg["grad_unroll"], SCRATCH=bool(cfg["grad_scratch"]),
-                    SPLIT_DIAG=bool(cfg["grad_split"]), HEADS_FAST=True,
-                    MAX_SPREAD=float(cfg["max_spread"]))
+                    SPLIT_DIAG=bool(cfg["grad_split"]), HEADS_FAST=True)
         rows = [("scores", kern.chunk_gla_scores_kernel, scores, {"b_ptr"}, cfg["scores_stages"]),
                 ("intra_grad", kern.chunk_gla_intra_grad_kernel, grad,
                  {"b_ptr", "dqi_ptr", "dki_ptr", "scratch_ptr"}, cfg["grad_stages"])]

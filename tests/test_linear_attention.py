@@ -162,8 +162,8 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
-# scratch or from reductions, split diagonal gradient terms, several K tiles per program; the
-# blocks' own pairs exact (max_spread -1) or through reference rows. Each names every switch,
+# scratch or from reductions, split diagonal gradient terms, several K tiles per program; every
+# chunk by blocks (max_spread -1) or those of small gate spread as one product. Each names every switch,
 # so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
     "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False,
@@ -204,16 +204,17 @@ def test_gla_intra_variants_cpu(case, variant, triton_backend, monkeypatch):
 
 @pytest.mark.parametrize("max_spread", [30, -1], ids=["factored", "exact"])
 def test_gla_mixed_decay_blocks_cpu(max_spread, triton_backend, monkeypatch):
-    """Blocks of weak and of strong decay in one launch: with max_spread 30 the weak ones take
-    their own pairs through reference rows and the strong ones (a spread of ~100 or more: their
-    factors would overflow) the exact pairs; both match float64 for every output and gradient."""
+    """Chunks of weak and of strong decay in one launch: with max_spread 30 the weak ones go as
+    one product through reference rows and the strong ones (a spread of ~100 or more: their
+    factors would overflow) by 16-row blocks with exact pairs; every output and gradient
+    matches float64 either way."""
     from flame.kernels import linear_attention
 
     default = linear_attention.gla_intra_config()
     monkeypatch.setattr(linear_attention, "gla_intra_config", lambda: {**default, "max_spread": max_spread})
     q, k, v, g, h0 = make_inputs(1, 150, 2, 16, 32, False, 2, torch.float32, "cpu")
-    g[:, 20:24] *= 60.0  # one block of the first sequence
-    g[:, 100:, 1] *= 60.0  # the second sequence's blocks from row 100, one head
+    g[:, 20:24] *= 60.0  # the first chunk of the first sequence
+    g[:, 100:, 1] *= 60.0  # the second sequence's chunks from row 100, one head
     cu = torch.tensor([0, 70, 150], dtype=torch.int32)
     gen = torch.Generator().manual_seed(1)
     do, dht = torch.randn(1, 150, 2, 32, generator=gen), torch.randn(2, 2, 16, 32, generator=gen)

@@ -71,9 +71,10 @@ def gla_intra_config() -> dict:
     exp per element for both (half the exps).
     scores_stages, grad_stages: the launches' num_stages (None: Triton's default).
     scores_bk, grad_bk: the K tile (None: GLA_BLOCK, or K's next power of two if smaller).
-    max_spread: blocks whose gate cumsum spreads over at most this many (nats, in any key dim)
-    take their own pairs through reference rows in one product; blocks of stronger decay form
-    them exactly (-1: every block exactly).
+    max_spread: chunks whose gate cumsum spreads over at most this many nats (in any key dim)
+    take all their pairs through reference rows: A, and the intra-chunk dq and dk, as one product
+    each (chunk_gla_scores_chunk_kernel, and inside chunk_gla_grad_kernel); chunks of stronger
+    decay go by 16-row blocks with exact in-block pairs (-1: every chunk).
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -326,15 +327,22 @@ def _unroll(rows):
 
 
 def _gla_scores(q, k, b, scale, chunks):
-    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype."""
+    """Intra-chunk scores A [T, H, 64] of the per-key-dim gate, scale included, in q's dtype:
+    chunks of small gate spread as one product each, the others by 16-row blocks."""
     T, H, K = q.shape
     a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
-    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     cfg = gla_intra_config()
+    flags = torch.empty(chunks.slots * H, dtype=torch.int32, device=q.device)
+    kern.chunk_gla_scores_chunk_kernel[chunk_grid(chunks.slots, H)](
+        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
+        num_warps=CHUNK_WARPS, num_stages=1,
+    )
+    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
-        q, k, b, a, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs), MAX_SPREAD=float(cfg["max_spread"]),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
@@ -397,30 +405,30 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     programs = chunks.slots * cdiv(V, bv)
+    cfg = gla_intra_config()
+    flags = torch.empty(chunks.slots * H, dtype=torch.int32, device=q.device)  # written by the dv kernel
     kern.chunk_gla_dv_kernel[chunk_grid(programs, H)](
-        k, b, a, do, dh, dv, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, HEADS_FAST=heads_fast(programs),
+        k, b, a, do, dh, dv, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(programs),
         num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
-    cfg = gla_intra_config()
     # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
                if cfg["grad_scratch"] else dq_intra)
     kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
-        q, k, v, b, do, dq_intra, dk_intra, scratch, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
+        q, k, v, b, do, dq_intra, dk_intra, scratch, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        scale, H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
         UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
-        HEADS_FAST=heads_fast(programs), MAX_SPREAD=float(cfg["max_spread"]), num_warps=cfg["warps"],
-        **_stages(cfg["grad_stages"]),
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
     programs = chunks.slots * cdiv(K, bk)
     kern.chunk_gla_grad_kernel[chunk_grid(programs, H)](
-        q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg,
+        q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg, flags,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), HEADS_FAST=heads_fast(programs),
         num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,

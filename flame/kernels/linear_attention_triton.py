@@ -647,38 +647,78 @@ def chunk_scalar_gate_grad_kernel(
 
 
 @triton.jit
-def _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """Largest spread of b over a block's valid rows, max over k of (max_t b_tk - min_t b_tk):
-    every factor e^{b_t - b_r} between two of its rows lies within e^{+-spread}."""
+def _spread_of(b, m):
+    """Spread of a [BT, BK] tile of b over its masked rows, per column: max_t b - min_t b."""
+    top = tl.max(tl.where(m, b, float("-inf")), axis=0)
+    low = tl.min(tl.where(m, b, float("inf")), axis=0)
+    return tl.where(tl.max(m.to(tl.int32), axis=0) > 0, top - low, 0.0)
+
+
+@triton.jit
+def _chunk_spread(b_ptr, t0, L, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Largest spread of b over the chunk's valid rows in any key dim: every factor
+    e^{b_t - b_r} between two of its rows lies within e^{+-spread}."""
+    rows = tl.arange(0, BT)
     spread = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
-        mi = valid_i[:, None] & (ck[None, :] < K)
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        top = tl.max(tl.where(mi, b_i, float("-inf")), axis=0)
-        low = tl.min(tl.where(mi, b_i, float("inf")), axis=0)
-        spread = tl.maximum(spread, tl.where(ck < K, top - low, 0.0))
+        m = (rows < L)[:, None] & (ck[None, :] < K)
+        b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=m, other=0.0)
+        spread = tl.maximum(spread, _spread_of(b, m))
     return tl.max(spread, axis=0)
 
 
 @triton.jit(do_not_specialize=["N"])
-def chunk_gla_scores_kernel(
-    q_ptr, k_ptr, b_ptr, a_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr, MAX_SPREAD: tl.constexpr,
+def chunk_gla_scores_chunk_kernel(
+    q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, MAX_SPREAD: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence).
+    """A [T, H, BT] of one chunk whose gate spread (`_chunk_spread`) is at most MAX_SPREAD, as
+    one product through the chunk's first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}), every
+    factor within e^{+-MAX_SPREAD}, so finite; fp32 operands (tf32 on tensor cores), the
+    entries s > t masked after the product. flag[chunk, head] records whether it did; the
+    16-row-block kernel forms the other chunks' A with exact in-block pairs."""
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    fast = _chunk_spread(b_ptr, t0, L, i_h, H, K, BK) <= MAX_SPREAD
+    tl.store(flag_ptr + i_c * H + i_h, fast.to(tl.int32))
+    if not fast:
+        return
+    rows = tl.arange(0, BT)
+    valid = rows < L
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        mk = valid[:, None] & (ck[None, :] < K)
+        tile = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
+        q = tl.load(q_ptr + tile, mask=mk, other=0.0)
+        k = tl.load(k_ptr + tile, mask=mk, other=0.0)
+        b = tl.load(b_ptr + tile, mask=mk, other=0.0)
+        r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
+        k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
+        acc += tl.dot(q_r, tl.trans(k_r))
+    causal = rows[None, :] <= rows[:, None]
+    tl.store(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :],
+             tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit(do_not_specialize=["N"])
+def chunk_gla_scores_kernel(
+    q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
+):
+    """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence), for
+    the chunks that `chunk_gla_scores_chunk_kernel` left (flag 0).
 
     Keys in earlier blocks: one dot through the reference row r = the block's first row,
     (q_t e^{b_t - r}) . (k_s e^{r - b_s}), both exponents <= 0. Keys in block i: exact per pair,
     one key row at a time, UNROLL rows per loop step (their loads can then issue before the
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
-
-    A block whose gate spread (`_block_spread`) is at most MAX_SPREAD takes its own keys through
-    the same reference row: their factors e^{r - b_s} then lie in [1, e^MAX_SPREAD], finite, so
-    the whole row is one fp32 (tf32) product, with the entries s > t masked after it. Blocks of
-    stronger decay keep the exact pairs.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -688,6 +728,8 @@ def chunk_gla_scores_kernel(
         return
     if i_i * BC >= L:
         return
+    if tl.load(flag_ptr + i_c * H + i_h) != 0:
+        return
     dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
     cols_i = tl.arange(0, BC)
@@ -696,26 +738,6 @@ def chunk_gla_scores_kernel(
     before = rows < i_i * BC
     ref = t0 + i_i * BC
     acc = tl.zeros([BC, BT], dtype=tl.float32)
-    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
-    if _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H, K, BK) <= MAX_SPREAD:
-        upto = (rows < (i_i + 1) * BC) & (rows < L)
-        for k0 in range(0, K, BK):
-            ck = k0 + tl.arange(0, BK)
-            mck = ck < K
-            mi = valid_i[:, None] & mck[None, :]
-            mu = upto[:, None] & mck[None, :]
-            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-            k_u = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
-            b_u = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
-            q_r = tl.where(mi, q_i.to(tl.float32) * tl.exp(b_i - r[None, :]), 0.0)
-            k_r = tl.where(mu, k_u.to(tl.float32) * tl.exp(r[None, :] - b_u), 0.0)
-            acc += tl.dot(q_r, tl.trans(k_r))
-        causal = rows[None, :] <= rows_i[:, None]
-        tl.store(row_ptr + rows[None, :], tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty),
-                 mask=valid_i[:, None])
-        return
     diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
@@ -744,6 +766,7 @@ def chunk_gla_scores_kernel(
                     diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
                 else:
                     acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
     if SPLIT_DIAG:
         # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
         outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
@@ -790,11 +813,14 @@ def chunk_gla_output_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_dv_kernel(
-    k_ptr, b_ptr, a_ptr, do_ptr, dh_ptr, dv_ptr, cu_ptr, chunk_idx_ptr, N,
+    k_ptr, b_ptr, a_ptr, do_ptr, dh_ptr, dv_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    MAX_SPREAD: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    """dv = A^T do + (k e^{b_L - b}) dh for one chunk and V tile."""
+    """dv = A^T do + (k e^{b_L - b}) dh for one chunk and V tile. The first V tile's program
+    also records in flag[chunk, head] whether the chunk's gate spread is at most MAX_SPREAD
+    (`_chunk_spread`, from the b tiles it loads anyway): the gradient kernel then forms the
+    chunk's intra-chunk dq, dk itself, and the 16-row-block kernel skips it."""
     NV: tl.constexpr = (V + BV - 1) // BV
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
     i_c, i_v = i_x // NV, i_x % NV
@@ -807,11 +833,13 @@ def chunk_gla_dv_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     mv = valid[:, None] & (cv[None, :] < V)
     dv = tl.zeros([BT, BV], dtype=tl.float32)
+    spread = tl.zeros([BK], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = valid[:, None] & (ck[None, :] < K)
         k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+        spread = tl.maximum(spread, _spread_of(b, mk))
         b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
         dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                      mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
@@ -821,6 +849,8 @@ def chunk_gla_dv_kernel(
     do = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
     dv += tl.dot(tl.trans(a.to(dtype)), do)
     tl.store(dv_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], dv.to(dtype), mask=mv)
+    if i_v == 0:
+        tl.store(flag_ptr + i_c * H + i_h, (tl.max(spread, axis=0) <= MAX_SPREAD).to(tl.int32))
 
 
 @triton.jit
@@ -878,12 +908,13 @@ def _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i,
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    HEADS_FAST: tl.constexpr, MAX_SPREAD: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
-    """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T.
+    """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T, for the chunks
+    whose flag is 0 (`chunk_gla_dv_kernel`; the gradient kernel forms the others').
 
     dq_t = sum_{s <= t} dA_ts k_s e^{b_t - b_s}: keys before the block through its first row;
     dk_s = sum_{t >= s} dA_ts q_t e^{b_t - b_s}: queries after the block through its last row;
@@ -894,10 +925,6 @@ def chunk_gla_intra_grad_kernel(
     scratch (fp32, BC * BC per program; it stays in cache) and read back by row and column.
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
-
-    A block whose gate spread (`_block_spread`) is at most MAX_SPREAD takes its own pairs
-    through the same two reference rows (factors within e^{+-MAX_SPREAD}, finite): dq and dk are
-    then one fp32 (tf32) product each, over the keys up to and the queries from the block.
     """
     NC: tl.constexpr = BT // BC
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -906,6 +933,8 @@ def chunk_gla_intra_grad_kernel(
     if seq >= N:
         return
     if i_i * BC >= L:
+        return
+    if tl.load(flag_ptr + i_c * H + i_h) != 0:
         return
     dtype = q_ptr.dtype.element_ty
     rows = tl.arange(0, BT)
@@ -932,32 +961,6 @@ def chunk_gla_intra_grad_kernel(
         da_col += tl.dot(v_i, tl.trans(do_a))
     da_row = da_row * scale
     da_col = da_col * scale
-    if _block_spread(b_ptr, t0, rows_i, valid_i, i_h, H, K, BK) <= MAX_SPREAD:
-        upto = (rows < (i_i + 1) * BC) & valid
-        da_upto = tl.where(rows[None, :] <= rows_i[:, None], da_row, 0.0)  # dA[t, s], s <= t
-        da_from = tl.where((rows[None, :] >= rows_i[:, None]) & valid[None, :], da_col, 0.0)  # dA[t, s], t >= s
-        frm = rows >= i_i * BC
-        for k0 in range(0, K, BK):
-            ck = k0 + tl.arange(0, BK)
-            mck = ck < K
-            mi = valid_i[:, None] & mck[None, :]
-            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-            r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
-            r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
-            mu = upto[:, None] & mck[None, :]
-            k_u = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
-            b_u = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mu, other=0.0)
-            k_r = tl.where(mu, k_u.to(tl.float32) * tl.exp(r1[None, :] - b_u), 0.0)
-            dq = tl.where(mi, tl.dot(da_upto, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
-            mf = (frm & valid)[:, None] & mck[None, :]
-            q_f = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mf, other=0.0)
-            b_f = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mf, other=0.0)
-            q_r = tl.where(mf, q_f.to(tl.float32) * tl.exp(b_f - r2[None, :]), 0.0)
-            dk = tl.where(mi, tl.dot(da_from, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
-            p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
-            tl.store(dqi_ptr + p, dq, mask=mi)
-            tl.store(dki_ptr + p, dk, mask=mi)
-        return
     da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
     da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
     slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
@@ -1014,7 +1017,7 @@ def chunk_gla_intra_grad_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_grad_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr,
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr, flag_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HEADS_FAST: tl.constexpr,
@@ -1025,6 +1028,11 @@ def chunk_gla_grad_kernel(
     dq = scale e^{b} (do h^T) + dq_intra; dk = e^{b_L - b} (v dh^T) + dk_intra. The gradient of
     b is q dq - k dk per row, plus, at the last row, sum_s k_s dk_inter_s + e^{b_L} rowsum(h dh)
     (through the state leaving the chunk); dg is its reverse cumulative sum over the chunk.
+
+    dq_intra, dk_intra come from the 16-row-block kernel, or for a chunk of small gate spread
+    (flag 1, `chunk_gla_dv_kernel`) from dA = scale do v^T, formed in the V loop, through the
+    chunk's first row r and last row l: dq_intra = e^{b - r} (dA_lower (k e^{r - b})) and
+    dk_intra = e^{l - b} (dA_lower^T (q e^{b - l})), every factor within e^{+-MAX_SPREAD}.
     """
     NK: tl.constexpr = (K + BK - 1) // BK
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -1040,6 +1048,8 @@ def chunk_gla_grad_kernel(
     dq = tl.zeros([BT, BK], dtype=tl.float32)
     dk = tl.zeros([BT, BK], dtype=tl.float32)
     hdh = tl.zeros([BK], dtype=tl.float32)
+    fast = tl.load(flag_ptr + i_c * H + i_h) != 0
+    da = tl.zeros([BT, BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
         cv = v0 + tl.arange(0, BV)
         mv = valid[:, None] & (cv[None, :] < V)
@@ -1051,6 +1061,8 @@ def chunk_gla_grad_kernel(
         dq += tl.dot(do, tl.trans(h.to(dtype)))
         dk += tl.dot(v, tl.trans(dh.to(dtype)))
         hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
+        if fast:
+            da += tl.dot(do, tl.trans(v))
     p = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
     b = tl.load(b_ptr + p, mask=mk, other=0.0)
     b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
@@ -1059,8 +1071,16 @@ def chunk_gla_grad_kernel(
     dq = tl.where(mk, dq * tl.exp(b) * scale, 0.0)
     dk = tl.where(mk, dk * tl.exp(b_last[None, :] - b), 0.0)
     dbl = tl.sum(k * dk, axis=0) + tl.exp(b_last) * hdh
-    dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
-    dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
+    if fast:
+        r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
+        da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
+        k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
+        dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
+        q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
+        dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
+    else:
+        dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
+        dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
     db = q * dq - k * dk
     dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
