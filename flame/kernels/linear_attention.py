@@ -75,6 +75,8 @@ def gla_intra_config() -> dict:
     take all their pairs through reference rows: A, and the intra-chunk dq and dk, as one product
     each (chunk_gla_scores_chunk_kernel, and inside chunk_gla_grad_kernel); chunks of stronger
     decay go by 16-row blocks with exact in-block pairs (-1: every chunk).
+    chunk_scores_warps, chunk_grad_warps, chunk_grad_stages: the launches of
+    chunk_gla_scores_chunk_kernel and chunk_gla_grad_kernel.
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -84,7 +86,8 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                max_spread=30)
+                max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=CHUNK_WARPS,
+                chunk_grad_stages=CHUNK_STAGES)
 
 
 def grouped_backward_config() -> dict:
@@ -336,7 +339,7 @@ def _gla_scores(q, k, b, scale, chunks):
     kern.chunk_gla_scores_chunk_kernel[chunk_grid(chunks.slots, H)](
         q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
-        num_warps=CHUNK_WARPS, num_stages=1,
+        num_warps=cfg["chunk_scores_warps"], num_stages=1,
     )
     programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
     kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
@@ -431,7 +434,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg, flags,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), HEADS_FAST=heads_fast(programs),
-        num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
     )
     return dq, dk, dv, dg, dh0
 
