@@ -86,7 +86,7 @@ def gla_intra_config() -> dict:
     """
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
-                max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=CHUNK_WARPS,
+                max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
                 chunk_grad_stages=CHUNK_STAGES)
 
 
@@ -341,11 +341,10 @@ def _gla_scores(q, k, b, scale, chunks):
         H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["chunk_scores_warps"], num_stages=1,
     )
-    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
-    kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
+    kern.chunk_gla_scores_kernel[chunk_grid(chunks.slots, H)](
         q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(programs),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
     return a
@@ -417,8 +416,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    programs = chunks.slots * (kern.CHUNK_SIZE // kern.SUB_CHUNK_SIZE)
-    # One [BC, BC] fp32 slot per program (~33 MB at 8 x 4096 tokens x 16 heads).
+    programs = chunks.slots  # a program walks its chunk's 16-row blocks
+    # One [BC, BC] fp32 slot per program (~8 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
                if cfg["grad_scratch"] else dq_intra)

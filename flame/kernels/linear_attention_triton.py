@@ -711,8 +711,8 @@ def chunk_gla_scores_kernel(
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
-    """Rows of one BC-row block i of A [T, H, BT] (zero for s > t and past the sequence), for
-    the chunks that `chunk_gla_scores_chunk_kernel` left (flag 0).
+    """A [T, H, BT] (zero for s > t and past the sequence) of one chunk that
+    `chunk_gla_scores_chunk_kernel` left (flag 0), by BC-row blocks i, one after another.
 
     Keys in earlier blocks: one dot through the reference row r = the block's first row,
     (q_t e^{b_t - r}) . (k_s e^{r - b_s}), both exponents <= 0. Keys in block i: exact per pair,
@@ -720,61 +720,58 @@ def chunk_gla_scores_kernel(
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
     """
-    NC: tl.constexpr = BT // BC
-    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
-    i_c, i_i = i_x // NC, i_x % NC
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
-    if i_i * BC >= L:
-        return
     if tl.load(flag_ptr + i_c * H + i_h) != 0:
         return
-    dtype = q_ptr.dtype.element_ty
-    rows = tl.arange(0, BT)
-    cols_i = tl.arange(0, BC)
-    rows_i = i_i * BC + cols_i
-    valid_i = rows_i < L
-    before = rows < i_i * BC
-    ref = t0 + i_i * BC
-    acc = tl.zeros([BC, BT], dtype=tl.float32)
-    diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        mck = ck < K
-        mi = valid_i[:, None] & mck[None, :]
-        mb = before[:, None] & mck[None, :]
-        q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-        q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
-        k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
-        acc += tl.dot(q_r, tl.trans(k_r))
-        for j0 in range(0, BC, UNROLL):
-            for u in tl.static_range(UNROLL):
-                j = j0 + u
-                s = i_i * BC + j
-                ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
-                k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                pair = (rows_i >= s) & valid_i
-                e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
-                a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
-                if SPLIT_DIAG:
-                    diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
-                else:
-                    acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
-    if SPLIT_DIAG:
-        # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
-        outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
-        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty),
-                 mask=valid_i[:, None] & outside[None, :])
-        tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
-    else:
-        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+    for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
+        dtype = q_ptr.dtype.element_ty
+        rows = tl.arange(0, BT)
+        cols_i = tl.arange(0, BC)
+        rows_i = i_i * BC + cols_i
+        valid_i = rows_i < L
+        before = rows < i_i * BC
+        ref = t0 + i_i * BC
+        acc = tl.zeros([BC, BT], dtype=tl.float32)
+        diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            mb = before[:, None] & mck[None, :]
+            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
+            k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+            b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+            q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
+            k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
+            acc += tl.dot(q_r, tl.trans(k_r))
+            for j0 in range(0, BC, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    j = j0 + u
+                    s = i_i * BC + j
+                    ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                    pair = (rows_i >= s) & valid_i
+                    e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+                    a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
+                    if SPLIT_DIAG:
+                        diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
+                    else:
+                        acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+        row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
+        if SPLIT_DIAG:
+            # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
+            outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
+            tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty),
+                     mask=valid_i[:, None] & outside[None, :])
+            tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+        else:
+            tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -913,8 +910,9 @@ def chunk_gla_intra_grad_kernel(
     UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
-    """Intra-chunk dq, dk (fp32) of one BC-row block i, from dA = scale do v^T, for the chunks
-    whose flag is 0 (`chunk_gla_dv_kernel`; the gradient kernel forms the others').
+    """Intra-chunk dq, dk (fp32) of one chunk whose flag is 0 (`chunk_gla_dv_kernel`; the
+    gradient kernel forms the others'), by BC-row blocks i, one after another, from
+    dA = scale do v^T.
 
     dq_t = sum_{s <= t} dA_ts k_s e^{b_t - b_s}: keys before the block through its first row;
     dk_s = sum_{t >= s} dA_ts q_t e^{b_t - b_s}: queries after the block through its last row;
@@ -926,93 +924,92 @@ def chunk_gla_intra_grad_kernel(
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
     """
-    NC: tl.constexpr = BT // BC
-    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
-    i_c, i_i = i_x // NC, i_x % NC
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
         return
-    if i_i * BC >= L:
-        return
     if tl.load(flag_ptr + i_c * H + i_h) != 0:
         return
-    dtype = q_ptr.dtype.element_ty
-    rows = tl.arange(0, BT)
-    cols_i = tl.arange(0, BC)
-    rows_i = i_i * BC + cols_i
-    valid = rows < L
-    valid_i = rows_i < L
-    before = rows < i_i * BC
-    after = (rows >= (i_i + 1) * BC) & valid
-    first_row = t0 + i_i * BC
-    last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1
+    for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
+        dtype = q_ptr.dtype.element_ty
+        rows = tl.arange(0, BT)
+        cols_i = tl.arange(0, BC)
+        rows_i = i_i * BC + cols_i
+        valid = rows < L
+        valid_i = rows_i < L
+        before = rows < i_i * BC
+        after = (rows >= (i_i + 1) * BC) & valid
+        first_row = t0 + i_i * BC
+        last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1
 
-    da_row = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s], t in the block
-    da_col = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s] at [s, t], s in the block
-    for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        mv_i = valid_i[:, None] & (cv[None, :] < V)
-        mv = valid[:, None] & (cv[None, :] < V)
-        do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-        v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-        do_a = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-        v_a = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-        da_row += tl.dot(do_i, tl.trans(v_a))
-        da_col += tl.dot(v_i, tl.trans(do_a))
-    da_row = da_row * scale
-    da_col = da_col * scale
-    da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
-    da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
-    slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
-    if SCRATCH:
-        # The diagonal block of dA: the block's own columns of da_row.
-        diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
-        tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
-        tl.debug_barrier()  # every thread reads entries other threads wrote
+        da_row = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s], t in the block
+        da_col = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s] at [s, t], s in the block
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv_i = valid_i[:, None] & (cv[None, :] < V)
+            mv = valid[:, None] & (cv[None, :] < V)
+            do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
+            v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
+            do_a = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+            v_a = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+            da_row += tl.dot(do_i, tl.trans(v_a))
+            da_col += tl.dot(v_i, tl.trans(do_a))
+        da_row = da_row * scale
+        da_col = da_col * scale
+        da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
+        da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
+        slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
+        if SCRATCH:
+            # The diagonal block of dA: the block's own columns of da_row.
+            diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
+            tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
+            tl.debug_barrier()  # every thread reads entries other threads wrote
 
-    for k0 in range(0, K, BK):
-        ck = k0 + tl.arange(0, BK)
-        mck = ck < K
-        mi = valid_i[:, None] & mck[None, :]
-        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-        if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
-            dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
-                                          H, K, BK, UNROLL, SCRATCH)
-        r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
-        r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
-        mb = before[:, None] & mck[None, :]
-        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-        k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
-        dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
-        ma = after[:, None] & mck[None, :]
-        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
-        q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
-        dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
-        if SPLIT_DIAG:
-            dq += dq_d
-            dk += dk_d
-        else:
-            for j0 in range(0, BC, UNROLL):
-                for u in tl.static_range(UNROLL):
-                    j = j0 + u
-                    s = i_i * BC + j
-                    in_seq = s < L
-                    ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
-                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                    q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                    da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
-                    later = (rows_i >= s) & valid_i
-                    earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
-                    e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
-                    e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
-                    dq += da_t[:, None] * k_s[None, :] * e_q
-                    dk += da_u[:, None] * q_s[None, :] * e_k
-        p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
-        tl.store(dqi_ptr + p, dq, mask=mi)
-        tl.store(dki_ptr + p, dk, mask=mi)
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
+                dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
+                                              H, K, BK, UNROLL, SCRATCH)
+            r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            mb = before[:, None] & mck[None, :]
+            k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+            b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+            k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
+            dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
+            ma = after[:, None] & mck[None, :]
+            q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
+            b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
+            q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
+            dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
+            if SPLIT_DIAG:
+                dq += dq_d
+                dk += dk_d
+            else:
+                for j0 in range(0, BC, UNROLL):
+                    for u in tl.static_range(UNROLL):
+                        j = j0 + u
+                        s = i_i * BC + j
+                        in_seq = s < L
+                        ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
+                        k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                        q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                        b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                        da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
+                        later = (rows_i >= s) & valid_i
+                        earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
+                        e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
+                        e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
+                        dq += da_t[:, None] * k_s[None, :] * e_q
+                        dk += da_u[:, None] * q_s[None, :] * e_k
+            p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
+            tl.store(dqi_ptr + p, dq, mask=mi)
+            tl.store(dki_ptr + p, dk, mask=mi)
+        if SCRATCH:
+            tl.debug_barrier()  # the next block rewrites the scratch slot
 
 
 @triton.jit(do_not_specialize=["N"])
