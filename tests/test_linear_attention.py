@@ -175,7 +175,8 @@ GLA_INTRA_VARIANTS = {
     "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True,
                   max_spread=-1),
     "factored": dict(scores_unroll=4, scores_split=True, scores_bk=16, scores_stages=1,
-                     grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30),
+                     grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30,
+                     output_forms_a=False),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),

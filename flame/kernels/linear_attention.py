@@ -75,8 +75,10 @@ def gla_intra_config() -> dict:
     take all their pairs through reference rows: A, and the intra-chunk dq and dk, as one product
     each (chunk_gla_scores_chunk_kernel, and inside chunk_gla_grad_kernel); chunks of stronger
     decay go by 16-row blocks with exact in-block pairs (-1: every chunk).
-    chunk_scores_warps, chunk_grad_warps, chunk_grad_stages: the launches of
-    chunk_gla_scores_chunk_kernel and chunk_gla_grad_kernel.
+    chunk_scores_warps, chunk_grad_warps, chunk_grad_stages, output_warps: the launches of
+    chunk_gla_scores_chunk_kernel, chunk_gla_grad_kernel and chunk_gla_output_kernel.
+    output_forms_a: the forward's output kernel forms A of the chunks of small spread (no
+    separate scores pass over them); else chunk_gla_scores_chunk_kernel does.
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
@@ -87,7 +89,7 @@ def gla_intra_config() -> dict:
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
                 max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
-                chunk_grad_stages=CHUNK_STAGES)
+                chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True)
 
 
 def grouped_backward_config() -> dict:
@@ -145,13 +147,16 @@ class _Chunks:
         self.indices, self.offsets = prepare_chunk_indices(cu_seqlens, kern.CHUNK_SIZE, self.slots)
 
 
-def _cumsum(g, scalar_gate, H, K, chunks):
-    # A scalar gate keeps one cumulative sum per head: [T, H, 1].
+def _cumsum(g, scalar_gate, H, K, chunks, flags=None):
+    """The gate's chunk-local cumulative sums b, fp32 ([T, H, 1] for a scalar gate). flags
+    ([slots * H] int32, per-key-dim gate): also whether each chunk's spread of b is at most
+    gla_intra_config's max_spread."""
     b = torch.empty(g.shape[0], H, 1 if scalar_gate else K, dtype=torch.float32, device=g.device)
-    grid = (chunks.slots, H, 1 if scalar_gate else cdiv(K, STATE_BLOCK))
+    grid = (chunks.slots, H, 1 if scalar_gate or flags is not None else cdiv(K, STATE_BLOCK))
     kern.chunk_cumsum_kernel[grid](
-        g, b, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, num_warps=NUM_WARPS,
+        g, b, b if flags is None else flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        H=H, K=K, SCALAR_GATE=scalar_gate, BK=STATE_BLOCK, FLAGS=flags is not None,
+        MAX_SPREAD=float(gla_intra_config()["max_spread"]), num_warps=NUM_WARPS,
     )
     return b
 
@@ -288,7 +293,12 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             other(q, k, v, g, scale, h0, output_final_state, chunks)
         if fused:
             return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
-    b = _cumsum(g, scalar_gate, H, K, chunks)
+    # GLA: chunks of small gate spread (flag 1) get A from the output kernel, the others from
+    # the 16-row-block kernel
+    cfg = gla_intra_config()
+    form_a = not scalar_gate and cfg["output_forms_a"]
+    flags = torch.empty(chunks.slots * H, dtype=torch.int32, device=q.device) if form_a else None
+    b = _cumsum(g, scalar_gate, H, K, chunks, flags)
     h, _, ht, _ = _states(q, k, v, None, b, scale, h0, None, True, False, output_final_state, chunks)
     o = torch.empty(T, H, V, dtype=q.dtype, device=q.device)
     if scalar_gate:
@@ -299,13 +309,17 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
             H=H, HQ=HQ, K=K, V=V, BK=CHUNK_BLOCK_K, BV=bv, num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
         )
         return o, ht, None, h, b
-    a = _gla_scores(q, k, b, scale, chunks)
+    if form_a:
+        a = torch.empty(T, H, kern.CHUNK_SIZE, dtype=q.dtype, device=q.device)
+        _gla_block_scores(q, k, b, a, flags, scale, chunks)
+    else:
+        a = _gla_scores(q, k, b, scale, chunks)
     bv = min(next_power_of_2(V), CHUNK_BLOCK)
     programs = chunks.slots * cdiv(V, bv)
     kern.chunk_gla_output_kernel[chunk_grid(programs, H)](
-        q, v, b, a, h, o, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=_gla_block(K), BV=bv, HEADS_FAST=heads_fast(programs),
-        num_warps=CHUNK_WARPS, num_stages=CHUNK_STAGES,
+        q, k, v, b, a, h, o, b if flags is None else flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
+        scale, H=H, K=K, V=V, BK=_gla_block(K), BV=bv, FORM_A=form_a, HEADS_FAST=heads_fast(programs),
+        num_warps=cfg["output_warps"], num_stages=CHUNK_STAGES,
     )
     return o, ht, a, h, b
 
@@ -341,13 +355,20 @@ def _gla_scores(q, k, b, scale, chunks):
         H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["chunk_scores_warps"], num_stages=1,
     )
+    _gla_block_scores(q, k, b, a, flags, scale, chunks)
+    return a
+
+
+def _gla_block_scores(q, k, b, a, flags, scale, chunks):
+    """A of the chunks whose flag is 0, by 16-row blocks with exact in-block pairs."""
+    H, K = q.shape[1:]
+    cfg = gla_intra_config()
     kern.chunk_gla_scores_kernel[chunk_grid(chunks.slots, H)](
         q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
         SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
-    return a
 
 
 def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):

@@ -55,12 +55,23 @@ def _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N):
     return seq, t0, (end - t0).to(tl.int32)
 
 
+@triton.jit
+def _spread_of(b, m):
+    """Spread of a [BT, BK] tile of b over its masked rows, per column: max_t b - min_t b."""
+    top = tl.max(tl.where(m, b, float("-inf")), axis=0)
+    low = tl.min(tl.where(m, b, float("inf")), axis=0)
+    return tl.where(tl.max(m.to(tl.int32), axis=0) > 0, top - low, 0.0)
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_cumsum_kernel(
-    g_ptr, b_ptr, cu_ptr, chunk_idx_ptr, N,
+    g_ptr, b_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N,
     H: tl.constexpr, K: tl.constexpr, SCALAR_GATE: tl.constexpr, BK: tl.constexpr,
+    FLAGS: tl.constexpr, MAX_SPREAD: tl.constexpr,
 ):
-    """b = chunk-local inclusive cumulative sum of g, fp32 [T, H] or [T, H, K]."""
+    """b = chunk-local inclusive cumulative sum of g, fp32 [T, H] or [T, H, K]. With FLAGS (a
+    per-key-dim gate, one program per chunk and head walking K) it also records in
+    flag[chunk, head] whether the chunk's spread of b is at most MAX_SPREAD (`_chunk_spread`)."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
     if seq >= N:
@@ -70,6 +81,16 @@ def chunk_cumsum_kernel(
         g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=rows < L, other=0.0)
         b = tl.cumsum(g.to(tl.float32), axis=0)
         tl.store(b_ptr + (t0 + rows) * H + i_h, b, mask=rows < L)
+    elif FLAGS:
+        spread = tl.zeros([BK], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            mask = (rows[:, None] < L) & (cols[None, :] < K)
+            g = tl.load(g_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], mask=mask, other=0.0)
+            b = tl.cumsum(g.to(tl.float32), axis=0)
+            tl.store(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + cols[None, :], b, mask=mask)
+            spread = tl.maximum(spread, _spread_of(b, mask))
+        tl.store(flag_ptr + i_c * H + i_h, (tl.max(spread, axis=0) <= MAX_SPREAD).to(tl.int32))
     else:
         cols = i_k * BK + tl.arange(0, BK)
         mask = (rows[:, None] < L) & (cols[None, :] < K)
@@ -647,14 +668,6 @@ def chunk_scalar_gate_grad_kernel(
 
 
 @triton.jit
-def _spread_of(b, m):
-    """Spread of a [BT, BK] tile of b over its masked rows, per column: max_t b - min_t b."""
-    top = tl.max(tl.where(m, b, float("-inf")), axis=0)
-    low = tl.min(tl.where(m, b, float("inf")), axis=0)
-    return tl.where(tl.max(m.to(tl.int32), axis=0) > 0, top - low, 0.0)
-
-
-@triton.jit
 def _chunk_spread(b_ptr, t0, L, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """Largest spread of b over the chunk's valid rows in any key dim: every factor
     e^{b_t - b_r} between two of its rows lies within e^{+-spread}."""
@@ -776,11 +789,16 @@ def chunk_gla_scores_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_output_kernel(
-    q_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    FORM_A: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale)."""
+    """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale).
+
+    FORM_A: for a chunk whose flag is 1 (small gate spread, `chunk_cumsum_kernel`) the kernel
+    forms A itself in its K loop, which loads q and b anyway, as `chunk_gla_scores_chunk_kernel`
+    does (one product through the chunk's first row), and the first V tile's program writes it
+    for the backward; other chunks' A comes from the 16-row-block kernel."""
     NV: tl.constexpr = (V + BV - 1) // BV
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
     i_c, i_v = i_x // NV, i_x % NV
@@ -793,6 +811,10 @@ def chunk_gla_output_kernel(
     cv = i_v * BV + tl.arange(0, BV)
     mv = valid[:, None] & (cv[None, :] < V)
     o = tl.zeros([BT, BV], dtype=tl.float32)
+    fast = False
+    if FORM_A:
+        fast = tl.load(flag_ptr + i_c * H + i_h) != 0
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         mk = valid[:, None] & (ck[None, :] < K)
@@ -802,7 +824,19 @@ def chunk_gla_output_kernel(
                     mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
         qg = tl.where(mk, q.to(tl.float32) * tl.exp(b), 0.0).to(dtype)
         o += tl.dot(qg, h.to(dtype))
-    a = tl.load(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :], mask=valid[:, None], other=0.0)
+        if fast:
+            k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
+            r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
+            q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
+            k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
+            acc += tl.dot(q_r, tl.trans(k_r))
+    a_tile = a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :]
+    if fast:
+        a = tl.where(rows[None, :] <= rows[:, None], acc * scale, 0.0).to(a_ptr.dtype.element_ty)
+        if i_v == 0:
+            tl.store(a_tile, a, mask=valid[:, None])
+    else:
+        a = tl.load(a_tile, mask=valid[:, None], other=0.0)
     v = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
     o = o * scale + tl.dot(a.to(dtype), v)
     tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], o.to(dtype), mask=mv)
