@@ -870,7 +870,8 @@ def chunk_gla_dv_kernel(
         mk = valid[:, None] & (ck[None, :] < K)
         k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
         b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-        spread = tl.maximum(spread, _spread_of(b, mk))
+        if i_v == 0:
+            spread = tl.maximum(spread, _spread_of(b, mk))
         b_last = tl.load(b_ptr + ((t0 + L - 1) * H + i_h) * K + ck, mask=ck < K, other=0.0)
         dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :],
                      mask=(ck[:, None] < K) & (cv[None, :] < V), other=0.0)
