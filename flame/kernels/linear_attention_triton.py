@@ -14,7 +14,11 @@ are whole-chunk matmuls. A per-key-dim gate (GLA) first forms the score matrix
 A[t, s] = scale sum_k q_tk k_sk e^{b_tk - b_sk} per BC = 16-row block ("secondary chunking"):
 for pairs in different blocks the decay factors through a reference row r between them,
 e^{b_t - r} * e^{r - b_s}, both exponents <= 0 so nothing overflows and the product is a
-tensor-core matmul; within a block the decay is formed exactly per pair. The rest is again
+tensor-core matmul; within a block the decay is formed exactly per pair. A chunk whose b spreads
+over at most MAX_SPREAD nats in every key dim (the usual case: gates decay by well under a nat
+per step) takes all its pairs through reference rows instead, factors within e^{+-MAX_SPREAD},
+as whole-chunk fp32 products (the output kernel forms its A; the gradient kernel its
+intra-chunk dq, dk); flags per chunk and head say which way each chunk went. The rest is again
 whole-chunk matmuls (o = scale (q e^b) h + A v and the gradients). With q/k heads shared by
 groups of value heads (Mamba2), the scalar gate's backward sums dq and dk over each group
 inside its kernels.
