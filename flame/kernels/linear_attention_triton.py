@@ -685,6 +685,16 @@ def _chunk_spread(b_ptr, t0, L, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.co
     return tl.max(spread, axis=0)
 
 
+@triton.jit
+def _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H: tl.constexpr, K: tl.constexpr):
+    """One K tile's part of a chunk's A (scale not applied, s > t not masked) through the chunk's
+    first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}) for every pair, fp32 operands."""
+    r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
+    q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
+    k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
+    return tl.dot(q_r, tl.trans(k_r))
+
+
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_chunk_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
@@ -713,10 +723,7 @@ def chunk_gla_scores_chunk_kernel(
         q = tl.load(q_ptr + tile, mask=mk, other=0.0)
         k = tl.load(k_ptr + tile, mask=mk, other=0.0)
         b = tl.load(b_ptr + tile, mask=mk, other=0.0)
-        r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
-        q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
-        k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
-        acc += tl.dot(q_r, tl.trans(k_r))
+        acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
     causal = rows[None, :] <= rows[:, None]
     tl.store(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :],
              tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty), mask=valid[:, None])
@@ -830,10 +837,7 @@ def chunk_gla_output_kernel(
         o += tl.dot(qg, h.to(dtype))
         if fast:
             k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-            r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
-            q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
-            k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
-            acc += tl.dot(q_r, tl.trans(k_r))
+            acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
     a_tile = a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :]
     if fast:
         a = tl.where(rows[None, :] <= rows[:, None], acc * scale, 0.0).to(a_ptr.dtype.element_ty)
