@@ -89,7 +89,8 @@ def gla_intra_config() -> dict:
     return dict(warps=GLA_INTRA_WARPS, scores_unroll=4, scores_split=True, scores_stages=None, scores_bk=None,
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
                 max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
-                chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True)
+                chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True,
+                chunk_dots_16bit=False, grad_dg_dot=False)
 
 
 def grouped_backward_config() -> dict:
@@ -318,10 +319,16 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
     programs = chunks.slots * cdiv(V, bv)
     kern.chunk_gla_output_kernel[chunk_grid(programs, H)](
         q, k, v, b, a, h, o, b if flags is None else flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        scale, H=H, K=K, V=V, BK=_gla_block(K), BV=bv, FORM_A=form_a, HEADS_FAST=heads_fast(programs),
+        scale, H=H, K=K, V=V, BK=_gla_block(K), BV=bv, FORM_A=form_a, DOTS_16BIT=_dots_16bit(q),
+        HEADS_FAST=heads_fast(programs),
         num_warps=cfg["output_warps"], num_stages=CHUNK_STAGES,
     )
     return o, ht, a, h, b
+
+
+def _dots_16bit(q):
+    """Whether the whole-chunk GLA products take 16-bit operands (gla_intra_config)."""
+    return bool(gla_intra_config()["chunk_dots_16bit"]) and q.element_size() == 2
 
 
 def _scalar_block(dim):
@@ -352,7 +359,8 @@ def _gla_scores(q, k, b, scale, chunks):
     flags = torch.empty(chunks.slots * H, dtype=torch.int32, device=q.device)
     kern.chunk_gla_scores_chunk_kernel[chunk_grid(chunks.slots, H)](
         q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
+        H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), DOTS_16BIT=_dots_16bit(q),
+        HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["chunk_scores_warps"], num_stages=1,
     )
     _gla_block_scores(q, k, b, a, flags, scale, chunks)
@@ -453,8 +461,8 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     kern.chunk_gla_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg, flags,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), HEADS_FAST=heads_fast(programs),
-        num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
+        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), DOTS_16BIT=_dots_16bit(q), DG_DOT=bool(cfg["grad_dg_dot"]),
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
     )
     return dq, dk, dv, dg, dh0
 

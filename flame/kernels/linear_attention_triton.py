@@ -686,19 +686,24 @@ def _chunk_spread(b_ptr, t0, L, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H: tl.constexpr, K: tl.constexpr):
+def _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H: tl.constexpr, K: tl.constexpr,
+                              DOTS_16BIT: tl.constexpr):
     """One K tile's part of a chunk's A (scale not applied, s > t not masked) through the chunk's
-    first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}) for every pair, fp32 operands."""
+    first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}) for every pair, fp32 operands (q's dtype
+    with DOTS_16BIT)."""
     r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
     q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
     k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
+    if DOTS_16BIT:
+        return tl.dot(q_r.to(q.dtype), tl.trans(k_r.to(q.dtype)))
     return tl.dot(q_r, tl.trans(k_r))
 
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_chunk_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, MAX_SPREAD: tl.constexpr, HEADS_FAST: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, MAX_SPREAD: tl.constexpr, DOTS_16BIT: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """A [T, H, BT] of one chunk whose gate spread (`_chunk_spread`) is at most MAX_SPREAD, as
     one product through the chunk's first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}), every
@@ -723,7 +728,7 @@ def chunk_gla_scores_chunk_kernel(
         q = tl.load(q_ptr + tile, mask=mk, other=0.0)
         k = tl.load(k_ptr + tile, mask=mk, other=0.0)
         b = tl.load(b_ptr + tile, mask=mk, other=0.0)
-        acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
+        acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K, DOTS_16BIT)
     causal = rows[None, :] <= rows[:, None]
     tl.store(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :],
              tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty), mask=valid[:, None])
@@ -802,7 +807,7 @@ def chunk_gla_scores_kernel(
 def chunk_gla_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    FORM_A: tl.constexpr, HEADS_FAST: tl.constexpr,
+    FORM_A: tl.constexpr, DOTS_16BIT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale).
 
@@ -837,7 +842,7 @@ def chunk_gla_output_kernel(
         o += tl.dot(qg, h.to(dtype))
         if fast:
             k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-            acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
+            acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K, DOTS_16BIT)
     a_tile = a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :]
     if fast:
         a = tl.where(rows[None, :] <= rows[:, None], acc * scale, 0.0).to(a_ptr.dtype.element_ty)
@@ -1060,7 +1065,7 @@ def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr, flag_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    DOTS_16BIT: tl.constexpr, DG_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """dq, dk and dg of one chunk and K tile: inter-chunk terms as whole-chunk matmuls plus the
     intra-chunk parts, then the gate gradient.
@@ -1115,14 +1120,22 @@ def chunk_gla_grad_kernel(
         r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
         k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
-        dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
         q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
+        if DOTS_16BIT:
+            da = da.to(dtype)
+            k_r = k_r.to(dtype)
+            q_l = q_l.to(dtype)
+        dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
         dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
     else:
         dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
         dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
     db = q * dq - k * dk
-    dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
+    if DG_DOT:  # the reverse cumulative sum as a product with the upper triangle of ones
+        upper = (rows[None, :] >= rows[:, None]).to(tl.float32)
+        dg = tl.dot(upper, db, input_precision="tf32x3") + dbl[None, :]
+    else:
+        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
     tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
     tl.store(dg_ptr + p, dg.to(dg_ptr.dtype.element_ty), mask=mk)
