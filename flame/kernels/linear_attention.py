@@ -90,7 +90,7 @@ def gla_intra_config() -> dict:
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
                 max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
                 chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True,
-                chunk_dots_16bit=False, grad_dg_dot=False)
+                chunk_dots_16bit=False, grad_dg_dot=False, block_chunks=1)
 
 
 def grouped_backward_config() -> dict:
@@ -371,10 +371,12 @@ def _gla_block_scores(q, k, b, a, flags, scale, chunks):
     """A of the chunks whose flag is 0, by 16-row blocks with exact in-block pairs."""
     H, K = q.shape[1:]
     cfg = gla_intra_config()
-    kern.chunk_gla_scores_kernel[chunk_grid(chunks.slots, H)](
-        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+    per = cfg["block_chunks"]
+    programs = cdiv(chunks.slots, per)
+    kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
+        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, chunks.slots, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(chunks.slots),
+        SPLIT_DIAG=bool(cfg["scores_split"]), CHUNKS=per, HEADS_FAST=heads_fast(programs),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
 
@@ -445,16 +447,17 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    programs = chunks.slots  # a program walks its chunk's 16-row blocks
+    per = cfg["block_chunks"]
+    programs = cdiv(chunks.slots, per)  # a program walks its chunks' 16-row blocks
     # One [BC, BC] fp32 slot per program (~8 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
                if cfg["grad_scratch"] else dq_intra)
     kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, dq_intra, dk_intra, scratch, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        scale, H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
+        chunks.slots, scale, H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
         UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
-        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
+        CHUNKS=per, HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
     programs = chunks.slots * cdiv(K, bk)
