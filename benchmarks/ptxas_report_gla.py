@@ -65,7 +65,7 @@ def compile_report(kernel, constexprs: dict, fp32_pointers: set, num_warps: int,
     options = {"num_warps": num_warps}
     if num_stages is not None:
         options["num_stages"] = num_stages
-    compiled, info = compile_sm90(kernel, constexprs, {"N": "i32", "slots": "i32", "scale": "fp32"},
+    compiled, info = compile_sm90(kernel, constexprs, {"N": "i32", "scale": "fp32"},
                                   {"cu_ptr", "chunk_idx_ptr", "flag_ptr"},
                                   fp32_pointers, options, aligned=True)
     if ttgir_path:
@@ -125,9 +125,9 @@ def main() -> None:
     for spec in ["default"] + list(args.variants):
         cfg = parse_spec(spec, default)
         scores = dict(H=16, K=K, BK=launch._intra_block(K, cfg["scores_bk"]), UNROLL=cfg["scores_unroll"], SPLIT_DIAG=bool(cfg["scores_split"]),
-                      CHUNKS=cfg["block_chunks"], HEADS_FAST=True)
+                      HEADS_FAST=True)
         grad = dict(H=16, K=K, V=V, BK=launch._intra_block(K, cfg["grad_bk"]), BV=BV, UNROLL=cfg["grad_unroll"], SCRATCH=bool(cfg["grad_scratch"]),
-                    SPLIT_DIAG=bool(cfg["grad_split"]), CHUNKS=cfg["block_chunks"], HEADS_FAST=True)
+                    SPLIT_DIAG=bool(cfg["grad_split"]), HEADS_FAST=True)
         rows = [("scores", kern.chunk_gla_scores_kernel, scores, {"b_ptr"}, cfg["scores_stages"]),
                 ("intra_grad", kern.chunk_gla_intra_grad_kernel, grad,
                  {"b_ptr", "dqi_ptr", "dki_ptr", "scratch_ptr"}, cfg["grad_stages"])]

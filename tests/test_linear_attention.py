@@ -167,17 +167,18 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
 # so that the set stays the same when the defaults change.
 GLA_INTRA_VARIANTS = {
     "plain": dict(scores_unroll=1, scores_split=False, grad_unroll=1, grad_scratch=False, grad_split=False,
-                  max_spread=-1, block_chunks=2),
+                  max_spread=-1),
     "split-scratch": dict(scores_unroll=4, scores_split=True, scores_bk=16,
                           grad_unroll=4, grad_scratch=True, grad_split=True, grad_bk=16, max_spread=-1),
     "scratch": dict(scores_unroll=2, scores_split=False, grad_unroll=2, grad_scratch=True, grad_split=False,
-                    max_spread=-1, block_chunks=3),
+                    max_spread=-1),
     "split": dict(scores_unroll=1, scores_split=False, grad_unroll=8, grad_scratch=False, grad_split=True,
                   max_spread=-1),
     "factored": dict(scores_unroll=4, scores_split=True, scores_bk=16, scores_stages=1,
                      grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30,
                      output_forms_a=False),
-    "dg-dot-16bit": dict(max_spread=30, chunk_dots_16bit=True, grad_dg_dot=True),
+    "dk-16bit": dict(max_spread=30, grad_dots_16bit=1),
+    "dq-dk-16bit": dict(max_spread=30, grad_dots_16bit=2),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),

@@ -90,7 +90,7 @@ def gla_intra_config() -> dict:
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
                 max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
                 chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True,
-                chunk_dots_16bit=False, grad_dg_dot=False, block_chunks=1)
+                grad_dots_16bit=0)
 
 
 def grouped_backward_config() -> dict:
@@ -319,16 +319,16 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
     programs = chunks.slots * cdiv(V, bv)
     kern.chunk_gla_output_kernel[chunk_grid(programs, H)](
         q, k, v, b, a, h, o, b if flags is None else flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        scale, H=H, K=K, V=V, BK=_gla_block(K), BV=bv, FORM_A=form_a, DOTS_16BIT=_dots_16bit(q),
-        HEADS_FAST=heads_fast(programs),
+        scale, H=H, K=K, V=V, BK=_gla_block(K), BV=bv, FORM_A=form_a, HEADS_FAST=heads_fast(programs),
         num_warps=cfg["output_warps"], num_stages=CHUNK_STAGES,
     )
     return o, ht, a, h, b
 
 
 def _dots_16bit(q):
-    """Whether the whole-chunk GLA products take 16-bit operands (gla_intra_config)."""
-    return bool(gla_intra_config()["chunk_dots_16bit"]) and q.element_size() == 2
+    """Which intra-chunk products of the GLA gradient kernel take q's 16-bit dtype as operands
+    (gla_intra_config grad_dots_16bit; 0 for fp32 inputs)."""
+    return int(gla_intra_config()["grad_dots_16bit"]) if q.element_size() == 2 else 0
 
 
 def _scalar_block(dim):
@@ -359,8 +359,7 @@ def _gla_scores(q, k, b, scale, chunks):
     flags = torch.empty(chunks.slots * H, dtype=torch.int32, device=q.device)
     kern.chunk_gla_scores_chunk_kernel[chunk_grid(chunks.slots, H)](
         q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), DOTS_16BIT=_dots_16bit(q),
-        HEADS_FAST=heads_fast(chunks.slots),
+        H=H, K=K, BK=_gla_block(K), MAX_SPREAD=float(cfg["max_spread"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["chunk_scores_warps"], num_stages=1,
     )
     _gla_block_scores(q, k, b, a, flags, scale, chunks)
@@ -371,12 +370,10 @@ def _gla_block_scores(q, k, b, a, flags, scale, chunks):
     """A of the chunks whose flag is 0, by 16-row blocks with exact in-block pairs."""
     H, K = q.shape[1:]
     cfg = gla_intra_config()
-    per = cfg["block_chunks"]
-    programs = cdiv(chunks.slots, per)
-    kern.chunk_gla_scores_kernel[chunk_grid(programs, H)](
-        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, chunks.slots, scale,
+    kern.chunk_gla_scores_kernel[chunk_grid(chunks.slots, H)](
+        q, k, b, a, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, BK=_intra_block(K, cfg["scores_bk"]), UNROLL=_unroll(cfg["scores_unroll"]),
-        SPLIT_DIAG=bool(cfg["scores_split"]), CHUNKS=per, HEADS_FAST=heads_fast(programs),
+        SPLIT_DIAG=bool(cfg["scores_split"]), HEADS_FAST=heads_fast(chunks.slots),
         num_warps=cfg["warps"], **_stages(cfg["scores_stages"]),
     )
 
@@ -447,24 +444,23 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     )
     dq_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
     dk_intra = torch.empty(T, H, K, dtype=torch.float32, device=q.device)
-    per = cfg["block_chunks"]
-    programs = cdiv(chunks.slots, per)  # a program walks its chunks' 16-row blocks
+    programs = chunks.slots  # a program walks its chunk's 16-row blocks
     # One [BC, BC] fp32 slot per program (~8 MB at 8 x 4096 tokens x 16 heads).
     bc = kern.SUB_CHUNK_SIZE
     scratch = (torch.empty(programs * H * bc * bc, dtype=torch.float32, device=q.device)
                if cfg["grad_scratch"] else dq_intra)
     kern.chunk_gla_intra_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, dq_intra, dk_intra, scratch, flags, chunks.cu_seqlens, chunks.indices, chunks.num_seqs,
-        chunks.slots, scale, H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
+        scale, H=H, K=K, V=V, BK=_intra_block(K, cfg["grad_bk"]), BV=_gla_block(V),
         UNROLL=_unroll(cfg["grad_unroll"]), SCRATCH=bool(cfg["grad_scratch"]), SPLIT_DIAG=bool(cfg["grad_split"]),
-        CHUNKS=per, HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["warps"], **_stages(cfg["grad_stages"]),
     )
     bk = _gla_block(K)
     programs = chunks.slots * cdiv(K, bk)
     kern.chunk_gla_grad_kernel[chunk_grid(programs, H)](
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg, flags,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), DOTS_16BIT=_dots_16bit(q), DG_DOT=bool(cfg["grad_dg_dot"]),
+        H=H, K=K, V=V, BK=bk, BV=_gla_block(V), DOTS_16BIT=_dots_16bit(q),
         HEADS_FAST=heads_fast(programs), num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
     )
     return dq, dk, dv, dg, dh0

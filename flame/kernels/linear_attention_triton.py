@@ -686,24 +686,19 @@ def _chunk_spread(b_ptr, t0, L, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.co
 
 
 @triton.jit
-def _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H: tl.constexpr, K: tl.constexpr,
-                              DOTS_16BIT: tl.constexpr):
+def _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H: tl.constexpr, K: tl.constexpr):
     """One K tile's part of a chunk's A (scale not applied, s > t not masked) through the chunk's
-    first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}) for every pair, fp32 operands (q's dtype
-    with DOTS_16BIT)."""
+    first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}) for every pair, fp32 operands."""
     r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
     q_r = tl.where(mk, q.to(tl.float32) * tl.exp(b - r[None, :]), 0.0)
     k_r = tl.where(mk, k.to(tl.float32) * tl.exp(r[None, :] - b), 0.0)
-    if DOTS_16BIT:
-        return tl.dot(q_r.to(q.dtype), tl.trans(k_r.to(q.dtype)))
     return tl.dot(q_r, tl.trans(k_r))
 
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_chunk_kernel(
     q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
-    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, MAX_SPREAD: tl.constexpr, DOTS_16BIT: tl.constexpr,
-    HEADS_FAST: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, MAX_SPREAD: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """A [T, H, BT] of one chunk whose gate spread (`_chunk_spread`) is at most MAX_SPREAD, as
     one product through the chunk's first row r: (q_t e^{b_t - r}) . (k_s e^{r - b_s}), every
@@ -728,17 +723,17 @@ def chunk_gla_scores_chunk_kernel(
         q = tl.load(q_ptr + tile, mask=mk, other=0.0)
         k = tl.load(k_ptr + tile, mask=mk, other=0.0)
         b = tl.load(b_ptr + tile, mask=mk, other=0.0)
-        acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K, DOTS_16BIT)
+        acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
     causal = rows[None, :] <= rows[:, None]
     tl.store(a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :],
              tl.where(causal, acc * scale, 0.0).to(a_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-@triton.jit(do_not_specialize=["N", "slots"])
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_scores_kernel(
-    q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, slots, scale,
+    q_ptr, k_ptr, b_ptr, a_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr, SPLIT_DIAG: tl.constexpr,
-    CHUNKS: tl.constexpr, HEADS_FAST: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """A [T, H, BT] (zero for s > t and past the sequence) of one chunk that
     `chunk_gla_scores_chunk_kernel` left (flag 0), by BC-row blocks i, one after another.
@@ -749,66 +744,67 @@ def chunk_gla_scores_kernel(
     math of the first). SPLIT_DIAG keeps those scores in their own [BC, BC] tile, stored apart
     from the rest of the row, instead of adding each column into the [BC, BT] accumulator.
     """
-    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
-    # The flag first: most chunks have it set, and it needs no load of the chunk's bounds.
-    # (Slots past the last chunk may hold any flag; their bounds then say so.)
-    for i_c in range(i_x * CHUNKS, tl.minimum(i_x * CHUNKS + CHUNKS, slots)):
-        if tl.load(flag_ptr + i_c * H + i_h) == 0:
-            seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
-            if seq < N:
-                for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
-                    dtype = q_ptr.dtype.element_ty
-                    rows = tl.arange(0, BT)
-                    cols_i = tl.arange(0, BC)
-                    rows_i = i_i * BC + cols_i
-                    valid_i = rows_i < L
-                    before = rows < i_i * BC
-                    ref = t0 + i_i * BC
-                    acc = tl.zeros([BC, BT], dtype=tl.float32)
-                    diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
-                    for k0 in range(0, K, BK):
-                        ck = k0 + tl.arange(0, BK)
-                        mck = ck < K
-                        mi = valid_i[:, None] & mck[None, :]
-                        mb = before[:, None] & mck[None, :]
-                        q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
-                        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-                        r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
-                        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-                        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-                        q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
-                        k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
-                        acc += tl.dot(q_r, tl.trans(k_r))
-                        for j0 in range(0, BC, UNROLL):
-                            for u in tl.static_range(UNROLL):
-                                j = j0 + u
-                                s = i_i * BC + j
-                                ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
-                                k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                                b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                                pair = (rows_i >= s) & valid_i
-                                e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
-                                a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
-                                if SPLIT_DIAG:
-                                    diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
-                                else:
-                                    acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
-                    row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
+    # The flag first: it needs no load of the chunk's bounds, and most chunks have it set.
+    # (A slot past the last chunk may hold any flag; its bounds then say so.)
+    if tl.load(flag_ptr + i_c * H + i_h) != 0:
+        return
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
+        dtype = q_ptr.dtype.element_ty
+        rows = tl.arange(0, BT)
+        cols_i = tl.arange(0, BC)
+        rows_i = i_i * BC + cols_i
+        valid_i = rows_i < L
+        before = rows < i_i * BC
+        ref = t0 + i_i * BC
+        acc = tl.zeros([BC, BT], dtype=tl.float32)
+        diag = tl.zeros([BC, BC], dtype=tl.float32)  # used with SPLIT_DIAG only
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            mb = before[:, None] & mck[None, :]
+            q_i = tl.load(q_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0).to(tl.float32)
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            r = tl.load(b_ptr + (ref * H + i_h) * K + ck, mask=mck, other=0.0)
+            k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+            b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+            q_r = tl.where(mi, q_i * tl.exp(b_i - r[None, :]), 0.0).to(dtype)
+            k_r = tl.where(mb, k_b * tl.exp(r[None, :] - b_b), 0.0).to(dtype)
+            acc += tl.dot(q_r, tl.trans(k_r))
+            for j0 in range(0, BC, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    j = j0 + u
+                    s = i_i * BC + j
+                    ms = ck < tl.where(s < L, K, 0)  # row s past the sequence loads nothing
+                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                    pair = (rows_i >= s) & valid_i
+                    e = tl.exp(tl.where(pair[:, None], b_i - b_s[None, :], float("-inf")))
+                    a_s = tl.sum(q_i * k_s[None, :] * e, axis=1)
                     if SPLIT_DIAG:
-                        # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
-                        outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
-                        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty),
-                                 mask=valid_i[:, None] & outside[None, :])
-                        tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+                        diag += tl.where(cols_i[None, :] == j, a_s[:, None], 0.0)
                     else:
-                        tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+                        acc += tl.where(rows[None, :] == s, a_s[:, None], 0.0)
+        row_ptr = a_ptr + ((t0 + rows_i[:, None]) * H + i_h) * BT
+        if SPLIT_DIAG:
+            # acc is zero from the diagonal block on, so the two stores cover disjoint columns.
+            outside = (rows < i_i * BC) | (rows >= (i_i + 1) * BC)
+            tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty),
+                     mask=valid_i[:, None] & outside[None, :])
+            tl.store(row_ptr + rows_i[None, :], (diag * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
+        else:
+            tl.store(row_ptr + rows[None, :], (acc * scale).to(a_ptr.dtype.element_ty), mask=valid_i[:, None])
 
 
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_output_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, a_ptr, h_ptr, o_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    FORM_A: tl.constexpr, DOTS_16BIT: tl.constexpr, HEADS_FAST: tl.constexpr,
+    FORM_A: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """o = scale (q e^{b}) h + A v for one chunk and V tile (A already holds the scale).
 
@@ -843,7 +839,7 @@ def chunk_gla_output_kernel(
         o += tl.dot(qg, h.to(dtype))
         if fast:
             k = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mk, other=0.0)
-            acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K, DOTS_16BIT)
+            acc += _scores_through_first_row(q, k, b, b_ptr, t0, i_h, ck, mk, H, K)
     a_tile = a_ptr + ((t0 + rows[:, None]) * H + i_h) * BT + rows[None, :]
     if fast:
         a = tl.where(rows[None, :] <= rows[:, None], acc * scale, 0.0).to(a_ptr.dtype.element_ty)
@@ -952,11 +948,11 @@ def _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i,
     return dq, dk
 
 
-@triton.jit(do_not_specialize=["N", "slots"])
+@triton.jit(do_not_specialize=["N"])
 def chunk_gla_intra_grad_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, slots,
-    scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr, CHUNKS: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, dqi_ptr, dki_ptr, scratch_ptr, flag_ptr, cu_ptr, chunk_idx_ptr, N, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    UNROLL: tl.constexpr, SCRATCH: tl.constexpr, SPLIT_DIAG: tl.constexpr,
     HEADS_FAST: tl.constexpr,
 ):
     """Intra-chunk dq, dk (fp32) of one chunk whose flag is 0 (`chunk_gla_dv_kernel`; the
@@ -973,93 +969,94 @@ def chunk_gla_intra_grad_kernel(
     By default each row's terms are added to dq, dk in the dot layout (a layout conversion
     per row); SPLIT_DIAG sums them apart first (`_intra_grad_diag`), before the dots.
     """
-    i_x, i_h = chunk_head_ids(HEADS_FAST, False)
-    # The flag first: most chunks have it set, and it needs no load of the chunk's bounds.
-    # (Slots past the last chunk may hold any flag; their bounds then say so.)
-    for i_c in range(i_x * CHUNKS, tl.minimum(i_x * CHUNKS + CHUNKS, slots)):
-        if tl.load(flag_ptr + i_c * H + i_h) == 0:
-            seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
-            if seq < N:
-                for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
-                    dtype = q_ptr.dtype.element_ty
-                    rows = tl.arange(0, BT)
-                    cols_i = tl.arange(0, BC)
-                    rows_i = i_i * BC + cols_i
-                    valid = rows < L
-                    valid_i = rows_i < L
-                    before = rows < i_i * BC
-                    after = (rows >= (i_i + 1) * BC) & valid
-                    first_row = t0 + i_i * BC
-                    last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1
+    i_c, i_h = chunk_head_ids(HEADS_FAST, False)
+    # The flag first: it needs no load of the chunk's bounds, and most chunks have it set.
+    # (A slot past the last chunk may hold any flag; its bounds then say so.)
+    if tl.load(flag_ptr + i_c * H + i_h) != 0:
+        return
+    seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
+    if seq >= N:
+        return
+    for i_i in range(0, tl.cdiv(L, BC)):  # the chunk's blocks, one after another
+        dtype = q_ptr.dtype.element_ty
+        rows = tl.arange(0, BT)
+        cols_i = tl.arange(0, BC)
+        rows_i = i_i * BC + cols_i
+        valid = rows < L
+        valid_i = rows_i < L
+        before = rows < i_i * BC
+        after = (rows >= (i_i + 1) * BC) & valid
+        first_row = t0 + i_i * BC
+        last_row = t0 + tl.minimum((i_i + 1) * BC, L) - 1
 
-                    da_row = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s], t in the block
-                    da_col = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s] at [s, t], s in the block
-                    for v0 in range(0, V, BV):
-                        cv = v0 + tl.arange(0, BV)
-                        mv_i = valid_i[:, None] & (cv[None, :] < V)
-                        mv = valid[:, None] & (cv[None, :] < V)
-                        do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-                        v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
-                        do_a = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-                        v_a = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
-                        da_row += tl.dot(do_i, tl.trans(v_a))
-                        da_col += tl.dot(v_i, tl.trans(do_a))
-                    da_row = da_row * scale
-                    da_col = da_col * scale
-                    da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
-                    da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
-                    slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
-                    if SCRATCH:
-                        # The diagonal block of dA: the block's own columns of da_row.
-                        diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
-                        tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
-                        tl.debug_barrier()  # every thread reads entries other threads wrote
+        da_row = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s], t in the block
+        da_col = tl.zeros([BC, BT], dtype=tl.float32)  # dA[t, s] at [s, t], s in the block
+        for v0 in range(0, V, BV):
+            cv = v0 + tl.arange(0, BV)
+            mv_i = valid_i[:, None] & (cv[None, :] < V)
+            mv = valid[:, None] & (cv[None, :] < V)
+            do_i = tl.load(do_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
+            v_i = tl.load(v_ptr + ((t0 + rows_i[:, None]) * H + i_h) * V + cv[None, :], mask=mv_i, other=0.0)
+            do_a = tl.load(do_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+            v_a = tl.load(v_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], mask=mv, other=0.0)
+            da_row += tl.dot(do_i, tl.trans(v_a))
+            da_col += tl.dot(v_i, tl.trans(do_a))
+        da_row = da_row * scale
+        da_col = da_col * scale
+        da_before = tl.where(before[None, :], da_row, 0.0).to(dtype)
+        da_after = tl.where(after[None, :], da_col, 0.0).to(dtype)
+        slot = scratch_ptr + (tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * (BC * BC)
+        if SCRATCH:
+            # The diagonal block of dA: the block's own columns of da_row.
+            diag = (rows >= i_i * BC) & (rows < (i_i + 1) * BC)
+            tl.store(slot + cols_i[:, None] * BC + (rows - i_i * BC)[None, :], da_row, mask=diag[None, :])
+            tl.debug_barrier()  # every thread reads entries other threads wrote
 
-                    for k0 in range(0, K, BK):
-                        ck = k0 + tl.arange(0, BK)
-                        mck = ck < K
-                        mi = valid_i[:, None] & mck[None, :]
-                        b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
-                        if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
-                            dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
-                                                          H, K, BK, UNROLL, SCRATCH)
-                        r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
-                        r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
-                        mb = before[:, None] & mck[None, :]
-                        k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
-                        b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
-                        k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
-                        dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
-                        ma = after[:, None] & mck[None, :]
-                        q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
-                        b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
-                        q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
-                        dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
-                        if SPLIT_DIAG:
-                            dq += dq_d
-                            dk += dk_d
-                        else:
-                            for j0 in range(0, BC, UNROLL):
-                                for u in tl.static_range(UNROLL):
-                                    j = j0 + u
-                                    s = i_i * BC + j
-                                    in_seq = s < L
-                                    ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
-                                    k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                                    q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
-                                    b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
-                                    da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
-                                    later = (rows_i >= s) & valid_i
-                                    earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
-                                    e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
-                                    e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
-                                    dq += da_t[:, None] * k_s[None, :] * e_q
-                                    dk += da_u[:, None] * q_s[None, :] * e_k
-                        p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
-                        tl.store(dqi_ptr + p, dq, mask=mi)
-                        tl.store(dki_ptr + p, dk, mask=mi)
-                    if SCRATCH:
-                        tl.debug_barrier()  # the next block rewrites the scratch slot
+        for k0 in range(0, K, BK):
+            ck = k0 + tl.arange(0, BK)
+            mck = ck < K
+            mi = valid_i[:, None] & mck[None, :]
+            b_i = tl.load(b_ptr + ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :], mask=mi, other=0.0)
+            if SPLIT_DIAG:  # first, so that the dot results are not live across its loop
+                dq_d, dk_d = _intra_grad_diag(q_ptr, k_ptr, b_ptr, da_row, da_col, slot, b_i, t0, L, i_i, i_h, ck,
+                                              H, K, BK, UNROLL, SCRATCH)
+            r1 = tl.load(b_ptr + (first_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            r2 = tl.load(b_ptr + (last_row * H + i_h) * K + ck, mask=mck, other=0.0)
+            mb = before[:, None] & mck[None, :]
+            k_b = tl.load(k_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0).to(tl.float32)
+            b_b = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=mb, other=0.0)
+            k_r = tl.where(mb, k_b * tl.exp(r1[None, :] - b_b), 0.0).to(dtype)
+            dq = tl.where(mi, tl.dot(da_before, k_r) * tl.exp(b_i - r1[None, :]), 0.0)
+            ma = after[:, None] & mck[None, :]
+            q_a = tl.load(q_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0).to(tl.float32)
+            b_a = tl.load(b_ptr + ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :], mask=ma, other=0.0)
+            q_r = tl.where(ma, q_a * tl.exp(b_a - r2[None, :]), 0.0).to(dtype)
+            dk = tl.where(mi, tl.dot(da_after, q_r) * tl.exp(r2[None, :] - b_i), 0.0)
+            if SPLIT_DIAG:
+                dq += dq_d
+                dk += dk_d
+            else:
+                for j0 in range(0, BC, UNROLL):
+                    for u in tl.static_range(UNROLL):
+                        j = j0 + u
+                        s = i_i * BC + j
+                        in_seq = s < L
+                        ms = ck < tl.where(in_seq, K, 0)  # row s past the sequence loads nothing
+                        k_s = tl.load(k_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                        q_s = tl.load(q_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0).to(tl.float32)
+                        b_s = tl.load(b_ptr + ((t0 + s) * H + i_h) * K + ck, mask=ms, other=0.0)
+                        da_t, da_u = _da_partner(da_row, da_col, slot, rows, cols_i, s, j, SCRATCH, BC)
+                        later = (rows_i >= s) & valid_i
+                        earlier = (rows_i <= s) & (rows_i < tl.where(in_seq, L, 0))
+                        e_q = tl.exp(tl.where(later[:, None], b_i - b_s[None, :], float("-inf")))
+                        e_k = tl.exp(tl.where(earlier[:, None], b_s[None, :] - b_i, float("-inf")))
+                        dq += da_t[:, None] * k_s[None, :] * e_q
+                        dk += da_u[:, None] * q_s[None, :] * e_k
+            p = ((t0 + rows_i[:, None]) * H + i_h) * K + ck[None, :]
+            tl.store(dqi_ptr + p, dq, mask=mi)
+            tl.store(dki_ptr + p, dk, mask=mi)
+        if SCRATCH:
+            tl.debug_barrier()  # the next block rewrites the scratch slot
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -1067,7 +1064,7 @@ def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr, flag_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOTS_16BIT: tl.constexpr, DG_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
+    DOTS_16BIT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """dq, dk and dg of one chunk and K tile: inter-chunk terms as whole-chunk matmuls plus the
     intra-chunk parts, then the gate gradient.
@@ -1123,22 +1120,19 @@ def chunk_gla_grad_kernel(
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
         k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
         q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
-        if DOTS_16BIT:
-            da_q = da.to(dtype)
-            dq += tl.where(mk, tl.dot(da_q, k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
-            dk += tl.where(mk, tl.dot(tl.trans(da_q), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
+        if DOTS_16BIT == 2:
+            dq += tl.where(mk, tl.dot(da.to(dtype), k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
         else:
             dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
+        if DOTS_16BIT >= 1:
+            dk += tl.where(mk, tl.dot(tl.trans(da.to(dtype)), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
+        else:
             dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
     else:
         dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
         dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
     db = q * dq - k * dk
-    if DG_DOT:  # the reverse cumulative sum as a product with the upper triangle of ones
-        upper = (rows[None, :] >= rows[:, None]).to(tl.float32)
-        dg = tl.dot(upper, db, input_precision="tf32x3") + dbl[None, :]
-    else:
-        dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
+    dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
     tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
     tl.store(dg_ptr + p, dg.to(dg_ptr.dtype.element_ty), mask=mk)
