@@ -177,9 +177,8 @@ GLA_INTRA_VARIANTS = {
     "factored": dict(scores_unroll=4, scores_split=True, scores_bk=16, scores_stages=1,
                      grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30,
                      output_forms_a=False),
-    "dq-16bit": dict(max_spread=30, grad_dots_16bit=1),
     "dq-dk-16bit": dict(max_spread=30, grad_dots_16bit=2),
-    "dq-16bit-dk-split": dict(max_spread=30, grad_dots_16bit=3),
+    "da-split-16bit": dict(max_spread=30, grad_dots_16bit=4),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),

@@ -1059,17 +1059,6 @@ def chunk_gla_intra_grad_kernel(
             tl.debug_barrier()  # the next block rewrites the scratch slot
 
 
-@triton.jit
-def _dot_split_16bit(x, y, dtype: tl.constexpr):
-    """x @ y of fp32 tiles from 16-bit products: each split into a 16-bit head and the 16-bit
-    rounding of its rest, all but the product of the two rests (near fp32 precision)."""
-    x_hi = x.to(dtype)
-    y_hi = y.to(dtype)
-    x_lo = (x - x_hi.to(tl.float32)).to(dtype)
-    y_lo = (y - y_hi.to(tl.float32)).to(dtype)
-    return tl.dot(x_hi, y_hi) + tl.dot(x_hi, y_lo) + tl.dot(x_lo, y_hi)
-
-
 @triton.jit(do_not_specialize=["N"])
 def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr, flag_ptr,
@@ -1131,15 +1120,20 @@ def chunk_gla_grad_kernel(
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
         k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
         q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
-        if DOTS_16BIT >= 1:
-            dq += tl.where(mk, tl.dot(da.to(dtype), k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
+        if DOTS_16BIT == 2:
+            da_hi = da.to(dtype)
+            dq += tl.where(mk, tl.dot(da_hi, k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
+            dk += tl.where(mk, tl.dot(tl.trans(da_hi), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
+        elif DOTS_16BIT == 4:
+            da_hi = da.to(dtype)
+            da_lo = (da - da_hi.to(tl.float32)).to(dtype)
+            k16 = k_r.to(dtype)
+            q16 = q_l.to(dtype)
+            dq += tl.where(mk, (tl.dot(da_hi, k16) + tl.dot(da_lo, k16)) * tl.exp(b - r[None, :]), 0.0)
+            dk += tl.where(mk, (tl.dot(tl.trans(da_hi), q16) + tl.dot(tl.trans(da_lo), q16))
+                           * tl.exp(b_last[None, :] - b), 0.0)
         else:
             dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
-        if DOTS_16BIT == 2:
-            dk += tl.where(mk, tl.dot(tl.trans(da.to(dtype)), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
-        elif DOTS_16BIT == 3:
-            dk += tl.where(mk, _dot_split_16bit(tl.trans(da), q_l, dtype) * tl.exp(b_last[None, :] - b), 0.0)
-        else:
             dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
     else:
         dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
