@@ -176,9 +176,7 @@ GLA_INTRA_VARIANTS = {
                   max_spread=-1),
     "factored": dict(scores_unroll=4, scores_split=True, scores_bk=16, scores_stages=1,
                      grad_unroll=2, grad_scratch=True, grad_split=True, grad_bk=16, grad_stages=1, max_spread=30,
-                     output_forms_a=False),
-    "dq-dk-16bit": dict(max_spread=30, grad_dots_16bit=2),
-    "da-split-16bit": dict(max_spread=30, grad_dots_16bit=4),
+                     output_forms_a=False, grad_dots_16bit=False),
 }
 GLA_VARIANT_CASES = [
     ("gla", 1, 80, 1, 16, 32, [0, 30, 35, 80], True),

@@ -1077,6 +1077,7 @@ def chunk_gla_grad_kernel(
     (flag 1, `chunk_gla_dv_kernel`) from dA = scale do v^T, formed in the V loop, through the
     chunk's first row r and last row l: dq_intra = e^{b - r} (dA_lower (k e^{r - b})) and
     dk_intra = e^{l - b} (dA_lower^T (q e^{b - l})), every factor within e^{+-MAX_SPREAD}.
+    With DOTS_16BIT both products take q's 16-bit dtype as operands, else fp32 (tf32).
     """
     NK: tl.constexpr = (K + BK - 1) // BK
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -1120,18 +1121,10 @@ def chunk_gla_grad_kernel(
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
         k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
         q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
-        if DOTS_16BIT == 2:
-            da_hi = da.to(dtype)
-            dq += tl.where(mk, tl.dot(da_hi, k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
-            dk += tl.where(mk, tl.dot(tl.trans(da_hi), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
-        elif DOTS_16BIT == 4:
-            da_hi = da.to(dtype)
-            da_lo = (da - da_hi.to(tl.float32)).to(dtype)
-            k16 = k_r.to(dtype)
-            q16 = q_l.to(dtype)
-            dq += tl.where(mk, (tl.dot(da_hi, k16) + tl.dot(da_lo, k16)) * tl.exp(b - r[None, :]), 0.0)
-            dk += tl.where(mk, (tl.dot(tl.trans(da_hi), q16) + tl.dot(tl.trans(da_lo), q16))
-                           * tl.exp(b_last[None, :] - b), 0.0)
+        if DOTS_16BIT:
+            da16 = da.to(dtype)
+            dq += tl.where(mk, tl.dot(da16, k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
+            dk += tl.where(mk, tl.dot(tl.trans(da16), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
         else:
             dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
             dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
