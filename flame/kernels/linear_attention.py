@@ -333,8 +333,9 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
 
 def _dots_16bit(q):
     """Whether the whole-chunk intra-chunk products of the GLA gradient kernel take q's dtype as
-    operands (gla_intra_config grad_dots_16bit; never for fp32 inputs)."""
-    return bool(gla_intra_config()["grad_dots_16bit"]) and q.element_size() == 2
+    operands (gla_intra_config grad_dots_16bit). fp32 inputs take the same path with fp32
+    operands, so that the interpreter tests cover it."""
+    return bool(gla_intra_config()["grad_dots_16bit"])
 
 
 def _scalar_block(dim):

@@ -1077,7 +1077,8 @@ def chunk_gla_grad_kernel(
     (flag 1, `chunk_gla_dv_kernel`) from dA = scale do v^T, formed in the V loop, through the
     chunk's first row r and last row l: dq_intra = e^{b - r} (dA_lower (k e^{r - b})) and
     dk_intra = e^{l - b} (dA_lower^T (q e^{b - l})), every factor within e^{+-MAX_SPREAD}.
-    With DOTS_16BIT both products take q's 16-bit dtype as operands, else fp32 (tf32).
+    With DOTS_16BIT both products take q's dtype as operands (16-bit on GPUs), both through r,
+    and the intra-chunk part of b's gradient is formed from those operands; else fp32 (tf32).
     """
     NK: tl.constexpr = (K + BK - 1) // BK
     i_x, i_h = chunk_head_ids(HEADS_FAST, False)
@@ -1116,22 +1117,37 @@ def chunk_gla_grad_kernel(
     dq = tl.where(mk, dq * tl.exp(b) * scale, 0.0)
     dk = tl.where(mk, dk * tl.exp(b_last[None, :] - b), 0.0)
     dbl = tl.sum(k * dk, axis=0) + tl.exp(b_last) * hdh
+    db = q * dq - k * dk  # the gradient of b, inter-chunk terms; the intra-chunk ones follow
     if fast:
         r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
-        k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
-        q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
         if DOTS_16BIT:
+            # Both products take the same rounded operands, q e^{b - r} and k e^{r - b}, and db
+            # is formed from them: each pair (t, s) then adds the same rounded term to row t's
+            # q.dq as to row s's k.dk, so those terms still cancel over the chunk as they do
+            # exactly, and the reverse cumulative sum of db leaves no rounding of theirs behind.
+            q_r = tl.where(mk, q * tl.exp(b - r[None, :]), 0.0).to(dtype)
+            k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0).to(dtype)
             da16 = da.to(dtype)
-            dq += tl.where(mk, tl.dot(da16, k_r.to(dtype)) * tl.exp(b - r[None, :]), 0.0)
-            dk += tl.where(mk, tl.dot(tl.trans(da16), q_l.to(dtype)) * tl.exp(b_last[None, :] - b), 0.0)
+            dq_r = tl.dot(da16, k_r)
+            dk_r = tl.dot(tl.trans(da16), q_r)
+            db += q_r.to(tl.float32) * dq_r - k_r.to(tl.float32) * dk_r
+            dq += tl.where(mk, dq_r * tl.exp(b - r[None, :]), 0.0)
+            dk += tl.where(mk, dk_r * tl.exp(r[None, :] - b), 0.0)
         else:
-            dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
-            dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
+            k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
+            q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
+            dq_intra = tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
+            dk_intra = tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
+            db += q * dq_intra - k * dk_intra
+            dq += dq_intra
+            dk += dk_intra
     else:
-        dq += tl.load(dqi_ptr + p, mask=mk, other=0.0)
-        dk += tl.load(dki_ptr + p, mask=mk, other=0.0)
-    db = q * dq - k * dk
+        dq_intra = tl.load(dqi_ptr + p, mask=mk, other=0.0)
+        dk_intra = tl.load(dki_ptr + p, mask=mk, other=0.0)
+        db += q * dq_intra - k * dk_intra
+        dq += dq_intra
+        dk += dk_intra
     dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
     tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
