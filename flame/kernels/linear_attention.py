@@ -80,11 +80,11 @@ def gla_intra_config() -> dict:
     output_forms_a: the forward's output kernel forms A of the chunks of small spread (no
     separate scores pass over them); else chunk_gla_scores_chunk_kernel does.
     grad_dots_16bit: the gradient kernel's two whole-chunk products (dA with the decayed k, and
-    dA^T with the decayed q) take the inputs' 16-bit dtype as operands rather than fp32 (tf32
-    on tensor cores). H100, 8x4096: forward+backward 3.34 -> 3.17 ms; bf16 relative error norms
-    against float64 in the gpu tests: dq, dk 2.5e-3 -> 3.3e-3, dg 2.1e-3 -> 7.7e-3 (the bound
-    is 2e-2; the 16-row-block path gives 3.3e-3). dA split into two 16-bit parts (near fp32)
-    gave the same dg error at 3.31 ms: the rounding of the decayed k and q sets it.
+    dA^T with the decayed q) take the inputs' dtype as operands rather than fp32 (tf32 on
+    tensor cores), and the gate gradient's intra-chunk part is formed from those same rounded
+    operands. H100, 8x4096: forward+backward 3.41 -> 3.22 ms; bf16 relative error norms against
+    float64 in the gpu tests: dq, dk 2.5e-3 -> 3.3e-3, dg 2.1e-3 -> 3.1e-3 (the 16-row-block
+    path: 3.3e-3; with dg from q, k and the finished dq, dk instead, 7.7e-3).
     Benchmarks replace this function to time alternatives in one process.
 
     The defaults were the fastest of 13 sets timed on an H100 (bf16, 8x4096, H=16, K=V=128;
