@@ -664,6 +664,29 @@ def test_simple_gla_small_heads_gpu_fp32(K, V, monkeypatch):
     assert max(errors.values()) < 5e-3, errors
 
 
+def test_gla_fp16_keeps_fp32_whole_chunk_products():
+    """The gradient kernel's whole-chunk products scale k by up to e^{max_spread}: past fp16's
+    range, so fp16 inputs keep fp32 operands there (bf16 and fp32 take the inputs' dtype)."""
+    from flame.kernels import linear_attention
+
+    assert not linear_attention._dots_16bit(torch.zeros(1, dtype=torch.float16))
+    assert linear_attention._dots_16bit(torch.zeros(1, dtype=torch.bfloat16))
+    assert linear_attention._dots_16bit(torch.zeros(1, dtype=torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gla_strong_decay_gpu(dtype, monkeypatch):
+    """Gates that spread over ~10-40 nats per chunk: chunks on both paths, the whole-chunk one
+    with decayed keys up to e^{30} |k|; finite, and within the bf16 tolerances, in fp16 too."""
+    monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    name = f"gla-{'fp16' if dtype == torch.float16 else 'bf16'}-strong-decay"
+    errors = compare(name, chunk_gla, False, 1, 700, 2, 64, 64, [0, 300, 700], True, dtype, "cuda",
+                     decay_scale=2.5)
+    _record(name, errors)
+    assert_bf16_tolerances(errors)
+
+
 @pytest.mark.gpu
 def test_torch_compile_fullgraph_gpu(monkeypatch):
     monkeypatch.delenv("FLAME_BACKEND", raising=False)

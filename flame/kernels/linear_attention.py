@@ -334,8 +334,9 @@ def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_stat
 def _dots_16bit(q):
     """Whether the whole-chunk intra-chunk products of the GLA gradient kernel take q's dtype as
     operands (gla_intra_config grad_dots_16bit). fp32 inputs take the same path with fp32
-    operands, so that the interpreter tests cover it."""
-    return bool(gla_intra_config()["grad_dots_16bit"])
+    operands, so that the interpreter tests cover it; fp16 never does, as its decayed keys
+    (up to e^{max_spread} times k) would overflow its range."""
+    return bool(gla_intra_config()["grad_dots_16bit"]) and q.dtype != torch.float16
 
 
 def _scalar_block(dim):
