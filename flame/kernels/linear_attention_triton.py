@@ -1117,15 +1117,17 @@ def chunk_gla_grad_kernel(
     dq = tl.where(mk, dq * tl.exp(b) * scale, 0.0)
     dk = tl.where(mk, dk * tl.exp(b_last[None, :] - b), 0.0)
     dbl = tl.sum(k * dk, axis=0) + tl.exp(b_last) * hdh
-    db = q * dq - k * dk  # the gradient of b, inter-chunk terms; the intra-chunk ones follow
+    if DOTS_16BIT:
+        db = q * dq - k * dk  # the gradient of b: the inter-chunk terms first
     if fast:
         r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
         if DOTS_16BIT:
-            # Both products take the same rounded operands, q e^{b - r} and k e^{r - b}, and db
-            # is formed from them: each pair (t, s) then adds the same rounded term to row t's
-            # q.dq as to row s's k.dk, so those terms still cancel over the chunk as they do
-            # exactly, and the reverse cumulative sum of db leaves no rounding of theirs behind.
+            # Both products take the same rounded operands, q e^{b - r} and k e^{r - b}, and the
+            # intra-chunk part of db is formed from them: each pair (t, s) then adds the same
+            # rounded term to row t's q.dq as to row s's k.dk, so those terms cancel over the
+            # chunk as the exact ones do, and the reverse cumulative sum of db leaves no rounding
+            # of theirs behind.
             q_r = tl.where(mk, q * tl.exp(b - r[None, :]), 0.0).to(dtype)
             k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0).to(dtype)
             da16 = da.to(dtype)
@@ -1136,18 +1138,18 @@ def chunk_gla_grad_kernel(
             dk += tl.where(mk, dk_r * tl.exp(r[None, :] - b), 0.0)
         else:
             k_r = tl.where(mk, k * tl.exp(r[None, :] - b), 0.0)
+            dq += tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
             q_l = tl.where(mk, q * tl.exp(b - b_last[None, :]), 0.0)
-            dq_intra = tl.where(mk, tl.dot(da, k_r) * tl.exp(b - r[None, :]), 0.0)
-            dk_intra = tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
-            db += q * dq_intra - k * dk_intra
-            dq += dq_intra
-            dk += dk_intra
+            dk += tl.where(mk, tl.dot(tl.trans(da), q_l) * tl.exp(b_last[None, :] - b), 0.0)
     else:
         dq_intra = tl.load(dqi_ptr + p, mask=mk, other=0.0)
         dk_intra = tl.load(dki_ptr + p, mask=mk, other=0.0)
-        db += q * dq_intra - k * dk_intra
+        if DOTS_16BIT:
+            db += q * dq_intra - k * dk_intra
         dq += dq_intra
         dk += dk_intra
+    if not DOTS_16BIT:
+        db = q * dq - k * dk
     dg = tl.sum(db, axis=0)[None, :] - tl.cumsum(db, axis=0) + db + dbl[None, :]
     tl.store(dq_ptr + p, dq.to(dtype), mask=mk)
     tl.store(dk_ptr + p, dk.to(dtype), mask=mk)
