@@ -241,8 +241,8 @@ def use_scalar_backward(monkeypatch, block_v, warps=4, stages=2):
     """The fused scalar-gate backward with V tiles of block_v; returns the list of its launches."""
     from flame.kernels import linear_attention
 
-    config = {**linear_attention.scalar_backward_config(), "block_v": block_v, "warps": warps, "stages": stages}
-    monkeypatch.setattr(linear_attention, "scalar_backward_config", lambda: dict(config))
+    monkeypatch.setattr(linear_attention, "scalar_backward_config",
+                        lambda: dict(block_v=block_v, warps=warps, stages=stages, maxnreg=None))
     launched = []
     kernel = linear_attention.kern.chunk_backward_scalar_kernel
 

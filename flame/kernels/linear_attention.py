@@ -96,7 +96,7 @@ def gla_intra_config() -> dict:
                 grad_unroll=2, grad_scratch=True, grad_split=True, grad_stages=None, grad_bk=None,
                 max_spread=30, chunk_scores_warps=CHUNK_WARPS, chunk_grad_warps=8,
                 chunk_grad_stages=CHUNK_STAGES, output_warps=CHUNK_WARPS, output_forms_a=True,
-                grad_dots_16bit=True, grad_hdh_dot=False)
+                grad_dots_16bit=True)
 
 
 def grouped_backward_config() -> dict:
@@ -132,7 +132,7 @@ def scalar_backward_config() -> dict:
     rather than read again after it: 0.874 against 0.887 (8x4096), 0.295 against 0.313 (V =
     256) (simple_gla_backward_tiles_21a4537_h100.json).
     """
-    return dict(block_v=64, warps=8, stages=3, maxnreg=None, hdh_dot=False)
+    return dict(block_v=64, warps=8, stages=3, maxnreg=None)
 
 
 def _stages(num_stages):
@@ -414,8 +414,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
         kern.chunk_backward_scalar_kernel[chunk_grid(chunks.slots, H)](
             q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
-            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HDH_DOT=bool(cfg["hdh_dot"]),
-            HEADS_FAST=heads_fast(chunks.slots),
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HEADS_FAST=heads_fast(chunks.slots),
             num_warps=cfg["warps"], num_stages=cfg["stages"],
             **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
         )
@@ -470,7 +469,7 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
         q, k, v, b, do, h, dh, dq_intra, dk_intra, dq, dk, dg, flags,
         chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
         H=H, K=K, V=V, BK=bk, BV=_gla_block(V), DOTS_16BIT=_dots_16bit(q),
-        HDH_DOT=bool(cfg["grad_hdh_dot"]), HEADS_FAST=heads_fast(programs), num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
+        HEADS_FAST=heads_fast(programs), num_warps=cfg["chunk_grad_warps"], num_stages=cfg["chunk_grad_stages"],
     )
     return dq, dk, dv, dg, dh0
 

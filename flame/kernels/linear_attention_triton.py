@@ -486,7 +486,7 @@ def chunk_backward_scalar_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HDH_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
+    HEADS_FAST: tl.constexpr,
 ):
     """Scalar gate, K <= BK: dq, dk, dv and dg of one whole chunk in one program, walking V in
     BV-column tiles.
@@ -532,11 +532,7 @@ def chunk_backward_scalar_kernel(
         w = tl.dot(do, tl.trans(v), w)
         dk_state = tl.dot(v, tl.trans(dh), dk_state)
         dq_state = tl.dot(do, tl.trans(h), dq_state)
-        if HDH_DOT:  # the diagonal of a product, which takes h and dh as the other products do
-            hd = tl.dot(tl.trans(h), dh)
-            h_dh += tl.sum(tl.sum(tl.where(cv[:, None] == cv[None, :], hd, 0.0), axis=1), axis=0)
-        else:
-            h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
+        h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
     # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
     w = (w * _decay_matrix(b, rows, L, False) * scale).to(dtype)
     dk = dk_state * decay_out[:, None]
@@ -1068,7 +1064,7 @@ def chunk_gla_grad_kernel(
     q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dqi_ptr, dki_ptr, dq_ptr, dk_ptr, dg_ptr, flag_ptr,
     cu_ptr, chunk_idx_ptr, N, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DOTS_16BIT: tl.constexpr, HDH_DOT: tl.constexpr, HEADS_FAST: tl.constexpr,
+    DOTS_16BIT: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
     """dq, dk and dg of one chunk and K tile: inter-chunk terms as whole-chunk matmuls plus the
     intra-chunk parts, then the gate gradient.
@@ -1110,11 +1106,7 @@ def chunk_gla_grad_kernel(
         dh = tl.load(dh_ptr + ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :], mask=mkv, other=0.0)
         dq += tl.dot(do, tl.trans(h.to(dtype)))
         dk += tl.dot(v, tl.trans(dh.to(dtype)))
-        if HDH_DOT:  # the diagonal of a product, which takes h and dh as the other products do
-            hd = tl.dot(h.to(dtype), tl.trans(dh.to(dtype)))
-            hdh += tl.sum(tl.where(ck[:, None] == ck[None, :], hd, 0.0), axis=1)
-        else:
-            hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
+        hdh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
         if fast:
             da += tl.dot(do, tl.trans(v))
     p = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
