@@ -1117,8 +1117,11 @@ def chunk_gla_grad_kernel(
     dq = tl.where(mk, dq * tl.exp(b) * scale, 0.0)
     dk = tl.where(mk, dk * tl.exp(b_last[None, :] - b), 0.0)
     dbl = tl.sum(k * dk, axis=0) + tl.exp(b_last) * hdh
+    # db, the gradient of b: on the 16-bit path its inter-chunk terms first and the intra-chunk
+    # ones from the rounded operands below; on the fp32 path from the finished dq, dk after the
+    # branch, which keeps that path at 255 registers without spills (formed first, it spilled).
     if DOTS_16BIT:
-        db = q * dq - k * dk  # the gradient of b: the inter-chunk terms first
+        db = q * dq - k * dk
     if fast:
         r = tl.load(b_ptr + (t0 * H + i_h) * K + ck, mask=ck < K, other=0.0)
         da = tl.where(rows[None, :] <= rows[:, None], da * scale, 0.0)  # dA[t, s], s <= t
