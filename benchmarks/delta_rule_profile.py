@@ -23,7 +23,8 @@ of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes 
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
-passes), u=fp32|bf16 (the dtype of u = A beta v),
+passes), transition=BCxWARPS and transition_grad=BCxWARPS (the launches of the forward's and the
+backward's transition passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
@@ -127,6 +128,7 @@ def variant(spec: str):
     saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
+    saved_transition = segments.transition_config, segments.transition_grad_config
     saved_join = segments.BACKWARD_JOIN
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
@@ -166,6 +168,9 @@ def variant(spec: str):
                 fwd_mod.u_dtype = lambda dtype, d={"fp32": torch.float32, "bf16": torch.bfloat16}[value]: d
             elif key == "segment_block":
                 segments.segment_column_block = lambda *a, n=int(value): n
+            elif key in ("transition", "transition_grad"):
+                bc, warps = (int(x) for x in value.split("x"))
+                setattr(segments, key + "_config", lambda *a, bc=bc, warps=warps: (bc, warps))
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
@@ -181,6 +186,7 @@ def variant(spec: str):
         segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS = saved_tokens
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
+        segments.transition_config, segments.transition_grad_config = saved_transition
         segments.BACKWARD_JOIN = saved_join
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
