@@ -23,7 +23,7 @@ of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes 
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
-passes), transition=BCxWARPS and transition_grad=BCxWARPS (the launches of the forward's and the
+passes), transition=BCxWARPSxSTAGES and transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the
 backward's transition passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
@@ -169,8 +169,8 @@ def variant(spec: str):
             elif key == "segment_block":
                 segments.segment_column_block = lambda *a, n=int(value): n
             elif key in ("transition", "transition_grad"):
-                bc, warps = (int(x) for x in value.split("x"))
-                setattr(segments, key + "_config", lambda *a, bc=bc, warps=warps: (bc, warps))
+                bc, warps, stages = (int(x) for x in value.split("x"))
+                setattr(segments, key + "_config", lambda *a, c=(bc, warps, stages): c)
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":

@@ -202,14 +202,14 @@ def segment_column_block(element_size: int) -> int:
     return 32 if element_size > 2 else 64
 
 
-def transition_config(element_size: int) -> tuple[int, int]:
-    """(columns per program, warps) of the forward's transition pass."""
-    return segment_column_block(element_size), 4
+def transition_config(element_size: int) -> tuple[int, int, int]:
+    """(columns per program, warps, pipeline stages) of the forward's transition pass."""
+    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2
 
 
-def transition_grad_config(element_size: int) -> tuple[int, int]:
-    """(value columns per program, warps) of the backward's transition pass."""
-    return segment_column_block(element_size), 4
+def transition_grad_config(element_size: int) -> tuple[int, int, int]:
+    """(value columns per program, warps, pipeline stages) of the backward's transition pass."""
+    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2
 
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
@@ -379,11 +379,11 @@ def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments
     HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
     m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
-    BC, warps = transition_config(k.element_size())
+    BC, warps, stages = transition_config(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
-        num_warps=warps, num_stages=1 if k.element_size() > 2 else 2,
+        num_warps=warps, num_stages=stages,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
 
@@ -394,10 +394,10 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    BC, warps = transition_grad_config(q.element_size())
+    BC, warps, stages = transition_grad_config(q.element_size())
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
-                   num_warps=warps, num_stages=1 if q.element_size() > 2 else 2)
+                   num_warps=warps, num_stages=stages)
     _segment_transition_grad_kernel[(cdiv(V, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
     return _combine(f, m, dht, seg, reverse=True)
 
