@@ -24,8 +24,7 @@ FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward
 backward, equal-length sequences), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
 passes), transition=BCxWARPSxSTAGES and transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the
-backward's transition passes), combine_prefetch=0|1 and combine_stages=N (the segments' combine:
-the next step's loads ahead of each product, pipeline stages), u=fp32|bf16 (the dtype of u = A beta v),
+backward's transition passes), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
@@ -130,7 +129,6 @@ def variant(spec: str):
     saved_programs = fwd_mod.STATES_PASS_PROGRAMS_PER_SM
     saved_segment_block = segments.segment_column_block
     saved_transition = segments.transition_config, segments.transition_grad_config
-    saved_combine = segments.COMBINE_PREFETCH, segments.COMBINE_STAGES
     saved_join = segments.BACKWARD_JOIN
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
@@ -173,10 +171,6 @@ def variant(spec: str):
             elif key in ("transition", "transition_grad"):
                 bc, warps, stages = (int(x) for x in value.split("x"))
                 setattr(segments, key + "_config", lambda *a, c=(bc, warps, stages): c)
-            elif key == "combine_prefetch":
-                segments.COMBINE_PREFETCH = bool(int(value))
-            elif key == "combine_stages":
-                segments.COMBINE_STAGES = int(value)
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
@@ -193,7 +187,6 @@ def variant(spec: str):
         fwd_mod.STATES_PASS_PROGRAMS_PER_SM = saved_programs
         segments.segment_column_block = saved_segment_block
         segments.transition_config, segments.transition_grad_config = saved_transition
-        segments.COMBINE_PREFETCH, segments.COMBINE_STAGES = saved_combine
         segments.BACKWARD_JOIN = saved_join
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:

@@ -214,8 +214,6 @@ def transition_grad_config(element_size: int) -> tuple[int, int, int]:
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
 COMBINE_WARPS = 8  # its fp32 [K, K] transition: 64 registers per thread at K = 128
-COMBINE_PREFETCH = False
-COMBINE_STAGES = 1
 # One stage: a pipelined loop would hold several fp32 [K, K] transitions in shared memory
 # (256 KB at K = 128 with the default stages, past the H100's 227 KB).
 
@@ -317,37 +315,16 @@ def _segment_transition_grad_kernel(
              mask=(ck[:, None] < K) & (cc[None, :] < V))
 
 
-@triton.jit
-def _combine_slot(first, count, t, REVERSE: tl.constexpr):
-    """The segment slot of step t of a combine (the last segment first with REVERSE)."""
-    if REVERSE:
-        return first + count - 1 - t
-    else:
-        return first + t
-
-
-@triton.jit
-def _combine_tiles(e, m, first, count, t, hv, ck, cv, smask, mmask,
-                   HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):
-    """Step t's transition M [K, K] and E (or F) [K, len(cv)]; zeros past the last step."""
-    seg = (_combine_slot(first, count, t, REVERSE).to(tl.int64) * HV + hv) * K
-    live = (ck[:, None] * 0 + t) < count - 1
-    M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & live, other=0.0)
-    E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask & live, other=0.0)
-    return M, E
-
-
 @triton.jit(do_not_specialize=["N"])
 def _segment_combine_kernel(
     e, m, h_in, h_seg, offsets, N,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_IN: tl.constexpr, REVERSE: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_IN: tl.constexpr, REVERSE: tl.constexpr,
 ):
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
     # the final state's gradient, or zero) and each earlier one as M^T dS + F of the segment
-    # after (e holds F then). PREFETCH: each step loads the next step's M and E before its
-    # product, so that their loads are not on the chain.
+    # after (e holds F then).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -362,30 +339,23 @@ def _segment_combine_kernel(
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     mmask = (ck[:, None] < K) & (ck[None, :] < K)
-    if PREFETCH:
-        M, E = _combine_tiles(e, m, first, count, 0, hv, ck, cv, smask, mmask, HV, K, V, REVERSE)
-        for t in range(0, count - 1):
-            s = _combine_slot(first, count, t, REVERSE)
-            tl.store(h_seg + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * V + cv[None, :], S, mask=smask)
-            M_next, E_next = _combine_tiles(e, m, first, count, t + 1, hv, ck, cv, smask, mmask, HV, K, V, REVERSE)
-            if REVERSE:
-                S = tl.dot(tl.trans(M), S) + E
-            else:
-                S = tl.dot(M, S) + E
-            M = M_next
-            E = E_next
+    for t in range(0, count - 1):
+        if REVERSE:
+            s = first + count - 1 - t
+        else:
+            s = first + t
+        seg = (s.to(tl.int64) * HV + hv) * K
+        tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
+        if REVERSE:
+            M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
+        else:
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
+        E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
+        S = tl.dot(M, S) + E
+    if REVERSE:
+        s = first
     else:
-        for t in range(0, count - 1):
-            s = _combine_slot(first, count, t, REVERSE)
-            seg = (s.to(tl.int64) * HV + hv) * K
-            tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
-            if REVERSE:
-                M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
-            else:
-                M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
-            E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
-            S = tl.dot(M, S) + E
-    s = _combine_slot(first, count, count - 1, REVERSE)
+        s = first + count - 1
     tl.store(h_seg + ((s.to(tl.int64) * HV + hv) * K + ck[:, None]) * V + cv[None, :], S,
              mask=smask & (ck[:, None] * 0 + count > 0))
 
@@ -396,8 +366,7 @@ def _combine(e, m, h_in, seg: Segments, reverse):
     BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
     _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
         e, m, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2(K), BV=BV,
-        USE_IN=h_in is not None, REVERSE=reverse, PREFETCH=COMBINE_PREFETCH, num_warps=COMBINE_WARPS,
-        num_stages=COMBINE_STAGES,
+        USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS, num_stages=1,
     )
     return h_seg
 
