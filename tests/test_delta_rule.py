@@ -392,27 +392,47 @@ def test_chunk_grid_orders(order, monkeypatch):
     assert uses.count("output") == 2 and uses.count("dv_local") == 2, uses
 
 
+def nan_filled_empty(monkeypatch):
+    """torch.empty gives NaN-filled floating-point tensors while the test runs, so that a kernel
+    reading what nothing wrote shows in its results."""
+    empty = torch.empty
+
+    def filled(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", filled)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "equal-length"])
-def test_segments_without_states(packed, monkeypatch):
+def test_segments_without_states(packed, gated, monkeypatch):
     """No initial state and no final state: the combine starts from zero in both directions
-    (equal-length sequences also take the backward over runs of segments)."""
+    (equal-length sequences also take the backward over runs of segments, gated heads), and a
+    sequence's first segment forms no transition M (delta_rule_segments.SKIP_FIRST_M), which
+    nothing then reads: buffers from torch.empty are NaN-filled here."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     # V = 32: the identity columns get column blocks of their own (32 wide in fp32)
     q, k, v, g, beta, _ = make_inputs(1 if packed else 2, 260 if packed else 300, 1, 2, 16, 32, 2,
                                       dtype=torch.float32)
     cu = torch.tensor([0, 200, 260], dtype=torch.int32) if packed else None
+    nan_filled_empty(monkeypatch)
     grads = {}
     for segments in (64, None):
         uses = force_segments(monkeypatch, segments)
         leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-        o, ht = chunk_gated_delta_rule(*leaves, cu_seqlens=cu)
+        if gated:
+            o, ht = chunk_gated_delta_rule(*leaves, cu_seqlens=cu)
+        else:
+            o, ht = chunk_delta_rule(leaves[0], leaves[1], leaves[2], leaves[4], cu_seqlens=cu)
         assert ht is None
         (o * o).sum().backward()
-        grads[segments] = [o] + [x.grad for x in leaves]
+        grads[segments] = [o] + [x.grad for x in leaves if x.grad is not None]
         assert uses == (["entry", "end"] if segments else []), uses
-    ref = recurrent_ref(q.double(), k.double(), v.double(), g=g.double(), beta=beta.double(), delta=True,
-                        cu_seqlens=cu)[0]
+    ref = recurrent_ref(q.double(), k.double(), v.double(), g=g.double() if gated else None, beta=beta.double(),
+                        delta=True, cu_seqlens=cu)[0]
     assert rel(grads[64][0], ref) < 1e-5
+    assert len(grads[64]) == len(grads[None]) == (6 if gated else 5)
     for a, b in zip(grads[64], grads[None]):
         assert rel(a, b) < 1e-6
 
@@ -758,11 +778,25 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("one_stage", [False, True], ids=["", "one-stage"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_segments_without_states_bf16_gpu(gated, monkeypatch):
+def test_segments_without_states_bf16_gpu(gated, one_stage, monkeypatch):
     """Training over the default segments without initial or final states (as the trainer
-    runs), one sequence of three segments and a backward over runs of two. bf16 against float64:
-    outputs within 5e-3, every gradient within 2e-2."""
+    runs), one sequence of three segments (no M formed for the first), the gated backward over
+    runs of two. one_stage: the backward's transition pass at one pipeline stage, as where its
+    programs outnumber the SMs. bf16 against float64: outputs within 5e-3, every gradient
+    within 2e-2."""
+    from flame.kernels import delta_rule_segments
+
+    stages = []
+    config = delta_rule_segments.transition_grad_config
+
+    def recording(element_size, V, segment_heads, sms):
+        launch = config(element_size, V, segment_heads, 1 if one_stage else sms)
+        stages.append(launch[2])
+        return launch
+
+    monkeypatch.setattr(delta_rule_segments, "transition_grad_config", recording)
     uses = force_segments(monkeypatch, None)
     monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     inputs = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")[:5]
@@ -779,7 +813,8 @@ def test_segments_without_states_bf16_gpu(gated, monkeypatch):
     errors = {"o": rel(o, o_ref)}
     names = ("q", "k", "v", "g", "beta") if gated else ("q", "k", "v", "beta")
     errors.update({"d" + n: rel(x, ref) for n, x, ref in zip(names, grads, grads_ref)})
-    print("segments without states", "gated" if gated else "plain", {n: f"{e:.2e}" for n, e in errors.items()})
+    print("segments without states", "gated" if gated else "plain", stages, {n: f"{e:.2e}" for n, e in errors.items()})
+    assert stages == [1 if one_stage else 2], stages
     assert errors["o"] < 5e-3, errors
     assert all(e < 2e-2 for n, e in errors.items() if n.startswith("d")), errors
 

@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from flame.kernels.delta_rule_chunk import _chunk_gates, _pow2, state_grad_dv, state_grad_update
-from flame.kernels.delta_rule_segments import first_segment_grads, joined_segments, plan_segments, segment_end_grads
+from flame.kernels.delta_rule_segments import (backward_join, first_segment_grads, joined_segments, plan_segments,
+                                               segment_end_grads)
 from flame.kernels.utils import (cdiv, chunk_grid, chunk_head_ids, chunk_span, compile_variants, heads_fast,
                                 max_num_chunks, num_sms, prepare_chunk_indices, sum_head_groups)
 
@@ -349,7 +350,7 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
     fast = heads_fast(chunks)
     seg = plan_segments(q, cu_seqlens, HV, V, long_docs)
     if seg is not None:  # over longer segments than the forward's, for equal-length sequences
-        seg, transitions = joined_segments(seg, transitions, q)
+        seg, transitions = joined_segments(seg, transitions, q, backward_join(g is not None))
     programs = seg.slots if seg is not None else N  # of the reverse pass: per segment or per sequence
     BV = state_block(q, programs, HV, V)
     local_dv = split_dv_local(g is not None, cdiv(V, BV) * programs * HV, num_sms(q.device),

@@ -41,8 +41,11 @@ PACKED_SEGMENT_TOKENS = 2048  # of a packed batch's documents (`use_segments`)
 # A packed batch's passes run over segments when its longest document is longer than this.
 LONG_DOCUMENT_TOKENS = 4 * PACKED_SEGMENT_TOKENS
 # The backward of equal-length sequences joins this many of the forward's segments into one
-# (`joined_segments`).
+# (`joined_segments`), for gated and for plain heads (`backward_join`).
 BACKWARD_JOIN = 2
+PLAIN_BACKWARD_JOIN = 1
+# Without an initial state, a sequence's first segment forms no M (`_segment_transition_kernel`).
+SKIP_FIRST_M = True
 
 
 @dataclass
@@ -159,9 +162,21 @@ def _plan(cu, total, N, tokens, packed, slots=None) -> Segments:
                     nonempty if packed else None, chunk_offsets)
 
 
-def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int | None = None):
+def backward_join(gated: bool) -> int:
+    """Forward segments per segment of the backward's serial passes (equal-length sequences).
+
+    H100, 1x32768, H = 16, K = V = 128, forward+backward ms, join 2 / 1 (the backward's
+    transition pass at one pipeline stage, two programs per SM, where its programs outnumber
+    the SMs: `transition_grad_config`) (results/delta_rule_join_stages_h100.json): plain
+    2.903-2.916 / 2.857-2.887 (its reverse pass 0.404 either way, the transition pass 0.300 ->
+    0.262, the reverse combine over twice the steps +0.03); gated 3.726-3.730 / 3.744-3.758 (its
+    reverse pass 0.51 -> 0.62)."""
+    return BACKWARD_JOIN if gated else PLAIN_BACKWARD_JOIN
+
+
+def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int):
     """The segments of the backward's serial passes and their transitions: for equal-length
-    sequences, runs of `join` (BACKWARD_JOIN) consecutive segments of the forward as one, with
+    sequences, runs of `join` (`backward_join`) consecutive segments of the forward as one, with
     M the product of the parts' transitions (the later on the left); (None, None) where each
     sequence is then one segment (the reverse pass runs over whole sequences). Packed batches
     keep the forward's segments.
@@ -173,7 +188,6 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int |
     H = 16, K = V = 128, forward+backward ms with the backward over runs of 1 / 2 / 4 segments
     of 4096 (results/delta_rule_backward_join_4bf7994_h100.json): plain 2.958 / 2.933 / 3.420,
     gated 3.940 / 3.844 / 4.717; 8x4096 (one segment per sequence) unchanged."""
-    join = BACKWARD_JOIN if join is None else join
     if seg.packed or join <= 1:
         return seg, m
     B, T = q.shape[:2]
@@ -188,6 +202,8 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int |
         eye = torch.eye(K, dtype=m.dtype, device=m.device).expand(N, joined * join - per_seq, HV, K, K)
         parts = torch.cat([parts, eye], dim=1)
     parts = parts.view(N, joined, join, HV, K, K)
+    # (A first segment's M may be unwritten (SKIP_FIRST_M): the first run's product is then not
+    # finite, and the reverse combine never reads it.)
     m_big = m.new_empty(big.slots, HV, K, K)
     product = parts[:, :, 0]
     for p in range(1, join):  # the last product straight into m_big (no copy kernel)
@@ -207,9 +223,15 @@ def transition_config(element_size: int) -> tuple[int, int, int]:
     return segment_column_block(element_size), 4, 1 if element_size > 2 else 2
 
 
-def transition_grad_config(element_size: int) -> tuple[int, int, int]:
-    """(value columns per program, warps, pipeline stages) of the backward's transition pass."""
-    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2
+def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: int) -> tuple[int, int, int]:
+    """(value columns per program, warps, pipeline stages) of the backward's transition pass over
+    segment_heads (segment slot, value head) pairs. Where its programs outnumber the SMs, one
+    stage: its shared memory then lets two programs share an SM (16-bit heads of K = 128: 82 KB
+    against 131 KB at two stages). H100, 1x32768, H = 16, K = V = 128, segments of 4096, ms of
+    the pass at two / one stage: 224 programs (the backward over the forward's segments) plain
+    0.301 / 0.262, gated 0.420 / 0.345; 96 programs (runs of two) plain 0.300 / 0.489."""
+    BC = segment_column_block(element_size)
+    return BC, 4, 1 if element_size > 2 or cdiv(V, BC) * segment_heads > sms else 2
 
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
@@ -232,10 +254,13 @@ def _segment_transition_kernel(
     k, w, u, a, v, beta, gcum, e, m, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, FROM_V: tl.constexpr,
+    FIRST_M: tl.constexpr,
 ):
     # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
     # identity, whose values are zero (u, or v, is read for c < V only). FROM_V: v' from A, v
     # and beta as in the main serial pass (delta_rule.values_in_pass), not from w and u.
+    # FIRST_M: a sequence's first segment forms M too (only the forward's combine takes it, to
+    # carry an initial state; the backward's stops at the second segment).
     ic = tl.program_id(0)
     s = tl.program_id(1)
     hv = tl.program_id(2)
@@ -243,8 +268,11 @@ def _segment_transition_kernel(
     i, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
     # E is needed for every segment but a sequence's last, M (the forward's combine, and the
     # backward's, which runs the other way) for every segment of a sequence of more than one:
-    # spare slots, one-segment sequences and the value columns of a last segment return at once.
+    # spare slots, one-segment sequences and the value columns of a last segment return at once,
+    # as do the identity columns of a first segment without FIRST_M.
     if (end <= start) | ((end >= eos) & ((i == 0) | ((ic + 1) * BC <= V))):
+        return
+    if (not FIRST_M) & (i == 0) & (ic * BC >= V):
         return
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
@@ -324,7 +352,8 @@ def _segment_combine_kernel(
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
     # the final state's gradient, or zero) and each earlier one as M^T dS + F of the segment
-    # after (e holds F then).
+    # after (e holds F then). Without h_in the forward's first step takes E alone: the first
+    # segment's M is then not formed (`_segment_transition_kernel`'s FIRST_M).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -349,7 +378,7 @@ def _segment_combine_kernel(
         if REVERSE:
             M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
         else:
-            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & (USE_IN | (t > 0)), other=0.0)
         E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
         S = tl.dot(M, S) + E
     if REVERSE:
@@ -383,6 +412,7 @@ def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
+        FIRST_M=initial_state is not None or not SKIP_FIRST_M,
         num_warps=warps, num_stages=stages,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
@@ -394,7 +424,7 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    BC, warps, stages = transition_grad_config(q.element_size())
+    BC, warps, stages = transition_grad_config(q.element_size(), V, seg.slots * HV, num_sms(q.device))
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=warps, num_stages=stages)
