@@ -525,6 +525,26 @@ def test_inference_forward(case, gated, segments, monkeypatch):
         assert rel(got, want) < 1e-5 and rel(got, other) < 1e-5
 
 
+@pytest.mark.parametrize("cu", [None, [0, 200, 260], [0, 64, 64, 300], [0, 300]], ids=["equal", "packed", "empty", "one"])
+def test_later_segments(cu, monkeypatch):
+    """Segments.later, which picks the backward transition pass's stages: the segments after each
+    sequence's first, exact for equal-length sequences (two rows of 300 tokens, segments of 64:
+    5 each), a bound for packed ones."""
+    from flame.kernels.delta_rule_segments import plan_segments
+
+    force_segments(monkeypatch, 64)
+    B, T = (2, 300) if cu is None else (1, cu[-1])
+    q = torch.zeros(B, T, 1, 16)
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    seg = plan_segments(q, cu, 1, 16)
+    counts = (seg.offsets[1:] - seg.offsets[:-1]).tolist()
+    later = sum(max(c - 1, 0) for c in counts)
+    if cu is None:
+        assert counts == [5, 5] and seg.later == later == 8
+    else:
+        assert later <= seg.later <= later + 1, (counts, seg.later)
+
+
 def test_segment_rule():
     """Segments by default for equal-length sequences longer than one whose whole-sequence
     passes would leave SMs idle, and for packed rows with a long document; never for batches no

@@ -66,6 +66,9 @@ class Segments:
     # [slots + 1] each segment's first chunk slot: the sequences' own chunk slots, since segments
     # are whole chunks (the slots of the stored per-chunk states do not change)
     chunk_offsets: torch.Tensor
+    # segments after a sequence's first (those the backward's transition pass walks): exact for
+    # equal-length sequences, for packed ones a bound from the token count
+    later: int
 
 
 SEGMENT_MODES = ("auto", "on", "off")
@@ -158,8 +161,9 @@ def _plan(cu, total, N, tokens, packed, slots=None) -> Segments:
     slots = slots or max_num_chunks(total, N, tokens)
     indices, offsets, bounds, first, last, nonempty = prepare_segments(cu, tokens, slots)
     _, chunk_offsets = prepare_chunk_indices(bounds, CHUNK, max_num_chunks(total, slots, CHUNK))
+    later = total // tokens if packed else N * (cdiv(total // N, tokens) - 1)
     return Segments(tokens, packed, N, slots, cu, indices, offsets, bounds, first, last,
-                    nonempty if packed else None, chunk_offsets)
+                    nonempty if packed else None, chunk_offsets, later)
 
 
 def backward_join(gated: bool) -> int:
@@ -225,8 +229,8 @@ def transition_config(element_size: int) -> tuple[int, int, int]:
 
 def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: int) -> tuple[int, int, int]:
     """(value columns per program, warps, pipeline stages) of the backward's transition pass over
-    segment_heads (segment slot, value head) pairs. Where its programs outnumber the SMs, one
-    stage: its shared memory then lets two programs share an SM (16-bit heads of K = 128: 82 KB
+    segment_heads (segment after a sequence's first, value head) pairs. Where its working
+    programs outnumber the SMs, one stage: its shared memory then lets two programs share an SM (16-bit heads of K = 128: 82 KB
     against 131 KB at two stages). H100, 1x32768, H = 16, K = V = 128, segments of 4096, ms of
     the pass at two / one stage: 224 programs (the backward over the forward's segments) plain
     0.301 / 0.262, gated 0.420 / 0.345; 96 programs (runs of two) plain 0.300 / 0.489."""
@@ -424,7 +428,7 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
-    BC, warps, stages = transition_grad_config(q.element_size(), V, seg.slots * HV, num_sms(q.device))
+    BC, warps, stages = transition_grad_config(q.element_size(), V, seg.later * HV, num_sms(q.device))
     args = (q, k, w, gcum, do, dv2, f, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length, scale, H, HV, K, V)
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=warps, num_stages=stages)
