@@ -22,8 +22,7 @@ both serial passes, whatever the number of sequences), grad_stages=N (pipeline s
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
 backward, equal-length sequences, both rules), skip_first_m=0|1 (no M for a sequence's first segment
-without an initial state), combine_stages=N and combine_trans=0|1 (the segments' combine: pipeline stages; the
-reverse one's M loaded by rows and transposed in the product), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
+without an initial state), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
 passes), transition=BCxWARPSxSTAGES and transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the
 backward's transition passes), u=fp32|bf16 (the dtype of u = A beta v),
@@ -133,7 +132,6 @@ def variant(spec: str):
     saved_transition = segments.transition_config, segments.transition_grad_config
     saved_join = segments.BACKWARD_JOIN, segments.PLAIN_BACKWARD_JOIN
     saved_skip = segments.SKIP_FIRST_M
-    saved_combine = segments.COMBINE_STAGES, segments.COMBINE_TRANSPOSE_IN_DOT
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
         for item in filter(None, spec.split(",")):
@@ -179,10 +177,6 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = segments.PLAIN_BACKWARD_JOIN = int(value)
-            elif key == "combine_stages":
-                segments.COMBINE_STAGES = int(value)
-            elif key == "combine_trans":
-                segments.COMBINE_TRANSPOSE_IN_DOT = bool(int(value))
             elif key == "skip_first_m":
                 segments.SKIP_FIRST_M = bool(int(value))
             elif key == "heads_fast":
@@ -199,7 +193,6 @@ def variant(spec: str):
         segments.transition_config, segments.transition_grad_config = saved_transition
         segments.BACKWARD_JOIN, segments.PLAIN_BACKWARD_JOIN = saved_join
         segments.SKIP_FIRST_M = saved_skip
-        segments.COMBINE_STAGES, segments.COMBINE_TRANSPOSE_IN_DOT = saved_combine
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)

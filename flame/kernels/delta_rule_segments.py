@@ -240,8 +240,6 @@ def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: i
 
 COMBINE_BLOCK = 64  # V columns per program of the combine
 COMBINE_WARPS = 8  # its fp32 [K, K] transition: 64 registers per thread at K = 128
-COMBINE_STAGES = 1
-COMBINE_TRANSPOSE_IN_DOT = False  # the reverse combine loads M by rows and transposes it in the product
 # One stage: a pipelined loop would hold several fp32 [K, K] transitions in shared memory
 # (256 KB at K = 128 with the default stages, past the H100's 227 KB).
 
@@ -353,7 +351,7 @@ def _segment_transition_grad_kernel(
 def _segment_combine_kernel(
     e, m, h_in, h_seg, offsets, N,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_IN: tl.constexpr, REVERSE: tl.constexpr, TRANSPOSE_IN_DOT: tl.constexpr,
+    USE_IN: tl.constexpr, REVERSE: tl.constexpr,
 ):
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
@@ -381,17 +379,12 @@ def _segment_combine_kernel(
             s = first + t
         seg = (s.to(tl.int64) * HV + hv) * K
         tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
-        if REVERSE and TRANSPOSE_IN_DOT:
-            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
-            E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
-            S = tl.dot(tl.trans(M), S) + E
+        if REVERSE:
+            M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
         else:
-            if REVERSE:
-                M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
-            else:
-                M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & (USE_IN | (t > 0)), other=0.0)
-            E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
-            S = tl.dot(M, S) + E
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & (USE_IN | (t > 0)), other=0.0)
+        E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
+        S = tl.dot(M, S) + E
     if REVERSE:
         s = first
     else:
@@ -406,8 +399,7 @@ def _combine(e, m, h_in, seg: Segments, reverse):
     BV = min(COMBINE_BLOCK, max(16, next_power_of_2(V)))
     _segment_combine_kernel[(cdiv(V, BV), seg.num_seqs * HV)](
         e, m, h_in, h_seg, seg.offsets, seg.num_seqs, HV, K, V, BK=_pow2(K), BV=BV,
-        USE_IN=h_in is not None, REVERSE=reverse, TRANSPOSE_IN_DOT=COMBINE_TRANSPOSE_IN_DOT,
-        num_warps=COMBINE_WARPS, num_stages=COMBINE_STAGES,
+        USE_IN=h_in is not None, REVERSE=reverse, num_warps=COMBINE_WARPS, num_stages=1,
     )
     return h_seg
 
