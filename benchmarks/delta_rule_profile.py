@@ -24,8 +24,8 @@ FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward
 backward, equal-length sequences, both rules), skip_first_m=0|1 (no M for a sequence's first segment
 without an initial state), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
-passes), transition=BCxWARPSxSTAGES and transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the
-backward's transition passes), u=fp32|bf16 (the dtype of u = A beta v),
+passes), transition=BCxWARPSxSTAGES[xREGISTERS] and transition_grad=BCxWARPSxSTAGES (the launches of the
+forward's and the backward's transition passes; REGISTERS caps the forward's registers per thread), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
@@ -170,9 +170,12 @@ def variant(spec: str):
                 fwd_mod.u_dtype = lambda dtype, d={"fp32": torch.float32, "bf16": torch.bfloat16}[value]: d
             elif key == "segment_block":
                 segments.segment_column_block = lambda *a, n=int(value): n
-            elif key in ("transition", "transition_grad"):
-                bc, warps, stages = (int(x) for x in value.split("x"))
-                setattr(segments, key + "_config", lambda *a, c=(bc, warps, stages): c)
+            elif key == "transition":  # BCxWARPSxSTAGES[xREGISTERS]
+                launch = [int(x) for x in value.split("x")]
+                setattr(segments, "transition_config", lambda *a, c=(*launch, None)[:4]: c)
+            elif key == "transition_grad":
+                launch = tuple(int(x) for x in value.split("x"))
+                setattr(segments, "transition_grad_config", lambda *a, c=launch: c)
             elif key == "segment_tokens":
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":

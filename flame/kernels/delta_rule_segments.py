@@ -222,9 +222,10 @@ def segment_column_block(element_size: int) -> int:
     return 32 if element_size > 2 else 64
 
 
-def transition_config(element_size: int) -> tuple[int, int, int]:
-    """(columns per program, warps, pipeline stages) of the forward's transition pass."""
-    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2
+def transition_config(element_size: int) -> tuple[int, int, int, int | None]:
+    """(columns per program, warps, pipeline stages, register cap or None) of the forward's
+    transition pass."""
+    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2, None
 
 
 def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: int) -> tuple[int, int, int]:
@@ -412,12 +413,12 @@ def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments
     HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
     m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
-    BC, warps, stages = transition_config(k.element_size())
+    BC, warps, stages, max_registers = transition_config(k.element_size())
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
         FIRST_M=initial_state is not None or not SKIP_FIRST_M,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, maxnreg=max_registers,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
 
