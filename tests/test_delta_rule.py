@@ -798,25 +798,26 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("one_stage", [False, True], ids=["", "one-stage"])
+@pytest.mark.parametrize("few_sms", [False, True], ids=["", "few-sms"])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
-def test_segments_without_states_bf16_gpu(gated, one_stage, monkeypatch):
+def test_segments_without_states_bf16_gpu(gated, few_sms, monkeypatch):
     """Training over the default segments without initial or final states (as the trainer
     runs), one sequence of three segments (no M formed for the first), the gated backward over
-    runs of two. one_stage: the backward's transition pass at one pipeline stage, as where its
-    programs outnumber the SMs. bf16 against float64: outputs within 5e-3, every gradient
-    within 2e-2."""
+    runs of two. few_sms: the transition passes launched as where their programs outnumber the
+    SMs (the forward's with capped registers, the backward's at one pipeline stage). bf16
+    against float64: outputs within 5e-3, every gradient within 2e-2."""
     from flame.kernels import delta_rule_segments
 
-    stages = []
-    config = delta_rule_segments.transition_grad_config
+    launches = []
+    configs = delta_rule_segments.transition_config, delta_rule_segments.transition_grad_config
+    for name, config in zip(("transition_config", "transition_grad_config"), configs):
+        def recording(*args, config=config):
+            launches.append(config(*args))
+            return launches[-1]
 
-    def recording(element_size, V, segment_heads, sms):
-        launch = config(element_size, V, segment_heads, 1 if one_stage else sms)
-        stages.append(launch[2])
-        return launch
-
-    monkeypatch.setattr(delta_rule_segments, "transition_grad_config", recording)
+        monkeypatch.setattr(delta_rule_segments, name, recording)
+    if few_sms:
+        monkeypatch.setattr(delta_rule_segments, "num_sms", lambda device: 1)
     uses = force_segments(monkeypatch, None)
     monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     inputs = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")[:5]
@@ -833,8 +834,9 @@ def test_segments_without_states_bf16_gpu(gated, one_stage, monkeypatch):
     errors = {"o": rel(o, o_ref)}
     names = ("q", "k", "v", "g", "beta") if gated else ("q", "k", "v", "beta")
     errors.update({"d" + n: rel(x, ref) for n, x, ref in zip(names, grads, grads_ref)})
-    print("segments without states", "gated" if gated else "plain", stages, {n: f"{e:.2e}" for n, e in errors.items()})
-    assert stages == [1 if one_stage else 2], stages
+    print("segments without states", "gated" if gated else "plain", launches, {n: f"{e:.2e}" for n, e in errors.items()})
+    cap = delta_rule_segments.THREE_PER_SM_REGISTERS if few_sms else None
+    assert launches == [(64, 4, 2, cap), (64, 4, 1 if few_sms else 2)], launches
     assert errors["o"] < 5e-3, errors
     assert all(e < 2e-2 for n, e in errors.items() if n.startswith("d")), errors
 

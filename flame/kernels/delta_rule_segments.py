@@ -222,10 +222,27 @@ def segment_column_block(element_size: int) -> int:
     return 32 if element_size > 2 else 64
 
 
-def transition_config(element_size: int) -> tuple[int, int, int, int | None]:
+# Registers per thread that let three 4-warp programs of the forward transition pass share an SM
+# (65536 / 384, to a multiple of 8); 16-bit heads of K <= 128 take 166-178 without a cap (ptxas,
+# sm_90) and 74 KB of shared memory, so two or three fit.
+THREE_PER_SM_REGISTERS = 168
+
+
+def transition_config(element_size: int, V: int, K: int, segment_heads: int, sms: int) -> tuple[int, int, int, int | None]:
     """(columns per program, warps, pipeline stages, register cap or None) of the forward's
-    transition pass."""
-    return segment_column_block(element_size), 4, 1 if element_size > 2 else 2, None
+    transition pass over segment_heads (segment after a sequence's first, value head) pairs:
+    about segment_heads x cdiv(V + K, columns) working programs (each sequence's last segment
+    forms M only, its first E only). Its registers are capped where three programs per SM then
+    run them in fewer waves than two. H100, ms of the pass, uncapped / capped: 2 x 16384 packed
+    tokens, 4 heads, K = 128, V = 256 (~312 programs) plain 0.146 / 0.089, gated 0.150 / 0.098;
+    1x32768, H = 16, K = V = 128 (448 programs: two waves either way) plain 0.283 / 0.295,
+    gated 0.294 / 0.324 (results/delta_rule_transition_registers_h100.json)."""
+    BC = segment_column_block(element_size)
+    if element_size > 2:
+        return BC, 4, 1, None
+    programs = segment_heads * cdiv(V + K, BC)
+    fewer_waves = cdiv(programs, 3 * sms) < cdiv(programs, 2 * sms)
+    return BC, 4, 2, THREE_PER_SM_REGISTERS if fewer_waves else None
 
 
 def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: int) -> tuple[int, int, int]:
@@ -413,7 +430,7 @@ def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments
     HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
     m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
-    BC, warps, stages, max_registers = transition_config(k.element_size())
+    BC, warps, stages, max_registers = transition_config(k.element_size(), V, K, seg.later * HV, num_sms(k.device))
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
