@@ -811,13 +811,11 @@ def test_segments_without_states_bf16_gpu(gated, few_sms, monkeypatch):
     launches = []
     configs = delta_rule_segments.transition_config, delta_rule_segments.transition_grad_config
     for name, config in zip(("transition_config", "transition_grad_config"), configs):
-        def recording(*args, config=config):
-            launches.append(config(*args))
+        def recording(*args, config=config):  # (..., SM count)
+            launches.append(config(*args[:-1], 1 if few_sms else args[-1]))
             return launches[-1]
 
         monkeypatch.setattr(delta_rule_segments, name, recording)
-    if few_sms:
-        monkeypatch.setattr(delta_rule_segments, "num_sms", lambda device: 1)
     uses = force_segments(monkeypatch, None)
     monkeypatch.setenv("FLAME_DELTA_SEGMENTS", "auto")
     inputs = make_inputs(1, 12288, 2, 4, 128, 128, 1, dtype=torch.bfloat16, device="cuda")[:5]
