@@ -21,8 +21,7 @@ reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (t
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
 FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
-backward, equal-length sequences, both rules), skip_first_m=0|1 (no M for a sequence's first segment
-without an initial state), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
+backward, equal-length sequences, both rules), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
 flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
 passes), transition=BCxWARPSxSTAGES[xREGISTERS] and transition_grad=BCxWARPSxSTAGES (the launches of the
 forward's and the backward's transition passes; REGISTERS caps the forward's registers per thread), u=fp32|bf16 (the dtype of u = A beta v),
@@ -131,7 +130,6 @@ def variant(spec: str):
     saved_segment_block = segments.segment_column_block
     saved_transition = segments.transition_config, segments.transition_grad_config
     saved_join = segments.BACKWARD_JOIN, segments.PLAIN_BACKWARD_JOIN
-    saved_skip = segments.SKIP_FIRST_M
     saved_heads_fast = kernel_utils.HEADS_FAST
     try:
         for item in filter(None, spec.split(",")):
@@ -180,8 +178,6 @@ def variant(spec: str):
                 segments.SEGMENT_TOKENS = segments.PACKED_SEGMENT_TOKENS = int(value)
             elif key == "backward_join":
                 segments.BACKWARD_JOIN = segments.PLAIN_BACKWARD_JOIN = int(value)
-            elif key == "skip_first_m":
-                segments.SKIP_FIRST_M = bool(int(value))
             elif key == "heads_fast":
                 kernel_utils.HEADS_FAST = bool(int(value))
             else:
@@ -195,7 +191,6 @@ def variant(spec: str):
         segments.segment_column_block = saved_segment_block
         segments.transition_config, segments.transition_grad_config = saved_transition
         segments.BACKWARD_JOIN, segments.PLAIN_BACKWARD_JOIN = saved_join
-        segments.SKIP_FIRST_M = saved_skip
         kernel_utils.HEADS_FAST = saved_heads_fast
         if saved_mode is None:
             os.environ.pop("FLAME_DELTA_SEGMENTS", None)

@@ -408,9 +408,9 @@ def nan_filled_empty(monkeypatch):
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "equal-length"])
 def test_segments_without_states(packed, gated, monkeypatch):
     """No initial state and no final state: the combine starts from zero in both directions
-    (equal-length sequences also take the backward over runs of segments, gated heads), and a
-    sequence's first segment forms no transition M (delta_rule_segments.SKIP_FIRST_M), which
-    nothing then reads: buffers from torch.empty are NaN-filled here."""
+    (equal-length sequences also take the backward over runs of segments, gated heads), and no
+    kernel reads what nothing wrote (the last segment's E, spare slots): buffers from
+    torch.empty are NaN-filled here."""
     monkeypatch.setenv("FLAME_BACKEND", "triton")
     # V = 32: the identity columns get column blocks of their own (32 wide in fp32)
     q, k, v, g, beta, _ = make_inputs(1 if packed else 2, 260 if packed else 300, 1, 2, 16, 32, 2,
@@ -802,7 +802,7 @@ def test_segments_bf16_gpu(case, gated, monkeypatch):
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 def test_segments_without_states_bf16_gpu(gated, few_sms, monkeypatch):
     """Training over the default segments without initial or final states (as the trainer
-    runs), one sequence of three segments (no M formed for the first), the gated backward over
+    runs), one sequence of three segments, the gated backward over
     runs of two. few_sms: the transition passes launched as where their programs outnumber the
     SMs (the forward's with capped registers, the backward's at one pipeline stage). bf16
     against float64: outputs within 5e-3, every gradient within 2e-2."""

@@ -44,8 +44,6 @@ LONG_DOCUMENT_TOKENS = 4 * PACKED_SEGMENT_TOKENS
 # (`joined_segments`), for gated and for plain heads (`backward_join`).
 BACKWARD_JOIN = 2
 PLAIN_BACKWARD_JOIN = 1
-# Without an initial state, a sequence's first segment forms no M (`_segment_transition_kernel`).
-SKIP_FIRST_M = True
 
 
 @dataclass
@@ -206,8 +204,6 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int):
         eye = torch.eye(K, dtype=m.dtype, device=m.device).expand(N, joined * join - per_seq, HV, K, K)
         parts = torch.cat([parts, eye], dim=1)
     parts = parts.view(N, joined, join, HV, K, K)
-    # (A first segment's M may be unwritten (SKIP_FIRST_M): the first run's product is then not
-    # finite, and the reverse combine never reads it.)
     m_big = m.new_empty(big.slots, HV, K, K)
     product = parts[:, :, 0]
     for p in range(1, join):  # the last product straight into m_big (no copy kernel)
@@ -231,12 +227,15 @@ THREE_PER_SM_REGISTERS = 168
 def transition_config(element_size: int, V: int, K: int, segment_heads: int, sms: int) -> tuple[int, int, int, int | None]:
     """(columns per program, warps, pipeline stages, register cap or None) of the forward's
     transition pass over segment_heads (segment after a sequence's first, value head) pairs:
-    about segment_heads x cdiv(V + K, columns) working programs (each sequence's last segment
-    forms M only, its first E only). Its registers are capped where three programs per SM then
-    run them in fewer waves than two. H100, ms of the pass, uncapped / capped: 2 x 16384 packed
-    tokens, 4 heads, K = 128, V = 256 (~312 programs) plain 0.146 / 0.089, gated 0.150 / 0.098;
-    1x32768, H = 16, K = V = 128 (448 programs: two waves either way) plain 0.283 / 0.295,
-    gated 0.294 / 0.324 (results/delta_rule_transition_registers_h100.json)."""
+    about segment_heads x cdiv(V + K, columns) working programs (a sequence's last segment
+    forms M only), and the M columns of each sequence's first segment, which the count leaves
+    out. Its registers are capped where three programs per SM then run them in fewer waves
+    than two. H100, ms of the pass, uncapped / capped: 2 x 16384 packed tokens, 4 heads,
+    K = 128, V = 256 (336 programs) plain 0.146 / 0.089, gated 0.150 / 0.098; 1x32768, H = 16,
+    K = V = 128 (480 programs: two waves either way) plain 0.283 / 0.295, gated 0.294 / 0.324
+    (results/delta_rule_transition_registers_h100.json; the packed shape again at b0487b8:
+    0.147 / 0.089 and 0.149 / 0.097, kernel sums of forward+backward 1.286 / 1.231 and
+    1.624 / 1.569)."""
     BC = segment_column_block(element_size)
     if element_size > 2:
         return BC, 4, 1, None
@@ -251,7 +250,10 @@ def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: i
     programs outnumber the SMs, one stage: its shared memory then lets two programs share an SM (16-bit heads of K = 128: 82 KB
     against 131 KB at two stages). H100, 1x32768, H = 16, K = V = 128, segments of 4096, ms of
     the pass at two / one stage: 224 programs (the backward over the forward's segments) plain
-    0.301 / 0.262, gated 0.420 / 0.345; 96 programs (runs of two) plain 0.300 / 0.489."""
+    0.301 / 0.262, gated 0.420 / 0.345-0.350; 96 programs (runs of two) plain 0.300 / 0.489
+    (results/delta_rule_transition_launches_0bda27f_h100.json, ..._stages_0654676_h100.json,
+    delta_rule_join_stages_h100.json); 2 x 16384 packed tokens, 4 heads, K = 128, V = 256
+    (~208 programs) plain 0.144 / 0.127, gated 0.152 / 0.131 (delta_rule_later_segments_53255f9_h100.json)."""
     BC = segment_column_block(element_size)
     return BC, 4, 1 if element_size > 2 or cdiv(V, BC) * segment_heads > sms else 2
 
@@ -276,13 +278,10 @@ def _segment_transition_kernel(
     k, w, u, a, v, beta, gcum, e, m, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, FROM_V: tl.constexpr,
-    FIRST_M: tl.constexpr,
 ):
     # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
     # identity, whose values are zero (u, or v, is read for c < V only). FROM_V: v' from A, v
     # and beta as in the main serial pass (delta_rule.values_in_pass), not from w and u.
-    # FIRST_M: a sequence's first segment forms M too (only the forward's combine takes it, to
-    # carry an initial state; the backward's stops at the second segment).
     ic = tl.program_id(0)
     s = tl.program_id(1)
     hv = tl.program_id(2)
@@ -290,11 +289,8 @@ def _segment_transition_kernel(
     i, start, end, eos = _segment_span(s, indices, cu_seqlens, N, SEG)
     # E is needed for every segment but a sequence's last, M (the forward's combine, and the
     # backward's, which runs the other way) for every segment of a sequence of more than one:
-    # spare slots, one-segment sequences and the value columns of a last segment return at once,
-    # as do the identity columns of a first segment without FIRST_M.
+    # spare slots, one-segment sequences and the value columns of a last segment return at once.
     if (end <= start) | ((end >= eos) & ((i == 0) | ((ic + 1) * BC <= V))):
-        return
-    if (not FIRST_M) & (i == 0) & (ic * BC >= V):
         return
     r = tl.arange(0, BT)
     ck = tl.arange(0, BK)
@@ -374,8 +370,7 @@ def _segment_combine_kernel(
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
     # the final state's gradient, or zero) and each earlier one as M^T dS + F of the segment
-    # after (e holds F then). Without h_in the forward's first step takes E alone: the first
-    # segment's M is then not formed (`_segment_transition_kernel`'s FIRST_M).
+    # after (e holds F then).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -400,7 +395,7 @@ def _segment_combine_kernel(
         if REVERSE:
             M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
         else:
-            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask & (USE_IN | (t > 0)), other=0.0)
+            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
         E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
         S = tl.dot(M, S) + E
     if REVERSE:
@@ -434,7 +429,6 @@ def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
         k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
-        FIRST_M=initial_state is not None or not SKIP_FIRST_M,
         num_warps=warps, num_stages=stages, maxnreg=max_registers,
     )
     return _combine(e, m, initial_state, seg, reverse=False), m
