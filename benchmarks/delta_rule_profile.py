@@ -20,11 +20,12 @@ pass), output=BVxWARPS (that kernel's launch), split_dv=0|1 (the in-chunk dv' te
 reverse serial pass), local_dv=BVxWARPS (that kernel's launch), state_block=N (the V block of
 both serial passes, whatever the number of sequences), grad_stages=N (pipeline stages
 of the chunk gradient kernel's V loop), segments=auto|on|off (the serial passes over segments,
-FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per segment of the
-backward, equal-length sequences, both rules), heads_fast=0|1 (the chunk-parallel grids' head axis fastest-varying,
-flame.kernels.utils.HEADS_FAST), segment_block=N (columns per program of their transition
-passes), transition=BCxWARPSxSTAGES[xREGISTERS] and transition_grad=BCxWARPSxSTAGES (the launches of the
-forward's and the backward's transition passes; REGISTERS caps the forward's registers per thread), u=fp32|bf16 (the dtype of u = A beta v),
+FLAME_DELTA_SEGMENTS), segment_tokens=N (their length), backward_join=N (forward segments per
+segment of the backward, equal-length sequences, both rules), heads_fast=0|1 (the chunk-parallel
+grids' head axis fastest-varying, flame.kernels.utils.HEADS_FAST), segment_block=N (columns per
+program of their transition passes), transition=BCxWARPSxSTAGES[xREGISTERS] and
+transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the backward's transition
+passes; REGISTERS caps the forward's registers per thread), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
 V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with

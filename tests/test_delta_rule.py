@@ -525,7 +525,8 @@ def test_inference_forward(case, gated, segments, monkeypatch):
         assert rel(got, want) < 1e-5 and rel(got, other) < 1e-5
 
 
-@pytest.mark.parametrize("cu", [None, [0, 200, 260], [0, 64, 64, 300], [0, 300]], ids=["equal", "packed", "empty", "one"])
+@pytest.mark.parametrize("cu", [None, [0, 200, 260], [0, 64, 64, 300], [0, 300]],
+                         ids=["equal", "packed", "empty", "one"])
 def test_later_segments(cu, monkeypatch):
     """Segments.later, which picks the backward transition pass's stages: the segments after each
     sequence's first, exact for equal-length sequences (two rows of 300 tokens, segments of 64:
@@ -832,7 +833,8 @@ def test_segments_without_states_bf16_gpu(gated, few_sms, monkeypatch):
     errors = {"o": rel(o, o_ref)}
     names = ("q", "k", "v", "g", "beta") if gated else ("q", "k", "v", "beta")
     errors.update({"d" + n: rel(x, ref) for n, x, ref in zip(names, grads, grads_ref)})
-    print("segments without states", "gated" if gated else "plain", launches, {n: f"{e:.2e}" for n, e in errors.items()})
+    print("segments without states", "gated" if gated else "plain", launches,
+          {n: f"{e:.2e}" for n, e in errors.items()})
     cap = delta_rule_segments.THREE_PER_SM_REGISTERS if few_sms else None
     assert launches == [(64, 4, 2, cap), (64, 4, 1 if few_sms else 2)], launches
     assert errors["o"] < 5e-3, errors

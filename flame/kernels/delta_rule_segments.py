@@ -224,7 +224,8 @@ def segment_column_block(element_size: int) -> int:
 THREE_PER_SM_REGISTERS = 168
 
 
-def transition_config(element_size: int, V: int, K: int, segment_heads: int, sms: int) -> tuple[int, int, int, int | None]:
+def transition_config(element_size: int, V: int, K: int, segment_heads: int,
+                      sms: int) -> tuple[int, int, int, int | None]:
     """(columns per program, warps, pipeline stages, register cap or None) of the forward's
     transition pass over segment_heads (segment after a sequence's first, value head) pairs:
     about segment_heads x cdiv(V + K, columns) working programs (a sequence's last segment
@@ -247,13 +248,14 @@ def transition_config(element_size: int, V: int, K: int, segment_heads: int, sms
 def transition_grad_config(element_size: int, V: int, segment_heads: int, sms: int) -> tuple[int, int, int]:
     """(value columns per program, warps, pipeline stages) of the backward's transition pass over
     segment_heads (segment after a sequence's first, value head) pairs. Where its working
-    programs outnumber the SMs, one stage: its shared memory then lets two programs share an SM (16-bit heads of K = 128: 82 KB
-    against 131 KB at two stages). H100, 1x32768, H = 16, K = V = 128, segments of 4096, ms of
-    the pass at two / one stage: 224 programs (the backward over the forward's segments) plain
-    0.301 / 0.262, gated 0.420 / 0.345-0.350; 96 programs (runs of two) plain 0.300 / 0.489
-    (results/delta_rule_transition_launches_0bda27f_h100.json, ..._stages_0654676_h100.json,
-    delta_rule_join_stages_h100.json); 2 x 16384 packed tokens, 4 heads, K = 128, V = 256
-    (~208 programs) plain 0.144 / 0.127, gated 0.152 / 0.131 (delta_rule_later_segments_53255f9_h100.json)."""
+    programs outnumber the SMs, one stage: its shared memory then lets two programs share an SM
+    (16-bit heads of K = 128: 82 KB against 131 KB at two stages). H100, ms of the pass at two /
+    one stage: 1x32768, H = 16, K = V = 128, segments of 4096, 224 programs (the backward over
+    the forward's segments) plain 0.301 / 0.262, gated 0.420 / 0.345-0.350, and 96 programs
+    (runs of two) plain 0.300 / 0.489 (results/delta_rule_transition_launches_0bda27f_h100.json,
+    ..._stages_0654676_h100.json, delta_rule_join_stages_h100.json); 2 x 16384 packed tokens,
+    4 heads, K = 128, V = 256, ~208 programs: plain 0.144 / 0.127, gated 0.152 / 0.131
+    (delta_rule_later_segments_53255f9_h100.json)."""
     BC = segment_column_block(element_size)
     return BC, 4, 1 if element_size > 2 or cdiv(V, BC) * segment_heads > sms else 2
 
