@@ -17,7 +17,7 @@ and the state pass, storing the states and v'). Then:
      dv' buffer) before the serial pass, which then only adds the state term: two of its five
      products per chunk leave the chain. Where the forward ran over segments, so does this pass,
      from the end gradients that the segments' transitions give (delta_rule_segments.py; for
-     equal-length sequences over runs of the forward's segments, `joined_segments`).
+     equal-length sequences of gated heads over runs of the forward's segments, `joined_segments`).
   2. `_chunk_grad_kernel`, parallel over (chunk, value head): dq, dk, dv, dbeta and dg from the
      stored states, v', dv' and A, through the WY representation (dA -> dk, dbeta, dgc) and a
      reverse cumsum of the gate gradient within the chunk.

@@ -19,8 +19,8 @@ do, so over a segment dS_start = M^T dS_end + F. The forward keeps M for the bac
 `_segment_transition_grad_kernel` forms F for each segment but a sequence's first (the reverse
 pass from a zero end gradient, value columns only), the combine runs from the last segment to
 the first, and the reverse pass runs over the segments from their end gradients. For
-equal-length sequences the backward's segments are runs of the forward's (`joined_segments`),
-their M the product of the parts'.
+equal-length sequences of gated heads the backward's segments are runs of the forward's
+(`backward_join`, `joined_segments`), their M the product of the parts'.
 """
 
 import os
