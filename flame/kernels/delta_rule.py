@@ -458,7 +458,7 @@ def _state_pass(q, k, w, u, gcum, initial_state, cu_seqlens, scale, compute_o=Tr
                 a=None, v=None, beta=None, long_docs=False):
     """The chunk-to-chunk pass. Returns (o or None, final state, states entering each chunk
     [chunk slots, HV, K, V] or None, v' [B, T, HV, V] or None, chunk offsets or None, segment
-    transitions [segment slots, HV, K, K] or None); the states, v' (store_states) and the
+    transitions, transposed, [segment slots, HV, K, K] or None); the states, v' (store_states) and the
     transitions (when the pass ran over segments) are what the backward needs. Without u
     (`_prepare` wrote none: `values_in_pass`), v' is formed from A, v and beta. long_docs: the
     packed batch has a long document (`delta_rule_segments.long_documents`)."""

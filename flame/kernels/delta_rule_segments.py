@@ -15,7 +15,8 @@ the state it leaves when entered with zero. Three steps replace one long chain:
      segments only: S <- M S + E, storing every segment's entry state;
   3. the state pass itself over the segments as sequences of their own, entered with those states.
 The reverse pass is affine too: the state gradient entering a chunk is T^T dS1 plus terms of
-do, so over a segment dS_start = M^T dS_end + F. The forward keeps M for the backward;
+do, so over a segment dS_start = M^T dS_end + F. The forward keeps M^T for the backward (stored
+as such, so that both combines take their product's left operand by rows);
 `_segment_transition_grad_kernel` forms F for each segment but a sequence's first (the reverse
 pass from a zero end gradient, value columns only), the combine runs from the last segment to
 the first, and the reverse pass runs over the segments from their end gradients. For
@@ -176,10 +177,11 @@ def backward_join(gated: bool) -> int:
     return BACKWARD_JOIN if gated else PLAIN_BACKWARD_JOIN
 
 
-def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int):
-    """The segments of the backward's serial passes and their transitions: for equal-length
-    sequences, runs of `join` (`backward_join`) consecutive segments of the forward as one, with
-    M the product of the parts' transitions (the later on the left); (None, None) where each
+def joined_segments(seg: Segments, mt: torch.Tensor, q: torch.Tensor, join: int):
+    """The segments of the backward's serial passes and their transposed transitions M^T: for
+    equal-length sequences, runs of `join` (`backward_join`) consecutive segments of the forward
+    as one, with M the product of the parts' transitions (the later on the left, so that M^T is
+    the product of the parts' M^T with the earlier on the left); (None, None) where each
     sequence is then one segment (the reverse pass runs over whole sequences). Packed batches
     keep the forward's segments.
 
@@ -191,25 +193,25 @@ def joined_segments(seg: Segments, m: torch.Tensor, q: torch.Tensor, join: int):
     of 4096 (results/delta_rule_backward_join_4bf7994_h100.json): plain 2.958 / 2.933 / 3.420,
     gated 3.940 / 3.844 / 4.717; 8x4096 (one segment per sequence) unchanged."""
     if seg.packed or join <= 1:
-        return seg, m
+        return seg, mt
     B, T = q.shape[:2]
     per_seq = cdiv(T, seg.length)
     joined = cdiv(per_seq, join)
     if joined == 1:
         return None, None
     big = _plan(seg.cu_seqlens, B * T, seg.num_seqs, join * seg.length, packed=False)
-    N, HV, K = seg.num_seqs, m.shape[1], m.shape[2]
-    parts = m[: N * per_seq].view(N, per_seq, HV, K, K)
+    N, HV, K = seg.num_seqs, mt.shape[1], mt.shape[2]
+    parts = mt[: N * per_seq].view(N, per_seq, HV, K, K)
     if joined * join > per_seq:  # the last run is short: identities stand for its missing parts
-        eye = torch.eye(K, dtype=m.dtype, device=m.device).expand(N, joined * join - per_seq, HV, K, K)
+        eye = torch.eye(K, dtype=mt.dtype, device=mt.device).expand(N, joined * join - per_seq, HV, K, K)
         parts = torch.cat([parts, eye], dim=1)
     parts = parts.view(N, joined, join, HV, K, K)
-    m_big = m.new_empty(big.slots, HV, K, K)
+    mt_big = mt.new_empty(big.slots, HV, K, K)
     product = parts[:, :, 0]
-    for p in range(1, join):  # the last product straight into m_big (no copy kernel)
-        out = m_big[: N * joined].view(N, joined, HV, K, K) if p == join - 1 else None
-        product = torch.matmul(parts[:, :, p], product, out=out)
-    return big, m_big
+    for p in range(1, join):  # the last product straight into mt_big (no copy kernel)
+        out = mt_big[: N * joined].view(N, joined, HV, K, K) if p == join - 1 else None
+        product = torch.matmul(product, parts[:, :, p], out=out)
+    return big, mt_big
 
 
 def segment_column_block(element_size: int) -> int:
@@ -277,12 +279,13 @@ def _segment_span(s, indices, cu_seqlens, N, SEG):
 
 @triton.jit(do_not_specialize=["N", "SEG"])
 def _segment_transition_kernel(
-    k, w, u, a, v, beta, gcum, e, m, cu_seqlens, indices, N, SEG,
+    k, w, u, a, v, beta, gcum, e, m, mt, cu_seqlens, indices, N, SEG,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, FROM_V: tl.constexpr,
 ):
     # Columns c < V: the value columns, entered with zero; V <= c < V + K: column c - V of the
-    # identity, whose values are zero (u, or v, is read for c < V only). FROM_V: v' from A, v
+    # identity, whose values are zero (u, or v, is read for c < V only); those of M are stored
+    # in m and as rows of M^T in mt. FROM_V: v' from A, v
     # and beta as in the main serial pass (delta_rule.values_in_pass), not from w and u.
     ic = tl.program_id(0)
     s = tl.program_id(1)
@@ -320,7 +323,10 @@ def _segment_transition_kernel(
         S = S + tl.dot(tl.trans(b_k), b_vd)
     rows = (s.to(tl.int64) * HV + hv) * K + ck[:, None]
     tl.store(e + rows * V + cc[None, :], S, mask=(ck[:, None] < K) & (cc[None, :] < V))
-    tl.store(m + rows * K + cc[None, :] - V, S, mask=(ck[:, None] < K) & (cc[None, :] >= V) & (cc[None, :] < V + K))
+    mmask = (ck[:, None] < K) & (cc[None, :] >= V) & (cc[None, :] < V + K)
+    tl.store(m + rows * K + cc[None, :] - V, S, mask=mmask)
+    tl.store(mt + ((s.to(tl.int64) * HV + hv) * K + cc[:, None] - V) * K + ck[None, :], tl.trans(S),
+             mask=tl.trans(mmask))
 
 
 @triton.jit(do_not_specialize=["N", "SEG"])
@@ -330,7 +336,7 @@ def _segment_transition_grad_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, USE_G: tl.constexpr, LOCAL_DV: tl.constexpr,
 ):
     # The reverse pass over one segment from a zero end gradient: F, the state gradient entering
-    # the segment from its own output gradients. (Its P = M^T comes from the forward's M.)
+    # the segment from its own output gradients. (Its M^T comes from the forward.)
     # LOCAL_DV: dv2 holds the in-chunk term of dv' (`_local_dv_kernel`), read here and left
     # for the reverse pass.
     ic = tl.program_id(0)
@@ -372,7 +378,8 @@ def _segment_combine_kernel(
     # Forward: S enters a sequence's first segment (h_in or zero) and each next one as
     # M S + E of the segment before. REVERSE: the state gradient leaves the last segment (h_in,
     # the final state's gradient, or zero) and each earlier one as M^T dS + F of the segment
-    # after (e holds F then).
+    # after (e holds F, m holds M^T then: a product's left operand read by rows, whose fp32
+    # tiles the tensor cores take without a transpose).
     iv = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // HV
@@ -394,10 +401,7 @@ def _segment_combine_kernel(
             s = first + t
         seg = (s.to(tl.int64) * HV + hv) * K
         tl.store(h_seg + (seg + ck[:, None]) * V + cv[None, :], S, mask=smask)
-        if REVERSE:
-            M = tl.load(m + (seg + ck[None, :]) * K + ck[:, None], mask=mmask, other=0.0)
-        else:
-            M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
+        M = tl.load(m + (seg + ck[:, None]) * K + ck[None, :], mask=mmask, other=0.0)
         E = tl.load(e + (seg + ck[:, None]) * V + cv[None, :], mask=smask, other=0.0)
         S = tl.dot(M, S) + E
     if REVERSE:
@@ -420,25 +424,26 @@ def _combine(e, m, h_in, seg: Segments, reverse):
 
 
 def segment_entry_states(k, w, u, a, v, beta, gcum, initial_state, seg: Segments):
-    """(the state entering every segment, each segment's transition M): fp32 [slots, HV, K, V]
-    and [slots, HV, K, K] (M unwritten for spare slots and one-segment sequences). v' from w and
-    u, or without u from A, v and beta."""
+    """(the state entering every segment, each segment's transition transposed, M^T): fp32
+    [slots, HV, K, V] and [slots, HV, K, K] (M^T unwritten for spare slots and one-segment
+    sequences). v' from w and u, or without u from A, v and beta."""
     H, K = k.shape[2], k.shape[3]
     HV, V = v.shape[2], v.shape[3]
     e = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=k.device)
     m = torch.empty(seg.slots, HV, K, K, dtype=torch.float32, device=k.device)
+    mt = torch.empty_like(m)
     BC, warps, stages, max_registers = transition_config(k.element_size(), V, K, seg.later * HV, num_sms(k.device))
     _segment_transition_kernel[(cdiv(V + K, BC), seg.slots, HV)](
-        k, w, u, a, v, beta, gcum, e, m, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
+        k, w, u, a, v, beta, gcum, e, m, mt, seg.cu_seqlens, seg.indices, seg.num_seqs, seg.length,
         H, HV, K, V, BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None, FROM_V=u is None,
         num_warps=warps, num_stages=stages, maxnreg=max_registers,
     )
-    return _combine(e, m, initial_state, seg, reverse=False), m
+    return _combine(e, m, initial_state, seg, reverse=False), mt
 
 
-def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, local_dv) -> torch.Tensor:
+def segment_end_grads(q, k, w, gcum, do, dv2, dht, mt, seg: Segments, scale, local_dv) -> torch.Tensor:
     """The state gradient leaving every segment, fp32 [slots, HV, K, V] (spare slots
-    unwritten), from the segments' transitions m of the forward."""
+    unwritten), from the segments' transposed transitions mt of the forward."""
     H, K = q.shape[2], q.shape[3]
     HV, V = do.shape[2], do.shape[3]
     f = torch.empty(seg.slots, HV, K, V, dtype=torch.float32, device=q.device)
@@ -447,7 +452,7 @@ def segment_end_grads(q, k, w, gcum, do, dv2, dht, m, seg: Segments, scale, loca
     options = dict(BT=CHUNK, BK=_pow2(K), BC=BC, USE_G=gcum is not None,
                    num_warps=warps, num_stages=stages)
     _segment_transition_grad_kernel[(cdiv(V, BC), seg.slots, HV)](*args, **options, LOCAL_DV=local_dv)
-    return _combine(f, m, dht, seg, reverse=True)
+    return _combine(f, mt, dht, seg, reverse=True)
 
 
 def last_segment_states(ht_seg: torch.Tensor, seg: Segments, initial_state) -> torch.Tensor:
