@@ -237,24 +237,21 @@ def test_simple_gla_unfused_backward_cpu(triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
-def use_scalar_backward(monkeypatch, block_v, warps=4, stages=2, programs_per_sm=0):
-    """The fused scalar-gate backward with V tiles of block_v (and programs_per_sm programs per
-    SM of the persistent kernel, if not 0); returns the list of its launches' grids."""
+def use_scalar_backward(monkeypatch, block_v, warps=4, stages=2):
+    """The fused scalar-gate backward with V tiles of block_v; returns the list of its launches."""
     from flame.kernels import linear_attention
 
     monkeypatch.setattr(linear_attention, "scalar_backward_config",
-                        lambda: dict(block_v=block_v, warps=warps, stages=stages, maxnreg=None,
-                                     programs_per_sm=programs_per_sm))
+                        lambda: dict(block_v=block_v, warps=warps, stages=stages, maxnreg=None))
     launched = []
-    name = "chunk_backward_scalar_persistent_kernel" if programs_per_sm else "chunk_backward_scalar_kernel"
-    kernel = getattr(linear_attention.kern, name)
+    kernel = linear_attention.kern.chunk_backward_scalar_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launched.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(linear_attention.kern, name, Spy())
+    monkeypatch.setattr(linear_attention.kern, "chunk_backward_scalar_kernel", Spy())
     return launched
 
 
@@ -270,20 +267,6 @@ def test_simple_gla_fused_backward_tiles_cpu(case, block_v, triton_backend, monk
     B, T, H, K, V, cu, with_h0 = case
     errors = compare("simple_gla", chunk_simple_gla, True, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
     assert len(launched) == 1
-    for key, err in errors.items():
-        assert err < 1e-5, f"{key}: relative error {err:.2e}"
-
-
-@pytest.mark.parametrize("programs", [1, 3])
-@pytest.mark.parametrize("case", FUSED_BACKWARD_CASES, ids=lambda c: f"T{c[1]}-K{c[3]}-V{c[4]}")
-def test_simple_gla_persistent_backward_cpu(case, programs, triton_backend, monkeypatch):
-    # One program per SM in the interpreter's count (1): programs = programs_per_sm, so 3
-    # programs take uneven shares of the (chunk, head) items, and the packed case has empty
-    # chunk slots past its last sequence.
-    launched = use_scalar_backward(monkeypatch, 64, programs_per_sm=programs)
-    B, T, H, K, V, cu, with_h0 = case
-    errors = compare("simple_gla", chunk_simple_gla, True, B, T, H, K, V, cu, with_h0, torch.float32, "cpu")
-    assert launched == [(programs,)]
     for key, err in errors.items():
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
@@ -610,16 +593,14 @@ def test_simple_gla_grouped_heads_gpu_bf16(case, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_v,warps,stages,programs_per_sm", [(64, 8, 3, 0), (128, 8, 2, 0), (64, 8, 2, 1),
-                                                                   (64, 8, 3, 1)])
+@pytest.mark.parametrize("block_v,warps,stages", [(64, 8, 3), (128, 8, 2)])
 @pytest.mark.parametrize("case", [c for c in GPU_CASES if c[0] == "simple_gla"],
                          ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
-def test_simple_gla_fused_backward_tiles_gpu_bf16(case, block_v, warps, stages, programs_per_sm, monkeypatch):
-    # V = 256 walks four or two tiles; V = 128 two or one; the persistent kernel walks many chunks
-    # per program.
+def test_simple_gla_fused_backward_tiles_gpu_bf16(case, block_v, warps, stages, monkeypatch):
+    # V = 256 walks four or two tiles; V = 128 two or one.
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
-    launched = use_scalar_backward(monkeypatch, block_v, warps, stages, programs_per_sm)
-    _check_gpu_bf16(case, f"-tiles{block_v}x{warps}x{stages}x{programs_per_sm}")
+    launched = use_scalar_backward(monkeypatch, block_v, warps, stages)
+    _check_gpu_bf16(case, f"-tiles{block_v}x{warps}x{stages}")
     assert len(launched) == 1
 
 

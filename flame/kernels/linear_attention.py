@@ -120,9 +120,7 @@ def scalar_backward_config() -> dict:
     program per chunk and value head, walking V in tiles; q/k heads not shared).
 
     block_v: the V tile (at least CHUNK_MIN_BLOCK); warps, stages: the launch (stages pipeline
-    the V loop); maxnreg: a cap on registers per thread (None: the compiler's choice);
-    programs_per_sm: 0 for one program per chunk and head, else this many programs per SM, each
-    walking many chunks (`chunk_backward_scalar_persistent_kernel`).
+    the V loop); maxnreg: a cap on registers per thread (None: the compiler's choice).
     Benchmarks replace this function to time alternatives in one process.
 
     H100, bf16, H = 16, K = V = 128, backward kernel ms at 8x4096 / 1x32768 (one call,
@@ -134,7 +132,7 @@ def scalar_backward_config() -> dict:
     rather than read again after it: 0.874 against 0.887 (8x4096), 0.295 against 0.313 (V =
     256) (simple_gla_backward_tiles_21a4537_h100.json).
     """
-    return dict(block_v=64, warps=8, stages=3, maxnreg=None, programs_per_sm=0)
+    return dict(block_v=64, warps=8, stages=3, maxnreg=None)
 
 
 def _stages(num_stages):
@@ -414,18 +412,12 @@ def _triton_backward(q, k, v, g, scale, h0, do, dht, a, chunks, h=None, b=None):
     if whole_chunk and FUSED_SCALAR_BACKWARD:
         cfg = scalar_backward_config()
         bv = max(min(next_power_of_2(V), cfg["block_v"]), CHUNK_MIN_BLOCK)
-        launch = dict(H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, num_warps=cfg["warps"],
-                      num_stages=cfg["stages"], **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}))
-        args = (q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs)
-        if cfg["programs_per_sm"]:
-            seq_len = 0 if chunks.packed else T // chunks.num_seqs
-            items = (chunks.num_seqs * cdiv(seq_len, kern.CHUNK_SIZE) if seq_len else chunks.slots) * H
-            programs = min(items, cfg["programs_per_sm"] * num_sms(q.device))
-            kern.chunk_backward_scalar_persistent_kernel[(programs,)](
-                *args, items, seq_len, scale, SEQ_CHUNKS=cdiv(seq_len, kern.CHUNK_SIZE), **launch)
-        else:
-            kern.chunk_backward_scalar_kernel[chunk_grid(chunks.slots, H)](
-                *args, scale, HEADS_FAST=heads_fast(chunks.slots), **launch)
+        kern.chunk_backward_scalar_kernel[chunk_grid(chunks.slots, H)](
+            q, k, v, b, do, h, dh, dq, dk, dv, dg, chunks.cu_seqlens, chunks.indices, chunks.num_seqs, scale,
+            H=H, HQ=HQ, K=K, V=V, BK=_scalar_block(K), BV=bv, HEADS_FAST=heads_fast(chunks.slots),
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
+            **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
+        )
         return sum_head_groups(dq, HQ), sum_head_groups(dk, HQ), dv, dg, dh0
     if scalar_gate:
         bv = _scalar_block(V)

@@ -504,7 +504,8 @@ def chunk_backward_scalar_kernel(
         return
     dtype = q_ptr.dtype.element_ty
     rows, valid, ck, _, mk, _, _ = _whole_chunk_tiles(L, 0, K, V, BK, BV)
-    pq, pk = _scalar_grad_offsets(t0, rows, ck, i_h, H, HQ, K)
+    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]  # q, k (shared by a group)
+    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]  # dq, dk (per value head)
     b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
     b_last = tl.load(b_ptr + (t0 + L - 1) * H + i_h)
     q = tl.load(q_ptr + pq, mask=mk, other=0.0)
@@ -514,61 +515,29 @@ def chunk_backward_scalar_kernel(
     w = tl.zeros([BT, BT], dtype=tl.float32)  # do v^T, summed over V
     dk_state = tl.zeros([BT, BK], dtype=tl.float32)  # v dh^T
     dq_state = tl.zeros([BT, BK], dtype=tl.float32)  # do h^T
-    h_dh = tl.zeros([BK], dtype=tl.float32)  # <h, dh>, by rows of h
+    h_dh = 0.0  # <h, dh>
     for v0 in range(0, V, BV):
-        w, dk_state, dq_state, h_dh = _scalar_grad_tile(
-            k, at, decay_out, v_ptr, do_ptr, h_ptr, dh_ptr, dv_ptr, w, dk_state, dq_state, h_dh,
-            i_c, i_h, t0, v0, rows, valid, ck, H, K, V, BV)
-    _scalar_grad_finish(q, k, b, b_last, decay_out, w, dk_state, dq_state, h_dh, dq_ptr, dk_ptr, dg_ptr,
-                        t0, pk, rows, valid, mk, i_h, L, scale, H)
-
-
-@triton.jit
-def _scalar_grad_offsets(t0, rows, ck, i_h, H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr):
-    """Offsets of a chunk's [BT, BK] tiles of q, k (shared by a group of value heads) and of dq,
-    dk (per value head)."""
-    pq = ((t0 + rows[:, None]) * HQ + i_h // (H // HQ)) * K + ck[None, :]
-    pk = ((t0 + rows[:, None]) * H + i_h) * K + ck[None, :]
-    return pq, pk
-
-
-@triton.jit
-def _scalar_grad_tile(k, at, decay_out, v_ptr, do_ptr, h_ptr, dh_ptr, dv_ptr, w, dk_state, dq_state, h_dh,
-                      i_c, i_h, t0, v0, rows, valid, ck, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                      BV: tl.constexpr):
-    """One BV-column tile of V in the scalar-gate backward of a chunk: loads its do, v, h, dh,
-    stores its dv and adds to the fp32 sums over V (returned): W = do v^T, v dh^T, do h^T and
-    <h, dh> (by rows of h)."""
-    dtype = k.dtype
-    cv = v0 + tl.arange(0, BV)
-    mv = valid[:, None] & (cv[None, :] < V)
-    mkv = (ck[:, None] < K) & (cv[None, :] < V)
-    pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
-    ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
-    do = tl.load(do_ptr + pv, mask=mv, other=0.0)
-    v = tl.load(v_ptr + pv, mask=mv, other=0.0)
-    h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
-    dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
-    # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh)
-    dv = tl.dot(at, do, tl.dot(k, dh) * decay_out[:, None])
-    tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
-    w = tl.dot(do, tl.trans(v), w)
-    dk_state = tl.dot(v, tl.trans(dh), dk_state)
-    dq_state = tl.dot(do, tl.trans(h), dq_state)
-    h_dh += tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1)
-    return w, dk_state, dq_state, h_dh
-
-
-@triton.jit
-def _scalar_grad_finish(q, k, b, b_last, decay_out, w, dk_state, dq_state, h_dh, dq_ptr, dk_ptr, dg_ptr,
-                        t0, pk, rows, valid, mk, i_h, L, scale, H: tl.constexpr):
-    """The scalar-gate backward of a chunk after its V tiles: dq, dk and dg from the sums over V."""
-    dtype = q.dtype
+        cv = v0 + tl.arange(0, BV)
+        mv = valid[:, None] & (cv[None, :] < V)
+        mkv = (ck[:, None] < K) & (cv[None, :] < V)
+        pv = ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :]
+        ph = ((i_c.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]
+        do = tl.load(do_ptr + pv, mask=mv, other=0.0)
+        v = tl.load(v_ptr + pv, mask=mv, other=0.0)
+        h = tl.load(h_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        dh = tl.load(dh_ptr + ph, mask=mkv, other=0.0).to(dtype)
+        # dv = scale (k q^T * D^T) do + e^{b_L - b} (k dh)
+        dv = tl.dot(at, do, tl.dot(k, dh) * decay_out[:, None])
+        tl.store(dv_ptr + pv, dv.to(dtype), mask=mv)
+        w = tl.dot(do, tl.trans(v), w)
+        dk_state = tl.dot(v, tl.trans(dh), dk_state)
+        dq_state = tl.dot(do, tl.trans(h), dq_state)
+        h_dh += tl.sum(tl.sum(h.to(tl.float32) * dh.to(tl.float32), axis=1), axis=0)
     # dk = W^T q + e^{b_L - b} (v dh^T), W = scale (do v^T * D)
     w = (w * _decay_matrix(b, rows, L, False) * scale).to(dtype)
     dk = dk_state * decay_out[:, None]
     kf = k.to(tl.float32)
-    dbl = tl.sum(tl.sum(kf * dk, axis=1), axis=0) + tl.exp(b_last) * tl.sum(h_dh, axis=0)
+    dbl = tl.sum(tl.sum(kf * dk, axis=1), axis=0) + tl.exp(b_last) * h_dh
     dk += tl.dot(tl.trans(w), q)
     tl.store(dk_ptr + pk, dk.to(dtype), mask=mk)
     db = -tl.sum(kf * dk, axis=1)
@@ -578,69 +547,6 @@ def _scalar_grad_finish(q, k, b, b_last, decay_out, w, dk_state, dq_state, h_dh,
     db += tl.sum(q.to(tl.float32) * dq, axis=1)
     dg = _scalar_gate_grad(db, dbl)
     tl.store(dg_ptr + (t0 + rows) * H + i_h, dg.to(dg_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit(do_not_specialize=["N", "items", "seq_len"])
-def chunk_backward_scalar_persistent_kernel(
-    q_ptr, k_ptr, v_ptr, b_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
-    cu_ptr, chunk_idx_ptr, N, items, seq_len, scale,
-    H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    SEQ_CHUNKS: tl.constexpr,
-):
-    """`chunk_backward_scalar_kernel` with a fixed number of programs, each taking every
-    PROGRAMS-th of the `items` (chunk, head) pairs, heads fastest.
-
-    One loop walks (item, V tile) pairs, so the loads of the next pair (pipelined by num_stages)
-    are in flight while this one computes, the previous item's dq, dk, dg included: with one
-    program per SM the per-item kernel leaves each program's first loads and its end exposed.
-    q and k are loaded with every V tile (the second time from L2) rather than carried, so
-    that nothing the loads need depends on an earlier iteration; the transposed scores are
-    formed at an item's first tile and carried to the others. Chunk slots past the last
-    sequence run fully masked. SEQ_CHUNKS > 0: every sequence has seq_len tokens, SEQ_CHUNKS
-    chunks, and a chunk's rows follow from its index alone; the pipeliner then issues the next
-    iteration's tiles a stage earlier than when their addresses wait on the chunk table.
-    """
-    NV: tl.constexpr = (V + BV - 1) // BV
-    PROGRAMS = tl.num_programs(0)
-    pid = tl.program_id(0)
-    dtype = q_ptr.dtype.element_ty
-    mine = (items - pid + PROGRAMS - 1) // PROGRAMS
-    at = tl.zeros([BT, BT], dtype=dtype)
-    w = tl.zeros([BT, BT], dtype=tl.float32)
-    dk_state = tl.zeros([BT, BK], dtype=tl.float32)
-    dq_state = tl.zeros([BT, BK], dtype=tl.float32)
-    h_dh = tl.zeros([BK], dtype=tl.float32)
-    for step in range(0, mine * NV):
-        tile = step % NV
-        item = pid + (step // NV) * PROGRAMS
-        i_c, i_h = item // H, item % H
-        if SEQ_CHUNKS > 0:  # sequences of seq_len tokens: no loads on the way to the tiles' addresses
-            i_t = i_c % SEQ_CHUNKS
-            t0 = (i_c // SEQ_CHUNKS).to(tl.int64) * seq_len + i_t * BT
-            L = tl.where(i_c < N * SEQ_CHUNKS, tl.minimum(seq_len - i_t * BT, BT), 0)
-            t0 = tl.where(L > 0, t0, 0)
-        else:
-            seq, t0, L = _chunk_bounds(cu_ptr, chunk_idx_ptr, i_c, N)
-            L = tl.where(seq < N, L, 0)
-        rows, valid, ck, _, mk, _, _ = _whole_chunk_tiles(L, 0, K, V, BK, BV)
-        pq, pk = _scalar_grad_offsets(t0, rows, ck, i_h, H, HQ, K)
-        b = tl.load(b_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0)
-        b_last = tl.sum(tl.where(rows == L - 1, b, 0.0), axis=0)  # 0 for an empty slot
-        q = tl.load(q_ptr + pq, mask=mk, other=0.0)
-        k = tl.load(k_ptr + pq, mask=mk, other=0.0)
-        decay_out = tl.where(valid, tl.exp(b_last - b), 0.0)
-        if tile == 0:
-            at = (tl.dot(k, tl.trans(q)) * _decay_matrix(b, rows, L, True) * scale).to(dtype)
-            w = tl.zeros([BT, BT], dtype=tl.float32)
-            dk_state = tl.zeros([BT, BK], dtype=tl.float32)
-            dq_state = tl.zeros([BT, BK], dtype=tl.float32)
-            h_dh = tl.zeros([BK], dtype=tl.float32)
-        w, dk_state, dq_state, h_dh = _scalar_grad_tile(
-            k, at, decay_out, v_ptr, do_ptr, h_ptr, dh_ptr, dv_ptr, w, dk_state, dq_state, h_dh,
-            i_c, i_h, t0, tile * BV, rows, valid, ck, H, K, V, BV)
-        if tile == NV - 1:
-            _scalar_grad_finish(q, k, b, b_last, decay_out, w, dk_state, dq_state, h_dh, dq_ptr, dk_ptr, dg_ptr,
-                                t0, pk, rows, valid, mk, i_h, L, scale, H)
 
 
 # ---------------------------------------------------------------------------------------------
