@@ -16,13 +16,15 @@ beside the default (`auto`: `fused_forward` decides; `fused`: one kernel serial 
 segment's chunks; `chunked`: cumsum, state pass and output kernel), with the forward's own
 kernel times. --backwards times simple_gla's fused backward with other launches (SPECs over
 the keys of `scalar_backward_config()`, e.g. `block_v=64,warps=8,stages=2`). --heads-fast 0 1
-times both kernels with each order of the chunk-parallel grids (flame.kernels.utils.HEADS_FAST). Shapes BxT have
+times both kernels with each order of the chunk-parallel grids (flame.kernels.utils.HEADS_FAST);
+--backward-modes with each FLAME_GLA_BACKWARD (what the forward keeps for the backward). Shapes BxT have
 H=16, K=V=128; BxTxHxKxV names them all. bf16. Writes JSON (GPU, torch, Triton, commit) to benchmarks/results/ and prints a table last.
 """
 
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -65,6 +67,20 @@ def heads_fast(on: bool):
         yield
     finally:
         kernel_utils.HEADS_FAST = saved
+
+
+@contextlib.contextmanager
+def backward_mode(mode: str):
+    """Runs the block with FLAME_GLA_BACKWARD=mode."""
+    saved = os.environ.get("FLAME_GLA_BACKWARD")
+    os.environ["FLAME_GLA_BACKWARD"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FLAME_GLA_BACKWARD"]
+        else:
+            os.environ["FLAME_GLA_BACKWARD"] = saved
 
 
 def parse_shape(shape: str) -> tuple:
@@ -158,6 +174,9 @@ def main():
     parser.add_argument("--backwards", nargs="*", default=[],
                         help="SPECs over the keys of scalar_backward_config() timed for simple_gla, e.g. "
                              "block_v=64,warps=8,stages=2")
+    parser.add_argument("--backward-modes", nargs="*", default=[], choices=list(la.BACKWARD_MODES),
+                        help="time each kernel with FLAME_GLA_BACKWARD set to each mode (what the forward keeps "
+                             "for the backward)")
     parser.add_argument("--heads-fast", nargs="*", type=int, default=[], choices=[0, 1],
                         help="time each kernel with utils.HEADS_FAST set to each value (the chunk-parallel "
                              "grids' head axis fastest-varying or not)")
@@ -189,6 +208,11 @@ def main():
                     entry = {"fwd_ms": timed(fwd), "fwdbwd_ms": timed(fwdbwd), "profile_fwd_ms": profiled(fwd),
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
+            for mode in args.backward_modes:
+                with backward_mode(mode):
+                    fwdbwd()  # the first call of this mode compiles its kernels
+                    entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
+                row["variants"][f"backward:mode={mode}"] = entry
             for value in args.heads_fast:
                 with heads_fast(bool(value)):
                     fwdbwd()  # the first call of this grid order compiles it

@@ -160,6 +160,24 @@ def test_fused_forward_segments_cpu(case, seg_len, triton_backend, monkeypatch):
         assert err < 1e-5, f"{key}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("seg_len", [64, 128])
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: f"T{c[1]}-HQ{c[2]}-H{c[3]}-{'varlen' if c[6] else 'fixed'}")
+def test_fused_forward_kept_states_cpu(case, seg_len, triton_backend, monkeypatch):
+    # FLAME_GLA_BACKWARD=saved: the fused forward writes the chunk states, segments carried
+    # into later ones included, and the backward runs only the reverse state pass on them.
+    from flame.kernels import linear_attention
+
+    B, T, HQ, H, K, V, cu, with_h0 = case
+    monkeypatch.setenv("FLAME_GLA_BACKWARD", "saved")
+    monkeypatch.setattr(linear_attention, "FUSED_SEGMENT_TOKENS", seg_len)
+    uses, passes, states = force_fused_forward(monkeypatch, True), [], linear_attention._states
+    monkeypatch.setattr(linear_attention, "_states", lambda *a: passes.append(a[8:10]) or states(*a))
+    errors = compare_grouped(B, T, HQ, H, K, V, cu, with_h0, torch.float32, "cpu")
+    assert uses and passes == [(False, True)]
+    for key, err in errors.items():
+        assert err < 1e-5, f"{key}: relative error {err:.2e}"
+
+
 # Variants of the two GLA kernels on 16-row blocks (`gla_intra_config`), together covering each
 # code path: partner rows unrolled, diagonal scores in their own tile, the dA diagonal from the
 # scratch or from reductions, split diagonal gradient terms, several K tiles per program; every
@@ -630,15 +648,18 @@ def test_simple_gla_grouped_fused_forward_gpu_bf16(case, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "saved"])
 @pytest.mark.parametrize("case", GPU_FORWARD_CASES, ids=lambda c: f"T{c[2]}-K{c[4]}-V{c[5]}-{'varlen' if c[6] else 'fixed'}")
-def test_simple_gla_segmented_forward_gpu_bf16(case, monkeypatch):
-    """The fused forward with sequences cut into segments of 256 tokens (4096 by default)."""
+def test_simple_gla_segmented_forward_gpu_bf16(case, mode, monkeypatch):
+    """The fused forward with sequences cut into segments of 256 tokens (4096 by default);
+    saved: it also writes the chunk states for the backward."""
     from flame.kernels import linear_attention
 
     monkeypatch.delenv("FLAME_BACKEND", raising=False)
+    monkeypatch.setenv("FLAME_GLA_BACKWARD", mode)
     monkeypatch.setattr(linear_attention, "FUSED_SEGMENT_TOKENS", 256)
     uses = force_fused_forward(monkeypatch, True)
-    _check_gpu_bf16(case, "-segmented-fwd")
+    _check_gpu_bf16(case, f"-segmented-fwd-{mode}")
     assert uses
 
 

@@ -237,7 +237,9 @@ def _fused_forward_block(V):
 _WARMED_FORWARDS = set()
 
 
-def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
+def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=False):
+    """Returns (o, ht, None, h, b); with keep_states h (the chunk-entry states, written by the
+    forward kernel) and b (the gate's chunk-local cumsums) for the backward, else None."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     N = chunks.num_seqs
@@ -255,13 +257,15 @@ def _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks):
     states = decay = o
     if carry:
         states, decay = _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv)
+    h = torch.empty(chunks.slots, H, K, V, dtype=q.dtype, device=q.device) if keep_states else None
     kern.chunk_fused_forward_scalar_kernel[grid](
         q, k, v, g, h0 if h0 is not None else o, states, decay, o, ht if ht is not None else o,
-        chunks.cu_seqlens, seg_idx, seg_offsets, N, seg_len, scale, **tiles,
-        HAS_H0=h0 is not None, STORE_HT=ht is not None, CARRY=carry,
+        h if keep_states else o, chunks.cu_seqlens, seg_idx, seg_offsets, chunks.offsets, N, seg_len, scale,
+        **tiles, HAS_H0=h0 is not None, STORE_HT=ht is not None, CARRY=carry, STORE_H=keep_states,
         num_warps=FUSED_FORWARD_WARPS, num_stages=CHUNK_STAGES,
     )
-    return o, ht, None, None, None
+    b = _cumsum(g, True, H, K, chunks) if keep_states else None
+    return o, ht, None, h, b
 
 
 def _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv):
@@ -282,24 +286,24 @@ def _segment_exit_states(k, v, g, chunks, seg_idx, slots, seg_len, bv):
 def _triton_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states=True):
     """Returns (o, ht, A, h, b): A the GLA score matrix, kept for the backward (None for a scalar
     gate); h the chunk-entry states [slots, H, K, V] and b the gate's chunk-local cumulative sums,
-    which the backward takes instead of recomputing them when they are kept. Without
-    keep_states a scalar gate may take the fused forward, which forms no h or b (None)."""
+    which the backward takes instead of recomputing them when they are kept (else None). A
+    scalar gate may take the fused forward, which writes h only when they are kept."""
     T, HQ, K = q.shape
     H, V = v.shape[1:]
     scalar_gate = g.dim() == 2
     # 16-bit on GPUs: fp32 tiles, pipelined, would pass the shared memory of one SM
-    if scalar_gate and not keep_states and K <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
+    if scalar_gate and K <= CHUNK_BLOCK and (q.element_size() == 2 or not q.is_cuda):
         fused = fused_forward(chunks.num_seqs, H, V, T, num_sms(q.device))
-        key = (q.device, q.dtype, HQ, K, H, V, h0 is not None, output_final_state)
+        key = (q.device, q.dtype, HQ, K, H, V, h0 is not None, output_final_state, keep_states)
         if chunks.packed and q.is_cuda and key not in _WARMED_FORWARDS:
             # The choice follows the number of packed documents, which varies by batch: the
             # first packed call runs the other forward too (result unused), so that a later
             # batch finds its kernels compiled rather than stalling on a compile.
             _WARMED_FORWARDS.add(key)
             other = _triton_forward if fused else _fused_forward
-            other(q, k, v, g, scale, h0, output_final_state, chunks)
+            other(q, k, v, g, scale, h0, output_final_state, chunks, keep_states)
         if fused:
-            return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks)
+            return _fused_forward(q, k, v, g, scale, h0, output_final_state, chunks, keep_states)
     # GLA: chunks of small gate spread (flag 1) get A from the output kernel, the others from
     # the 16-row-block kernel
     cfg = gla_intra_config()

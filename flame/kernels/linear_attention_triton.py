@@ -338,10 +338,10 @@ def chunk_segment_state_scalar_kernel(
 
 @triton.jit(do_not_specialize=["N", "seg_len"])
 def chunk_fused_forward_scalar_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, states_ptr, decay_ptr, o_ptr, ht_ptr, cu_ptr, seg_idx_ptr,
-    seg_offsets_ptr, N, seg_len, scale,
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, states_ptr, decay_ptr, o_ptr, ht_ptr, h_ptr, cu_ptr, seg_idx_ptr,
+    seg_offsets_ptr, chunk_offsets_ptr, N, seg_len, scale,
     H: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CARRY: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, CARRY: tl.constexpr, STORE_H: tl.constexpr,
 ):
     """Scalar gate, K <= BK: the whole forward of one segment (seg_len tokens of a sequence),
     value head and V tile, serial over its chunks with the state in fp32 registers:
@@ -352,6 +352,8 @@ def chunk_fused_forward_scalar_kernel(
     segment after a sequence's first enters with the state the earlier segments leave,
     combined from their zero-entry states and decays (`chunk_segment_state_scalar_kernel`):
     h <- e^{decay[r]} h + states[r] for each earlier segment r, starting from h0 or zero.
+    STORE_H: also write each chunk's entry state to h [chunk slots, H, K, V] in q's dtype, the
+    chunk states the state pass would form, for the backward.
     """
     i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     dtype = q_ptr.dtype.element_ty
@@ -383,6 +385,9 @@ def chunk_fused_forward_scalar_kernel(
         g = tl.load(g_ptr + (t0 + rows) * H + i_h, mask=valid, other=0.0).to(tl.float32)
         b, b_last = _scalar_gate_cumsum(g, rows, L)
         a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
+        if STORE_H:
+            slot = tl.load(chunk_offsets_ptr + seq).to(tl.int64) + (t0 - tl.load(cu_ptr + seq)) // BT
+            tl.store(h_ptr + (slot * H + i_h) * K * V + tile, h.to(dtype), mask=mkv)
         o = tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)
         tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
         h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
