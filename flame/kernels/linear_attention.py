@@ -676,9 +676,9 @@ def backward_mode() -> str:
     recompute: the backward reruns the gate cumsum and the forward state pass.
     auto: saved for chunk_gla, recompute for chunk_simple_gla. H100, bf16, 340M recipes at
     4096 x 8 x 16 micro-batches, one call: GLA 159,709 -> 163,700 tokens/s with the states kept
-    (+5.4 GiB); for a scalar gate the reverse pass alone took as long as both passes together
-    (chunk_simple_gla 8 x 4096, 16 heads of 128: 2.27 ms recomputing, 2.59 keeping), and Mamba2
-    and RetNet trained no faster (benchmarks/notes_linear_attention.md)."""
+    (+5.4 GiB); Mamba2 and RetNet trained no faster with them. A scalar gate's fused forward
+    writes h when saved: chunk_simple_gla's kernels at 8 x 4096, 16 heads of 128, 1.55 -> 1.48 ms
+    per forward+backward, at 1 x 32768 1.91 -> 1.75 (benchmarks/notes_linear_attention.md)."""
     mode = os.environ.get("FLAME_GLA_BACKWARD", "auto")
     if mode not in BACKWARD_MODES:
         raise ValueError(f"FLAME_GLA_BACKWARD must be one of {BACKWARD_MODES}, got {mode!r}")
