@@ -27,8 +27,7 @@ program of their transition passes), transition=BCxWARPSxSTAGES[xREGISTERS] and
 transition_grad=BCxWARPSxSTAGES (the launches of the forward's and the backward's transition
 passes; REGISTERS caps the forward's registers per thread), u=fp32|bf16 (the dtype of u = A beta v),
 states_pass_programs=N (programs per SM below which the forward's states-only pass narrows its
-V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass),
-gate_from_grads=0|1 (the chunk gradient's gate gradient from q . dq - v . dv, `gate_from_gradients`). Every variant is timed at every shape;
+V block), values_in_pass=0|1 (the inference forward's v' from A and v in the serial pass). Every variant is timed at every shape;
 the per-kernel profiles (forward, forward+backward) are taken for the default, and with
 --profile-variants for each variant too. --check also records each variant's relative error
 norms against float64 (outputs, final state, every gradient; B=2, T=1000, H=4, K=V=128).
@@ -124,8 +123,7 @@ def variant(spec: str):
     modules = {"prepare_config": fwd_mod, "state_warps": fwd_mod, "split_output": fwd_mod, "_state_block": fwd_mod,
                "output_config": fwd_mod, "state_grad_warps": bwd, "chunk_grad_config": bwd,
                "chunk_grad_stages": bwd,
-               "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod, "values_in_pass": fwd_mod,
-               "gate_from_gradients": bwd}
+               "split_dv_local": bwd, "local_dv_config": bwd, "u_dtype": fwd_mod, "values_in_pass": fwd_mod}
     saved = {name: getattr(module, name) for name, module in modules.items()}
     saved_mode = os.environ.get("FLAME_DELTA_SEGMENTS")
     saved_tokens = segments.SEGMENT_TOKENS, segments.PACKED_SEGMENT_TOKENS
@@ -183,8 +181,6 @@ def variant(spec: str):
                 segments.BACKWARD_JOIN = segments.PLAIN_BACKWARD_JOIN = int(value)
             elif key == "heads_fast":
                 kernel_utils.HEADS_FAST = bool(int(value))
-            elif key == "gate_from_grads":
-                bwd.gate_from_gradients = lambda on=bool(int(value)): on
             else:
                 raise ValueError(f"unknown variant key {key!r} in {spec!r}")
         yield

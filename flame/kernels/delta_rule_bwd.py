@@ -144,10 +144,8 @@ def _chunk_grad_kernel(
     cu_seqlens, chunk_indices, chunk_offsets, scale,
     T, N, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr, GATE_FROM_GRADS: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, HEADS_FAST: tl.constexpr,
 ):
-    # GATE_FROM_GRADS (gated): the gradient of the in-chunk gate cumsum from q . dq - v . dv per
-    # row (`gate_from_gradients`) instead of the terms of each product the gate enters.
     j, bh = chunk_head_ids(HEADS_FAST, False)
     b, hv, h, i, bos, eos = _chunk_program(j, bh, chunk_indices, cu_seqlens, T, N, H, HV, BT, IS_VARLEN)
     # this chunk's slot among the stored chunk states
@@ -217,12 +215,10 @@ def _chunk_grad_kernel(
     # Output: o = scale (gam q S0 + tril(q k^T e) v').
     dPe = dP * e * scale
     dq_inter = dq_inter * (scale * gam)[:, None]
-    if USE_G and not GATE_FROM_GRADS:
+    if USE_G:
         Z = dPe * tl.dot(b_q, tl.trans(b_k))
         dgc += tl.sum(dq_inter * b_q.to(tl.float32), 1) + tl.sum(Z, 1) - tl.sum(Z, 0)
     b_dq = dq_inter + tl.dot(dPe.to(dt), b_k)
-    if USE_G and GATE_FROM_GRADS:
-        dgc += tl.sum(b_dq * b_q.to(tl.float32), 1) - dbeta_v * b_beta
     tok_k = rows[:, None] * (HV * K) + hv * K + ck[None, :]
     tl.store(dq + tok_k, b_dq.to(dq.dtype.element_ty), mask=kmask)
     b_dk = tl.dot(tl.trans(dPe).to(dt), b_q)
@@ -230,8 +226,7 @@ def _chunk_grad_kernel(
     dk_state = dk_state * kdec[:, None]
     if USE_G:
         ys = tl.sum(dk_state * kf, 1)
-        if not GATE_FROM_GRADS:
-            dgc -= ys
+        dgc -= ys
         dgl_total = dgl * tl.exp(last) + tl.sum(ys, 0)
     b_dk += dk_state
     # WY: w = A (beta gam k), u = A (beta v).
@@ -241,7 +236,7 @@ def _chunk_grad_kernel(
     dkb = tl.dot(b_at.to(dt), dw.to(dt))
     b_dk += dkb * (b_beta * gam)[:, None]
     dbeta_acc = dbeta_v + tl.sum(dkb * kf, 1) * gam
-    if USE_G and not GATE_FROM_GRADS:
+    if USE_G:
         dgc += tl.sum(dkb * kb, 1)
     # A = (I + L)^-1: dL = -A^T dA A^T below the diagonal; L = beta_i k_i.k_j e_ij.
     dL = -tl.dot(tl.dot(b_at.to(dt), dA.to(dt)).to(dt), b_at.to(dt))
@@ -254,32 +249,14 @@ def _chunk_grad_kernel(
     tl.store(dbeta + rows * HV + hv, dbeta_acc.to(dbeta.dtype.element_ty), mask=rmask)
     tl.store(dk + tok_k, b_dk.to(dk.dtype.element_ty), mask=kmask)
     if USE_G:
-        if not GATE_FROM_GRADS:
-            G = dLe * kk * b_beta[:, None]
-            dgc += tl.sum(G, 1) - tl.sum(G, 0)
+        G = dLe * kk * b_beta[:, None]
+        dgc += tl.sum(G, 1) - tl.sum(G, 0)
         # then of g, by a reverse cumsum; the chunk's last row also carries the state decay's
         last_row = tl.minimum(i * BT + BT, eos - bos) - 1 - i * BT
         dgc = tl.where(r == last_row, dgc + dgl_total, dgc)
         dgc = tl.where(rmask, dgc, 0.0)
         b_dg = tl.cumsum(dgc, 0, reverse=True)
         tl.store(dg + rows * HV + hv, b_dg.to(dg.dtype.element_ty), mask=rmask)
-
-
-def gate_from_gradients() -> bool:
-    """Whether the chunk gradient kernel forms the gate gradient from the other gradients.
-
-    With S~_t = exp(-G_t) S_t (G the cumulative log gate), the gated recurrence reads
-    S~_t = S~_{t-1} (I - beta_t k_t k_t^T) + beta_t exp(-G_t) v_t k_t^T, o_t = exp(G_t) S~_t q_t:
-    the gate scales only q_t (by exp(G_t)) and v_t (by exp(-G_t)). So, within a chunk (G its
-    cumsum gc, the entering state fixed), dL/dgc_t = q_t . dq_t - v_t . dv_t, plus
-    <S1, dS1> at the last row through the state leaving the chunk, S1 = exp(gl) S~_last; the
-    kernel has dq and dv (v . dv = beta dbeta's v term) and <S1, dS1> = exp(gl) <S0, dS1> +
-    sum_t (k exp(gl - gc))_t . (v' dS1^T)_t. False: the sum of the gate's terms in each
-    product it enters (an extra [64, 64] x K product and row and column sums of [64, 64] tiles)."""
-    return GATE_FROM_GRADS
-
-
-GATE_FROM_GRADS = False
 
 
 def chunk_grad_config(element_size: int, BK: int, BVF: int) -> tuple[int, int]:
@@ -424,7 +401,6 @@ def backward_triton(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale,
         cu_seqlens, chunk_indices, chunk_offsets, scale,
         T, N, H, HV, K, V, BT=CHUNK, BK=BK, BV=BVC,
         USE_G=g is not None, IS_VARLEN=cu_seqlens is not None, HEADS_FAST=fast,
-        GATE_FROM_GRADS=g is not None and gate_from_gradients(),
         num_warps=warps, num_stages=chunk_grad_stages(q.element_size(), g is not None, BK),
     )
     if HV != H:
