@@ -28,6 +28,7 @@ import os
 import pathlib
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -67,20 +68,6 @@ def heads_fast(on: bool):
         yield
     finally:
         kernel_utils.HEADS_FAST = saved
-
-
-@contextlib.contextmanager
-def backward_mode(mode: str):
-    """Runs the block with FLAME_GLA_BACKWARD=mode."""
-    saved = os.environ.get("FLAME_GLA_BACKWARD")
-    os.environ["FLAME_GLA_BACKWARD"] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["FLAME_GLA_BACKWARD"]
-        else:
-            os.environ["FLAME_GLA_BACKWARD"] = saved
 
 
 def parse_shape(shape: str) -> tuple:
@@ -209,7 +196,7 @@ def main():
                              "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"forward={choice}"] = entry
             for mode in args.backward_modes:
-                with backward_mode(mode):
+                with mock.patch.dict(os.environ, {"FLAME_GLA_BACKWARD": mode}):
                     fwdbwd()  # the first call of this mode compiles its kernels
                     entry = {"fwdbwd_ms": timed(fwdbwd), "profile_fwdbwd_ms": profiled(fwdbwd)}
                 row["variants"][f"backward:mode={mode}"] = entry

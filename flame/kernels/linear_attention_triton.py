@@ -374,6 +374,8 @@ def chunk_fused_forward_scalar_kernel(
             h = h * tl.exp(tl.load(decay_ptr + r * H + i_h)) + tl.load(
                 states_ptr + (r * H + i_h).to(tl.int64) * K * V + tile, mask=mkv, other=0.0)
     i_q = i_h // (H // HQ)
+    if STORE_H:  # the segment's first chunk slot; its later chunks follow it
+        slot = tl.load(chunk_offsets_ptr + seq).to(tl.int64) + (start - tl.load(cu_ptr + seq)) // BT
     for t0 in range(start, end, BT):
         L = tl.minimum(end - t0, BT).to(tl.int32)
         valid = rows < L
@@ -386,8 +388,8 @@ def chunk_fused_forward_scalar_kernel(
         b, b_last = _scalar_gate_cumsum(g, rows, L)
         a = (tl.dot(q, tl.trans(k)) * _decay_matrix(b, rows, L, False)).to(dtype)
         if STORE_H:
-            slot = tl.load(chunk_offsets_ptr + seq).to(tl.int64) + (t0 - tl.load(cu_ptr + seq)) // BT
             tl.store(h_ptr + (slot * H + i_h) * K * V + tile, h.to(dtype), mask=mkv)
+            slot += 1
         o = tl.dot(q, h.to(dtype)) * tl.exp(b)[:, None] + tl.dot(a, v)
         tl.store(o_ptr + ((t0 + rows[:, None]) * H + i_h) * V + cv[None, :], (o * scale).to(dtype), mask=mv)
         h = _scalar_chunk_update(h, k, v, b, b_last, valid, dtype)
