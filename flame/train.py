@@ -292,7 +292,13 @@ class Trainer:
         self._check_resume_compatible()
 
         # Only now, with every check passed, is anything written.
+        settings = optim.config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers)
         self.checkpointer.load(step=cfg.checkpoint.load_step)
+        if self.state.step > 0:  # resumed: the checkpoint's state, this config's settings
+            for line in optim.restore_config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers,
+                                                      settings, next_step=self.state.step + 1):
+                if self.rt.rank == 0:
+                    logger.warning(f"resuming step {self.state.step}: {line}")
         if self.rt.rank == 0:
             os.makedirs(cfg.job.dump_folder, exist_ok=True)
             with open(os.path.join(cfg.job.dump_folder, CONFIG_FILE), "w") as f:
@@ -347,9 +353,10 @@ class Trainer:
         return model
 
     def _check_resume_compatible(self) -> None:
-        """Refuse, before anything is loaded or written, a resume the data state cannot follow."""
+        """Refuse, before anything is loaded or written, a resume that cannot go on: a checkpoint
+        past training.steps, or a data state the data-parallel degree cannot follow."""
         ck = self.cfg.checkpoint
-        if not ck.enable or "dataloader" in ck.exclude_from_loading:
+        if not ck.enable:
             return
         folder = os.path.join(self.cfg.job.dump_folder, ck.folder)
         step = ck.load_step if ck.load_step != -1 else titan.latest_complete_step(folder)
@@ -358,6 +365,14 @@ class Trainer:
         path = os.path.join(folder, f"step-{step}")
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise ValueError(f"checkpoint.load_step = {step}: no complete checkpoint at {path}")
+        steps = self.cfg.training.steps
+        if step > steps:
+            raise ValueError(
+                f"cannot resume {path}: its step {step} is past training.steps = {steps}, so nothing "
+                f"would be trained; set training.steps above {step} to train on, or "
+                f"checkpoint.load_step to an earlier step")
+        if "dataloader" in ck.exclude_from_loading:
+            return
         saved = saved_dp_world_size(path)
         if saved is not None and saved != self.dp_size:
             raise ValueError(
@@ -504,6 +519,9 @@ class Trainer:
                 f"training {self.n_params / 1e6:.2f}M parameters on {self.rt.world_size} x "
                 f"{self.device.type}; global batch {t.local_batch_size * self.dp_size * self.grad_accum}"
                 f" x {t.seq_len} tokens ({self.grad_accum} micro-batches); from step {self.state.step}")
+            if self.state.step >= t.steps:
+                logger.info(f"the checkpoint is at training.steps = {t.steps}: nothing left to train "
+                            "(raise training.steps to train on)")
         self.window = _Window(time.perf_counter())
         self.run_start, self.run_start_step = self.window.start, self.state.step
         # A step is accounted (skips, metrics) once the next one is queued: the host reads a

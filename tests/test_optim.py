@@ -97,3 +97,53 @@ def test_clip_grad_norm_with_partial_gradients_and_plain_tensors(mesh):
     assert optim.clip_grad_norm_([plain], 1.0).item() == pytest.approx(5.0)
     torch.testing.assert_close(plain.grad, torch.tensor([0.6, 0.0, 0.8]), rtol=1e-5, atol=0)
     assert optim.clip_grad_norm_([torch.nn.Parameter(torch.zeros(2))], 1.0).item() == 0.0
+
+
+def _optimizer_and_schedule(lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, total=20):
+    torch.manual_seed(0)
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = optim.AdamW([{"params": [w], "weight_decay": weight_decay}, {"params": [b], "weight_decay": 0.0}],
+                      lr=lr, betas=betas, eps=eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
+    return [w, b], opt, sched
+
+
+def _train(params, opt, sched, steps):
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        sched.step()
+
+
+def test_resume_settings_come_from_the_config():
+    params, opt, sched = _optimizer_and_schedule(1e-3)
+    _train(params, opt, sched, 5)
+    saved_opt, saved_sched = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+
+    # Same config: nothing reported, every value as loaded (bit for bit).
+    params2, opt2, sched2 = _optimizer_and_schedule(1e-3)
+    settings = optim.config_settings([opt2], [sched2])
+    opt2.load_state_dict(copy.deepcopy(saved_opt))
+    sched2.load_state_dict(copy.deepcopy(saved_sched))
+    assert optim.restore_config_settings([opt2], [sched2], settings, next_step=6) == []
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+
+    # Another lr, betas, weight decay and schedule length: the config's apply from the next step.
+    params3, opt3, sched3 = _optimizer_and_schedule(2e-4, betas=(0.9, 0.99), weight_decay=0.01, total=40)
+    settings = optim.config_settings([opt3], [sched3])
+    opt3.load_state_dict(copy.deepcopy(saved_opt))
+    sched3.load_state_dict(copy.deepcopy(saved_sched))
+    assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # what a checkpoint alone restores
+    lines = optim.restore_config_settings([opt3], [sched3], settings, next_step=6)
+    text = "\n".join(lines)
+    for needle in ("optimizer.lr: 0.0002 in this run's config, 0.001 in the checkpoint",
+                   "optimizer.beta1 / optimizer.beta2: (0.9, 0.99)", "optimizer.weight_decay: 0.01",
+                   "learning rate of step 6: 1.750e-04"):
+        assert needle in text, text
+    assert "optimizer.eps" not in text
+    assert [g["lr"] for g in opt3.param_groups] == [2e-4 * (1 - 5 / 40)] * 2
+    assert opt3.param_groups[0]["betas"] == (0.9, 0.99) and opt3.param_groups[1]["weight_decay"] == 0.0
+    assert opt3.state[params3[0]]["step"] == 5  # the moments and step count stay the checkpoint's
+    sched3.step()
+    assert opt3.param_groups[0]["lr"] == pytest.approx(2e-4 * (1 - 6 / 40))

@@ -102,6 +102,7 @@ def test_resume_is_exact_and_skips_incomplete_checkpoints(tmp_path):
 
     out = run(["--config", cfg, "--job.dump_folder", str(resumed)])
     assert "step-10" in out.stdout + out.stderr
+    assert "resuming step" not in out.stdout + out.stderr  # same settings: nothing to report
 
     a, b = metrics(straight), metrics(resumed)
     assert sorted(a) == list(range(1, 21))
@@ -112,6 +113,29 @@ def test_resume_is_exact_and_skips_incomplete_checkpoints(tmp_path):
         assert b[step]["tokens_seen"] == a[step]["tokens_seen"], step
     assert a[20]["loss"] < a[1]["loss"] - 0.5
     assert (ckpt / "step-20" / ".metadata").is_file()
+
+
+def test_resume_takes_settings_from_the_config(tmp_path):
+    """A resumed run keeps the checkpoint's moments and step but this run's optimizer settings and
+    schedule: a lower optimizer.lr or another schedule length applies from the first resumed step
+    (a checkpoint would otherwise restore the old ones), and each difference is reported."""
+    cfg = tiny_config(tmp_path, training={"steps": 10})
+    resumed = tmp_path / "resumed"
+    run(["--config", cfg, "--job.dump_folder", str(resumed)])
+    changed = ["--training.steps", "14", "--optimizer.lr", "3e-4", "--optimizer.weight_decay", "0.05",
+               "--lr_scheduler.total_steps", "40"]
+    out = run(["--config", cfg, "--job.dump_folder", str(resumed), *changed])
+
+    # The same settings from the start: the schedule (not the weights) sets each step's lr.
+    fresh = tmp_path / "fresh"
+    run(["--config", cfg, "--job.dump_folder", str(fresh), *changed, "--checkpoint.enable", "false"])
+    a, b = metrics(fresh), metrics(resumed)
+    for step in range(11, 15):
+        assert b[step]["lr"] == a[step]["lr"], (step, b[step]["lr"], a[step]["lr"])
+    log = out.stdout + out.stderr
+    assert "resuming step 10: optimizer.lr: 0.0003 in this run's config" in log, log[-3000:]
+    assert "resuming step 10: optimizer.weight_decay: 0.05 in this run's config" in log
+    assert "resuming step 10: learning rate of step 11" in log
 
 
 def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path):
@@ -129,6 +153,7 @@ def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path)
          "model.vocab_size = 1000 is smaller than the tokenizer's 4096"),
         (["--config", cfg, "--training.steps", "4", "--training.global_batch_size", "6"],
          "training.global_batch_size = 6 is not divisible"),
+        (["--config", cfg, "--training.steps", "1"], "its step 2 is past training.steps = 1"),
     ]
     for args, needle in cases:
         out = run(args, check=False)
