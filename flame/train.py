@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from flame import optim, titan
 from flame.config import Config
@@ -32,6 +33,24 @@ from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
 from flame.titan import logger
 
 CONFIG_FILE = "config.toml"
+
+
+def model_differences(checkpoint_path: str | None, model_cfg) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, this run's value) of each [model] key whose value in the config saved
+    beside a checkpoint differs from this run's; [] without a readable saved config."""
+    import dataclasses
+
+    from flame.config import load_config
+
+    saved_file = os.path.join(checkpoint_path or "", CONFIG_FILE)
+    if not checkpoint_path or not os.path.isfile(saved_file):
+        return []
+    try:
+        saved = load_config(saved_file).model
+    except ValueError:  # written under another schema: nothing to compare
+        return []
+    return [(f.name, getattr(saved, f.name), getattr(model_cfg, f.name))
+            for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -293,7 +312,14 @@ class Trainer:
 
         # Only now, with every check passed, is anything written.
         settings = optim.config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers)
-        self.checkpointer.load(step=cfg.checkpoint.load_step)
+        try:
+            self.checkpointer.load(step=cfg.checkpoint.load_step)
+        except CheckpointException as e:
+            raise ValueError(self._load_failure(e)) from None
+        if self.state.step > 0 and self.rt.rank == 0:
+            for key, saved, now in model_differences(self.resume_path, cfg.model):
+                logger.warning(f"resuming step {self.state.step}: model.{key}: {now!r} in this run's config, "
+                               f"{saved!r} in the checkpoint's; the weights load unchanged")
         if self.state.step > 0:  # resumed: the checkpoint's state, this config's settings
             for line in optim.restore_config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers,
                                                       settings, next_step=self.state.step + 1):
@@ -356,13 +382,14 @@ class Trainer:
         """Refuse, before anything is loaded or written, a resume that cannot go on: a checkpoint
         past training.steps, or a data state the data-parallel degree cannot follow."""
         ck = self.cfg.checkpoint
+        self.resume_path = None
         if not ck.enable:
             return
         folder = os.path.join(self.cfg.job.dump_folder, ck.folder)
         step = ck.load_step if ck.load_step != -1 else titan.latest_complete_step(folder)
         if step <= 0:
             return
-        path = os.path.join(folder, f"step-{step}")
+        path = self.resume_path = os.path.join(folder, f"step-{step}")
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise ValueError(f"checkpoint.load_step = {step}: no complete checkpoint at {path}")
         steps = self.cfg.training.steps
@@ -381,6 +408,20 @@ class Trainer:
                 "split or merged. Resume with the same data-parallel degree, or set "
                 "checkpoint.exclude_from_loading = [\"dataloader\"] to keep the weights and "
                 "optimizer and restart the data stream")
+
+    def _load_failure(self, error: CheckpointException) -> str:
+        """What to change when a checkpoint does not load into this run's model: DCP's first
+        failure (a size mismatch or a missing key) and the [model] keys saved beside it that
+        differ from this run's."""
+        ck = self.cfg.checkpoint
+        path = self.resume_path or ck.initial_load_path
+        cause = next(iter(error.failures.values()))[0]
+        saved_with = ", ".join(f"model.{key} = {saved!r} (this run: {now!r})"
+                               for key, saved, now in model_differences(path, self.cfg.model))
+        return (f"cannot load the checkpoint {path}: {type(cause).__name__}: {str(cause).rstrip('.')}. "
+                + (f"It was saved with {saved_with}: resume with those settings" if saved_with
+                   else "Resume with the [model] it was saved with")
+                + ", or train this model in another job.dump_folder")
 
     # ---- one step -----------------------------------------------------------------------------
 

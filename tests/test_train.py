@@ -118,12 +118,13 @@ def test_resume_is_exact_and_skips_incomplete_checkpoints(tmp_path):
 def test_resume_takes_settings_from_the_config(tmp_path):
     """A resumed run keeps the checkpoint's moments and step but this run's optimizer settings and
     schedule: a lower optimizer.lr or another schedule length applies from the first resumed step
-    (a checkpoint would otherwise restore the old ones), and each difference is reported."""
+    (a checkpoint would otherwise restore the old ones), and each difference is reported, as is a
+    changed model setting that the weights load under."""
     cfg = tiny_config(tmp_path, training={"steps": 10})
     resumed = tmp_path / "resumed"
     run(["--config", cfg, "--job.dump_folder", str(resumed)])
     changed = ["--training.steps", "14", "--optimizer.lr", "3e-4", "--optimizer.weight_decay", "0.05",
-               "--lr_scheduler.total_steps", "40"]
+               "--lr_scheduler.total_steps", "40", "--model.norm_eps", "1e-5"]
     out = run(["--config", cfg, "--job.dump_folder", str(resumed), *changed])
 
     # The same settings from the start: the schedule (not the weights) sets each step's lr.
@@ -136,6 +137,8 @@ def test_resume_takes_settings_from_the_config(tmp_path):
     assert "resuming step 10: optimizer.lr: 0.0003 in this run's config" in log, log[-3000:]
     assert "resuming step 10: optimizer.weight_decay: 0.05 in this run's config" in log
     assert "resuming step 10: learning rate of step 11" in log
+    # a model setting that leaves the weights' shapes alone loads, and is reported
+    assert "resuming step 10: model.norm_eps: 1e-05 in this run's config, 1e-06 in the checkpoint's" in log
 
 
 def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path):
@@ -154,6 +157,8 @@ def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path)
         (["--config", cfg, "--training.steps", "4", "--training.global_batch_size", "6"],
          "training.global_batch_size = 6 is not divisible"),
         (["--config", cfg, "--training.steps", "1"], "its step 2 is past training.steps = 1"),
+        (["--config", cfg, "--training.steps", "4", "--model.dim", "32"],
+         "It was saved with model.dim = 64 (this run: 32): resume with those settings"),
     ]
     for args, needle in cases:
         out = run(args, check=False)
