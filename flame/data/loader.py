@@ -169,18 +169,19 @@ class FlameDataLoader(StatefulDataLoader):
             raise ValueError(
                 f"data loader state was saved with {saved} data-parallel ranks, this run has "
                 f"{self.dp_world_size}: each rank's packed stream depends on that number, so resuming would "
-                "repeat or skip documents. Resume with the same data-parallel degree, or drop the "
-                "dataloader state from the checkpoint to restart the data from the beginning")
+                "repeat or skip documents. Resume with the same data-parallel degree, or set "
+                "checkpoint.exclude_from_loading = [\"dataloader\"] to restart the data from the beginning")
         if state_dict.get("num_workers", self.num_workers) != self.num_workers:
             raise ValueError(f"data loader state was saved with data.num_workers = {state_dict['num_workers']}, "
-                             f"this run has {self.num_workers}; resume with the same data.num_workers")
+                             f"this run has {self.num_workers}; resume with the same data.num_workers, or set "
+                             "checkpoint.exclude_from_loading = [\"dataloader\"] to restart the data")
         if self._rank_key not in state_dict:
             raise ValueError(f"data loader state has no entry {self._rank_key!r} (keys: {sorted(state_dict)})")
         payload = pickle.loads(state_dict[self._rank_key])
         if payload["sources"] != _source_names(self.dataset.sources):
             raise ValueError(f"data loader state was saved for data.sources {payload['sources']}, this run has "
-                             f"{_source_names(self.dataset.sources)}; resume with the same sources, or drop the "
-                             "dataloader state from the checkpoint to restart the data")
+                             f"{_source_names(self.dataset.sources)}; resume with the same sources, or set "
+                             "checkpoint.exclude_from_loading = [\"dataloader\"] to restart the data")
         super().load_state_dict(payload["loader"])
 
 
