@@ -316,15 +316,8 @@ class Trainer:
             self.checkpointer.load(step=cfg.checkpoint.load_step)
         except CheckpointException as e:
             raise ValueError(self._load_failure(e)) from None
-        if self.state.step > 0 and self.rt.rank == 0:
-            for key, saved, now in model_differences(self.resume_path, cfg.model):
-                logger.warning(f"resuming step {self.state.step}: model.{key}: {now!r} in this run's config, "
-                               f"{saved!r} in the checkpoint's; the weights load unchanged")
-        if self.state.step > 0:  # resumed: the checkpoint's state, this config's settings
-            for line in optim.restore_config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers,
-                                                      settings, next_step=self.state.step + 1):
-                if self.rt.rank == 0:
-                    logger.warning(f"resuming step {self.state.step}: {line}")
+        if self.state.step > 0:
+            self._take_config_settings(settings)
         if self.rt.rank == 0:
             os.makedirs(cfg.job.dump_folder, exist_ok=True)
             with open(os.path.join(cfg.job.dump_folder, CONFIG_FILE), "w") as f:
@@ -408,6 +401,17 @@ class Trainer:
                 "split or merged. Resume with the same data-parallel degree, or set "
                 "checkpoint.exclude_from_loading = [\"dataloader\"] to keep the weights and "
                 "optimizer and restart the data stream")
+
+    def _take_config_settings(self, settings: dict) -> None:
+        """After a resume: the checkpoint gave the state, the config gives the settings (optimizer,
+        schedule); every setting that differs from the checkpoint's run is reported."""
+        lines = [f"model.{key}: {now!r} in this run's config, {saved!r} in the checkpoint's; the weights "
+                 "load unchanged" for key, saved, now in model_differences(self.resume_path, self.cfg.model)]
+        lines += optim.restore_config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers,
+                                               settings, next_step=self.state.step + 1)
+        if self.rt.rank == 0:
+            for line in lines:
+                logger.warning(f"resuming step {self.state.step}: {line}")
 
     def _load_failure(self, error: CheckpointException) -> str:
         """What to change when a checkpoint does not load into this run's model: DCP's first
