@@ -380,9 +380,11 @@ class Trainer:
             return
         folder = os.path.join(self.cfg.job.dump_folder, ck.folder)
         step = ck.load_step if ck.load_step != -1 else titan.latest_complete_step(folder)
-        if step <= 0:
+        if step < 0:
             return
         path = self.resume_path = os.path.join(folder, f"step-{step}")
+        if step == 0:  # weights only (e.g. written by `flame.convert from-hf`): nothing else to check
+            return
         if not os.path.isfile(os.path.join(path, ".metadata")):
             raise ValueError(f"checkpoint.load_step = {step}: no complete checkpoint at {path}")
         steps = self.cfg.training.steps

@@ -4,6 +4,7 @@ continued pretraining, and reject bad input."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -218,6 +219,14 @@ def test_round_trip_is_bit_identical_and_the_trainer_continues(run, tmp_path):
     continued = convert.load_dcp_model_state(str(tmp_path / "cont" / "checkpoint" / "step-1"), model_cfg)
     for k, v in a.items():
         assert torch.allclose(continued[k[len(convert.HF_PREFIX):]], v, atol=1e-6, rtol=0), k
+
+    # A step-0 that does not fit the run's model: one message naming the checkpoint and the key.
+    shutil.rmtree(tmp_path / "cont" / "checkpoint" / "step-1")
+    proc = subprocess.run([sys.executable, TRAIN_PY, "--config", str(toml), "--training.steps", "1",
+                           "--model.dim", "96"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert f"cannot load the checkpoint {step0}" in errors[0] and "model.dim = 64 (this run: 96)" in errors[0]
 
 
 def test_bad_input_is_a_clear_error(run, tmp_path, monkeypatch):
