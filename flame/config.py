@@ -158,6 +158,9 @@ class CheckpointConfig:
     export_hf: bool = False
     # States not restored on resume, e.g. ["dataloader"] to restart the data stream.
     exclude_from_loading: list[str] = field(default_factory=list)
+    # On SIGTERM or SIGUSR1 (a scheduler's preemption or time limit), finish the current step,
+    # write a full checkpoint of it and exit with 128 + the signal number.
+    save_on_signal: bool = True
 
     def validate(self) -> None:
         if self.interval <= 0:

@@ -207,6 +207,17 @@ def will_save_checkpoint(checkpointer: CheckpointManager, step: int, last_step: 
     return checkpointer._should_save(step, last_step)
 
 
+def save_checkpoint_now(checkpointer: CheckpointManager, step: int) -> None:
+    """A full, synchronous checkpoint of `step` whatever the interval (before a stop on a signal):
+    the last-step path, with the optimizer and data state even where last_save_model_only is set."""
+    model_only = checkpointer.last_save_model_only
+    checkpointer.last_save_model_only = False
+    try:
+        checkpointer.save(step, last_step=True)
+    finally:
+        checkpointer.last_save_model_only = model_only
+
+
 def latest_complete_step(folder: str) -> int:
     """The newest step-N below `folder` whose save completed, or -1."""
     probe = CheckpointManager.__new__(CheckpointManager)

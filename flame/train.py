@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,39 @@ def model_differences(checkpoint_path: str | None, model_cfg) -> list[tuple[str,
         return []
     return [(f.name, getattr(saved, f.name), getattr(model_cfg, f.name))
             for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (a scheduler's preemption or time limit) noted by a handler and acted on
+    between steps. Every rank must stop after the same step, so the ranks agree on the largest
+    signal received with an all-reduce on the CPU (gloo), which leaves the device's queue alone."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, world_size: int):
+        self.received = 0
+        self.previous = {}
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._note)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _note(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> int:
+        """The signal number any rank received (the largest), 0 for none."""
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
 
 
 # ------------------------------------------------------------------------------------------
@@ -323,6 +357,8 @@ class Trainer:
             with open(os.path.join(cfg.job.dump_folder, CONFIG_FILE), "w") as f:
                 f.write(cfg.to_toml())
         self.metrics = MetricsWriter(cfg, self.rt.rank)
+        self.stop_signals = StopSignals(self.rt.world_size) if cfg.checkpoint.save_on_signal else None
+        self.stopped_by = 0  # the signal that ended the run early
         self.peak_flops = titan.peak_flops(self.device)
         self.gc = titan.GarbageCollection(gc_freq=t.gc_freq)
 
@@ -571,6 +607,17 @@ class Trainer:
                             "(raise training.steps to train on)")
         self.window = _Window(time.perf_counter())
         self.run_start, self.run_start_step = self.window.start, self.state.step
+        if self.stop_signals is not None:
+            self.stop_signals.install()
+        try:
+            self._train_loop(t, profiler)
+        finally:
+            if self.stop_signals is not None:
+                self.stop_signals.restore()
+        if cfg.checkpoint.export_hf and self.state.step == t.steps:
+            self._export_hf(self.state.step)
+
+    def _train_loop(self, t, profiler) -> None:
         # A step is accounted (skips, metrics) once the next one is queued: the host reads a
         # step's results while the device works on the next, so the device never waits for it.
         pending = None
@@ -594,11 +641,33 @@ class Trainer:
             self.checkpointer.save(step, last_step=last)
             if saves:
                 self._save_config_beside_checkpoint(step)
+            signum = self.stop_signals.agreed() if self.stop_signals is not None and not last else 0
+            if signum:
+                pending = self._stop_on_signal(signum, step, pending, saved=saves)
+                break
         if pending is not None:
             self._account(pending)
         profiler.close()
-        if cfg.checkpoint.export_hf and self.state.step == t.steps:
-            self._export_hf(self.state.step)
+
+    def _stop_on_signal(self, signum: int, step: int, pending, saved: bool):
+        """A stop signal reached a rank: this step's full checkpoint (unless the interval just wrote
+        one), then the loop ends. Returns what is left to account."""
+        self.stopped_by = signum
+        name = signal.Signals(signum).name
+        if not self.cfg.checkpoint.enable:
+            if self.rt.rank == 0:
+                logger.warning(f"{name}: stopping after step {step}; checkpoint.enable is false, so nothing is saved")
+            return pending
+        if not saved:
+            if pending is not None:
+                self._account(pending)  # the checkpoint holds this step's skip count
+                pending = None
+            titan.save_checkpoint_now(self.checkpointer, step)
+            self._save_config_beside_checkpoint(step)
+        if self.rt.rank == 0:
+            logger.warning(f"{name}: stopped after step {step} with its checkpoint saved; launch the same "
+                           "command again to resume")
+        return pending
 
     def _save_config_beside_checkpoint(self, step: int) -> None:
         """The resolved config goes into each checkpoint folder, so a checkpoint is readable
@@ -659,6 +728,8 @@ def main(argv: list[str]) -> int:
         finally:
             trainer.close()
         titan.destroy_distributed(barrier=True)
+        if trainer.stopped_by:  # stopped early on a signal, checkpoint saved: the shell's convention
+            return 128 + trainer.stopped_by
     except ValueError as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -139,6 +141,96 @@ def test_resume_takes_settings_from_the_config(tmp_path):
     assert "resuming step 10: learning rate of step 11" in log
     # a model setting that leaves the weights' shapes alone loads, and is reported
     assert "resuming step 10: model.norm_eps: 1e-05 in this run's config, 1e-06 in the checkpoint's" in log
+
+
+def test_sigterm_saves_the_step_and_the_run_resumes_exactly(tmp_path):
+    """SIGTERM (a scheduler's preemption) between checkpoint intervals: the run finishes its step,
+    writes a full checkpoint of it, exits with 128 + 15, and the relaunched run continues as if
+    never stopped."""
+    cfg = tiny_config(tmp_path, training={"steps": 60}, checkpoint={"interval": 1000})
+    straight = tmp_path / "straight"
+    run(["--config", cfg, "--job.dump_folder", str(straight), "--checkpoint.enable", "false"])
+
+    stopped = tmp_path / "stopped"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", cfg, "--job.dump_folder", str(stopped)],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log_file.is_file() and len(log_file.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    saved = [int(name.split("-")[1]) for name in os.listdir(stopped / "checkpoint")]
+    assert len(saved) == 1 and 3 <= saved[0] < 60, saved
+    assert (stopped / "checkpoint" / f"step-{saved[0]}" / ".metadata").is_file()
+    assert f"SIGTERM: stopped after step {saved[0]} with its checkpoint saved" in output
+
+    run(["--config", cfg, "--job.dump_folder", str(stopped)])
+    a, b = metrics(straight), metrics(stopped)
+    for step in range(saved[0] + 1, 61):
+        assert b[step]["loss"] == a[step]["loss"], step  # bitwise on CPU
+        assert b[step]["lr"] == a[step]["lr"], step
+
+
+def _worker_pids(root_pid: int) -> dict[int, int]:
+    """LOCAL_RANK -> pid of the trainer processes below a torchrun process (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (ValueError, OSError, IndexError):
+            continue
+    ranks, todo = {}, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"LOCAL_RANK" in env and b"TORCHELASTIC_RUN_ID" in env and pid != root_pid:
+            ranks.setdefault(int(env[b"LOCAL_RANK"]), pid)
+    return ranks
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Only rank 1 is signalled: both ranks agree on the stop (a CPU all-reduce per step), write
+    one checkpoint of the same step together, and two processes resume it as if never stopped."""
+    cfg = tiny_config(tmp_path, training={"steps": 60, "local_batch_size": 2}, checkpoint={"interval": 1000})
+    straight = tmp_path / "straight"
+    run(["--config", cfg, "--job.dump_folder", str(straight), "--checkpoint.enable", "false"], nproc=2, cpu=True)
+
+    stopped = tmp_path / "stopped"
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--config", cfg,
+                             "--job.dump_folder", str(stopped)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_file = stopped / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log_file.is_file() and len(log_file.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was signalled"
+        time.sleep(0.05)
+    os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+    output = proc.communicate(timeout=300)[0]
+    saved = [int(name.split("-")[1]) for name in os.listdir(stopped / "checkpoint")]
+    assert len(saved) == 1 and saved[0] < 60, (saved, output[-3000:])
+    assert (stopped / "checkpoint" / f"step-{saved[0]}" / ".metadata").is_file()
+    assert f"SIGTERM: stopped after step {saved[0]} with its checkpoint saved" in output  # logged by rank 0
+
+    run(["--config", cfg, "--job.dump_folder", str(stopped)], nproc=2, cpu=True)
+    a, b = metrics(straight), metrics(stopped)
+    for step in range(saved[0] + 1, 61):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
 
 
 def test_bad_input_exits_with_one_message_and_leaves_checkpoints_alone(tmp_path):

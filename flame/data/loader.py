@@ -2,6 +2,7 @@
 
 import logging
 import pickle
+import signal
 
 import numpy as np
 import torch
@@ -217,9 +218,18 @@ def build_dataloader(data_cfg: DataConfig, tokenizer, *, seq_len: int, local_bat
                             dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=infinite)
     kwargs = {"pin_memory": data_cfg.pin_memory and torch.cuda.is_available()}
     if data_cfg.num_workers > 0:
-        kwargs |= {"prefetch_factor": data_cfg.prefetch_factor, "persistent_workers": True}
+        kwargs |= {"prefetch_factor": data_cfg.prefetch_factor, "persistent_workers": True,
+                   "worker_init_fn": _leave_stop_signals_to_the_trainer}
     return FlameDataLoader(dataset, dp_rank=dp_rank, dp_world_size=dp_world_size, batch_size=local_batch_size,
                            collate_fn=collate_rows, num_workers=data_cfg.num_workers, **kwargs)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM and SIGUSR1: a scheduler (or torchrun) signals the whole
+    process group, and the training process stops between steps (checkpoint.save_on_signal), which
+    may still need a batch from its workers. They exit with it, as they do at the end of a run."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _check_source(src: Source, tokenizer, readers: int, dp_rank: int) -> None:
