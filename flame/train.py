@@ -57,7 +57,9 @@ def model_differences(checkpoint_path: str | None, model_cfg) -> list[tuple[str,
 class StopSignals:
     """SIGTERM and SIGUSR1 (a scheduler's preemption or time limit) noted by a handler and acted on
     between steps. Every rank must stop after the same step, so the ranks agree on the largest
-    signal received with an all-reduce on the CPU (gloo), which leaves the device's queue alone."""
+    signal received with an all-reduce on the CPU (gloo), one step late: each step starts the
+    all-reduce of its flag and reads the previous step's, which every rank started a step ago, so
+    no host waits for another's within a step and the device's queue is left alone."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -65,6 +67,7 @@ class StopSignals:
         self.received = 0
         self.previous = {}
         self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self.in_flight = None  # (work, flag) of the last step's all-reduce
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -78,13 +81,24 @@ class StopSignals:
     def _note(self, signum, frame) -> None:
         self.received = signum
 
+    def finish(self) -> int:
+        """Waits for the last all-reduce (every rank started it) and returns its signal number."""
+        if self.in_flight is None:
+            return 0
+        work, flag = self.in_flight
+        self.in_flight = None
+        work.wait()
+        return int(flag.item())
+
     def agreed(self) -> int:
-        """The signal number any rank received (the largest), 0 for none."""
+        """The signal number any rank had received by the previous call (the largest), 0 for
+        none; with one process, the signal received so far."""
         if self.group is None:
             return self.received
+        signum = self.finish()
         flag = torch.tensor([self.received], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+        self.in_flight = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return signum
 
 
 # ------------------------------------------------------------------------------------------
@@ -611,6 +625,8 @@ class Trainer:
             self.stop_signals.install()
         try:
             self._train_loop(t, profiler)
+            if self.stop_signals is not None:
+                self.stop_signals.finish()
         finally:
             if self.stop_signals is not None:
                 self.stop_signals.restore()
