@@ -108,9 +108,10 @@ def _clip_dtensors(parameters: list[torch.Tensor], max_norm: float) -> torch.Ten
 # ------------------------------------------------------------------------------------------
 # Resuming: the checkpoint holds the optimizer's state, the config its settings.
 
-# AdamW settings of a param group and the config keys that set them.
-_CONFIG_KEYS = {"betas": "optimizer.beta1 / optimizer.beta2", "eps": "optimizer.eps",
-                "weight_decay": "optimizer.weight_decay"}
+# AdamW settings of a param group and the config keys that set them ("initial_lr" is the base
+# learning rate the LR schedule scales, set from optimizer.lr when the schedule is built).
+_CONFIG_KEYS = {"initial_lr": "optimizer.lr", "betas": "optimizer.beta1 / optimizer.beta2",
+                "eps": "optimizer.eps", "weight_decay": "optimizer.weight_decay"}
 
 
 def _same(a, b) -> bool:
@@ -119,16 +120,14 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def config_settings(optimizers: list[torch.optim.Optimizer], schedulers: list) -> dict:
-    """The param groups' settings (everything but the parameters) and the schedules' base
-    learning rates as this run's config made them; taken before a checkpoint is loaded over them."""
-    return {"groups": [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-                       for opt in optimizers],
-            "base_lrs": [list(s.base_lrs) for s in schedulers]}
+def config_settings(optimizers: list[torch.optim.Optimizer]) -> list[list[dict]]:
+    """The param groups' settings (everything but the parameters, base learning rates included)
+    as this run's config and schedule made them; taken before a checkpoint is loaded over them."""
+    return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in optimizers]
 
 
 def restore_config_settings(optimizers: list[torch.optim.Optimizer], schedulers: list,
-                            settings: dict, next_step: int) -> list[str]:
+                            settings: list[list[dict]], next_step: int) -> list[str]:
     """After a checkpoint load: the optimizer settings and base learning rates go back to this
     run's config (a checkpoint restores them with the moments, which would silently undo a
     changed optimizer.lr, betas, eps or weight_decay), and the learning rate of the next step is
@@ -138,25 +137,21 @@ def restore_config_settings(optimizers: list[torch.optim.Optimizer], schedulers:
     An unchanged config gives back the loaded values bit for bit (the same product the schedule
     formed when it saved). Returns one line per setting that differed from the checkpoint's."""
     changed = {}  # key: (checkpoint's, config's)
-    for opt, groups in zip(optimizers, settings["groups"]):
+    lr_was = lr_now = None
+    for opt, sched, groups in zip(optimizers, schedulers, settings):
         for group, fresh in zip(opt.param_groups, groups):
             for key, value in fresh.items():
                 if key in _CONFIG_KEYS and not _same(group.get(key), value):
                     changed.setdefault(key, (group.get(key), value))
-                if key not in ("lr", "initial_lr"):
+                if key != "lr":
                     group[key] = value
-    lr_was = lr_now = None
-    for sched, opt, base_lrs in zip(schedulers, optimizers, settings["base_lrs"]):
-        if not _same(list(sched.base_lrs), base_lrs):
-            changed.setdefault("lr", (sched.base_lrs[0], base_lrs[0]))
-        sched.base_lrs = list(base_lrs)
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(base_lrs, sched.lr_lambdas)]
+        sched.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
         lr_was, lr_now = opt.param_groups[0]["lr"], lrs[0]
-        for group, base, lr in zip(opt.param_groups, base_lrs, lrs):
-            group["initial_lr"], group["lr"] = base, lr
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"] = lr
         sched._last_lr = list(lrs)  # what get_last_lr() reports until the next step()
-    names = dict(_CONFIG_KEYS, lr="optimizer.lr")
-    lines = [f"{names[key]}: {new} in this run's config, {old} in the checkpoint; the config's applies"
+    lines = [f"{_CONFIG_KEYS[key]}: {new} in this run's config, {old} in the checkpoint; the config's applies"
              for key, (old, new) in changed.items()]
     if lr_now is not None and not _same(lr_was, lr_now):
         lines.append(f"learning rate of step {next_step}: {lr_now:.3e} from this run's optimizer.lr, "

@@ -359,7 +359,7 @@ class Trainer:
         self._check_resume_compatible()
 
         # Only now, with every check passed, is anything written.
-        settings = optim.config_settings(self.optimizers.optimizers, self.lr_schedulers.schedulers)
+        settings = optim.config_settings(self.optimizers.optimizers)
         try:
             self.checkpointer.load(step=cfg.checkpoint.load_step)
         except CheckpointException as e:
@@ -454,7 +454,7 @@ class Trainer:
                 "checkpoint.exclude_from_loading = [\"dataloader\"] to keep the weights and "
                 "optimizer and restart the data stream")
 
-    def _take_config_settings(self, settings: dict) -> None:
+    def _take_config_settings(self, settings: list[list[dict]]) -> None:
         """After a resume: the checkpoint gave the state, the config gives the settings (optimizer,
         schedule); every setting that differs from the checkpoint's run is reported."""
         lines = [f"model.{key}: {now!r} in this run's config, {saved!r} in the checkpoint's; the weights "

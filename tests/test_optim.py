@@ -123,7 +123,7 @@ def test_resume_settings_come_from_the_config():
 
     # Same config: nothing reported, every value as loaded (bit for bit).
     params2, opt2, sched2 = _optimizer_and_schedule(1e-3)
-    settings = optim.config_settings([opt2], [sched2])
+    settings = optim.config_settings([opt2])
     opt2.load_state_dict(copy.deepcopy(saved_opt))
     sched2.load_state_dict(copy.deepcopy(saved_sched))
     assert optim.restore_config_settings([opt2], [sched2], settings, next_step=6) == []
@@ -131,7 +131,7 @@ def test_resume_settings_come_from_the_config():
 
     # Another lr, betas, weight decay and schedule length: the config's apply from the next step.
     params3, opt3, sched3 = _optimizer_and_schedule(2e-4, betas=(0.9, 0.99), weight_decay=0.01, total=40)
-    settings = optim.config_settings([opt3], [sched3])
+    settings = optim.config_settings([opt3])
     opt3.load_state_dict(copy.deepcopy(saved_opt))
     sched3.load_state_dict(copy.deepcopy(saved_sched))
     assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"]  # what a checkpoint alone restores
