@@ -19,7 +19,7 @@ import os
 import resource
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from flame import optim, titan
-from flame.config import Config
+from flame.config import Config, load_config
 from flame.parallel import parallelize, set_gradient_sync
 from flame.precision import build_compute_copies
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
@@ -39,10 +39,6 @@ CONFIG_FILE = "config.toml"
 def model_differences(checkpoint_path: str | None, model_cfg) -> list[tuple[str, Any, Any]]:
     """(key, saved value, this run's value) of each [model] key whose value in the config saved
     beside a checkpoint differs from this run's; [] without a readable saved config."""
-    import dataclasses
-
-    from flame.config import load_config
-
     saved_file = os.path.join(checkpoint_path or "", CONFIG_FILE)
     if not checkpoint_path or not os.path.isfile(saved_file):
         return []
@@ -51,7 +47,7 @@ def model_differences(checkpoint_path: str | None, model_cfg) -> list[tuple[str,
     except ValueError:  # written under another schema: nothing to compare
         return []
     return [(f.name, getattr(saved, f.name), getattr(model_cfg, f.name))
-            for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+            for f in fields(saved) if getattr(saved, f.name) != getattr(model_cfg, f.name)]
 
 
 class StopSignals:
@@ -650,40 +646,35 @@ class Trainer:
 
             step = self.state.step
             last = step == t.steps
-            saves = titan.will_save_checkpoint(self.checkpointer, step, last_step=last)
+            # a stop signal: this step's checkpoint is written whatever the interval
+            signum = self.stop_signals.agreed() if self.stop_signals is not None and not last else 0
+            saves = titan.will_save_checkpoint(self.checkpointer, step, last_step=last or bool(signum))
             if saves:
                 self._account(pending)  # the checkpoint holds this step's skip count
                 pending = None
-            self.checkpointer.save(step, last_step=last)
+            if signum:
+                titan.save_checkpoint_now(self.checkpointer, step)
+            else:
+                self.checkpointer.save(step, last_step=last)
             if saves:
                 self._save_config_beside_checkpoint(step)
-            signum = self.stop_signals.agreed() if self.stop_signals is not None and not last else 0
             if signum:
-                pending = self._stop_on_signal(signum, step, pending, saved=saves)
+                self._log_stop(signum, step, saved=saves)
                 break
         if pending is not None:
             self._account(pending)
         profiler.close()
 
-    def _stop_on_signal(self, signum: int, step: int, pending, saved: bool):
-        """A stop signal reached a rank: this step's full checkpoint (unless the interval just wrote
-        one), then the loop ends. Returns what is left to account."""
+    def _log_stop(self, signum: int, step: int, saved: bool) -> None:
         self.stopped_by = signum
+        if self.rt.rank != 0:
+            return
         name = signal.Signals(signum).name
-        if not self.cfg.checkpoint.enable:
-            if self.rt.rank == 0:
-                logger.warning(f"{name}: stopping after step {step}; checkpoint.enable is false, so nothing is saved")
-            return pending
-        if not saved:
-            if pending is not None:
-                self._account(pending)  # the checkpoint holds this step's skip count
-                pending = None
-            titan.save_checkpoint_now(self.checkpointer, step)
-            self._save_config_beside_checkpoint(step)
-        if self.rt.rank == 0:
+        if saved:
             logger.warning(f"{name}: stopped after step {step} with its checkpoint saved; launch the same "
                            "command again to resume")
-        return pending
+        else:
+            logger.warning(f"{name}: stopping after step {step}; checkpoint.enable is false, so nothing is saved")
 
     def _save_config_beside_checkpoint(self, step: int) -> None:
         """The resolved config goes into each checkpoint folder, so a checkpoint is readable
