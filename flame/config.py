@@ -247,7 +247,7 @@ def _positive(section: str, obj: Any, *keys: str) -> None:
 def _section_types() -> dict[str, type]:
     # The model and data sections belong to their packages; their config modules are imported
     # directly so that reading a config does not pull in the kernels or the data libraries.
-    from flame.data.config import DataConfig
+    from flame.data.config import DataConfig, ValidationConfig
     from flame.models.config import ModelConfig
 
     return {
@@ -263,6 +263,7 @@ def _section_types() -> dict[str, type]:
         "compile": CompileConfig,
         "metrics": MetricsConfig,
         "profiling": ProfilingConfig,
+        "validation": ValidationConfig,
     }
 
 
@@ -280,6 +281,7 @@ class Config:
     compile: CompileConfig
     metrics: MetricsConfig
     profiling: ProfilingConfig
+    validation: Any  # flame.data.ValidationConfig
     # The file the config was read from (after `extends` was resolved); not a TOML key.
     source: str = ""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from flame.precision import DTYPES
 from flame.tensor_parallel import apply_tensor_parallel
@@ -177,3 +177,12 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     model.set_requires_gradient_sync(enabled)
     if getattr(model, "keeps_gathered_blocks", False):
         model.set_reshard_after_backward(enabled)
+
+
+def reshard(model: nn.Module) -> None:
+    """Frees every gathered FSDP unit. A forward with no backward (validation) leaves the units
+    kept gathered from forward to backward gathered, holding their memory, and a checkpoint's
+    optimizer state would then not find its sharded parameters in the model."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -32,6 +32,7 @@ from flame.parallel import parallelize, set_gradient_sync
 from flame.precision import build_compute_copies
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
 from flame.titan import logger
+from flame.validate import Validator, longest_document
 
 CONFIG_FILE = "config.toml"
 
@@ -339,6 +340,10 @@ class Trainer:
         self.dataloader = build_dataloader(
             cfg.data, self.tokenizer, seq_len=t.seq_len, local_batch_size=t.local_batch_size,
             dp_rank=self.dp_rank, dp_world_size=self.dp_size, seed=t.seed)
+        self.validator = None
+        if cfg.validation.enable:
+            self.validator = Validator(cfg, self.tokenizer, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                       tp=self.tp, device=self.device)
 
         # Model -> parallelize -> weights
         self.model = self._build_model()
@@ -488,8 +493,7 @@ class Trainer:
             except StopIteration:
                 raise RuntimeError("the data loader ran out of batches") from None
             self.window.data_wait += time.perf_counter() - started
-            cu = batch.get("cu_seqlens")  # still on the host: no device sync
-            longest.append(int((cu[1:] - cu[:-1]).max()) if cu is not None and cu.numel() > 1 else None)
+            longest.append(longest_document(batch.get("cu_seqlens")))  # still on the host: no device sync
             batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
         return batches, longest
 
@@ -546,8 +550,9 @@ class Trainer:
                           torch.stack([loss, grad_norm.float(), finite.float()]),
                           longest_document=longest_document)
 
-    def _account(self, result: StepResult) -> None:
-        """A finished step's skip accounting and, on log steps, its metrics line."""
+    def _account(self, result: StepResult, validate: bool = False) -> None:
+        """A finished step's skip accounting and, on log steps, its metrics line; with validate,
+        also the validation values of the weights after this step, in the same line."""
         loss, grad_norm, finite = result.values()
         self.window.device_wait += result.waited
         if finite:
@@ -565,8 +570,10 @@ class Trainer:
         self.window.tokens += result.tokens
         self.window.longest_document = max(self.window.longest_document, result.longest_document)
         step, t = result.step, self.cfg.training
+        # the step has finished (values() waited for it), so the evaluation times only itself
+        validation = self.validator.run(self.model, self.compute_copies) if validate else None
         if not (step % self.cfg.metrics.log_freq == 0 or step == t.steps
-                or step == self.run_start_step + 1):
+                or step == self.run_start_step + 1 or validation):
             return
         # the window runs from the end of the last logged step to the end of this one
         w = self.window
@@ -587,6 +594,7 @@ class Trainer:
             "data_wait_fraction": min(w.data_wait / seconds, 1.0),
             # tokens of the longest packed document this rank trained on in the window
             "longest_document_tokens": w.longest_document,
+            **(validation or {}),
         }
         self.metrics.log(values)
         if self.rt.rank == 0:
@@ -597,8 +605,10 @@ class Trainer:
                 f"tok/s/dev {tps:,.0f}  mfu {mfu_text}  mem {values['memory_gib']:.2f}GiB  "
                 f"eta {_duration(eta)}"
                 + (f"  skipped {self.state.skipped_steps}" if self.state.skipped_steps else "")
+                + (f"  validation loss {validation['validation_loss']:.4f}" if validation else "")
                 + data_wait_note(values["data_wait_fraction"], self.cfg.data.num_workers))
-        self.window = _Window(result.done_at)
+        # after an evaluation the next window starts when it ended (the device waited for it)
+        self.window = _Window(time.perf_counter() if validation else result.done_at)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -646,10 +656,13 @@ class Trainer:
 
             step = self.state.step
             last = step == t.steps
+            if self.validator is not None and self.validator.due(step, last):
+                self._account(pending, validate=True)
+                pending = None
             # a stop signal: this step's checkpoint is written whatever the interval
             signum = self.stop_signals.agreed() if self.stop_signals is not None and not last else 0
             saves = titan.will_save_checkpoint(self.checkpointer, step, last_step=last or bool(signum))
-            if saves:
+            if saves and pending is not None:
                 self._account(pending)  # the checkpoint holds this step's skip count
                 pending = None
             if signum:

@@ -121,6 +121,46 @@ class DataConfig:
         return cfg
 
 
+@dataclass
+class ValidationConfig:
+    """The `[validation]` section: every `freq` steps and after the last one, the mean loss per
+    label token over batches of held-out documents, with no gradients, logged beside the
+    training loss (`validation_loss` in metrics.jsonl). Every evaluation reads the same batches:
+    the sources are read from their beginning, in order (no shuffle), each time."""
+
+    enable: bool = False
+    freq: int = 500
+    # Batches per data-parallel rank per evaluation; -1 reads the sources once to their end.
+    steps: int = 20
+    local_batch_size: int = 0  # 0: training.local_batch_size
+    seq_len: int = 0  # 0: training.seq_len
+    # Held-out documents, in the form of [[data.sources]] entries ([[validation.sources]]);
+    # tokenized and packed with [data]'s tokenizer, separator and max_doc_len.
+    sources: list[SourceConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.freq < 1:
+            raise ValueError(f"validation.freq = {self.freq}: must be >= 1 (steps between evaluations)")
+        if self.steps == 0 or self.steps < -1:
+            raise ValueError(f"validation.steps = {self.steps}: give the batches per evaluation (>= 1), "
+                             "or -1 to read the sources once to their end")
+        for key in ("local_batch_size", "seq_len"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"validation.{key} = {getattr(self, key)}: must be >= 1, or 0 for "
+                                 f"training.{key}")
+        for i, src in enumerate(self.sources):
+            if not isinstance(src, SourceConfig):
+                raise ValueError(f"validation.sources[{i}] is a {type(src).__name__}, expected SourceConfig")
+            src.validate(f"validation.sources[{i}]")
+        if self.enable:
+            if not self.sources:
+                raise ValueError("validation.enable = true needs held-out documents: add a [[validation.sources]] "
+                                 "entry (the same keys as [[data.sources]], e.g. kind = \"files\" and a path, or "
+                                 "a hub dataset's validation split)")
+            if not sum(s.weight for s in self.sources) > 0:
+                raise ValueError("validation.sources weights sum to 0: give at least one source a weight > 0")
+
+
 def _check_keys(cls, d: dict, where: str) -> None:
     import difflib
 
