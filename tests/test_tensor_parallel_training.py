@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from flame.titan import free_port
 from tests.gloo_ranks import leave_passed
+from tests.test_validation import held_out_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -65,6 +66,11 @@ def _metrics(dump: str) -> dict[int, tuple[float, float]]:
     """(loss, gradient norm before clipping) of every step of a run."""
     with open(os.path.join(dump, "metrics.jsonl")) as f:
         return {r["step"]: (r["loss"], r["grad_norm"]) for r in map(json.loads, f)}
+
+
+def _validation_losses(dump: str) -> dict[int, float]:
+    with open(os.path.join(dump, "metrics.jsonl")) as f:
+        return {r["step"]: r["validation_loss"] for r in map(json.loads, f) if "validation_loss" in r}
 
 
 def _train_runs(rank, world, ports, runs):
@@ -129,18 +135,30 @@ def test_tp2_fsdp2_and_both_match_one_process_and_checkpoints_reshard(tmp_path):
     d = {name: str(tmp_path / name) for name in ("one", "tp2", "tp2_from_one", "one_from_tp2", "fsdp2",
                                                  "fsdp2_tp2", "fsdp2_from_fsdp2_tp2")}
 
-    # one process, checkpoints at steps 2 and 4
-    train(1, base + ["--job.dump_folder", d["one"]])
+    # one process, checkpoints at steps 2 and 4; a held-out loss at both (a TP group reads the
+    # batches of one process: the same values)
+    source = held_out_file(tmp_path)
+    val = ["--validation.enable", "true", "--validation.freq", "2", "--validation.steps", "2",
+           "--validation.local_batch_size", "2", "--validation.seq_len", "32",
+           "--validation.sources", f'[{{kind = "files", path = "{source}"}}]']
+    train(1, base + val + ["--job.dump_folder", d["one"]])
     one = _metrics(d["one"])
     assert sorted(one) == list(range(1, STEPS + 1))
+    one_val = _validation_losses(d["one"])
+    assert sorted(one_val) == [2, 4]
 
     # TP=2 from scratch; then TP=2 resumed from the one-process checkpoint of step 2
     resume_from(d["one"], 2, d["tp2_from_one"])
     tp = ["--parallelism.tensor_parallel_degree", "2"]
-    train(2, base + tp + ["--job.dump_folder", d["tp2"]],
-          base + tp + ["--job.dump_folder", d["tp2_from_one"]])
+    train(2, base + val + tp + ["--job.dump_folder", d["tp2"]],
+          base + val + tp + ["--job.dump_folder", d["tp2_from_one"]])
     assert_same_steps(_metrics(d["tp2"]), one, "TP=2")
     assert_same_steps(_metrics(d["tp2_from_one"]), {s: one[s] for s in (3, 4)}, "TP=2 resumed from TP=1")
+    for dump, steps in ((d["tp2"], [2, 4]), (d["tp2_from_one"], [4])):
+        got = _validation_losses(dump)
+        assert sorted(got) == steps, dump
+        for step in steps:
+            assert got[step] == pytest.approx(one_val[step], rel=1e-5), (dump, step)
 
     # one process resumed from the TP=2 checkpoint of step 2
     resume_from(d["tp2"], 2, d["one_from_tp2"])
