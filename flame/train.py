@@ -28,11 +28,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from flame import optim, titan
 from flame.config import Config, load_config
+from flame.data.packing import longest_document
 from flame.parallel import parallelize, set_gradient_sync
 from flame.precision import build_compute_copies
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
 from flame.titan import logger
-from flame.validate import Validator, longest_document
+from flame.validate import Validator
 
 CONFIG_FILE = "config.toml"
 

@@ -16,15 +16,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from flame.data.packing import longest_document
 from flame.parallel import reshard
 from flame.titan import logger
-
-
-def longest_document(cu_seqlens: torch.Tensor | None) -> int | None:
-    """Tokens of a batch's longest packed document, from the host's copy of its boundaries."""
-    if cu_seqlens is None or cu_seqlens.numel() < 2:
-        return None
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 class Validator:

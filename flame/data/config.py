@@ -48,6 +48,17 @@ class SourceConfig:
             raise ValueError(f"{where}.txt_sample_by = {self.txt_sample_by!r}: expected one of {TXT_SAMPLE_BY}")
 
 
+def check_sources(sources: list, name: str) -> None:
+    """Each entry of a non-empty source list (`name`: its config path) valid, with some weight."""
+    for i, src in enumerate(sources):
+        if not isinstance(src, SourceConfig):
+            raise ValueError(f"{name}[{i}] is a {type(src).__name__}, expected SourceConfig")
+        src.validate(f"{name}[{i}]")
+    total = sum(s.weight for s in sources)
+    if not total > 0:
+        raise ValueError(f"{name} weights sum to {total}: give at least one source a weight > 0")
+
+
 @dataclass
 class DataConfig:
     """Documents -> tokens -> packed rows of seq_len + 1 tokens with document boundaries."""
@@ -75,13 +86,7 @@ class DataConfig:
     def validate(self) -> None:
         if not isinstance(self.sources, list) or not self.sources:
             raise ValueError("data.sources is empty: add at least one [[data.sources]] entry")
-        for i, src in enumerate(self.sources):
-            if not isinstance(src, SourceConfig):
-                raise ValueError(f"data.sources[{i}] is a {type(src).__name__}, expected SourceConfig")
-            src.validate(f"data.sources[{i}]")
-        total = sum(s.weight for s in self.sources)
-        if not total > 0:
-            raise ValueError(f"data.sources weights sum to {total}: give at least one source a weight > 0")
+        check_sources(self.sources, "data.sources")
         if not self.tokenizer:
             raise ValueError('data.tokenizer is empty: use "default" or a hub id / local path')
         if self.default_vocab_size < 300:
@@ -148,17 +153,12 @@ class ValidationConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"validation.{key} = {getattr(self, key)}: must be >= 1, or 0 for "
                                  f"training.{key}")
-        for i, src in enumerate(self.sources):
-            if not isinstance(src, SourceConfig):
-                raise ValueError(f"validation.sources[{i}] is a {type(src).__name__}, expected SourceConfig")
-            src.validate(f"validation.sources[{i}]")
-        if self.enable:
-            if not self.sources:
-                raise ValueError("validation.enable = true needs held-out documents: add a [[validation.sources]] "
-                                 "entry (the same keys as [[data.sources]], e.g. kind = \"files\" and a path, or "
-                                 "a hub dataset's validation split)")
-            if not sum(s.weight for s in self.sources) > 0:
-                raise ValueError("validation.sources weights sum to 0: give at least one source a weight > 0")
+        if self.enable and not self.sources:
+            raise ValueError("validation.enable = true needs held-out documents: add a [[validation.sources]] "
+                             "entry (the same keys as [[data.sources]], e.g. kind = \"files\" and a path, or "
+                             "a hub dataset's validation split)")
+        if self.sources:
+            check_sources(self.sources, "validation.sources")
 
 
 def _check_keys(cls, d: dict, where: str) -> None:

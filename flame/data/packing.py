@@ -142,3 +142,11 @@ def collate_rows(items):
         "position_ids": torch.from_numpy(position_ids.reshape(batch, seq_len)),
         "cu_seqlens": torch.from_numpy(cu),
     }
+
+
+
+def longest_document(cu_seqlens: torch.Tensor | None) -> int | None:
+    """Tokens of a batch's longest packed document, from the host's copy of its boundaries."""
+    if cu_seqlens is None or cu_seqlens.numel() < 2:
+        return None
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
