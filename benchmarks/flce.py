@@ -8,7 +8,11 @@ flame. Time: median of triton.testing.do_bench over fwd+bwd, taken in --rounds r
 time every implementation once, in an order rotated by one per round, and the median of the
 rounds reported (each round's time and the SM clock after it are kept). The GPU reaches its
 power limit within a second of these matmuls and lowers its clock, so a single pass in a fixed
-order times the later implementations at a lower clock than the first. Extra peak memory: peak allocated
+order times the later implementations at a lower clock than the first. With --baseline-rounds R,
+each implementation is also timed R times the way ../shared/baselines/h100.md took its numbers
+(the goal's reference times): do_bench with its defaults (warmup 25 ms, rep 100 ms: a handful of
+calls) on a GPU left idle for --idle-seconds first, so every implementation starts at the same,
+unthrottled clock. Extra peak memory: peak allocated
 during one fwd+bwd minus what was allocated before it, with the inputs and their previous
 gradients resident before the step and the gradients set to None at its start (as an optimizer's
 zero_grad(set_to_none=True) or do_bench's grad_to_none do). Loss and gradients are compared with
@@ -20,6 +24,7 @@ import json
 import pathlib
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +94,16 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_shape(n, d, v, impls, rounds):
+def time_from_idle(fn, x, w, t, idle_seconds):
+    """The baseline file's protocol: do_bench's defaults, started from an idle GPU."""
+    torch.cuda.synchronize()
+    time.sleep(idle_seconds)
+    clock_before = sm_clock_mhz()
+    ms = do_bench(lambda: step(fn, x, w, t), return_mode="median")
+    return ms, clock_before, sm_clock_mhz()
+
+
+def run_shape(n, d, v, impls, rounds, baseline_rounds, idle_seconds):
     torch.manual_seed(0)
     x = (torch.randn(n, d, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
     w = (torch.randn(v, d, device="cuda") / d**0.5).to(torch.bfloat16).requires_grad_()
@@ -123,10 +137,19 @@ def run_shape(n, d, v, impls, rounds):
                                                return_mode="median"))
             entry["sm_clock_after_mhz"].append(sm_clock_mhz())
             x.grad = w.grad = None
+    for r in range(baseline_rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            entry = results[name]
+            ms, before, after = time_from_idle(impls[name], x, w, t, idle_seconds)
+            entry.setdefault("from_idle_ms_rounds", []).append(ms)
+            entry.setdefault("from_idle_sm_clock_mhz", []).append([before, after])
+            x.grad = w.grad = None
     for name in names:
         entry = results[name]
         entry["ms"] = statistics.median(entry["ms_rounds"])
         entry["ms_per_1k_tokens"] = entry["ms"] / n * 1000
+        if baseline_rounds:
+            entry["from_idle_ms"] = statistics.median(entry["from_idle_ms_rounds"])
     for name, entry in results.items():
         print(f"N={n:6d} {name:26s} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in entry.items()), flush=True)
@@ -140,25 +163,41 @@ def main():
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds over all implementations")
+    parser.add_argument("--baseline-rounds", type=int, default=0,
+                        help="rounds timed as the baseline file was (do_bench defaults from an idle GPU)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle time before each such timing")
+    parser.add_argument("--only", nargs="+", help="time only these implementations (names as printed)")
+    parser.add_argument("--out", default="flce", help="results file name under benchmarks/results/")
     args = parser.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least one round is needed")
+    if args.baseline_rounds < 0 or args.idle_seconds < 0:
+        raise SystemExit("--baseline-rounds and --idle-seconds cannot be negative")
     impls = implementations()
+    if args.only:
+        unknown = sorted(set(args.only) - set(impls))
+        if unknown:
+            raise SystemExit(f"--only: unknown implementation(s) {unknown}; choose from {sorted(impls)}")
+        impls = {name: fn for name, fn in impls.items() if name in args.only}
     runs = []
     for n in args.tokens:
         runs.append({"shape": {"tokens": n, "hidden": args.hidden, "vocab": args.vocab, "dtype": "bfloat16"},
-                     "results": run_shape(n, args.hidden, args.vocab, impls, args.rounds)})
+                     "results": run_shape(n, args.hidden, args.vocab, impls, args.rounds,
+                                          args.baseline_rounds, args.idle_seconds)})
     floor_ms = 6 * max(args.tokens) * args.hidden * args.vocab / 790e12 * 1e3
-    print(f"{'tokens':>7s} {'implementation':26s} {'ms':>8s} {'GiB':>7s} {'loss ok':>7s} {'dw err':>8s}")
+    print(f"{'tokens':>7s} {'implementation':26s} {'ms':>8s} {'idle ms':>8s} {'GiB':>7s} {'loss ok':>7s} "
+          f"{'dw err':>8s}")
     for run in runs:
         for name, e in run["results"].items():
             if "error" in e:
                 print(f"{run['shape']['tokens']:7d} {name:26s} {e['error'][:60]}")
             else:
-                print(f"{run['shape']['tokens']:7d} {name:26s} {e['ms']:8.2f} {e['extra_peak_gib']:7.3f} "
+                idle = f"{e['from_idle_ms']:8.2f}" if "from_idle_ms" in e else f"{'-':>8s}"
+                print(f"{run['shape']['tokens']:7d} {name:26s} {e['ms']:8.2f} {idle} {e['extra_peak_gib']:7.3f} "
                       f"{str(e['loss_equal']):>7s} {e['dw_rel_err']:8.4f}")
-    write("flce", {"goal": "flame <= 75 ms and <= 0.5 GiB extra peak at N=16384; N=4096 not 2x slower per token",
-                   "floor_ms_at_790_tflops": floor_ms, "rounds": args.rounds, "runs": runs})
+    write(args.out, {"goal": "flame <= 75 ms and <= 0.5 GiB extra peak at N=16384; N=4096 not 2x slower per token",
+                     "floor_ms_at_790_tflops": floor_ms, "rounds": args.rounds,
+                     "baseline_rounds": args.baseline_rounds, "idle_seconds": args.idle_seconds, "runs": runs})
 
 
 if __name__ == "__main__":
