@@ -1,6 +1,8 @@
 """Fused linear cross-entropy, forward + backward, bf16, on one GPU.
 
     python benchmarks/flce.py            # N = 16384 and 4096, hidden 4096, vocab 128256
+    python benchmarks/flce.py --tokens 16384 --baseline-rounds 5 --idle-seconds 6 \
+        --only torch_compile flame --out flce_from_idle
 
 Compared in the same process: plain torch (fp32 logits, eager), torch.compile of the same, Liger
 0.8.5 (LigerFusedLinearCrossEntropyLoss; an import or run error is recorded, not raised), and
@@ -12,11 +14,10 @@ order times the later implementations at a lower clock than the first. With --ba
 each implementation is also timed R times the way ../shared/baselines/h100.md took its numbers
 (the goal's reference times): do_bench with its defaults (warmup 25 ms, rep 100 ms: a handful of
 calls) on a GPU left idle for --idle-seconds first, so every implementation starts at the same,
-unthrottled clock. Extra peak memory: peak allocated
-during one fwd+bwd minus what was allocated before it, with the inputs and their previous
-gradients resident before the step and the gradients set to None at its start (as an optimizer's
-zero_grad(set_to_none=True) or do_bench's grad_to_none do). Loss and gradients are compared with
-the eager fp32-logit reference.
+unthrottled clock. Extra peak memory: peak allocated during one fwd+bwd minus what was allocated
+before it, with the inputs and their previous gradients resident before the step and the
+gradients set to None at its start (as an optimizer's zero_grad(set_to_none=True) or do_bench's
+grad_to_none do). Loss and gradients are compared with the eager fp32-logit reference.
 """
 
 import argparse
