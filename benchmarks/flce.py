@@ -95,6 +95,11 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def rotated(names, r):
+    """Round r's order: the names rotated by r, so that no implementation always runs first."""
+    return names[r % len(names):] + names[:r % len(names)]
+
+
 def time_from_idle(fn, x, w, t, idle_seconds):
     """The baseline file's protocol: do_bench's defaults, started from an idle GPU."""
     torch.cuda.synchronize()
@@ -131,7 +136,7 @@ def run_shape(n, d, v, impls, rounds, baseline_rounds, idle_seconds):
         torch.cuda.empty_cache()
     names = [name for name, e in results.items() if "error" not in e]
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             fn, entry = impls[name], results[name]
             # >= 10 timed calls at N=16384: a handful of ~80 ms calls is too few for a median
             entry["ms_rounds"].append(do_bench(lambda: step(fn, x, w, t), warmup=100, rep=1000,
@@ -139,7 +144,7 @@ def run_shape(n, d, v, impls, rounds, baseline_rounds, idle_seconds):
             entry["sm_clock_after_mhz"].append(sm_clock_mhz())
             x.grad = w.grad = None
     for r in range(baseline_rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotated(names, r):
             entry = results[name]
             ms, before, after = time_from_idle(impls[name], x, w, t, idle_seconds)
             entry.setdefault("from_idle_ms_rounds", []).append(ms)

@@ -144,7 +144,6 @@ def collate_rows(items):
     }
 
 
-
 def longest_document(cu_seqlens: torch.Tensor | None) -> int | None:
     """Tokens of a batch's longest packed document, from the host's copy of its boundaries."""
     if cu_seqlens is None or cu_seqlens.numel() < 2:
