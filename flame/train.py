@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from flame import optim, titan
 from flame.config import Config, load_config
 from flame.data.packing import longest_document
+from flame.modules.loss import IGNORE_INDEX
 from flame.parallel import parallelize, set_gradient_sync
 from flame.precision import build_compute_copies
 from flame.tensor_parallel import check_parallel_layout, check_tensor_parallel
@@ -506,7 +507,7 @@ class Trainer:
         into ranks and micro-batches."""
         batches, longest = self._next_batches()
         longest_document = max((n for n in longest if n is not None), default=0)
-        label_tokens = sum((b["labels"] != -100).sum() for b in batches).float()
+        label_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
         if dist.get_world_size() > 1:
             dist.all_reduce(label_tokens)
         global_tokens = (label_tokens / self.tp).clamp(min=1.0)  # each TP group counted its batch tp times

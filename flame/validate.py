@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flame.data.packing import longest_document
+from flame.modules.loss import IGNORE_INDEX
 from flame.parallel import reshard
 from flame.titan import logger
 
@@ -84,7 +85,7 @@ class Validator:
                     loss = model(b["input_ids"], labels=b["labels"], cu_seqlens=b.get("cu_seqlens"),
                                  position_ids=b.get("position_ids"), loss_reduction="sum", max_seqlen=longest)
                     loss_sum += loss.float()
-                    tokens += (b["labels"] != -100).sum()
+                    tokens += (b["labels"] != IGNORE_INDEX).sum()
                     count += 1
             finally:
                 reshard(model)

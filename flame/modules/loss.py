@@ -6,12 +6,14 @@ from torch import nn
 from flame.kernels.cross_entropy import fused_linear_cross_entropy
 from flame.kernels.cross_entropy_ref import REDUCTIONS
 
+IGNORE_INDEX = -100  # label value that adds nothing to the loss (the torch and transformers convention)
+
 
 class FusedLinearCrossEntropyLoss(nn.Module):
     """forward(hidden [N, D], weight [V, D], target [N], bias=None) -> loss, without the N x V
     logits. With process_group, weight is this rank's vocabulary slice (vocab-parallel)."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
                  z_loss: float = 0.0, logit_softcap: float | None = None, process_group=None):
         super().__init__()
         if reduction not in REDUCTIONS:
