@@ -1,5 +1,6 @@
-"""Pieces the linear-attention mixers share: FLOP counts of the chunked kernels, the short
-convolutions with their decoding caches, positions for rotary, and gate initialisation."""
+"""Pieces the linear-attention mixers share: FLOP counts of the chunked kernels, the q, k, v
+projections with their short convolutions and decoding caches, positions for rotary, and
+initialisation."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from flame import modules
 from flame.kernels.conv import causal_conv1d_qkv, l2_normalize_heads
 from flame.modules.concat_linear import column_shards, column_shards_fit, concat_linear
 
@@ -75,6 +77,30 @@ def apply_conv(conv: nn.Module, x, cu_seqlens, state, new_state, key: str):
     if new_state is not None:
         new_state[key] = cache
     return y
+
+
+def add_qkv_layers(mixer: nn.Module, cfg, H: int, K: int, V: int) -> None:
+    """The layers project_qkv runs: q, k, v projections of x (H heads of K, K and V channels)
+    and, with cfg.use_short_conv, a SiLU short convolution after each."""
+    mixer.q_proj = nn.Linear(cfg.dim, H * K, bias=False)
+    mixer.k_proj = nn.Linear(cfg.dim, H * K, bias=False)
+    mixer.v_proj = nn.Linear(cfg.dim, H * V, bias=False)
+    mixer.use_short_conv = cfg.use_short_conv
+    if cfg.use_short_conv:
+        mixer.q_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
+        mixer.k_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
+        mixer.v_conv = modules.ShortConvolution(H * V, cfg.conv_size, activation="silu")
+
+
+@torch.no_grad()
+def init_qkv_layers(mixer: nn.Module, init_std: float, extra: tuple[nn.Linear, ...] = ()) -> None:
+    """Normal(0, init_std) weights for the q, k, v projections and the projections in extra;
+    the short convolutions' own initialisation."""
+    for proj in (mixer.q_proj, mixer.k_proj, mixer.v_proj) + tuple(extra):
+        nn.init.normal_(proj.weight, std=init_std)
+    if mixer.use_short_conv:
+        for conv in (mixer.q_conv, mixer.k_conv, mixer.v_conv):
+            init_conv(conv)
 
 
 def project_qkv(mixer: nn.Module, x, cu_seqlens, state, new_state, extra: tuple[str, ...] = (),

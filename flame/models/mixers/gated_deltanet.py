@@ -22,8 +22,8 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (delta_rule_flops, init_conv, init_dt_bias, local, project_qkv,
-                                        use_recurrent_kernel)
+from flame.models.mixers.common import (add_qkv_layers, delta_rule_flops, init_dt_bias, init_qkv_layers,
+                                        local, project_qkv, use_recurrent_kernel)
 
 
 class GatedDeltaNet(nn.Module):
@@ -32,33 +32,22 @@ class GatedDeltaNet(nn.Module):
         self.layer_idx = layer_idx
         H, K, V = cfg.n_heads, cfg.linear_head_dim, cfg.linear_v_head_dim
         self.n_heads, self.head_k, self.head_v = H, K, V
-        self.q_proj = nn.Linear(cfg.dim, H * K, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, H * K, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, H * V, bias=False)
+        add_qkv_layers(self, cfg, H, K, V)
         self.a_proj = nn.Linear(cfg.dim, H, bias=False)
         self.b_proj = nn.Linear(cfg.dim, H, bias=False)
         self.g_proj = nn.Linear(cfg.dim, H * V, bias=False)
         self.o_proj = nn.Linear(H * V, cfg.dim, bias=False)
         self.A_log = nn.Parameter(torch.empty(H))
         self.dt_bias = nn.Parameter(torch.empty(H))
-        self.use_short_conv = cfg.use_short_conv
-        if cfg.use_short_conv:
-            self.q_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
-            self.k_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
-            self.v_conv = modules.ShortConvolution(H * V, cfg.conv_size, activation="silu")
         self.o_norm = modules.GatedRMSNorm(V, eps=cfg.norm_eps, activation="silu")
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
-            nn.init.normal_(proj.weight, std=init_std)
+        init_qkv_layers(self, init_std, extra=(self.a_proj, self.b_proj, self.g_proj))
         nn.init.normal_(self.o_proj.weight, std=out_std)
         # decay rates A in [0, 16] as in the reference implementation
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).clamp(min=1e-4).log())
         init_dt_bias(self.dt_bias)
-        if self.use_short_conv:
-            for conv in (self.q_conv, self.k_conv, self.v_conv):
-                init_conv(conv)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.n_heads * delta_rule_flops(self.head_k, self.head_v)

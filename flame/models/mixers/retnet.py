@@ -18,8 +18,8 @@ from torch import nn
 
 from flame import kernels, modules
 from flame.models.config import ModelConfig
-from flame.models.mixers.common import (init_conv, linear_attention_flops, project_qkv, token_positions,
-                                        use_recurrent_kernel)
+from flame.models.mixers.common import (add_qkv_layers, init_qkv_layers, linear_attention_flops, project_qkv,
+                                        token_positions, use_recurrent_kernel)
 
 
 def retention_log_decay(n_heads: int, device=None, first_head: int = 0) -> torch.Tensor:
@@ -37,27 +37,16 @@ class MultiScaleRetention(nn.Module):
         # global index of this module's first head: tensor parallelism gives each rank a slice
         # of the heads, and the decay depends on the head index
         self.first_head = 0
-        self.q_proj = nn.Linear(cfg.dim, H * K, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, H * K, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, H * V, bias=False)
+        add_qkv_layers(self, cfg, H, K, V)
         self.g_proj = nn.Linear(cfg.dim, H * V, bias=False)
         self.o_proj = nn.Linear(H * V, cfg.dim, bias=False)
-        self.use_short_conv = cfg.use_short_conv
-        if cfg.use_short_conv:
-            self.q_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
-            self.k_conv = modules.ShortConvolution(H * K, cfg.conv_size, activation="silu")
-            self.v_conv = modules.ShortConvolution(H * V, cfg.conv_size, activation="silu")
         self.rotary = modules.RotaryEmbedding(K, theta=cfg.rope_theta)
         self.o_norm = modules.GatedRMSNorm(V, eps=cfg.norm_eps, activation="silu")
 
     @torch.no_grad()
     def init_weights(self, init_std: float, out_std: float) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
-            nn.init.normal_(proj.weight, std=init_std)
+        init_qkv_layers(self, init_std, extra=(self.g_proj,))
         nn.init.normal_(self.o_proj.weight, std=out_std)
-        if self.use_short_conv:
-            for conv in (self.q_conv, self.k_conv, self.v_conv):
-                init_conv(conv)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.n_heads * linear_attention_flops(self.head_k, self.head_v)
