@@ -9,7 +9,6 @@ each document (oldest first). With cu_seqlens, x is [1, L, C] and documents are
 cu_seqlens[n]:cu_seqlens[n+1]; without it, each of the B rows is a document.
 """
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -698,7 +697,6 @@ def l2_normalize_heads(x: torch.Tensor, head_dim: int, eps: float) -> torch.Tens
     return F.normalize(x.unflatten(-1, (-1, head_dim)), dim=-1, eps=eps).flatten(-2)
 
 
-@functools.lru_cache(maxsize=None)
 def _qkv_launch(widths: tuple[int, ...], norm_dim: int):
     """(BLOCK_C, warps, c1, c2, norm_cols) of the split convolution, or None where the kernels
     cannot take it: every piece a whole number of channel blocks (so that a program writes one
