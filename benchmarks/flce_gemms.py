@@ -24,19 +24,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from flame.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 
 from environment import environment  # noqa: E402
+from flce_profile import event_ms  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 BACKENDS = ("cublas", "cublaslt")
-
-
-def per_call_ms(fn, reps: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def matmuls(chunk: int, hidden: int, vocab: int) -> dict:
@@ -88,22 +79,22 @@ def main():
     pairs = [(name, b) for name in fns for b in BACKENDS]
     for name, b in pairs:  # each backend's heuristics and handles once before timing
         torch.backends.cuda.preferred_blas_library(b)
-        per_call_ms(fns[name], 2)
+        event_ms(fns[name], 2)
     for r in range(a.rounds):
         for name, b in pairs[r % len(pairs):] + pairs[:r % len(pairs)]:
             torch.backends.cuda.preferred_blas_library(b)
-            times.setdefault(f"{name} [{b}]", []).append(per_call_ms(fns[name], 8))
+            times.setdefault(f"{name} [{b}]", []).append(event_ms(fns[name], 8))
     del fns
 
     loss = whole_loss(a.tokens, a.hidden, a.vocab)
     for b in BACKENDS:
         torch.backends.cuda.preferred_blas_library(b)
-        per_call_ms(loss, 2)
+        event_ms(loss, 2)
     for r in range(a.rounds - 1):
         for b in BACKENDS if r % 2 == 0 else BACKENDS[::-1]:
             torch.backends.cuda.preferred_blas_library(b)
             times.setdefault(f"fused_linear_cross_entropy fwd+bwd, N={a.tokens} [{b}]", []).append(
-                per_call_ms(loss, 6))
+                event_ms(loss, 6))
     torch.backends.cuda.preferred_blas_library("cublas")
 
     rows = []

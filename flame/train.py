@@ -506,7 +506,7 @@ class Trainer:
         The loss is the mean over every label token of the global batch, whatever the split
         into ranks and micro-batches."""
         batches, longest = self._next_batches()
-        longest_document = max((n for n in longest if n is not None), default=0)
+        longest_in_step = max((n for n in longest if n is not None), default=0)
         label_tokens = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches).float()
         if dist.get_world_size() > 1:
             dist.all_reduce(label_tokens)
@@ -550,7 +550,7 @@ class Trainer:
         tokens = sum(b["input_ids"].numel() for b in batches)
         return StepResult(self.state.step + 1, lr, tokens,
                           torch.stack([loss, grad_norm.float(), finite.float()]),
-                          longest_document=longest_document)
+                          longest_document=longest_in_step)
 
     def _account(self, result: StepResult, validate: bool = False) -> None:
         """A finished step's skip accounting and, on log steps, its metrics line; with validate,

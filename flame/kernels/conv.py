@@ -9,7 +9,6 @@ each document (oldest first). With cu_seqlens, x is [1, L, C] and documents are
 cu_seqlens[n]:cu_seqlens[n+1]; without it, each of the B rows is a document.
 """
 
-
 import torch
 import torch.nn.functional as F
 import triton
